@@ -1,0 +1,58 @@
+"""Parameter groups and learning-rate schedule (pure functions of the model and the step)."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+
+
+def _no_decay(name: str, param: torch.nn.Parameter, skip: set[str]) -> bool:
+    # Norm weights, biases, position embeddings and special tokens are 1-D or named: decaying them hurts.
+    return param.ndim <= 1 or name.endswith(".bias") or any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    """0 for embeddings, i+1 for block i, num_layers+1 for the final norm/head (and the MAE decoder)."""
+    if re.match(r"(encoder\.)?(cls_token|pos_embed|patch_embed|reg_token)", name):
+        return 0
+    m = re.match(r"(encoder\.)?blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(2)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 num_layers: Optional[int] = None) -> list[dict]:
+    """AdamW groups: no decay on norms/biases/pos/tokens; optional layer-wise LR decay via `lr_scale`."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if num_layers is None:
+        blocks = getattr(model, "blocks", None) or getattr(getattr(model, "encoder", None), "blocks", [])
+        num_layers = len(blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not _no_decay(name, p, skip)
+        layer = _layer_id(name, num_layers) if layer_decay != 1.0 else 0
+        key = (layer, decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - layer) if layer_decay != 1.0 else 1.0
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine to `min_lr` at `total`. `step` is 0-based."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_lr(lr: Optional[float], blr: float, global_batch: int) -> float:
+    """Explicit `optim.lr`, else the MAE-paper scaling rule lr = blr * global_batch / 256."""
+    return lr if lr is not None else blr * global_batch / 256

@@ -1,0 +1,67 @@
+"""Config: one schema, YAML + key=value overrides, one-line errors that name the key, nothing written early."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitscale.config import ConfigError, load_config
+from vitscale.config.load import all_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.steps=600", "run.name=longer", "optim.lr=1e-3"])
+    assert cfg.train.steps == 600 and cfg.run.name == "longer"
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.img_size == 32  # from the file; untouched by overrides
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.batchsize=8", "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
+    ("batch_size=8", "unknown config key 'batch_size' (did you mean 'data.batch_size'?)"),
+    ("modle.name=x", "unknown config key 'modle.name' (did you mean 'model.name'?)"),
+])
+def test_unknown_key_names_closest(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == expected
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.steps=abc", ["train.steps", "'abc'", "int"]),
+    ("model.grad_checkpointing=3", ["model.grad_checkpointing", "3", "bool"]),
+    ("train.precision=fp8", ["train.precision", "fp8", "bf16"]),
+    ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+])
+def test_wrong_type_names_key_value_and_type(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_unknown_key_inside_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'optim.weight_decy' \(did you mean 'optim.weight_decay'\?\)"):
+        load_config(f)
+
+
+def test_every_schema_key_is_overridable():
+    keys = all_keys()
+    assert "data.train_shards" in keys and "logging.wandb.mode" in keys
+    for key in ["run.seed=3", "engine.zero_stage=3", "logging.wandb.mode=offline", "optim.lr=null"]:
+        load_config(None, [key])
+
+
+@pytest.mark.parametrize("override", ["data.batchsize=8", "train.steps=abc"])
+def test_cli_bad_config_one_line_error_and_no_run_dir(tmp_path, override):
+    r = subprocess.run([sys.executable, "-m", "vitscale", "train", "--config", str(ROOT / "configs/demo.yaml"),
+                        f"run.dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", override],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vitscale: error:") and override.split("=")[0] in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no run dir, no data cache: nothing written

@@ -1,0 +1,5 @@
+import sys
+
+from vitscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""`vitscale <command>`: parse, load config, call one function. Heavy imports happen inside commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from vitscale.config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # validates fully before anything is written
+    from vitscale.trainer import train
+
+    train(cfg, local_rank_arg=args.local_rank)
+    return 0
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from vitscale.data.make_shards import make_shards
+
+    make_shards(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize, resize=args.resize,
+                prefix=args.prefix, overwrite=args.overwrite, workers=args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitscale", description="Pretrain Vision Transformers at scale.")
+    # The deepspeed launcher inserts --local_rank=N before our own arguments.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run from a config")
+    t.add_argument("--config", "-c", required=True, help="YAML config file, e.g. configs/demo.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=600")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("make-shards", help="image folder / CSV / JSONL list -> WebDataset tar shards + manifest")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    s.add_argument("--maxsize", type=int, default=None, help="bytes per shard")
+    s.add_argument("--resize", type=int, default=None, help="resize the shorter side and re-encode as JPEG")
+    s.add_argument("--prefix", default="train")
+    s.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=_make_shards)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    # Launchers may also append --local_rank after the subcommand; accept it there too.
+    for item in list(extra):
+        if item.startswith(("--local_rank", "--local-rank")):
+            extra.remove(item)
+            if "=" in item:
+                args.local_rank = int(item.split("=", 1)[1])
+    if extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("VITSCALE_DEBUG"):
+            raise
+        print(f"vitscale: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

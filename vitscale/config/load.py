@@ -1,0 +1,201 @@
+"""Build a validated `Config` from a YAML file plus `key=value` overrides.
+
+Validation happens entirely in memory before anything is written, so a bad config never leaves a
+half-created run directory behind. Every error is one line that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from vitscale.config.schema import Config, choices
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming the key."""
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. ``data.batch_size``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _closest(key: str) -> str:
+    keys = all_keys()
+    # Match on the full dotted key first, then on the last component (a key put in the wrong section).
+    best = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not best:
+        leaf = key.rsplit(".", 1)[-1]
+        best = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(
+            leaf, keys, n=1, cutoff=0.0)
+    return best[0]
+
+
+def _unknown(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key '{key}' (did you mean '{_closest(key)}'?)")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; allow only lossless conversions."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' got {value!r}, expected {_type_name(tp)}")
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):
+        base = typing.get_origin(tp) or tp
+        ok = isinstance(value, base)
+    if not ok:
+        raise ConfigError(f"config key '{key}' got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    allowed = choices().get(key)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"config key '{key}' got {value!r}, expected one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise _unknown(prefix + str(k))
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, value, key = hints[name], data[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' must be a section (mapping), got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """`["train.steps=600", "run.name=x"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    valid = set(all_keys())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid and not key.startswith("engine.ds_config."):
+            raise _unknown(key)
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "ds_config":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
+    """Read `path` (YAML), apply `key=value` overrides, validate, and return the Config."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
+    data = _merge(data, parse_overrides(overrides))
+    cfg = _build(Config, data)
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: Config) -> None:
+    """Cross-key checks that a type system cannot express."""
+    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+                "train.grad_accum": cfg.train.grad_accum, "train.ckpt_every": cfg.train.ckpt_every,
+                "train.log_every": cfg.train.log_every, "model.img_size": cfg.model.img_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    patch = cfg.model.patch_size
+    if patch is not None and cfg.model.img_size % patch:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} is not divisible by model.patch_size={patch}")
+    if not 0.0 <= cfg.objective.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio must be in [0, 1), got {cfg.objective.mask_ratio}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.engine.offload_params and cfg.engine.zero_stage != 3:
+        raise ConfigError("engine.offload_params needs engine.zero_stage=3")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

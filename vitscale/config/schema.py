@@ -1,0 +1,166 @@
+"""The one list of options. Every option has one name, a default and a docstring (the comment above it).
+
+Config files and `key=value` overrides are validated against these dataclasses by `config.load`;
+anything not declared here is an error naming the closest valid key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class RunConfig:
+    # Parent directory of all runs; this run lives in <dir>/<name>.
+    dir: str = "runs"
+    # Name of the run (its folder under run.dir).
+    name: str = "default"
+    # Seed for model init, data order and augmentation: the run is a function of (config, seed, checkpoint).
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # Registered model name (`vit_base_patch16`, `vit_tiny_patch4`, or short forms like "B/16").
+    name: str = "vit_tiny_patch16"
+    # Input resolution (square) in pixels.
+    img_size: int = 224
+    # Override the variant's patch size (None keeps the name's).
+    patch_size: Optional[int] = None
+    # Override the variant's width (None keeps the name's).
+    embed_dim: Optional[int] = None
+    # Override the variant's number of blocks (None keeps the name's).
+    depth: Optional[int] = None
+    # Override the variant's number of attention heads (None keeps the name's).
+    num_heads: Optional[int] = None
+    # Classifier pooling: "token" ([CLS]) or "avg" (mean of patch tokens).
+    global_pool: str = "token"
+    # Stochastic depth rate at the last block (linearly increasing over depth).
+    drop_path: float = 0.0
+    # Recompute each block's activations in backward to save memory.
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    # "supervised" (classification with labels) or "mae" (masked autoencoder).
+    name: str = "supervised"
+    # MAE: fraction of patches hidden from the encoder.
+    mask_ratio: float = 0.75
+    # MAE: normalise each target patch by its own mean/std (the paper's better setting).
+    norm_pix_loss: bool = True
+    # Supervised: label smoothing for the cross-entropy loss.
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    # Training shards: brace pattern ("d/train-{000000..000099}.tar"), manifest.json, or "demo:digits" /
+    # "demo:photos" to build the bundled demo shards on first use.
+    train_shards: str = "demo:digits"
+    # Held-out shards for the end-of-run evaluation (same forms as train_shards; "" = no evaluation).
+    val_shards: str = ""
+    # Where demo shards are built and cached.
+    cache_dir: str = "data_cache"
+    # Number of classes for supervised training (0 = read from the shard manifest).
+    num_classes: int = 0
+    # Samples per GPU (per process) per micro-step.
+    batch_size: int = 64
+    # DataLoader worker processes per rank (0 = read in the training process).
+    num_workers: int = 2
+    # Shuffle shards each epoch and samples within a shard (seeded from run.seed, so resumable).
+    shuffle: bool = True
+    # Random-resized-crop scale range for training (lower bound).
+    crop_min_scale: float = 0.35
+    # Fraction of bad samples (corrupt images) tolerated before the run stops with an error.
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    # Absolute peak learning rate; if null, lr = blr * global_batch / 256.
+    lr: Optional[float] = None
+    # Base learning rate per 256 samples (used when optim.lr is null).
+    blr: float = 1.0e-3
+    # AdamW weight decay (not applied to norms, biases, position embeddings, special tokens).
+    weight_decay: float = 0.05
+    # AdamW betas.
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    # Linear warmup steps from 0 to the peak LR.
+    warmup_steps: int = 100
+    # Cosine decay ends at this LR.
+    min_lr: float = 0.0
+    # Layer-wise LR decay factor (1.0 = off); earlier blocks get lr * layer_decay^(depth - i).
+    layer_decay: float = 1.0
+    # Clip the global gradient norm to this value (0 = no clipping).
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # Total optimizer steps of the run.
+    steps: int = 1000
+    # Micro-batches accumulated per optimizer step.
+    grad_accum: int = 1
+    # Numerics: "bf16", "fp16" (dynamic loss scaling) or "fp32".
+    precision: str = "bf16"
+    # Save a checkpoint every this many steps (and always at the end).
+    ckpt_every: int = 500
+    # Keep this many most recent complete checkpoints (0 = keep all).
+    keep_last: int = 2
+    # Write a metrics line every this many steps.
+    log_every: int = 10
+    # "auto" (latest complete checkpoint if any), "never", or a checkpoint directory path.
+    resume: str = "auto"
+    # Show a tqdm progress bar on rank 0.
+    progress: bool = True
+
+
+@dataclass
+class EngineConfig:
+    # DeepSpeed ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).
+    zero_stage: int = 2
+    # Keep optimizer states on CPU (ZeRO 1-3).
+    offload_optimizer: bool = False
+    # Keep parameters on CPU (ZeRO 3).
+    offload_params: bool = False
+    # Expert override: dict merged last into the generated DeepSpeed config.
+    ds_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class WandbConfig:
+    # "online", "offline", "disabled", or "auto" (online when logged in, else offline).
+    mode: str = "auto"
+    # wandb project name.
+    project: str = "vitscale"
+    # wandb entity (team/user); null = wandb's default.
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """Keys whose value must be one of a fixed set."""
+    return {
+        "model.global_pool": ("token", "avg"),
+        "objective.name": ("supervised", "mae"),
+        "train.precision": ("bf16", "fp16", "fp32"),
+        "engine.zero_stage": (0, 1, 2, 3),
+        "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
+    }

@@ -1,0 +1,127 @@
+"""Sharded checkpoints that are never half-used.
+
+Layout under `runs/<name>/checkpoints/`:
+  step_00001000/            DeepSpeed's shards (every rank writes its own) plus
+    rank_00000.pt ...       per-rank state: RNG states, data-stream position (small, weights_only-loadable)
+    trainer_state.json      step, samples seen, tracker id, resolved config (rank 0)
+    COMPLETE                written by rank 0 only after every rank finished; lists every file and its size
+  latest                    the tag of the newest complete checkpoint (replaced atomically)
+
+A directory without COMPLETE, or whose files no longer match COMPLETE's sizes (truncated copy), is never
+loaded: resume falls back to the previous complete checkpoint with a warning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vitscale.distributed import engine as eng
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: Path) -> tuple[bool, str]:
+    """(ok, reason): the COMPLETE marker exists and every listed file is present with its recorded size."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return False, "no COMPLETE marker (a save was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return False, "unreadable COMPLETE marker"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return False, f"missing file {rel}"
+        if f.stat().st_size != size:
+            return False, f"file {rel} is {f.stat().st_size} bytes, expected {size} (truncated?)"
+    return True, ""
+
+
+class CheckpointManager:
+    """Save/find/load/prune checkpoints; every rank calls save and load (DeepSpeed shards per rank)."""
+
+    def __init__(self, ckpt_dir: Path, rank: int, keep_last: int = 2):
+        self.dir = Path(ckpt_dir)
+        self.rank = rank
+        self.keep_last = keep_last
+
+    def steps(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := TAG_RE.match(p.name)))
+
+    def save(self, engine: "eng.Engine", step: int, trainer_state: dict, rank_state: dict) -> Path:
+        tag = tag_for(step)
+        path = self.dir / tag
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an older incomplete attempt at the same step
+        eng.barrier()
+        engine.save(self.dir, tag, client_state={"step": step})
+        torch.save(rank_state, path / f"rank_{self.rank:05d}.pt")
+        eng.barrier()  # every rank has written its shards
+        if self.rank == 0:
+            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+            files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+            _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files}))
+            _write_atomic(self.dir / "latest", tag + "\n")
+            self._prune()
+        eng.barrier()
+        return path
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        complete = [s for s in self.steps() if is_complete(self.dir / tag_for(s))[0]]
+        for s in complete[:-self.keep_last]:
+            shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
+
+    def find(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from: "never" -> None, a path -> that path, "auto" -> newest complete."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            ok, why = is_complete(path)
+            if not ok:
+                raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint ({why})")
+            return path
+        for step in reversed(self.steps()):
+            path = self.dir / tag_for(step)
+            ok, why = is_complete(path)
+            if ok:
+                return path
+            if self.rank == 0:
+                warnings.warn(f"skipping checkpoint {path}: {why}; trying the previous one", stacklevel=2)
+        return None
+
+    def load(self, engine: "eng.Engine", path: Path) -> tuple[dict, Optional[dict]]:
+        """Load shards into `engine`; returns (trainer_state, this rank's state or None if absent)."""
+        engine.load(path.parent, path.name)
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        rank_file = path / f"rank_{self.rank:05d}.pt"
+        rank_state: Optional[dict[str, Any]] = None
+        if rank_file.is_file():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        return trainer_state, rank_state

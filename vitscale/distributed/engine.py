@@ -1,0 +1,197 @@
+"""The one place that imports DeepSpeed.
+
+Everything parallel (process group, ZeRO wrapping, mixed precision, sharded save/load) is applied here,
+so model code stays plain PyTorch, the way torchtitan keeps model and parallelism apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from vitscale.config.schema import Config
+from vitscale.distributed.env import DistEnv
+
+_deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
+
+
+def _ds():
+    if _deepspeed is None:
+        raise RuntimeError("vitscale.distributed.engine.setup() must be called before using the engine")
+    return _deepspeed
+
+
+def setup(env: DistEnv) -> None:
+    """Export the rendezvous variables, pick the accelerator and start the process group (idempotent)."""
+    global _deepspeed
+    for key, value in env.as_environ().items():
+        os.environ[key] = value
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator + gloo: the same code path as GPUs, testable on a laptop.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    import deepspeed  # noqa: WPS433 (deliberately lazy, see above)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    _deepspeed = deepspeed
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """Average a few scalars over ranks (used only on log steps)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (e.g. a preemption signal seen by one node)."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """Our config -> DeepSpeed's JSON config (users never hand-write it; engine.ds_config overrides last)."""
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available(),
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "zero_optimization": zero,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.train.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    return _deep_merge(ds, cfg.engine.ds_config)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_init_context(cfg: Config, ds_config: dict):
+    """ZeRO-3 builds the model already sharded so a model larger than one rank's memory can be created."""
+    if cfg.engine.zero_stage == 3:
+        return _ds().zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+class Engine:
+    """A thin, explicit surface over DeepSpeedEngine: what the trainer needs and nothing more."""
+
+    def __init__(self, ds_engine: Any):
+        self.ds = ds_engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.ds.bfloat16_enabled():
+            return torch.bfloat16
+        if self.ds.fp16_enabled():
+            return torch.float16
+        return torch.float32
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def loss_scale(self) -> Optional[float]:
+        if not self.ds.fp16_enabled():
+            return None
+        return float(self.ds.optimizer.cur_scale) if hasattr(self.ds.optimizer, "cur_scale") else None
+
+    def skipped_steps(self) -> int:
+        return int(getattr(self.ds, "skipped_steps", 0))
+
+    def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
+        """Every rank writes its shard; DeepSpeed's own `latest` is not written — we mark completeness."""
+        self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+        path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
+                                                     load_optimizer_states=load_optimizer,
+                                                     load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        return client_state or {}
+
+
+def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config, ds_config: dict) -> Engine:
+    """Wrap `model` with ZeRO; torch's AdamW is the client optimizer (fused on GPU, no JIT build needed)."""
+    fused = torch.cuda.is_available() and not cfg.engine.offload_optimizer
+    optimizer = torch.optim.AdamW(list(param_groups), lr=0.0, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
+    ds_engine, _, _, _ = _ds().initialize(model=model, optimizer=optimizer, config=ds_config)
+    return Engine(ds_engine)

@@ -1,0 +1,58 @@
+"""metrics.jsonl: one JSON object per log step, written by rank 0 only."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null keeps the line parseable
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self._f = open(path, "a", buffering=1) if path is not None else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory if on GPU, else peak resident memory of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if os.uname().sysname != "Darwin" else kb / 2**30
+
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity); MFU is reported only where the peak is known.
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def device_peak_flops() -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None

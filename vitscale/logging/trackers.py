@@ -1,0 +1,46 @@
+"""Experiment tracking (wandb) on rank 0 only; the run id is kept in checkpoints so resumes continue one run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+
+def resolve_mode(mode: str) -> str:
+    """"auto" -> online if an API key or netrc login exists, else offline (never a prompt, never a crash)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode != "auto":
+        return mode
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
+class Tracker:
+    """No-op on non-zero ranks and when disabled."""
+
+    def __init__(self, *, enabled: bool, mode: str, project: str, entity: Optional[str], name: str,
+                 run_dir: Path, config: dict, run_id: Optional[str] = None):
+        self.run = None
+        self.mode = resolve_mode(mode)
+        if not enabled or self.mode == "disabled":
+            return
+        import wandb
+
+        self.run = wandb.init(project=project, entity=entity, name=name, dir=str(run_dir), config=config,
+                              mode=self.mode, id=run_id, resume="allow" if run_id else None,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

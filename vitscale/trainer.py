@@ -1,0 +1,266 @@
+"""The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs."""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vitscale.config import Config, config_to_dict, save_config
+from vitscale.data.pipeline import build_eval_loader, build_train_loader
+from vitscale.data.shards import resolve_shards
+from vitscale.data.transforms import normalize
+from vitscale.distributed import engine as eng
+from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.distributed.env import DistEnv, detect_env
+from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
+from vitscale.logging.trackers import Tracker
+from vitscale.models import create_model
+from vitscale.models.flops import forward_flops
+from vitscale.objectives import get_objective
+from vitscale.objectives.supervised import count_correct
+from vitscale.optim import lr_at, param_groups, peak_lr
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry beyond weights and optimizer shards."""
+    step: int = 0
+    samples: int = 0
+    tracker_id: Optional[str] = None
+    history: list = field(default_factory=list)  # launches: (start step, world size)
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (Slurm's warning signals) ask for a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    m = cfg.model
+    kwargs: dict[str, Any] = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
+                                  depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path)
+    if cfg.objective.name == "mae":
+        name = m.name if m.name.startswith("mae_") else "mae_" + m.name
+        model = create_model(name, norm_pix_loss=cfg.objective.norm_pix_loss, **kwargs)
+    else:
+        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **kwargs)
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
+    """Run (or resume) the configured training; returns a summary dict."""
+    env = detect_env(local_rank_arg=local_rank_arg)
+    eng.setup(env)
+    return Trainer(cfg, env).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run.dir) / cfg.run.name
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
+        self.objective = get_objective(cfg.objective.name)
+        self.log = print if env.is_main else (lambda *a, **k: None)
+
+    # ----- setup -------------------------------------------------------------------------------------------
+    def _data(self):
+        cfg = self.cfg
+        self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+        self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
+        num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
+        if cfg.objective.name == "supervised" and num_classes < 2:
+            raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
+        return num_classes
+
+    def _build(self):
+        cfg = self.cfg
+        num_classes = self._data()
+        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
+        self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
+        ds_config = eng.build_ds_config(cfg, self.env.world_size)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
+        with eng.model_init_context(cfg, ds_config):
+            model = build_model(cfg, num_classes)
+        self.flops_per_image = 3 * forward_flops(model, mask_ratio=cfg.objective.mask_ratio
+                                                 if cfg.objective.name == "mae" else None)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        self.engine = eng.initialize(model, groups, cfg, ds_config)
+
+    def _resume(self) -> tuple[TrainState, Optional[dict]]:
+        path = self.ckpt.find(self.cfg.train.resume)
+        if path is None:
+            return TrainState(), None
+        trainer_state, rank_state = self.ckpt.load(self.engine, path)
+        state = TrainState(**{k: trainer_state[k] for k in ("step", "samples", "tracker_id", "history")})
+        self.log(f"resumed from {path} at step {state.step}")
+        return state, rank_state
+
+    # ----- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._build()
+        state, rank_state = self._resume()
+        if state.step >= cfg.train.steps:
+            self.log(f"run '{cfg.run.name}' is already complete: step {state.step} of {cfg.train.steps} "
+                     f"(results in {self.run_dir}); raise train.steps to continue")
+            return {"step": state.step, "complete": True, "run_dir": str(self.run_dir)}
+        state.history.append([state.step, env.world_size])
+
+        loader = build_train_loader(
+            self.train_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
+            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
+            crop_min_scale=cfg.data.crop_min_scale, max_bad_fraction=cfg.data.max_bad_fraction,
+            state=(rank_state or {}).get("data"))
+        batches = iter(loader)
+        # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
+        # the loader's iterator exists because DataLoader draws its worker seed from the global RNG.
+        if rank_state is not None:
+            _set_rng_state(rank_state["rng"])
+        else:
+            torch.manual_seed(cfg.run.seed * 1000 + 1 + env.rank)
+
+        tracker = Tracker(enabled=env.is_main, mode=cfg.logging.wandb.mode, project=cfg.logging.wandb.project,
+                          entity=cfg.logging.wandb.entity, name=cfg.run.name, run_dir=self.run_dir,
+                          config=config_to_dict(cfg), run_id=state.tracker_id)
+        state.tracker_id = tracker.run_id or state.tracker_id
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
+        preempt = Preemption()
+        bar = None
+        if env.is_main and cfg.train.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
+
+        self.engine.train()
+        window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
+        preempted = False
+        while state.step < cfg.train.steps:
+            self.engine.set_lr(lr_at(state.step, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
+                                     cfg.optim.min_lr))
+            losses = []
+            for _ in range(cfg.train.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                window_wait += time.perf_counter() - t0
+                images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
+                labels = batch["label"].to(self.engine.device)
+                loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
+                                         label_smoothing=cfg.objective.label_smoothing)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach())
+            state.step += 1
+            state.samples += self.global_batch
+            window_samples += self.global_batch
+
+            last = state.step == cfg.train.steps
+            if state.step % cfg.train.log_every == 0 or last:
+                loss_value = eng.all_reduce_mean([float(torch.stack(losses).float().mean())])[0]
+                elapsed = time.perf_counter() - window_start
+                record = {"step": state.step, "samples": state.samples, "loss": loss_value,
+                          "lr": lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
+                                      cfg.optim.min_lr),
+                          "grad_norm": self.engine.grad_norm(), "loss_scale": self.engine.loss_scale(),
+                          "samples_per_s": window_samples / elapsed, "step_time": elapsed / cfg.train.log_every,
+                          "data_wait_frac": window_wait / elapsed, "mem_gb": peak_memory_gb(),
+                          "mfu": self._mfu(window_samples / elapsed)}
+                metrics.write(record)
+                tracker.log(record, step=state.step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['samples_per_s']:.0f}")
+                window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+
+            preempted = eng.any_rank(preempt.requested)
+            if last or preempted or state.step % cfg.train.ckpt_every == 0:
+                self._save(state, loader)
+            if preempted:
+                self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
+                break
+        if bar is not None:
+            bar.close()
+
+        summary = {"step": state.step, "complete": state.step >= cfg.train.steps, "run_dir": str(self.run_dir)}
+        if summary["complete"] and self.val_set is not None:
+            summary.update(self.evaluate())
+            metrics.write({"step": state.step, **{k: v for k, v in summary.items() if k.startswith("val_")}})
+            tracker.log(summary, step=state.step)
+        metrics.close()
+        tracker.finish()
+        self._report(summary)
+        return summary
+
+    def _mfu(self, samples_per_s: float) -> Optional[float]:
+        peak = device_peak_flops()
+        if peak is None:
+            return None
+        return self.flops_per_image * samples_per_s / (peak * self.env.world_size)
+
+    def _save(self, state: TrainState, loader) -> None:
+        trainer_state = {"step": state.step, "samples": state.samples, "tracker_id": state.tracker_id,
+                         "history": state.history, "world_size": self.env.world_size,
+                         "config": config_to_dict(self.cfg)}
+        rank_state = {"rng": _rng_state(), "data": loader.state_dict()}
+        self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
+
+    # ----- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
+                                   rank=self.env.rank, world_size=self.env.world_size)
+        self.engine.eval()
+        correct, loss_sum, count = 0, 0.0, 0
+        for batch in loader:
+            images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
+            labels = batch["label"].to(self.engine.device)
+            if cfg.objective.name == "supervised":
+                c, s = count_correct(self.engine, images, labels)
+                correct, loss_sum = correct + c, loss_sum + s
+            else:
+                loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio)
+                loss_sum += float(loss) * len(labels)
+            count += len(labels)
+        self.engine.train()
+        correct, loss_sum, count = eng.all_reduce_sum([correct, loss_sum, count])
+        out = {"val_images": int(count), "val_loss": loss_sum / max(count, 1)}
+        if cfg.objective.name == "supervised":
+            out["val_acc"] = correct / max(count, 1)
+        return out
+
+    def _report(self, summary: dict) -> None:
+        if "val_acc" in summary:
+            self.log(f"held-out accuracy: {100 * summary['val_acc']:.1f}% on {summary['val_images']} images "
+                     f"(val loss {summary['val_loss']:.4f})")
+        elif "val_loss" in summary:
+            self.log(f"held-out loss: {summary['val_loss']:.4f} on {summary['val_images']} images")
+        state = "complete" if summary["complete"] else "stopped early (resume with the same command)"
+        self.log(f"run {state} at step {summary['step']}: config, metrics.jsonl and checkpoints in {self.run_dir}")
