@@ -1,6 +1,7 @@
 """The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -205,6 +206,8 @@ class Trainer:
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
                 break
+            if os.environ.get("VITSCALE_CRASH_AFTER_STEP") == str(state.step):
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for resume tests: die like kill -9
         if bar is not None:
             bar.close()
 

@@ -1,0 +1,57 @@
+"""Parameter groups and the LR schedule."""
+import math
+
+import pytest
+import torch
+
+from vitscale.optim import lr_at, param_groups, peak_lr
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 8))
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+                                           for _ in range(3)])
+        self.head = torch.nn.Linear(8, 2)
+
+    def no_weight_decay(self):
+        return {"cls_token", "pos_embed"}
+
+
+def _decay_of(groups, param):
+    return next(g["weight_decay"] for g in groups if any(p is param for p in g["params"]))
+
+
+def test_no_decay_on_norms_biases_pos_and_tokens():
+    m = Toy()
+    groups = param_groups(m, weight_decay=0.05)
+    assert _decay_of(groups, m.blocks[0][1].weight) == 0.05
+    assert _decay_of(groups, m.head.weight) == 0.05
+    for p in [m.cls_token, m.pos_embed, m.blocks[0][0].weight, m.blocks[0][1].bias, m.head.bias]:
+        assert _decay_of(groups, p) == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+
+
+def test_layer_decay_scales_earlier_layers_down():
+    m = Toy()
+    groups = param_groups(m, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(m.head.weight)] == 1.0
+    assert scale[id(m.blocks[2][1].weight)] == 0.5
+    assert scale[id(m.blocks[0][1].weight)] == 0.125
+    assert scale[id(m.pos_embed)] == 0.0625
+
+
+def test_warmup_then_cosine():
+    lrs = [lr_at(s, 1.0, warmup=10, total=110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lrs[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 50 / 100)))
+    assert lr_at(110, 1.0, 10, 110, min_lr=0.01) == pytest.approx(0.01)
+
+
+def test_blr_scaling_rule():
+    assert peak_lr(None, 1.5e-4, 4096) == pytest.approx(2.4e-3)  # the MAE paper's ViT-L recipe
+    assert peak_lr(1e-3, 1.5e-4, 4096) == 1e-3
