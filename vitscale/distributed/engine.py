@@ -101,6 +101,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     if cfg.train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.train.precision == "fp16":
+        if not torch.cuda.is_available():
+            raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator runs fp32 and bf16)")
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
     return _deep_merge(ds, cfg.engine.ds_config)
