@@ -25,6 +25,15 @@ def _make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vitscale.distributed.checkpoint import export_weights
+
+    info = export_weights(args.ckpt, args.out, full=args.full)
+    print(f"wrote {info['path']}: {info['tensors']} tensors, {info['params'] / 1e6:.2f}M parameters "
+          f"({info['vitscale_part']}, step {info['step']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitscale", description="Pretrain Vision Transformers at scale.")
     # The deepspeed launcher inserts --local_rank=N before our own arguments.
@@ -46,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.set_defaults(func=_make_shards)
+
+    e = sub.add_parser("export", help="checkpoint -> one consolidated fp32 safetensors file (timm keys)")
+    e.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_00001000), or a run dir for its latest")
+    e.add_argument("out", help="output .safetensors path")
+    e.add_argument("--full", action="store_true", help="MAE: keep the decoder too (default: encoder only)")
+    e.set_defaults(func=_export)
     return p
 
 

@@ -125,3 +125,40 @@ class CheckpointManager:
         if rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         return trainer_state, rank_state
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, a checkpoints/ dir (its latest) or a run dir (its latest) -> a complete checkpoint."""
+    path = Path(path)
+    for base in (path, path / "checkpoints"):
+        if (base / "latest").is_file():
+            path = base / (base / "latest").read_text().strip()
+            break
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ok, why = is_complete(path)
+    if not ok:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint ({why})")
+    return path
+
+
+def export_weights(ckpt: Path, out: Path, full: bool = False) -> dict:
+    """Consolidate sharded weights into one fp32 safetensors file with timm-compatible keys.
+
+    MAE checkpoints export the encoder alone by default (what downstream use needs); `full` keeps the decoder.
+    The run's model/objective config travels in the file's metadata so eval/analyze can rebuild the model.
+    """
+    from safetensors.torch import save_file
+
+    path = resolve_checkpoint(ckpt)
+    state = json.loads((path / "trainer_state.json").read_text())
+    sd = eng.consolidated_state_dict(path)
+    objective = state["config"]["objective"]["name"]
+    if objective == "mae" and not full:
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective,
+            "vitscale_part": "full" if (full or objective != "mae") else "encoder", "step": str(state["step"])}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out), metadata=meta)
+    return {"path": str(out), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()), **meta}

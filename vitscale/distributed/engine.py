@@ -197,3 +197,32 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
                                   weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
     ds_engine, _, _, _ = _ds().initialize(model=model, optimizer=optimizer, config=ds_config)
     return Engine(ds_engine)
+
+
+def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a whole model from a (possibly sharded) DeepSpeed checkpoint directory, on CPU."""
+    ckpt_path = Path(ckpt_path)
+    if any(ckpt_path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 masters are sharded
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with _quiet_stdout():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
+    else:  # ZeRO-0: the full module is in the rank-0 model file
+        files = sorted(ckpt_path.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    # zero_to_fp32 prints a line per parameter group; keep the CLI output readable.
+    import io
+    import sys
+
+    saved, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        yield
+    finally:
+        sys.stdout = saved

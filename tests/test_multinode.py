@@ -1,0 +1,44 @@
+"""Two nodes simulated on one machine: two per-node deepspeed launches (--no_ssh) of a tiny config (CPU, gloo)."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, ROOT, TINY
+from vitscale.logging.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _launch_two_nodes(tmp_path, data_cache, steps, port):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    env = {**os.environ, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
+    args = [f"run.dir={tmp_path}", "run.name=mn", f"data.cache_dir={data_cache}", *TINY,
+            f"train.steps={steps}", "train.ckpt_every=2", "logging.wandb.mode=offline"]
+    procs = []
+    for node in (0, 1):
+        cmd = ["bash", str(ROOT / "launch/deepspeed_node.sh"), str(hostfile), str(node), "127.0.0.1", DEMO, *args]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def test_two_nodes_train_checkpoint_and_resume(tmp_path, data_cache):
+    port = 29700 + os.getpid() % 200
+    _launch_two_nodes(tmp_path, data_cache, steps=2, port=port)
+    ckpt = tmp_path / "mn" / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file()
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # one ZeRO shard per node's rank
+    outs = _launch_two_nodes(tmp_path, data_cache, steps=4, port=port + 1)
+    assert "resumed from" in outs[0]
+    steps = [r["step"] for r in read_metrics(tmp_path / "mn" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # one writer (rank 0), continuing after the resume
+    wandb_dirs = list((tmp_path / "mn").glob("wandb/offline-run-*"))
+    assert len(wandb_dirs) == 2  # one directory per launch, written by rank 0 only ...
+    assert len({d.name.rsplit("-", 1)[1] for d in wandb_dirs}) == 1  # ... with the same run id
+    assert (tmp_path / "mn" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
