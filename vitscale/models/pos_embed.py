@@ -18,9 +18,9 @@ def sincos_1d(dim: int, pos: torch.Tensor, temperature: float = 10000.0) -> torc
     """(len(pos), dim) table: sin on the first half of the channels, cos on the second."""
     if dim % 2:
         raise ValueError(f"1-D sin-cos embedding needs an even dim, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
+    omega = torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim / 2.0)
     omega = temperature ** -omega
-    angles = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    angles = pos.reshape(-1).to(torch.float32)[:, None] * omega[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
@@ -34,8 +34,8 @@ def sincos_2d(dim: int, grid_size: GridSize, num_prefix_tokens: int = 0, tempera
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
     gh, gw = to_2tuple(grid_size)
-    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64, device=device),
-                            torch.arange(gw, dtype=torch.float64, device=device), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float32, device=device),
+                            torch.arange(gw, dtype=torch.float32, device=device), indexing="ij")
     table = torch.cat([sincos_1d(dim // 2, xs, temperature), sincos_1d(dim // 2, ys, temperature)], dim=1)
     if num_prefix_tokens:
         table = torch.cat([table.new_zeros(num_prefix_tokens, dim), table], dim=0)
@@ -44,11 +44,11 @@ def sincos_2d(dim: int, grid_size: GridSize, num_prefix_tokens: int = 0, tempera
 
 def resize_pos_embed(posemb: torch.Tensor, new_grid: GridSize, num_prefix_tokens: int = 1,
                      old_grid: Optional[GridSize] = None, interpolation: str = "bicubic",
-                     antialias: bool = False) -> torch.Tensor:
+                     antialias: bool = True) -> torch.Tensor:
     """Resize a (1, prefix + gh*gw, D) position table to ``new_grid``; prefix (class) rows are kept as-is.
 
-    The patch part is interpolated over the 2-D grid (bicubic by default). ``old_grid`` defaults to a square
-    grid. Resizing to the same grid returns the same values.
+    The patch part is interpolated over the 2-D grid (bicubic, antialiased when shrinking, as timm does).
+    ``old_grid`` defaults to a square grid. Resizing to the same grid returns the same values.
     """
     if posemb.ndim != 3:
         raise ValueError(f"expected a (1, L, D) position table, got shape {tuple(posemb.shape)}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from vitscale.models.embed import PatchEmbed
 from vitscale.models.layers import Block, LayerNorm, Linear, run_blocks
-from vitscale.models.pos_embed import resize_pos_embed, sincos_2d, to_2tuple
+from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 
 POOLS = ("token", "avg")
 POS_EMBEDS = ("learn", "sincos", "none")
