@@ -1,6 +1,7 @@
 """The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -112,8 +113,7 @@ class Trainer:
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         self.engine = eng.initialize(model, groups, cfg, ds_config)
 
-    def _resume(self) -> tuple[TrainState, Optional[dict]]:
-        path = self.ckpt.find(self.cfg.train.resume)
+    def _resume(self, path: Optional[Path]) -> tuple[TrainState, Optional[dict]]:
         if path is None:
             return TrainState(), None
         trainer_state, rank_state = self.ckpt.load(self.engine, path)
@@ -127,12 +127,14 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self._build()
-        state, rank_state = self._resume()
-        if state.step >= cfg.train.steps:
-            self.log(f"run '{cfg.run.name}' is already complete: step {state.step} of {cfg.train.steps} "
+        path = self.ckpt.find(cfg.train.resume)
+        done = json.loads((path / "trainer_state.json").read_text())["step"] if path is not None else 0
+        if done >= cfg.train.steps:  # decided before building anything: a finished run costs nothing
+            self.log(f"run '{cfg.run.name}' is already complete: step {done} of {cfg.train.steps} "
                      f"(results in {self.run_dir}); raise train.steps to continue")
-            return {"step": state.step, "complete": True, "run_dir": str(self.run_dir)}
+            return {"step": done, "complete": True, "run_dir": str(self.run_dir)}
+        self._build()
+        state, rank_state = self._resume(path)
         state.history.append([state.step, env.world_size])
 
         loader = build_train_loader(

@@ -38,12 +38,14 @@ def setup(env: DistEnv) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
     _deepspeed = deepspeed
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        with _quiet_stdout():  # DeepSpeed prints a line per process about its CPU shared-memory op
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
 def device() -> torch.device:
