@@ -1,0 +1,214 @@
+"""`vitscale make-shards SRC OUT`: an image folder / CSV / JSONL list -> tar shards + manifest.json.
+
+Sources:
+  * an ImageFolder tree ``SRC/<class>/<...>/image.jpg`` (labels = sorted class folder names),
+  * a flat folder of images (no labels),
+  * a ``.csv`` (``path,label`` rows, optional header) or ``.jsonl`` (``{"path": ..., "label": ...}``) list;
+    paths are relative to the list file, labels are ints or class names (mapped in sorted order).
+
+Images are read in parallel (``workers`` processes) in a fixed order, so the output is deterministic. Unreadable
+images are skipped and listed in ``OUT/skipped.txt``. PNG/JPEG/WebP bytes are stored as they are; other formats
+are re-encoded as PNG; ``resize=N`` scales the shorter side down to N and re-encodes as JPEG (quality 90).
+An interrupted conversion is resumed: ``OUT/.progress.json`` records the complete shards, which are kept.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from vitscale.data.shards import MANIFEST, _ShardWriter, build_manifest, write_manifest
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+PROGRESS = ".progress.json"
+SKIPPED = "skipped.txt"
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def _list_folder(src: Path) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str]]]:
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = {c: sorted(str(p) for p in (src / c).rglob("*") if _is_image(p)) for c in classes}
+    per_class = {c: v for c, v in per_class.items() if v}
+    if per_class:
+        names = sorted(per_class)
+        return [(p, i) for i, c in enumerate(names) for p in per_class[c]], names
+    flat = sorted(str(p) for p in src.iterdir() if _is_image(p))
+    return [(p, None) for p in flat], None
+
+
+def _labels(raw: list) -> tuple[list[Optional[int]], Optional[list[str]]]:
+    present = [r for r in raw if r not in (None, "")]
+    if all(isinstance(r, int) or (isinstance(r, str) and re.fullmatch(r"-?\d+", r.strip())) for r in present):
+        return [None if r in (None, "") else int(r) for r in raw], None
+    names = sorted({str(r) for r in present})
+    index = {n: i for i, n in enumerate(names)}
+    return [None if r in (None, "") else index[str(r)] for r in raw], names
+
+
+def _list_file(src: Path) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str]]]:
+    paths, raw = [], []
+    if src.suffix.lower() == ".jsonl":
+        for n, line in enumerate(src.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    paths.append(row["path"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{src}:{n}: expected a JSON object with 'path' (and 'label')") from None
+                raw.append(row.get("label"))
+    else:
+        with open(src, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+            rows = rows[1:]
+        for r in rows:
+            paths.append(r[0].strip())
+            raw.append(r[1].strip() if len(r) > 1 else None)
+    labels, names = _labels(raw)
+    base = src.parent
+    return [(str(p if os.path.isabs(p) else base / p), lab) for p, lab in zip(paths, labels)], names
+
+
+def list_source(src) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str]]]:
+    """``([(image path, label or None)], class names or None)`` in the fixed order shards are written."""
+    src = Path(src)
+    if src.is_dir():
+        return _list_folder(src)
+    if src.is_file() and src.suffix.lower() in (".csv", ".jsonl", ".txt"):
+        return _list_file(src)
+    if not src.exists():
+        raise FileNotFoundError(f"make-shards: no such file or directory: {src}")
+    raise ValueError(f"make-shards: {src} is neither a folder nor a .csv/.jsonl list")
+
+
+def _encode(path: str, resize: Optional[int]) -> tuple[bytes, str]:
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = (im.format or "").upper()
+        im.load()  # fully decode: catches truncated files
+        if resize:
+            rgb = im.convert("RGB")
+            w, h = rgb.size
+            if min(w, h) > resize:
+                s = resize / min(w, h)
+                rgb = rgb.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=90)
+            return buf.getvalue(), "jpg"
+        if fmt in ("JPEG", "PNG", "WEBP"):
+            return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+        buf = io.BytesIO()
+        im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png"
+
+
+def _process(job):
+    i, path, resize = job
+    try:
+        data, ext = _encode(path, resize)
+        return i, data, ext, None
+    except Exception as e:
+        return i, None, None, f"{type(e).__name__}: {e}"
+
+
+def _key(i: int, path: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)[:48]
+    return f"{i:09d}_{stem}" if stem else f"{i:09d}"
+
+
+def _fingerprint(items, params) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for p, lab in items:
+        h.update(f"{p}\t{lab}\n".encode())
+    return h.hexdigest()
+
+
+def _ours(out: Path, prefix: str) -> list[Path]:
+    return [p for p in out.iterdir() if p.name in (MANIFEST, PROGRESS, SKIPPED)
+            or re.fullmatch(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp-\d+)?", p.name)]
+
+
+def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None, resize: Optional[int] = None,
+                prefix: str = "train", overwrite: bool = False, workers: Optional[int] = None) -> dict:
+    """Convert ``src`` to shards in ``out``; returns the manifest (plus ``path`` and ``skipped``)."""
+    items, class_names = list_source(src)
+    if not items:
+        raise ValueError(f"make-shards: no images found in {src}")
+    out = Path(out)
+    params = {"src": str(Path(src).resolve()), "maxcount": maxcount, "maxsize": maxsize, "resize": resize,
+              "prefix": prefix, "items": len(items)}
+    fingerprint = _fingerprint(items, params)
+    progress_path = out / PROGRESS
+    done_shards, start, skipped = [], 0, []
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            for p in _ours(out, prefix):
+                p.unlink()
+        elif progress_path.is_file() and json.loads(progress_path.read_text()).get("fingerprint") == fingerprint:
+            prog = json.loads(progress_path.read_text())
+            done_shards, start, skipped = prog["shards"], prog["next_item"], prog["skipped"]
+            for p in out.glob(f".{prefix}-*.tar.tmp-*"):  # partial shard of the interrupted run
+                p.unlink()
+            print(f"make-shards: resuming: {len(done_shards)} complete shard(s) kept, from image {start}")
+        elif (out / MANIFEST).is_file() and not progress_path.exists():
+            raise FileExistsError(f"make-shards: {out} already holds shards; pass --overwrite to replace them")
+        else:
+            raise FileExistsError(f"make-shards: {out} is not empty (or holds another conversion); "
+                                  f"pass --overwrite or choose an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    writer = _ShardWriter(out, prefix, maxcount, maxsize, start_index=len(done_shards))
+    writer.shards = list(done_shards)
+    writer.next_item = start
+    close = writer.close_shard
+
+    def close_and_record():
+        had = writer.tar is not None
+        close()
+        if had:
+            prog = {"fingerprint": fingerprint, "params": params, "shards": writer.shards,
+                    "next_item": writer.next_item, "skipped": [s for s in skipped if s[0] < writer.next_item]}
+            tmp = progress_path.with_name(PROGRESS + ".tmp")
+            tmp.write_text(json.dumps(prog))
+            os.replace(tmp, progress_path)
+
+    writer.close_shard = close_and_record
+    jobs = [(i, items[i][0], resize) for i in range(start, len(items))]
+    nproc = workers or os.cpu_count() or 1
+    max_label = max((lab for _, lab in items if lab is not None), default=None)
+    pool = mp.get_context("spawn").Pool(nproc) if nproc > 1 and len(jobs) > 1 else None
+    try:
+        results = pool.imap(_process, jobs, chunksize=16) if pool else map(_process, jobs)
+        for i, data, ext, err in results:
+            if err is not None:
+                skipped.append([i, items[i][0], err])
+                continue
+            writer.next_item = i
+            writer.write(_key(i, items[i][0]), data, ext, items[i][1])
+        writer.next_item = len(items)
+        writer.close_shard()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    manifest = build_manifest(prefix, writer.shards, class_names, max_label)
+    path = write_manifest(out, manifest)
+    if skipped:
+        (out / SKIPPED).write_text("".join(f"{p}\t{e}\n" for _, p, e in skipped))
+        print(f"make-shards: skipped {len(skipped)} unreadable image(s), listed in {out / SKIPPED}")
+    progress_path.unlink(missing_ok=True)
+    print(f"make-shards: wrote {manifest['num_samples']} images in {len(writer.shards)} shard(s) to {out}")
+    return {**manifest, "path": str(path), "skipped": [p for _, p, _ in skipped]}
