@@ -18,6 +18,7 @@ from vitscale.data.transforms import normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
+from vitscale.logging.images import mae_panels, save_mae_grid
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
 from vitscale.logging.trackers import Tracker
 from vitscale.models import create_model
@@ -202,6 +203,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
 
+            if cfg.objective.name == "mae" and (last or (cfg.logging.image_every
+                                                         and state.step % cfg.logging.image_every == 0)):
+                self._mae_images(batch, state.step, tracker)
+
             preempted = eng.any_rank(preempt.requested)
             if last or preempted or state.step % cfg.train.ckpt_every == 0:
                 self._save(state, loader)
@@ -222,6 +227,20 @@ class Trainer:
         tracker.finish()
         self._report(summary)
         return summary
+
+    @torch.no_grad()
+    def _mae_images(self, batch: dict, step: int, tracker: Tracker) -> None:
+        """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 draws and saves."""
+        images = normalize(batch["image"][:self.cfg.logging.image_count], self.engine.device).to(self.engine.dtype)
+        self.engine.eval()
+        with torch.random.fork_rng(devices=[]):  # the picture must not change the training's random stream
+            _, pred, mask = self.engine(images, mask_ratio=self.cfg.objective.mask_ratio)
+        self.engine.train()
+        if self.env.is_main:
+            panels = mae_panels(self.engine.module, images, pred, mask)
+            path = save_mae_grid(panels, self.run_dir / "images" / f"mae_step_{step:08d}.png",
+                                 title=f"{self.cfg.run.name}: step {step}, mask ratio {self.cfg.objective.mask_ratio}")
+            tracker.log_image("mae_reconstruction", path, step)
 
     def _mfu(self, samples_per_s: float) -> Optional[float]:
         peak = device_peak_flops()

@@ -141,6 +141,10 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # MAE: save (and log to wandb) a reconstruction grid every this many steps; 0 = only at the end.
+    image_every: int = 0
+    # Number of images in the reconstruction grid.
+    image_count: int = 4
 
 
 @dataclass

@@ -40,6 +40,12 @@ class Tracker:
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
