@@ -1,0 +1,69 @@
+"""Input images for analysis: files (any format PIL reads) or the photos bundled with scikit-image."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+# ImageNet statistics (the training pipeline's normalisation).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SAMPLES = ("astronaut", "coffee", "chelsea")
+
+
+def resize_center_crop(img, size: Union[int, tuple[int, int]]):
+    """PIL image -> RGB PIL image: shorter side resized to fit, then centre-cropped to ``size`` (h, w)."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else size
+    img = img.convert("RGB")
+    scale = max(h / img.height, w / img.width)
+    new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    img = img.resize(new, Image.BICUBIC)
+    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def load_images(paths: Sequence[Union[str, Path]], size: Union[int, tuple[int, int]],
+                samples: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, list[str]]:
+    """uint8 (B, 3, H, W) images and their names. No ``paths``: scikit-image's sample photos
+    (``samples``, default astronaut, coffee, chelsea)."""
+    from PIL import Image
+
+    pics, names = [], []
+    if paths:
+        for p in paths:
+            p = Path(p)
+            if not p.is_file():
+                raise FileNotFoundError(f"image not found: {p}")
+            with Image.open(p) as im:
+                pics.append(resize_center_crop(im, size))
+            names.append(p.stem)
+    else:
+        import skimage.data
+
+        for name in samples or DEFAULT_SAMPLES:
+            arr = getattr(skimage.data, name)()
+            if arr.ndim == 2:
+                arr = np.stack([arr] * 3, axis=-1)
+            pics.append(resize_center_crop(Image.fromarray(arr[..., :3].astype(np.uint8)), size))
+            names.append(name)
+    batch = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.uint8).copy()).permute(2, 0, 1) for p in pics])
+    return batch, names
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised with ImageNet mean/std."""
+    x = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """Normalised (3, H, W) -> displayable float (H, W, 3) in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
