@@ -1,9 +1,9 @@
 """vitscale analyze: numbers on constructed cases (expected values computed independently, by brute force),
 the model loader, and end-to-end runs of the command on tiny random models with real photos."""
-import argparse
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -183,12 +183,14 @@ def photos(tmp_path_factory):
 
 
 def run_command(argv):
-    from vitscale.analysis.cli import add_parser
+    """The real `vitscale` entry point (errors become exit code 2 there; re-raised here to match on them)."""
+    from vitscale.cli import main
 
-    parser = argparse.ArgumentParser(prog="vitscale")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    os.environ["VITSCALE_DEBUG"] = "1"
+    try:
+        return main(argv)
+    finally:
+        del os.environ["VITSCALE_DEBUG"]
 
 
 def check_png(path):

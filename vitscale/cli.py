@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="output .safetensors path")
     e.add_argument("--full", action="store_true", help="MAE: keep the decoder too (default: encoder only)")
     e.set_defaults(func=_export)
+
+    from vitscale.analysis.cli import add_parser as add_analyze  # light: argparse only
+
+    add_analyze(sub)
     return p
 
 
