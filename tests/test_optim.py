@@ -34,6 +34,18 @@ def test_no_decay_on_norms_biases_pos_and_tokens():
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
+def test_decay_follows_the_real_shape_of_zero3_partitioned_params():
+    """Under ZeRO-3 each tensor is a flat (often empty) partition; DeepSpeed keeps the real shape in ds_shape.
+    Grouping by the tensor's own ndim would silently drop weight decay from every weight matrix."""
+    m = Toy()
+    for p in m.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)  # what zero.Init leaves on a rank
+    groups = param_groups(m, weight_decay=0.05)
+    assert _decay_of(groups, m.blocks[0][1].weight) == 0.05 and _decay_of(groups, m.head.weight) == 0.05
+    assert _decay_of(groups, m.blocks[0][0].weight) == 0.0 and _decay_of(groups, m.pos_embed) == 0.0
+
+
 def test_layer_decay_scales_earlier_layers_down():
     m = Toy()
     groups = param_groups(m, weight_decay=0.05, layer_decay=0.5)

@@ -8,9 +8,16 @@ from typing import Optional
 import torch
 
 
+def logical_ndim(param: torch.nn.Parameter) -> int:
+    """The parameter's real number of dimensions. Under ZeRO-3 (zero.Init) the tensor itself is a flat, often
+    empty, placeholder for this rank's partition; DeepSpeed keeps the real shape in ``ds_shape``."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def _no_decay(name: str, param: torch.nn.Parameter, skip: set[str]) -> bool:
     # Norm weights, biases, position embeddings and special tokens are 1-D or named: decaying them hurts.
-    return param.ndim <= 1 or name.endswith(".bias") or any(name == s or name.endswith("." + s) for s in skip)
+    return (logical_ndim(param) <= 1 or name.endswith(".bias")
+            or any(name == s or name.endswith("." + s) for s in skip))
 
 
 def _layer_id(name: str, num_layers: int) -> int:
