@@ -100,12 +100,12 @@ class Trainer:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
         return num_classes
 
-    def _build(self):
+    def _build(self, load_universal: bool = False):
         cfg = self.cfg
         num_classes = self._data()
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
         self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
-        ds_config = eng.build_ds_config(cfg, self.env.world_size)
+        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = build_model(cfg, num_classes)
@@ -114,10 +114,10 @@ class Trainer:
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         self.engine = eng.initialize(model, groups, cfg, ds_config)
 
-    def _resume(self, path: Optional[Path]) -> tuple[TrainState, Optional[dict]]:
+    def _resume(self, path: Optional[Path], universal: bool) -> tuple[TrainState, Optional[dict]]:
         if path is None:
             return TrainState(), None
-        trainer_state, rank_state = self.ckpt.load(self.engine, path)
+        trainer_state, rank_state = self.ckpt.load(self.engine, path, universal=universal)
         state = TrainState(**{k: trainer_state[k] for k in ("step", "samples", "tracker_id", "history")})
         self.log(f"resumed from {path} at step {state.step}")
         return state, rank_state
@@ -134,8 +134,10 @@ class Trainer:
             self.log(f"run '{cfg.run.name}' is already complete: step {done} of {cfg.train.steps} "
                      f"(results in {self.run_dir}); raise train.steps to continue")
             return {"step": done, "complete": True, "run_dir": str(self.run_dir)}
-        self._build()
-        state, rank_state = self._resume(path)
+        # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
+        universal = self.ckpt.prepare(path, env.world_size, cfg.engine.zero_stage) if path is not None else False
+        self._build(load_universal=universal)
+        state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
         loader = build_train_loader(
@@ -146,7 +148,7 @@ class Trainer:
         batches = iter(loader)
         # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
         # the loader's iterator exists because DataLoader draws its worker seed from the global RNG.
-        if rank_state is not None:
+        if rank_state is not None and "rng" in rank_state:
             _set_rng_state(rank_state["rng"])
         else:
             torch.manual_seed(cfg.run.seed * 1000 + 1 + env.rank)

@@ -191,6 +191,11 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.engine.offload_params and cfg.engine.zero_stage != 3:
         raise ConfigError("engine.offload_params needs engine.zero_stage=3")
+    if cfg.engine.offload_optimizer and cfg.engine.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+    if cfg.engine.nvme_path and not (cfg.engine.offload_optimizer or cfg.engine.offload_params):
+        raise ConfigError("engine.nvme_path is set but nothing is offloaded: set engine.offload_optimizer "
+                          "and/or engine.offload_params")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -124,6 +124,8 @@ class EngineConfig:
     offload_optimizer: bool = False
     # Keep parameters on CPU (ZeRO 3).
     offload_params: bool = False
+    # Offload to NVMe files under this directory instead of CPU memory (null = CPU); needs DeepSpeed's async_io op.
+    nvme_path: Optional[str] = None
     # Expert override: dict merged last into the generated DeepSpeed config.
     ds_config: dict = field(default_factory=dict)
 

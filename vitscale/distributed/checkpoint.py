@@ -5,6 +5,8 @@ Layout under `runs/<name>/checkpoints/`:
     rank_00000.pt ...       per-rank state: RNG states, data-stream position (small, weights_only-loadable)
     trainer_state.json      step, samples seen, tracker id, resolved config (rank 0)
     COMPLETE                written by rank 0 only after every rank finished; lists every file and its size
+    universal/              only after a resume at another world size or ZeRO stage: DeepSpeed's universal
+                            layout of the same step, converted once by rank 0
   latest                    the tag of the newest complete checkpoint (replaced atomically)
 
 A directory without COMPLETE, or whose files no longer match COMPLETE's sizes (truncated copy), is never
@@ -26,6 +28,7 @@ from vitscale.distributed import engine as eng
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # sub-directory holding a checkpoint converted for another world size / ZeRO stage
 
 
 def tag_for(step: int) -> str:
@@ -116,14 +119,56 @@ class CheckpointManager:
                 warnings.warn(f"skipping checkpoint {path}: {why}; trying the previous one", stacklevel=2)
         return None
 
-    def load(self, engine: "eng.Engine", path: Path) -> tuple[dict, Optional[dict]]:
-        """Load shards into `engine`; returns (trainer_state, this rank's state or None if absent)."""
-        engine.load(path.parent, path.name)
+    def prepare(self, path: Path, world_size: int, zero_stage: int) -> bool:
+        """Whether `path` must be resumed through DeepSpeed's universal layout, i.e. it was written at another
+        world size or ZeRO stage. If so, rank 0 converts it once into ``path/universal/`` (kept for later resumes,
+        pruned with the checkpoint). Collective: every rank calls it before the engine is built, because DeepSpeed
+        reads the universal layout only when its config says so."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        old_world = int(state.get("world_size", world_size))
+        old_stage = int(state.get("config", {}).get("engine", {}).get("zero_stage", zero_stage))
+        if (old_world, old_stage) == (world_size, zero_stage) or old_stage == zero_stage == 0:
+            return False  # same layout; or ZeRO-0, whose files hold whole copies for any world size
+        if 0 in (old_stage, zero_stage):
+            raise ValueError(f"{path} was written with engine.zero_stage={old_stage}; it cannot be resumed with "
+                             f"engine.zero_stage={zero_stage} (only ZeRO 1-3 checkpoints convert between stages)")
+        target = path / UNIVERSAL
+        error = ""
+        if self.rank == 0 and not (target / COMPLETE).is_file():
+            print(f"converting {path} (world size {old_world}, ZeRO-{old_stage}) to DeepSpeed's universal layout "
+                  f"to resume at world size {world_size}, ZeRO-{zero_stage}", flush=True)
+            tmp = path / f".{UNIVERSAL}.tmp"
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                eng.to_universal(path, tmp)
+                _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage}))
+                os.replace(tmp, target)
+            except Exception as e:  # reported on every rank below, so no rank waits forever
+                error = f"{type(e).__name__}: {e}"
+        if eng.any_rank(bool(error)):
+            raise RuntimeError(f"could not convert {path} to the universal layout: {error or 'failed on rank 0'}")
+        if not (target / COMPLETE).is_file():
+            raise FileNotFoundError(f"{target} is not visible on rank {self.rank}: resuming at another world size "
+                                    "needs the checkpoint on a filesystem every node can read")
+        return True
+
+    def load(self, engine: "eng.Engine", path: Path, universal: bool = False) -> tuple[dict, Optional[dict]]:
+        """Load shards into `engine`; returns (trainer_state, this rank's state or None if absent).
+
+        A rank that did not exist when the checkpoint was written (more processes now) gets rank 0's data-stream
+        state without its RNG: the stream sees the layout changed and starts a fresh epoch on every rank alike."""
+        if universal:
+            engine.load(path, UNIVERSAL)
+        else:
+            engine.load(path.parent, path.name)
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state: Optional[dict[str, Any]] = None
         if rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        elif (path / "rank_00000.pt").is_file():
+            data = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True).get("data")
+            rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
 
 

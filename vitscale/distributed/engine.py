@@ -80,16 +80,21 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict:
-    """Our config -> DeepSpeed's JSON config (users never hand-write it; engine.ds_config overrides last)."""
+def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """Our config -> DeepSpeed's JSON config (users never hand-write it; engine.ds_config overrides last).
+
+    `load_universal`: the checkpoint to resume was converted to DeepSpeed's universal layout (it was written at
+    another world size or ZeRO stage); DeepSpeed only reads that layout when its config says so at initialize.
+    """
     zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
     if cfg.engine.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available(),
                     reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    offload = {"device": "nvme", "nvme_path": cfg.engine.nvme_path} if cfg.engine.nvme_path else {"device": "cpu"}
     if cfg.engine.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {**offload, "pin_memory": torch.cuda.is_available()}
     if cfg.engine.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {**offload, "pin_memory": torch.cuda.is_available()}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -107,6 +112,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
             raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator runs fp32 and bf16)")
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return _deep_merge(ds, cfg.engine.ds_config)
 
 
@@ -184,12 +191,42 @@ class Engine:
         self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
+        """Every rank loads its shard (or, from a universal checkpoint, slices its part of every tensor)."""
         path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
                                                      load_optimizer_states=load_optimizer,
                                                      load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         return client_state or {}
+
+    def full_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's whole fp32 value and (after the first step) AdamW moments, gathered on CPU:
+        ``{name: {param, exp_avg, exp_avg_sq}}``. Collective under ZeRO-3 (call on every rank). For tests and
+        debugging, not the hot path."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        optimizer = self.ds.optimizer
+        if moments and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 and bf16 link each parameter to its AdamW moments once, right after the *first* param
+            # group's first step, when the other groups have no state yet (DeepSpeed 0.19): link them again now.
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+        out = {}
+        for name, p in self.ds.module.named_parameters():
+            value = safe_get_full_fp32_param(p)
+            if value is None:  # no ZeRO and no mixed precision: the parameter is the fp32 master
+                state = optimizer.state.get(p, {})
+                entry = {"param": p.detach()}
+                if moments:
+                    entry.update({k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state})
+            else:
+                entry = {"param": value}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moment = safe_get_full_optimizer_state(p, key) if moments and p.requires_grad else None
+                    if moment is not None:
+                        entry[key] = moment
+            out[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
+        return out
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config, ds_config: dict) -> Engine:
@@ -215,6 +252,26 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
         sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def to_universal(ckpt_path: Path, out_dir: Path) -> None:
+    """Rewrite a ZeRO-1/2/3 checkpoint into DeepSpeed's universal layout (one file per parameter and state,
+    independent of world size and stage), so it can be resumed on another number of processes.
+
+    Runs DeepSpeed's own converter (ds_to_universal) in this process; call it on one rank only."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    args = argparse.Namespace(input_folder=str(ckpt_path), output_folder=str(out_dir), num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with _quiet_stdout():
+        ds_to_universal.main(args)
+    # The converter also points a `latest_universal` file in out_dir's parent at out_dir; we resume by explicit
+    # path, so drop it rather than leave a second, differently named "latest" next to the checkpoint.
+    (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

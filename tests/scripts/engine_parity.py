@@ -1,0 +1,193 @@
+"""Run under `deepspeed --num_gpus W` (CPU, gloo): train a tiny model a few steps at each ZeRO stage on one fixed
+global batch split over the ranks, and write what the test compares across world sizes to --out (rank 0).
+
+Modes (several may run in one launch, in the order given):
+  losses     per-stage ViT losses; at stage 3 also with gradient checkpointing (ViT, and MAE with and without
+             it) and whether zero.Init built exactly the weights an unsharded build gives
+  save       train, save a checkpoint per stage under --save-to, dump every parameter's full fp32 value and AdamW
+             moments (gathered) to --out
+  load       load the checkpoints under --load-from at this world size (universal conversion when it differs), dump the same
+  memory     build a ViT with and without zero.Init, report the peak resident memory each build added
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from vitscale.config import load_config
+from vitscale.distributed import engine as eng
+from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.distributed.env import detect_env
+from vitscale.optim import param_groups
+from vitscale.trainer import build_model
+
+GLOBAL_BATCH, STEPS = 8, 3
+TINY = ["model.name=vit_micro_patch8", "model.img_size=32", "model.embed_dim=32", "model.depth=2",
+        "model.num_heads=2", "train.precision=fp32", "optim.grad_clip=1.0", "optim.weight_decay=0.05"]
+
+
+def make_config(stage: int, world: int, *extra: str):
+    return load_config(None, [*TINY, f"engine.zero_stage={stage}", f"data.batch_size={GLOBAL_BATCH // world}",
+                              *extra])
+
+
+def build_engine(cfg, num_classes: int = 10, load_universal: bool = False):
+    ds_config = eng.build_ds_config(cfg, eng_world(), load_universal=load_universal)
+    torch.manual_seed(cfg.run.seed)
+    with eng.model_init_context(cfg, ds_config):
+        model = build_model(cfg, num_classes)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+    return eng.initialize(model, groups, cfg, ds_config)
+
+
+def eng_world() -> int:
+    return torch.distributed.get_world_size()
+
+
+def batch_for_rank(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
+    per = GLOBAL_BATCH // world
+    return images[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
+
+
+def train_steps(engine, cfg, rank: int, world: int) -> list[float]:
+    images, labels = batch_for_rank(rank, world)
+    losses = []
+    engine.train()
+    for step in range(STEPS):
+        engine.set_lr(1e-3)
+        torch.manual_seed(100 + step)  # MAE masks: the same on every run at this world size
+        if cfg.objective.name == "mae":
+            loss, _, _ = engine(images, mask_ratio=0.75)
+        else:
+            loss = torch.nn.functional.cross_entropy(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(eng.all_reduce_mean([float(loss)])[0])
+    return losses
+
+
+def init_matches_unsharded(engine, cfg) -> float:
+    """Max |zero.Init weights - unsharded weights| for the same seed (0.0 means identical)."""
+    full = engine.full_state(moments=False)
+    torch.manual_seed(cfg.run.seed)
+    reference = build_model(cfg, 10).state_dict()
+    return max(float((full[name]["param"] - reference[name].float()).abs().max()) for name in full)
+
+
+def mode_losses(rank: int, world: int) -> dict:
+    out: dict = {}
+    for stage in (0, 1, 2, 3):
+        cfg = make_config(stage, world)
+        engine = build_engine(cfg)
+        if stage == 3:
+            out["zero3_init_max_diff"] = init_matches_unsharded(engine, cfg)
+        out[f"vit_stage{stage}"] = train_steps(engine, cfg, rank, world)
+    cfg = make_config(3, world, "model.grad_checkpointing=true")
+    out["vit_stage3_ckpt"] = train_steps(build_engine(cfg), cfg, rank, world)
+    for ckpt in ("false", "true"):
+        cfg = make_config(3, world, "objective.name=mae", f"model.grad_checkpointing={ckpt}")
+        out[f"mae_stage3_ckpt_{ckpt}"] = train_steps(build_engine(cfg), cfg, rank, world)
+    return out
+
+
+def _dump(engine) -> dict:
+    return {name: {k: v.tolist() for k, v in d.items()} for name, d in engine.full_state().items()}
+
+
+def mode_save(rank: int, world: int, ckpt: Path) -> dict:
+    out = {}
+    for stage in (2, 3):
+        cfg = make_config(stage, world)
+        engine = build_engine(cfg)
+        train_steps(engine, cfg, rank, world)
+        manager = CheckpointManager(ckpt / f"stage{stage}", rank)
+        manager.save(engine, STEPS, {"step": STEPS, "world_size": world,
+                                     "config": {"engine": {"zero_stage": stage}}}, {"rng": {}})
+        out[f"stage{stage}"] = _dump(engine)
+    return out
+
+
+def mode_load(rank: int, world: int, ckpt: Path) -> dict:
+    out = {}
+    for stage in (2, 3):
+        cfg = make_config(stage, world)
+        manager = CheckpointManager(ckpt / f"stage{stage}", rank)
+        path = manager.find("auto")
+        universal = manager.prepare(path, world, stage)  # converts once if the layout changed
+        engine = build_engine(cfg, load_universal=universal)
+        manager.load(engine, path, universal=universal)
+        out[f"stage{stage}"] = _dump(engine)
+        out[f"stage{stage}_universal"] = universal
+    return out
+
+
+def _rss_mb() -> float:
+    """Resident memory now (pages actually held), from /proc."""
+    import gc
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mode_memory(rank: int, world: int) -> dict:
+    """Memory a ViT-B/16 (fp32) holds after it is built with zero.Init (ZeRO-3), and then without (while the first
+    is still alive, so freed memory cannot be reused and hide the second's cost). zero.Init goes first: its peak
+    (growth of ru_maxrss) is then measured in a process that has not yet held a model."""
+    cfg = load_config(None, ["model.name=vit_base_patch16", "model.img_size=64", "train.precision=fp32",
+                             "engine.zero_stage=3"])
+    ds_config = eng.build_ds_config(cfg, world)
+    before, peak_before = _rss_mb(), _peak_rss_mb()
+    with eng.model_init_context(cfg, ds_config):
+        sharded = build_model(cfg, 10)
+    sharded_held, sharded_peak = _rss_mb() - before, _peak_rss_mb() - peak_before
+    local = sum(p.ds_tensor.numel() for p in sharded.parameters()) * 4 / 2**20
+    total = sum(p.ds_numel for p in sharded.parameters()) * 4 / 2**20
+    before = _rss_mb()  # the sharded model stays alive, so the allocator cannot hand its memory to this build
+    full = build_model(cfg, 10)
+    full_held = _rss_mb() - before
+    del full, sharded
+    return {"rank": rank, "param_mb_total": total, "param_mb_local": local,
+            "param_mb_local_sum": eng.all_reduce_sum([local])[0], "zero_init_held_mb": sharded_held,
+            "zero_init_peak_growth_mb": sharded_peak, "unsharded_held_mb": full_held}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("modes", nargs="+", choices=["losses", "save", "load", "memory"])
+    p.add_argument("--out", required=True, help="JSON file (rank 0); memory: one file per rank, OUT.rankN")
+    p.add_argument("--save-to", default=None)
+    p.add_argument("--load-from", default=None)
+    args = p.parse_args()
+    env = detect_env(local_rank_arg=args.local_rank)
+    eng.setup(env)
+    rank, world = env.rank, env.world_size
+    result: dict = {"world_size": world}
+    for mode in args.modes:
+        if mode == "losses":
+            result["losses"] = mode_losses(rank, world)
+        elif mode == "save":
+            result["save"] = mode_save(rank, world, Path(args.save_to))
+        elif mode == "load":
+            result["load"] = mode_load(rank, world, Path(args.load_from))
+        else:  # memory is per process: every rank reports
+            Path(f"{args.out}.rank{rank}").write_text(json.dumps(mode_memory(rank, world)))
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
