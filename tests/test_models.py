@@ -16,7 +16,7 @@ from vitscale.models.flops import count_params, forward_flops
 from vitscale.models.layers import Attention, DropPath
 from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 
-timm_vit = pytest.importorskip("timm.models.vision_transformer")
+import timm.models.vision_transformer as timm_vit  # noqa: E402  (timm is in the [test] extra: never skip)
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
@@ -268,7 +268,7 @@ def test_mae_no_weight_decay_and_frozen_tables():
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_mae_learns_a_real_image(norm_pix_loss):
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata
     img = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1).float()[None] / 255.0
     img = F.interpolate(img, size=(32, 32), mode="area")
     imgs = (img - img.mean()) / img.std()

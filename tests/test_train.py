@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import DEMO, ROOT, run_cli, train_args
 from vitscale.logging.metrics import read_metrics
@@ -70,20 +71,57 @@ def test_demo_config_learns_digits(tmp_path, data_cache):
     assert "vit_micro_patch4" in cfg  # the resolved config is saved
 
 
-@pytest.mark.slow
-def test_deepspeed_launcher_two_processes(tmp_path, data_cache):
-    """`deepspeed --num_gpus 2 --module vitscale train ...`: 2 CPU processes, sharded checkpoint, rank-0 logs."""
-    port = 29000 + os.getpid() % 1000
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
-           "vitscale", *train_args(tmp_path, "ds2", data_cache, "train.steps=4", "train.ckpt_every=2")]
+def _deepspeed_train(tmp_path, data_cache, world, port, *overrides):
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(port),
+           "--module", "vitscale", *train_args(tmp_path, "ds", data_cache, "engine.zero_stage=3", *overrides)]
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    ckpt = tmp_path / "ds2" / "checkpoints" / "step_00000004"
+    return r
+
+
+@pytest.mark.slow
+def test_deepspeed_two_processes_then_one_then_two_then_timm(tmp_path, data_cache):
+    """`deepspeed --num_gpus 2 --module vitscale train ...` (ZeRO-3): 2 CPU processes train and write sharded
+    checkpoints; the same run continues on 1 process, then on 2 again (each change of world size converts the
+    checkpoint to DeepSpeed's universal layout); the result exports into timm."""
+    port = 29000 + os.getpid() % 1000
+    _deepspeed_train(tmp_path, data_cache, 2, port, "train.steps=4", "train.ckpt_every=2")
+    ckpts = tmp_path / "ds" / "checkpoints"
+    ckpt = ckpts / "step_00000004"
     assert (ckpt / "COMPLETE").is_file()
-    optim_shards = sorted(p.name for p in ckpt.glob("*optim_states.pt"))
-    assert len(optim_shards) == 2, optim_shards  # ZeRO-2: one optimizer shard per rank
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-3: one parameter/optimizer shard per rank
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["samples"] == 4 * 16 * 2
-    assert [r["step"] for r in read_metrics(tmp_path / "ds2" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+    one = run_cli(train_args(tmp_path, "ds", data_cache, "engine.zero_stage=3", "train.steps=6",
+                             "train.ckpt_every=2"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "universal layout to resume at world size 1" in one.stdout and "at step 4" in one.stdout
+    assert (ckpt / "universal" / "COMPLETE").is_file()
+    _deepspeed_train(tmp_path, data_cache, 2, port + 1, "train.steps=8", "train.ckpt_every=2")
+    state = json.loads((ckpts / "step_00000008" / "trainer_state.json").read_text())
+    assert state["samples"] == 4 * 32 + 2 * 16 + 2 * 32 and [h[1] for h in state["history"]] == [2, 1, 2]
+
+    records = [r for r in read_metrics(tmp_path / "ds" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))  # rank 0 alone writes; the counter continues
+    losses = [r["loss"] for r in records]
+    assert max(losses[4:]) < losses[0] and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2  # the curve continues
+
+    # export the ZeRO-3 shards -> one safetensors file -> timm's VisionTransformer, strict
+    import timm.models.vision_transformer as timm_vit
+    from safetensors.torch import load_file
+
+    from vitscale.analysis.load import load_model_for_analysis
+
+    out = tmp_path / "ds.safetensors"
+    r = run_cli(["export", str(tmp_path / "ds"), str(out)], cwd=tmp_path)
+    assert r.returncode == 0 and "step 8" in r.stdout, r.stderr[-3000:]
+    theirs = timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                                        num_classes=10).eval()
+    theirs.load_state_dict(load_file(str(out)), strict=True)
+    ours, _ = load_model_for_analysis(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
