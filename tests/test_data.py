@@ -278,6 +278,7 @@ def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path, digit
     assert keys == expected
     last = loader.state_dict()["workers"][0]
     assert last["skipped"] == 3 and last["seen"] == len(keys) + 3 + 1  # + the first sample of epoch 1
+    assert last["bad_shards"] == 2 and loader.skipped() == (1, 2)  # 1 corrupt image, 2 truncated shards
     assert "d0060" in caplog.text and "train-000002.tar" in caplog.text and "train-000003.tar" in caplog.text
     # resuming in the middle of a damaged shard counts its damage once, as the uninterrupted stream does
     kw = dict(batch_size=1, img_size=16, seed=0, rank=0, world_size=1, num_workers=0, shuffle=False,

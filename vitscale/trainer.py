@@ -37,6 +37,17 @@ class TrainState:
     history: list = field(default_factory=list)  # launches: (start step, world size)
 
 
+PREEMPT_CHECK_EVERY = 10  # steps between checks for a preemption signal (or every log step, if more often)
+
+
+@dataclass
+class Window:
+    """Time, data wait and steps since the last metrics line."""
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+
 class Preemption:
     """SIGTERM/SIGUSR1 (Slurm's warning signals) ask for a checkpoint at the next step boundary."""
 
@@ -165,7 +176,7 @@ class Trainer:
             bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
 
         self.engine.train()
-        window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
+        window = Window()
         preempted = False
         while state.step < cfg.train.steps:
             self.engine.set_lr(lr_at(state.step, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
@@ -174,7 +185,7 @@ class Trainer:
             for _ in range(cfg.train.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches)
-                window_wait += time.perf_counter() - t0
+                window.wait += time.perf_counter() - t0
                 images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
                 labels = batch["label"].to(self.engine.device)
                 loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
@@ -184,24 +195,16 @@ class Trainer:
                 losses.append(loss.detach())
             state.step += 1
             state.samples += self.global_batch
-            window_samples += self.global_batch
+            window.steps += 1
 
             last = state.step == cfg.train.steps
             if state.step % cfg.train.log_every == 0 or last:
-                loss_value = eng.all_reduce_mean([float(torch.stack(losses).float().mean())])[0]
-                elapsed = time.perf_counter() - window_start
-                record = {"step": state.step, "samples": state.samples, "loss": loss_value,
-                          "lr": lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
-                                      cfg.optim.min_lr),
-                          "grad_norm": self.engine.grad_norm(), "loss_scale": self.engine.loss_scale(),
-                          "samples_per_s": window_samples / elapsed, "step_time": elapsed / cfg.train.log_every,
-                          "data_wait_frac": window_wait / elapsed, "mem_gb": peak_memory_gb(),
-                          "mfu": self._mfu(window_samples / elapsed)}
+                record = self._record(state, losses, window, loader)
                 metrics.write(record)
                 tracker.log(record, step=state.step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['samples_per_s']:.0f}")
-                window_start, window_wait, window_samples = time.perf_counter(), 0.0, 0
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['samples_per_s']:.0f}")
+                window = Window()
             if bar is not None:
                 bar.update(1)
 
@@ -209,7 +212,10 @@ class Trainer:
                                                          and state.step % cfg.logging.image_every == 0)):
                 self._mae_images(batch, state.step, tracker)
 
-            preempted = eng.any_rank(preempt.requested)
+            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce; not every
+            # step, because that would also force a host sync each step on GPUs.
+            if last or state.step % min(cfg.train.log_every, PREEMPT_CHECK_EVERY) == 0:
+                preempted = eng.any_rank(preempt.requested)
             if last or preempted or state.step % cfg.train.ckpt_every == 0:
                 self._save(state, loader)
             if preempted:
@@ -244,8 +250,23 @@ class Trainer:
                                  title=f"{self.cfg.run.name}: step {step}, mask ratio {self.cfg.objective.mask_ratio}")
             tracker.log_image("mae_reconstruction", path, step)
 
+    def _record(self, state: TrainState, losses: list, window: "Window", loader) -> dict:
+        """One metrics line: the loss averaged over ranks, rates over the steps since the last line."""
+        cfg = self.cfg
+        bad_samples, bad_shards = loader.skipped()
+        loss_sum, bad_samples, bad_shards = eng.all_reduce_sum([float(torch.stack(losses).float().mean()),
+                                                                bad_samples, bad_shards])
+        elapsed = time.perf_counter() - window.start
+        samples_per_s = window.steps * self.global_batch / elapsed
+        return {"step": state.step, "samples": state.samples, "loss": loss_sum / self.env.world_size,
+                "lr": lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr),
+                "grad_norm": self.engine.grad_norm(), "loss_scale": self.engine.loss_scale(),
+                "samples_per_s": samples_per_s, "step_time": elapsed / window.steps,
+                "data_wait_frac": window.wait / elapsed, "mem_gb": peak_memory_gb(), "mfu": self._mfu(samples_per_s),
+                "data/skipped_samples": int(bad_samples), "data/skipped_shards": int(bad_shards)}
+
     def _mfu(self, samples_per_s: float) -> Optional[float]:
-        peak = device_peak_flops()
+        peak = device_peak_flops(self.cfg.logging.peak_tflops)
         if peak is None:
             return None
         return self.flops_per_image * samples_per_s / (peak * self.env.world_size)

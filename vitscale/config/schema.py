@@ -147,6 +147,9 @@ class LoggingConfig:
     image_every: int = 0
     # Number of images in the reconstruction grid.
     image_count: int = 4
+    # Peak dense TFLOP/s per GPU for MFU (null = from the built-in table: A100, H100, H200; MFU is omitted for
+    # devices not in it, e.g. CPUs).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

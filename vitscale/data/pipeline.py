@@ -31,12 +31,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitscale.data.shards import IMAGE_EXTS
+from vitscale.data.tario import image_and_label, read_shard
 from vitscale.data.transforms import decode, eval_transform, train_transform
 
 log = logging.getLogger("vitscale.data")
 
-SELECTED_EXTS = frozenset(IMAGE_EXTS) | {"cls"}
 STATE_VERSION = 1
 # The bad-sample fraction is only enforced once a worker has seen this many samples (one early bad file in a
 # healthy data set must not stop a run).
@@ -55,86 +54,6 @@ def _seed(*parts) -> int:
 
 def _gen(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*parts))
-
-
-# ----- reading one shard ---------------------------------------------------------------------------------------
-def _select(fname: str) -> bool:
-    base = fname.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in SELECTED_EXTS
-
-
-class _TailReader:
-    """File wrapper that remembers the last bytes read, to check the tar end-of-archive marker."""
-
-    def __init__(self, f):
-        self.f, self.tail = f, b""
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        if b:
-            self.tail = (self.tail + b)[-_END_MARKER:]
-        return b
-
-    def close(self) -> None:
-        self.f.close()
-
-
-_END_MARKER = 1024  # a complete tar ends with two zero 512-byte blocks (then zero padding)
-
-
-def read_shard(url: str) -> tuple[list[dict], Optional[str]]:
-    """All samples of one shard as webdataset sample dicts (``__key__`` + raw bytes per extension), in tar
-    order, and an error message if the shard could not be read to the end (samples before the damage are kept;
-    the possibly incomplete last one is dropped).
-
-    Python's tarfile silently stops at a file cut at a header boundary, so a shard also counts as truncated when
-    its stream does not end with the tar end-of-archive marker.
-    """
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    error: Optional[str] = None
-
-    def members(stream):
-        nonlocal error
-        try:
-            for f in tar_file_iterator(stream, select_files=_select):
-                f["__url__"] = url
-                yield f
-            while stream.read(1 << 16):  # the rest: end-of-archive blocks and record padding
-                pass
-            if stream.tail != bytes(_END_MARKER):
-                error = "truncated tar (no end-of-archive marker)"
-        except Exception as e:  # truncated / corrupt tar
-            error = f"{type(e).__name__}: {e}"
-
-    samples: list[dict] = []
-    try:
-        stream = _TailReader(gopen(url, "rb"))
-    except Exception as e:
-        return samples, f"cannot open: {type(e).__name__}: {e}"
-    try:
-        for s in group_by_keys(members(stream)):
-            samples.append(s)
-        if error is not None and samples:
-            samples.pop()
-    except Exception as e:  # e.g. duplicate member names
-        error = error or f"{type(e).__name__}: {e}"
-    finally:
-        try:
-            stream.close()
-        except Exception as e:  # a pipe: command that failed
-            error = error or f"{type(e).__name__}: {e}"
-    return samples, error
-
-
-def _image_and_label(sample: dict) -> tuple[bytes, int]:
-    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if data is None:
-        raise ValueError("no image member")
-    cls = sample.get("cls")
-    label = int(cls.decode("ascii").strip()) if cls is not None else -1
-    return data, label
 
 
 def worker_shards(num_shards: int, epoch: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
@@ -163,17 +82,26 @@ class StreamPlan:
     max_bad_fraction: float
 
 
+# A worker's position: the next sample it would produce, and cumulative counters. ``skipped`` counts every bad
+# sample and every damaged shard (what data.max_bad_fraction limits); ``bad_shards`` the damaged shards alone.
+POSITION_KEYS = ("epoch", "shard", "offset", "seen", "skipped", "bad_shards")
+
+
 def _fresh_position(epoch: int = 0) -> dict:
-    return {"epoch": epoch, "shard": 0, "offset": 0, "seen": 0, "skipped": 0}
+    return {k: epoch if k == "epoch" else 0 for k in POSITION_KEYS}
+
+
+def _position(d: dict) -> dict:
+    return {k: int(d.get(k, 0)) for k in POSITION_KEYS}  # states written before bad_shards existed lack it
 
 
 def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] = None,
                         decode_images: bool = True) -> Iterator[tuple]:
     """Forever: ``(key, image uint8 (3,S,S) or None, label, position_after)`` for one logical worker, starting
-    at ``position`` (``{epoch, shard, offset, seen, skipped}``). Corrupt samples are skipped and counted."""
-    pos = dict(position or _fresh_position())
+    at ``position`` (see ``POSITION_KEYS``). Corrupt samples and damaged shards are skipped and counted."""
+    pos = _position(position or _fresh_position())
     epoch, cursor, offset = pos["epoch"], pos["shard"], pos["offset"]
-    seen, skipped = pos["seen"], pos["skipped"]
+    seen, skipped, bad_shards = pos["seen"], pos["skipped"], pos["bad_shards"]
     args = dict(seed=plan.seed, shuffle=plan.shuffle, rank=plan.rank, world_size=plan.world_size,
                 worker=worker, num_workers=plan.num_workers)
     where = f"rank {plan.rank} worker {worker}"
@@ -192,6 +120,7 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
             if error is not None and offset == 0:  # counted once: when the shard is entered, not on resume
                 seen += 1
                 skipped += 1
+                bad_shards += 1
                 log.warning("vitscale.data: skipping the rest of shard %s (%d samples read): %s", url,
                             len(samples), error)
                 check()
@@ -206,7 +135,7 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
                 key = sample["__key__"]
                 seen += 1
                 try:
-                    data, label = _image_and_label(sample)
+                    data, label = image_and_label(sample)
                     img = None
                     if decode_images:
                         img = decode(data)
@@ -219,7 +148,7 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
                     continue
                 produced = True
                 yield key, img, label, {"epoch": epoch, "shard": cursor, "offset": o + 1, "seen": seen,
-                                        "skipped": skipped}
+                                        "skipped": skipped, "bad_shards": bad_shards}
                 check()
             cursor, offset = cursor + 1, 0
         if whole_epoch and not produced:  # looping on would hang the run without a word
@@ -270,7 +199,7 @@ class TrainLoader:
     """Infinite iterable of batches with an exact ``state_dict()`` (see the module docstring).
 
     Batches: ``image`` uint8 (B,3,S,S), ``label`` int64 (B,) (-1 = no label), ``key`` list[str], ``stream``
-    ``{worker, epoch, shard, offset, seen, skipped}`` (the worker's position after its last sample). Use one
+    ``{worker, **position}`` (the worker's position after its last sample, see ``POSITION_KEYS``). Use one
     iterator at a time; ``iter()`` again continues from the last batch handed out.
     """
 
@@ -288,17 +217,21 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Plain JSON-serialisable dict: layout, ``batches`` consumed, and ``workers`` = one
-        ``{epoch, shard, offset, seen, skipped}`` per logical worker."""
+        position (``POSITION_KEYS``) per logical worker."""
         return {"version": STATE_VERSION, **self._layout(), "batches": self.batches,
                 "workers": copy.deepcopy(self.positions)}
+
+    def skipped(self) -> tuple[int, int]:
+        """(bad samples, damaged shards) this rank's stream skipped so far, over all its workers."""
+        shards = sum(w["bad_shards"] for w in self.positions)
+        return sum(w["skipped"] for w in self.positions) - shards, shards
 
     def load_state_dict(self, state: dict) -> None:
         layout = self._layout()
         old = {k: state.get(k) for k in layout}
         workers = state.get("workers") or []
         if state.get("version") == STATE_VERSION and old == layout and len(workers) == self.plan.num_workers:
-            self.positions = [{k: int(w[k]) for k in ("epoch", "shard", "offset", "seen", "skipped")}
-                              for w in workers]
+            self.positions = [_position(w) for w in workers]
             self.batches = int(state["batches"])
             return
         # Different layout (e.g. another world size): exact resume is impossible; start a fresh epoch after the
@@ -336,7 +269,7 @@ class _TrainIterator:
         if s["worker"] != expected:
             raise RuntimeError(f"data stream out of order: batch {loader.batches} came from logical worker "
                                f"{s['worker']}, expected {expected}")
-        loader.positions[s["worker"]] = {k: int(s[k]) for k in ("epoch", "shard", "offset", "seen", "skipped")}
+        loader.positions[s["worker"]] = _position(s)
         loader.batches += 1
         return batch
 
@@ -387,7 +320,7 @@ class _EvalStream(IterableDataset):
                 if (j - 1) % nw != wid:
                     continue
                 try:
-                    data, label = _image_and_label(sample)
+                    data, label = image_and_label(sample)
                     img = eval_transform(decode(data), self.img_size)
                 except Exception as e:
                     log.warning("vitscale.data: skipping bad eval sample %s in %s: %s", sample["__key__"], url, e)

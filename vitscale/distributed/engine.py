@@ -59,16 +59,8 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_mean(values: list[float]) -> list[float]:
-    """Average a few scalars over ranks (used only on log steps)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.tolist()
-
-
 def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few scalars over ranks (used on log steps only: it synchronises)."""
     t = torch.tensor(values, dtype=torch.float64, device=device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)

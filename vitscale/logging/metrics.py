@@ -48,7 +48,11 @@ def peak_memory_gb() -> float:
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
-def device_peak_flops() -> Optional[float]:
+def device_peak_flops(override_tflops: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of this process's GPU for MFU: the override (logging.peak_tflops) if given, else the table;
+    None (MFU not reported) on CPU or an unknown GPU."""
+    if override_tflops:
+        return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
