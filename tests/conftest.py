@@ -29,3 +29,66 @@ def run_cli(args, cwd, env_extra=None, timeout=600):
 def train_args(run_dir, name, cache, *overrides):
     return ["train", "--config", DEMO, f"run.dir={run_dir}", f"run.name={name}", f"data.cache_dir={cache}",
             *TINY, *overrides]
+
+
+def deepspeed_cli(world, port, args, cwd, env_extra=None, timeout=600):
+    """`deepspeed --num_gpus WORLD --module vitscale ARGS` on CPU processes (gloo)."""
+    import shutil
+
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(port),
+           "--module", "vitscale", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+           **(env_extra or {})}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def step_losses(run_dir):
+    """{step: loss} of a run's metrics.jsonl (the last record of each step wins, as after a resume)."""
+    from vitscale.logging.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def wandb_history(run_dir):
+    """[(run id, wandb's internal _step, our step)] of every offline wandb run under RUN_DIR/wandb, in launch order,
+    read straight from the .wandb files (W&B's LevelDB-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb2
+
+    def records(data: bytes):
+        assert data[:4] == b":W&B"
+        pos, block, buf = 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a record header never straddles a block: the rest is padding
+                pos += block - pos % block
+                continue
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 1:
+                yield chunk
+            elif kind == 2:
+                buf = chunk
+            elif kind == 3:
+                buf += chunk
+            elif kind == 4:
+                yield buf + chunk
+            else:
+                return
+
+    out = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):  # names start with the launch time
+        run_id, next_step = path.stem[len("run-"):], 0
+        for chunk in records(path.read_bytes()):
+            rec = pb2.Record()
+            rec.ParseFromString(chunk)
+            if rec.WhichOneof("record_type") == "run":
+                next_step = rec.run.starting_step
+            if rec.WhichOneof("record_type") != "history":
+                continue
+            items = {"/".join(i.nested_key) or i.key: i.value_json for i in rec.history.item}
+            internal = int(items.get("_step", next_step))
+            next_step = internal + 1
+            if "step" in items:
+                out.append((run_id, internal, int(items["step"])))
+    return out

@@ -22,7 +22,7 @@ def test_kill_and_resume_continues_exactly(tmp_path, data_cache):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     crashed = run_cli(train_args(tmp_path, "resumed", data_cache, *steps), cwd=tmp_path,
-                      env_extra={"VITSCALE_CRASH_AFTER_STEP": "5"})
+                      env_extra={"VITSCALE_FAULT": "kill@after_step,step=5"})
     assert crashed.returncode != 0  # killed like kill -9 after step 5 (its last checkpoint is step 4)
     ckpts = tmp_path / "resumed" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000004"

@@ -6,7 +6,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from vitscale.config import ConfigError, load_config
+from vitscale.config import load_config
+from vitscale.errors import VitscaleError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,11 +81,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (VitscaleError, FileNotFoundError, ValueError) as e:
         if os.environ.get("VITSCALE_DEBUG"):
             raise
-        print(f"vitscale: error: {e}", file=sys.stderr)
+        print(f"vitscale: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The user-facing line of an error; one re-raised from a DataLoader worker carries the worker's whole
+    traceback in its message, whose last line is the original error."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]
 
 
 if __name__ == "__main__":

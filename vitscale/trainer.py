@@ -1,16 +1,17 @@
 """The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
-import os
-import signal
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from vitscale import faults
 from vitscale.config import Config, config_to_dict, save_config
 from vitscale.data.pipeline import build_eval_loader, build_train_loader
 from vitscale.data.shards import resolve_shards
@@ -18,6 +19,7 @@ from vitscale.data.transforms import normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
+from vitscale.errors import TrainingDiverged
 from vitscale.logging.images import mae_panels, save_mae_grid
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
 from vitscale.logging.trackers import Tracker
@@ -26,38 +28,14 @@ from vitscale.models.flops import forward_flops
 from vitscale.objectives import get_objective
 from vitscale.objectives.supervised import count_correct
 from vitscale.optim import lr_at, param_groups, peak_lr
+from vitscale.train_state import (Preemption, TrainState, Window, apply_global_batch, check_resumable, rng_state,
+                                  set_rng_state)
+
+PREEMPT_CHECK_EVERY = 10  # steps between checks for a preemption signal when losses are not checked every step
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint must carry beyond weights and optimizer shards."""
-    step: int = 0
-    samples: int = 0
-    tracker_id: Optional[str] = None
-    history: list = field(default_factory=list)  # launches: (start step, world size)
-
-
-PREEMPT_CHECK_EVERY = 10  # steps between checks for a preemption signal (or every log step, if more often)
-
-
-@dataclass
-class Window:
-    """Time, data wait and steps since the last metrics line."""
-    start: float = field(default_factory=time.perf_counter)
-    wait: float = 0.0
-    steps: int = 0
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 (Slurm's warning signals) ask for a checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
+class Rollback(Exception):
+    """Too many non-finite losses in a row: reload the last checkpoint and go on with a lower LR."""
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -71,19 +49,6 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **kwargs)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
@@ -100,9 +65,15 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
         self.objective = get_objective(cfg.objective.name)
         self.log = print if env.is_main else (lambda *a, **k: None)
+        self.batches_seen = 0  # micro-batches taken from the stream by this process (fault injection counts them)
+        self.bad_in_a_row = 0
+
+    def warn(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     # ----- setup -------------------------------------------------------------------------------------------
-    def _data(self):
+    def _data(self) -> int:
         cfg = self.cfg
         self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
@@ -111,9 +82,8 @@ class Trainer:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
         return num_classes
 
-    def _build(self, load_universal: bool = False):
+    def _build(self, num_classes: int, load_universal: bool = False) -> None:
         cfg = self.cfg
-        num_classes = self._data()
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
         self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
         ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal)
@@ -129,25 +99,29 @@ class Trainer:
         if path is None:
             return TrainState(), None
         trainer_state, rank_state = self.ckpt.load(self.engine, path, universal=universal)
-        state = TrainState(**{k: trainer_state[k] for k in ("step", "samples", "tracker_id", "history")})
+        state = TrainState.from_saved(trainer_state)
         self.log(f"resumed from {path} at step {state.step}")
         return state, rank_state
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
+        apply_global_batch(cfg, env.world_size)
+        path = self.ckpt.find(cfg.train.resume)
+        saved = json.loads((path / "trainer_state.json").read_text()) if path is not None else None
+        if saved is not None:  # refused before anything is written
+            check_resumable(saved.get("config", {}), cfg, path)
+            if saved["step"] >= cfg.train.steps:  # decided before building anything: a finished run costs nothing
+                self.log(f"run '{cfg.run.name}' is already complete: step {saved['step']} of {cfg.train.steps} "
+                         f"(results in {self.run_dir}); raise train.steps to continue")
+                return {"step": saved["step"], "complete": True, "run_dir": str(self.run_dir)}
+        num_classes = self._data()  # missing shards fail here, before the run directory is touched
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        path = self.ckpt.find(cfg.train.resume)
-        done = json.loads((path / "trainer_state.json").read_text())["step"] if path is not None else 0
-        if done >= cfg.train.steps:  # decided before building anything: a finished run costs nothing
-            self.log(f"run '{cfg.run.name}' is already complete: step {done} of {cfg.train.steps} "
-                     f"(results in {self.run_dir}); raise train.steps to continue")
-            return {"step": done, "complete": True, "run_dir": str(self.run_dir)}
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(path, env.world_size, cfg.engine.zero_stage) if path is not None else False
-        self._build(load_universal=universal)
+        self._build(num_classes, load_universal=universal)
         state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
@@ -160,15 +134,16 @@ class Trainer:
         # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
         # the loader's iterator exists because DataLoader draws its worker seed from the global RNG.
         if rank_state is not None and "rng" in rank_state:
-            _set_rng_state(rank_state["rng"])
+            set_rng_state(rank_state["rng"])
         else:
             torch.manual_seed(cfg.run.seed * 1000 + 1 + env.rank)
 
-        tracker = Tracker(enabled=env.is_main, mode=cfg.logging.wandb.mode, project=cfg.logging.wandb.project,
-                          entity=cfg.logging.wandb.entity, name=cfg.run.name, run_dir=self.run_dir,
-                          config=config_to_dict(cfg), run_id=state.tracker_id)
+        self.tracker = tracker = Tracker(
+            enabled=env.is_main, mode=cfg.logging.wandb.mode, project=cfg.logging.wandb.project,
+            entity=cfg.logging.wandb.entity, name=cfg.run.name, run_dir=self.run_dir, config=config_to_dict(cfg),
+            run_id=state.tracker_id)
         state.tracker_id = tracker.run_id or state.tracker_id
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
+        self.metrics = metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
         preempt = Preemption()
         bar = None
         if env.is_main and cfg.train.progress:
@@ -179,20 +154,15 @@ class Trainer:
         window = Window()
         preempted = False
         while state.step < cfg.train.steps:
-            self.engine.set_lr(lr_at(state.step, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
-                                     cfg.optim.min_lr))
-            losses = []
-            for _ in range(cfg.train.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                window.wait += time.perf_counter() - t0
-                images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
-                labels = batch["label"].to(self.engine.device)
-                loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
-                                         label_smoothing=cfg.objective.label_smoothing)
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(loss.detach())
+            try:
+                losses, batch, preempted = self._step(state, batches, window, preempt)
+            except Rollback as why:
+                self._rollback(state, num_classes, str(why))
+                window = Window()
+                if bar is not None:
+                    bar.n = state.step
+                    bar.refresh()
+                continue
             state.step += 1
             state.samples += self.global_batch
             window.steps += 1
@@ -212,17 +182,17 @@ class Trainer:
                                                          and state.step % cfg.logging.image_every == 0)):
                 self._mae_images(batch, state.step, tracker)
 
-            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce; not every
-            # step, because that would also force a host sync each step on GPUs.
-            if last or state.step % min(cfg.train.log_every, PREEMPT_CHECK_EVERY) == 0:
+            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce. _step does
+            # that with its loss check; without it, only every few steps (an all-reduce is a host sync on GPUs).
+            if not cfg.train.skip_nonfinite and (last or state.step % min(cfg.train.log_every,
+                                                                          PREEMPT_CHECK_EVERY) == 0):
                 preempted = eng.any_rank(preempt.requested)
             if last or preempted or state.step % cfg.train.ckpt_every == 0:
                 self._save(state, loader)
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
                 break
-            if os.environ.get("VITSCALE_CRASH_AFTER_STEP") == str(state.step):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for resume tests: die like kill -9
+            faults.inject("after_step", rank=env.rank, step=state.step)
         if bar is not None:
             bar.close()
 
@@ -230,11 +200,82 @@ class Trainer:
         if summary["complete"] and self.val_set is not None:
             summary.update(self.evaluate())
             metrics.write({"step": state.step, **{k: v for k, v in summary.items() if k.startswith("val_")}})
-            tracker.log(summary, step=state.step)
+            tracker.summarize(summary)
         metrics.close()
         tracker.finish()
         self._report(summary)
         return summary
+
+    def _step(self, state: TrainState, batches, window: Window, preempt: Preemption) -> tuple[list, dict, bool]:
+        """One optimizer step over train.grad_accum micro-batches; returns (losses, last batch, preempted).
+
+        With train.skip_nonfinite, every rank learns after the forward whether any rank's loss is NaN/Inf (one
+        small all-reduce, which also carries the preemption flag); such a micro-batch gets no backward on any
+        rank and the next one takes its place, so NaN never reaches the weights."""
+        cfg, rank = self.cfg, self.env.rank
+        self.engine.set_lr(state.lr_scale * lr_at(state.step, self.peak_lr, cfg.optim.warmup_steps,
+                                                  cfg.train.steps, cfg.optim.min_lr))
+        losses, preempted = [], False
+        while len(losses) < cfg.train.grad_accum:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - t0
+            self.batches_seen += 1
+            images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
+            labels = batch["label"].to(self.engine.device)
+            loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
+                                     label_smoothing=cfg.objective.label_smoothing)
+            if faults.poison_loss(rank=rank, batch=self.batches_seen):
+                loss = loss * float("nan")
+            if cfg.train.skip_nonfinite:
+                bad, asked = eng.all_reduce_sum([0.0 if bool(torch.isfinite(loss)) else 1.0,
+                                                 1.0 if preempt.requested else 0.0])
+                preempted = preempted or asked > 0
+                if bad > 0:
+                    self._skip_batch(state)
+                    continue
+            self.bad_in_a_row = 0
+            self.engine.backward(loss)
+            faults.inject("mid_step", rank=rank, step=state.step + 1)
+            self.engine.step()
+            losses.append(loss.detach())
+        return losses, batch, preempted
+
+    def _skip_batch(self, state: TrainState) -> None:
+        state.nonfinite_losses += 1
+        self.bad_in_a_row += 1
+        limit = self.cfg.train.rollback_after
+        self.warn(f"non-finite loss at step {state.step + 1} (micro-batch {self.batches_seen}): skipped on every "
+                  f"rank ({self.bad_in_a_row} in a row; rollback at {limit})")
+        if self.bad_in_a_row >= limit:
+            raise Rollback(f"{self.bad_in_a_row} non-finite losses in a row at step {state.step + 1}")
+
+    def _rollback(self, state: TrainState, num_classes: int, reason: str) -> None:
+        """Reload weights and optimizer from the newest complete checkpoint and lower the LR for the rest of
+        the run. The RNG and the data stream go on (the batches that diverged are not replayed)."""
+        cfg = self.cfg
+        path = self.ckpt.find("auto")
+        if path is None:
+            raise TrainingDiverged(f"{reason} and no checkpoint to roll back to: lower optim.lr (or optim.blr), "
+                               "raise optim.warmup_steps, or check the data")
+        if state.rollbacks >= cfg.train.max_rollbacks:
+            raise TrainingDiverged(f"{reason}, after {state.rollbacks} rollback(s) already (train.max_rollbacks): "
+                               "giving up; lower optim.lr (or optim.blr) or check the data")
+        universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage)
+        self.engine.close()
+        del self.engine
+        gc.collect()
+        self._build(num_classes, load_universal=universal)
+        saved, _ = self.ckpt.load(self.engine, path, universal=universal)
+        self.engine.train()
+        state.step, state.samples = saved["step"], saved["samples"]
+        state.lr_scale *= cfg.train.rollback_lr_factor
+        state.rollbacks += 1
+        self.bad_in_a_row = 0
+        self.warn(f"{reason}: rolled back to {path} (step {state.step}); the LR is scaled by {state.lr_scale:g} "
+                  f"from now on (rollback {state.rollbacks} of at most {cfg.train.max_rollbacks})")
+        self.metrics.write({"step": state.step, "event": "rollback", "reason": reason, "lr_scale": state.lr_scale,
+                            "rollbacks": state.rollbacks})
 
     @torch.no_grad()
     def _mae_images(self, batch: dict, step: int, tracker: Tracker) -> None:
@@ -259,11 +300,13 @@ class Trainer:
         elapsed = time.perf_counter() - window.start
         samples_per_s = window.steps * self.global_batch / elapsed
         return {"step": state.step, "samples": state.samples, "loss": loss_sum / self.env.world_size,
-                "lr": lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr),
+                "lr": state.lr_scale * lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
+                                             cfg.optim.min_lr),
                 "grad_norm": self.engine.grad_norm(), "loss_scale": self.engine.loss_scale(),
                 "samples_per_s": samples_per_s, "step_time": elapsed / window.steps,
                 "data_wait_frac": window.wait / elapsed, "mem_gb": peak_memory_gb(), "mfu": self._mfu(samples_per_s),
-                "data/skipped_samples": int(bad_samples), "data/skipped_shards": int(bad_shards)}
+                "data/skipped_samples": int(bad_samples), "data/skipped_shards": int(bad_shards),
+                "nonfinite_losses": state.nonfinite_losses, "rollbacks": state.rollbacks}
 
     def _mfu(self, samples_per_s: float) -> Optional[float]:
         peak = device_peak_flops(self.cfg.logging.peak_tflops)
@@ -272,10 +315,9 @@ class Trainer:
         return self.flops_per_image * samples_per_s / (peak * self.env.world_size)
 
     def _save(self, state: TrainState, loader) -> None:
-        trainer_state = {"step": state.step, "samples": state.samples, "tracker_id": state.tracker_id,
-                         "history": state.history, "world_size": self.env.world_size,
+        trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
                          "config": config_to_dict(self.cfg)}
-        rank_state = {"rng": _rng_state(), "data": loader.state_dict()}
+        rank_state = {"rng": rng_state(), "data": loader.state_dict()}
         self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
 
     # ----- evaluation --------------------------------------------------------------------------------------

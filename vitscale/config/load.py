@@ -14,9 +14,10 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from vitscale.config.schema import Config, choices
+from vitscale.errors import VitscaleError
 
 
-class ConfigError(ValueError):
+class ConfigError(VitscaleError, ValueError):
     """A config file or override is invalid; the message is one line naming the key."""
 
 
@@ -178,7 +179,9 @@ def check_consistency(cfg: Config) -> None:
     """Cross-key checks that a type system cannot express."""
     positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
                 "train.grad_accum": cfg.train.grad_accum, "train.ckpt_every": cfg.train.ckpt_every,
-                "train.log_every": cfg.train.log_every, "model.img_size": cfg.model.img_size}
+                "train.log_every": cfg.train.log_every, "model.img_size": cfg.model.img_size,
+                "train.rollback_after": cfg.train.rollback_after, "data.global_batch_size": cfg.data.global_batch_size
+                or 1}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
@@ -187,6 +190,10 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(f"model.img_size={cfg.model.img_size} is not divisible by model.patch_size={patch}")
     if not 0.0 <= cfg.objective.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio must be in [0, 1), got {cfg.objective.mask_ratio}")
+    if not 0.0 < cfg.train.rollback_lr_factor <= 1.0:
+        raise ConfigError(f"train.rollback_lr_factor must be in (0, 1], got {cfg.train.rollback_lr_factor}")
+    if cfg.train.max_rollbacks < 0:
+        raise ConfigError(f"train.max_rollbacks must be >= 0, got {cfg.train.max_rollbacks}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.engine.offload_params and cfg.engine.zero_stage != 3:

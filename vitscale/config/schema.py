@@ -66,6 +66,10 @@ class DataConfig:
     num_classes: int = 0
     # Samples per GPU (per process) per micro-step.
     batch_size: int = 64
+    # Global batch per optimizer step (null = batch_size x grad_accum x world size). When set, batch_size is
+    # derived from it at launch (global / (world size x train.grad_accum), which must divide evenly), so a recipe
+    # keeps its global batch, and its LR, on any number of GPUs.
+    global_batch_size: Optional[int] = None
     # DataLoader worker processes per rank (0 = read in the training process).
     num_workers: int = 2
     # Shuffle shards each epoch and samples within a shard (seeded from run.seed, so resumable).
@@ -114,6 +118,15 @@ class TrainConfig:
     resume: str = "auto"
     # Show a tqdm progress bar on rank 0.
     progress: bool = True
+    # Check every micro-batch's loss on every rank (one tiny all-reduce); a NaN/Inf loss skips that micro-batch
+    # on all ranks before its backward, so it never reaches the weights.
+    skip_nonfinite: bool = True
+    # After this many non-finite losses in a row, reload the last checkpoint and lower the LR.
+    rollback_after: int = 5
+    # Each rollback multiplies the LR by this for the rest of the run.
+    rollback_lr_factor: float = 0.5
+    # Stop with an error instead of rolling back more than this many times.
+    max_rollbacks: int = 3
 
 
 @dataclass

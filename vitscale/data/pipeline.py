@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tario import image_and_label, read_shard
+from vitscale.errors import DataError
 from vitscale.data.transforms import decode, eval_transform, train_transform
 
 log = logging.getLogger("vitscale.data")
@@ -108,7 +109,7 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
 
     def check():
         if seen >= MIN_SEEN_FOR_BAD_CHECK and skipped > plan.max_bad_fraction * seen:
-            raise RuntimeError(f"too many bad samples: {skipped} of {seen} skipped by data {where} (more than "
+            raise DataError(f"too many bad samples: {skipped} of {seen} skipped by data {where} (more than "
                                f"data.max_bad_fraction={plan.max_bad_fraction}); check the shards")
 
     while True:
@@ -152,7 +153,7 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
                 check()
             cursor, offset = cursor + 1, 0
         if whole_epoch and not produced:  # looping on would hang the run without a word
-            raise RuntimeError(f"data {where} read no valid sample in epoch {epoch} from its {len(shards)} "
+            raise DataError(f"data {where} read no valid sample in epoch {epoch} from its {len(shards)} "
                                f"shard(s), e.g. {plan.urls[shards[0]]}")
         epoch, cursor, offset = epoch + 1, 0, 0
 

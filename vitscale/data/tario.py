@@ -20,8 +20,11 @@ def _select(fname: str) -> bool:
 class _TailReader:
     """File wrapper that remembers the last bytes read, to check the tar end-of-archive marker."""
 
-    def __init__(self, f):
-        self.f, self.tail = f, b""
+    def __init__(self, f, url: str):
+        self.f, self.tail, self.url = f, b"", url
+
+    def __repr__(self) -> str:  # tar errors name their stream: say which shard, not an object address
+        return self.url
 
     def read(self, n: int = -1) -> bytes:
         b = self.f.read(n)
@@ -64,7 +67,7 @@ def read_shard(url: str) -> tuple[list[dict], Optional[str]]:
 
     samples: list[dict] = []
     try:
-        stream = _TailReader(gopen(url, "rb"))
+        stream = _TailReader(gopen(url, "rb"), url)
     except Exception as e:
         return samples, f"cannot open: {type(e).__name__}: {e}"
     try:
@@ -72,6 +75,8 @@ def read_shard(url: str) -> tuple[list[dict], Optional[str]]:
             samples.append(s)
         if error is not None and samples:
             samples.pop()
+        elif error is None and not samples:
+            error = "empty shard (no samples)"  # a failed conversion or copy; worth a warning and a count
     except Exception as e:  # e.g. duplicate member names
         error = error or f"{type(e).__name__}: {e}"
     finally:

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from vitscale import faults
 from vitscale.distributed import engine as eng
+from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -76,22 +80,61 @@ class CheckpointManager:
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := TAG_RE.match(p.name)))
 
     def save(self, engine: "eng.Engine", step: int, trainer_state: dict, rank_state: dict) -> Path:
+        """Every rank writes its shards and state; rank 0 then marks the checkpoint complete and prunes old ones.
+
+        A write that fails (disk full, unwritable directory) on any rank fails the save on every rank with
+        :class:`CheckpointWriteError`; the partial directory is removed (it would never be used, and it holds the
+        space), and the previous complete checkpoint is untouched."""
         tag = tag_for(step)
         path = self.dir / tag
         if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # an older incomplete attempt at the same step
+            self._set_aside(path)
         eng.barrier()
-        engine.save(self.dir, tag, client_state={"step": step})
-        torch.save(rank_state, path / f"rank_{self.rank:05d}.pt")
-        eng.barrier()  # every rank has written its shards
+        error = ""
+        try:
+            engine.save(self.dir, tag, client_state={"step": step})
+            faults.inject("ckpt_write", rank=self.rank, step=step)
+            torch.save(rank_state, path / f"rank_{self.rank:05d}.pt")
+        except OSError as e:
+            error = str(e)
+        self._agree(error, path)  # every rank has written its shards
         if self.rank == 0:
-            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
-            files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-            _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files}))
-            _write_atomic(self.dir / "latest", tag + "\n")
-            self._prune()
-        eng.barrier()
+            try:
+                (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+                files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+                _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files}))
+                _write_atomic(self.dir / "latest", tag + "\n")
+                self._prune()
+            except OSError as e:
+                error = str(e)
+        self._agree(error, path)
         return path
+
+    def _agree(self, error: str, path: Path) -> None:
+        """Collective: raise on every rank if the write failed on any."""
+        if not eng.any_rank(bool(error)):
+            return
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            for tmp in self.dir.glob(".latest.tmp*"):
+                tmp.unlink(missing_ok=True)
+        previous = next((self.dir / tag_for(s) for s in reversed(self.steps())
+                         if s != int(TAG_RE.match(path.name).group(1)) and is_complete(self.dir / tag_for(s))[0]),
+                        None)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {error or 'failed on another rank'}; "
+                                   f"{kept}")
+
+    def _set_aside(self, path: Path) -> None:
+        """Make room for a new save at an existing tag: an incomplete attempt is removed; a complete checkpoint
+        (resumed from an older one with train.resume=PATH) is renamed, never deleted."""
+        if not is_complete(path)[0]:
+            shutil.rmtree(path)
+            return
+        aside = path.with_name(f"{path.name}.replaced-{int(time.time())}")
+        warnings.warn(f"{path} is a complete checkpoint from an earlier branch of this run: moved to {aside}",
+                      stacklevel=3)
+        os.replace(path, aside)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -165,11 +208,22 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state: Optional[dict[str, Any]] = None
         if rank_file.is_file():
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+            rank_state = _load_plain(rank_file)
         elif (path / "rank_00000.pt").is_file():
-            data = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True).get("data")
+            data = _load_plain(path / "rank_00000.pt").get("data")
             rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
+
+
+def _load_plain(path: Path) -> dict:
+    """Our own per-rank files hold only tensors and plain containers: load them without running any pickled
+    code (weights_only), and refuse, with one line, a file that would need more."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointReadError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
+                                  f"({first})") from None
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -178,6 +178,12 @@ class Engine:
     def skipped_steps(self) -> int:
         return int(getattr(self.ds, "skipped_steps", 0))
 
+    def close(self) -> None:
+        """Release the engine (ZeRO hooks and buffers) so that another can be built in this process."""
+        if hasattr(self.ds, "destroy"):
+            self.ds.destroy()
+        self.ds = None
+
     def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
         """Every rank writes its shard; DeepSpeed's own `latest` is not written — we mark completeness."""
         self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -242,7 +248,7 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
         files = sorted(ckpt_path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 

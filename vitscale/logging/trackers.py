@@ -31,6 +31,10 @@ class Tracker:
         self.run = wandb.init(project=project, entity=entity, name=name, dir=str(run_dir), config=config,
                               mode=self.mode, id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(silent=True, console="off"))
+        # Charts use our training step as their x-axis, while wandb's own step counter only ever increases: after
+        # a resume or a rollback repeats step numbers, those points are still recorded instead of dropped.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     @property
     def run_id(self) -> Optional[str]:
@@ -38,13 +42,19 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
+            self.run.log({**{k: v for k, v in metrics.items() if v is not None and isinstance(v, (int, float))},
+                          "step": step})
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path))}, step=step)
+            self.run.log({key: wandb.Image(str(path)), "step": step})
+
+    def summarize(self, values: dict[str, Any]) -> None:
+        """End-of-run numbers (held-out accuracy, ...): the run's summary, not another point on the curves."""
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
 
     def finish(self) -> None:
         if self.run is not None:

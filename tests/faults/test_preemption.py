@@ -1,0 +1,45 @@
+"""Fault 3: SIGTERM (what Slurm sends before preemption) -> checkpoint at the step boundary, exit 0; the next
+launch continues at the following step, in the same wandb run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import run_cli, step_losses, train_args, wandb_history
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(tmp_path, data_cache):
+    args = train_args(tmp_path, "pre", data_cache, "train.steps=100000", "train.ckpt_every=100000",
+                      "logging.wandb.mode=offline")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "vitscale", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption signal: checkpointed at step" in out
+    last = max(step_losses(tmp_path / "pre"))
+    ckpts = tmp_path / "pre" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{last:08d}"  # the step it was in, not an older one
+    assert json.loads((ckpts / f"step_{last:08d}" / "trainer_state.json").read_text())["step"] == last
+
+    resumed = run_cli(train_args(tmp_path, "pre", data_cache, f"train.steps={last + 2}", "train.ckpt_every=100000",
+                                 "logging.wandb.mode=offline"), cwd=tmp_path, env_extra={"WANDB_MODE": "offline"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step_{last:08d}'} at step {last}" in resumed.stdout
+    assert sorted(step_losses(tmp_path / "pre"))[-2:] == [last + 1, last + 2]
+
+    # wandb: both launches wrote to one run id, and its training steps only ever increase
+    history = wandb_history(tmp_path / "pre")
+    assert len({run_id for run_id, _, _ in history}) == 1
+    steps = [step for _, _, step in history]
+    assert steps[0] == 1 and last + 2 in steps
+    assert all(b > a for a, b in zip(steps, steps[1:])), steps
+    assert len(list((tmp_path / "pre" / "wandb").glob("offline-run-*"))) == 2
