@@ -1,11 +1,10 @@
 """Two nodes simulated on one machine: two per-node deepspeed launches (--no_ssh) of a tiny config (CPU, gloo)."""
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, ROOT, TINY
+from conftest import DEMO, ROOT, TINY, wandb_history
 from vitscale.logging.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -41,4 +40,7 @@ def test_two_nodes_train_checkpoint_and_resume(tmp_path, data_cache):
     wandb_dirs = list((tmp_path / "mn").glob("wandb/offline-run-*"))
     assert len(wandb_dirs) == 2  # one directory per launch, written by rank 0 only ...
     assert len({d.name.rsplit("-", 1)[1] for d in wandb_dirs}) == 1  # ... with the same run id
+    steps = [step for _, _, step in wandb_history(tmp_path / "mn")]
+    assert steps == [1, 2, 3, 4]  # one continuous, strictly increasing curve across the two launches
+    assert not list(tmp_path.glob("wandb")) and len(list(tmp_path.rglob("offline-run-*"))) == 2  # rank 1: none
     assert (tmp_path / "mn" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from vitscale.analysis import plots
@@ -37,6 +36,16 @@ NO_CLS_NOTE = "the model has no [CLS] token: maps show the mean over all patch q
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "image"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Per-image files are named after the image: a/x.png and b/x.png become x and x_2, not one overwritten file."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -141,7 +150,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
         log(f"note: {msg}")
 
     imgs_u8, names = load_images(list(images), tuple(enc.patch_embed.img_size))
-    names = [_safe(n) for n in names]
+    names = _unique([_safe(n) for n in names])
     x_all = normalize(imgs_u8).to(dev)
     shown = [denormalize(x) for x in x_all]
     doc: dict[str, Any] = {"model": {k: v for k, v in info.items() if k != "model_cfg"},
