@@ -41,6 +41,12 @@ def test_wrong_type_names_key_value_and_type(override, words):
     assert "\n" not in msg and all(w in msg for w in words), msg
 
 
+def test_text_keys_keep_the_text_yaml_would_convert():
+    cfg = load_config(None, ["run.name=off", "data.val_shards=2024", "logging.wandb.entity=yes", "train.steps=7"])
+    assert (cfg.run.name, cfg.data.val_shards, cfg.logging.wandb.entity) == ("off", "2024", "yes")
+    assert cfg.train.steps == 7 and load_config(None, ["logging.wandb.entity=null"]).logging.wandb.entity is None
+
+
 def test_unknown_key_inside_yaml_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  weight_decy: 0.1\n")

@@ -21,16 +21,25 @@ class ConfigError(VitscaleError, ValueError):
     """A config file or override is invalid; the message is one line naming the key."""
 
 
-def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of the schema, e.g. ``data.batch_size``."""
-    keys = []
+def key_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted leaf key of the schema with its annotation, e.g. ``{"data.batch_size": int, ...}``."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += all_keys(hint, f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(key_types(hints[f.name], f"{prefix}{f.name}."))
         else:
-            keys.append(prefix + f.name)
-    return keys
+            out[prefix + f.name] = hints[f.name]
+    return out
+
+
+def all_keys() -> list[str]:
+    """Every dotted leaf key of the schema, e.g. ``data.batch_size``."""
+    return list(key_types())
+
+
+def _wants_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) is typing.Union and str in typing.get_args(tp))
 
 
 def _closest(key: str) -> str:
@@ -132,15 +141,18 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 def parse_overrides(overrides: Iterable[str]) -> dict:
     """`["train.steps=600", "run.name=x"]` -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}
-    valid = set(all_keys())
+    types = key_types()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key not in valid and not key.startswith("engine.ds_config."):
+        if key not in types and not key.startswith("engine.ds_config."):
             raise _unknown(key)
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if _wants_text(types.get(key)) and isinstance(value, (bool, int, float)):
+            value = raw  # run.name=off or run.name=2024 are names, not YAML's false and 2024
+        _set_dotted(tree, key, value)
     return tree
 
 

@@ -228,10 +228,19 @@ class Engine:
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config, ds_config: dict) -> Engine:
-    """Wrap `model` with ZeRO; torch's AdamW is the client optimizer (fused on GPU, no JIT build needed)."""
-    fused = torch.cuda.is_available() and not cfg.engine.offload_optimizer
-    optimizer = torch.optim.AdamW(list(param_groups), lr=0.0, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {}))
+    """Wrap `model` with ZeRO. The client optimizer is torch's AdamW (fused on GPU: no JIT build, which failed
+    for FusedAdam on H100's "9.0a" arch string), or, when optimizer states live on the CPU, DeepSpeed's
+    vectorised CPU AdamW (built once by JIT and cached; torch's AdamW on CPU tensors would be far slower)."""
+    groups = list(param_groups)
+    if cfg.engine.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=0.0, betas=tuple(cfg.optim.betas),
+                                     weight_decay=cfg.optim.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay,
+                                      **({"fused": True} if torch.cuda.is_available() else {}))
     ds_engine, _, _, _ = _ds().initialize(model=model, optimizer=optimizer, config=ds_config)
     return Engine(ds_engine)
 
