@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vitscale.analysis.cli import add_parser as add_analyze  # light: argparse only
 
     add_analyze(sub)
+
+    from vitscale.bench.cli import add_parsers as add_tools  # bench, plan, plot; light: argparse only
+
+    add_tools(sub)
     return p
 
 

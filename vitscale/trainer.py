@@ -82,11 +82,15 @@ class Trainer:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
         return num_classes
 
-    def _build(self, num_classes: int, load_universal: bool = False) -> None:
+    def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
+        """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
         cfg = self.cfg
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
         self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
-        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal)
+        with torch.device("meta"):  # the size alone, without memory or init cost
+            num_params = sum(p.numel() for p in build_model(cfg, num_classes).parameters())
+        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal,
+                                        num_params=num_params)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = build_model(cfg, num_classes)
@@ -121,7 +125,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(path, env.world_size, cfg.engine.zero_stage) if path is not None else False
-        self._build(num_classes, load_universal=universal)
+        self.build_engine(num_classes, load_universal=universal)
         state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
@@ -155,7 +159,7 @@ class Trainer:
         preempted = False
         while state.step < cfg.train.steps:
             try:
-                losses, batch, preempted = self._step(state, batches, window, preempt)
+                losses, batch, preempted = self.step(state, batches, window, preempt)
             except Rollback as why:
                 self._rollback(state, num_classes, str(why))
                 window = Window()
@@ -182,7 +186,7 @@ class Trainer:
                                                          and state.step % cfg.logging.image_every == 0)):
                 self._mae_images(batch, state.step, tracker)
 
-            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce. _step does
+            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce. step() does
             # that with its loss check; without it, only every few steps (an all-reduce is a host sync on GPUs).
             if not cfg.train.skip_nonfinite and (last or state.step % min(cfg.train.log_every,
                                                                           PREEMPT_CHECK_EVERY) == 0):
@@ -206,7 +210,7 @@ class Trainer:
         self._report(summary)
         return summary
 
-    def _step(self, state: TrainState, batches, window: Window, preempt: Preemption) -> tuple[list, dict, bool]:
+    def step(self, state: TrainState, batches, window: Window, preempt: Preemption) -> tuple[list, dict, bool]:
         """One optimizer step over train.grad_accum micro-batches; returns (losses, last batch, preempted).
 
         With train.skip_nonfinite, every rank learns after the forward whether any rank's loss is NaN/Inf (one
@@ -265,7 +269,7 @@ class Trainer:
         self.engine.close()
         del self.engine
         gc.collect()
-        self._build(num_classes, load_universal=universal)
+        self.build_engine(num_classes, load_universal=universal)
         saved, _ = self.ckpt.load(self.engine, path, universal=universal)
         self.engine.train()
         state.step, state.samples = saved["step"], saved["samples"]

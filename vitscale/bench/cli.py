@@ -1,0 +1,158 @@
+"""``bench``, ``plan`` and ``plot`` subcommands: ``add_parsers(subparsers)`` registers them (argparse only here;
+the heavy imports happen when a command runs)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+
+def add_parsers(subparsers) -> None:
+    b = subparsers.add_parser(
+        "bench", help="img/s, MFU and memory: model alone (vs timm), engine step, loader, full step; or data loaders",
+        description="Throughput of the configured training on this machine. --what picks the modes: model "
+                    "(ours vs timm, synthetic batch), engine (our DeepSpeed step, synthetic batch), loader, step "
+                    "(loader + engine); or 'data' for the loader vs ImageFolder vs decode-only benchmark (no config).")
+    b.add_argument("--config", "-c", default=None, help="YAML config (required unless --what data)")
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=64")
+    b.add_argument("--what", default="model,engine,loader,step",
+                   help="comma-separated modes: model, engine, loader, step (default: all), or 'data'")
+    b.add_argument("--iters", type=int, default=10, help="timed steps per round (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported (default 3)")
+    b.add_argument("--no-timm", action="store_true", help="skip timm's model of the same configuration")
+    b.add_argument("--compile", action="store_true", help="model mode: torch.compile each transformer block")
+    b.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s of one device in TFLOP/s for MFU (default: known GPUs only)")
+    b.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: from the data)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy CPU)")
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    d = b.add_argument_group("--what data")
+    d.add_argument("--images", type=int, default=512, help="JPEG files to generate (default 512)")
+    d.add_argument("--min-size", type=int, default=256, help="smallest generated side in px (default 256)")
+    d.add_argument("--max-size", type=int, default=500, help="largest generated side in px (default 500)")
+    d.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size of --config, else 32")
+    d.add_argument("--workers", type=int, default=None, help="default: data.num_workers of --config, else 2")
+    d.add_argument("--img-size", type=int, default=None, help="default: model.img_size of --config, else 224")
+    d.add_argument("--batches", type=int, default=10, help="timed batches per loader (default 10)")
+    b.set_defaults(func=run_bench_cmd)
+
+    p = subparsers.add_parser(
+        "plan", help="memory per GPU for each ZeRO stage and offload choice: does it fit?",
+        description="Analytic memory per GPU (params, grads, optimizer states, DeepSpeed buffers, activations with "
+                    "and without gradient checkpointing) for ZeRO 0-3 and offload, at the config's batch/img size/"
+                    "precision. --measure checks the plan against a real training step on this machine.")
+    p.add_argument("--config", "-c", required=True, help="YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); data-parallel world = gpus x nodes")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GB (2^30 bytes; default 80)")
+    p.add_argument("--reserve-gb", type=float, default=4.0,
+                   help="kept free for the CUDA context, NCCL/cuBLAS workspaces, fragmentation (default 4)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: from the data)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run the configured step here (1 process) and compare its peak with the plan")
+    p.add_argument("--json", default=None, help="also write the plan (and measurement) to this JSON file")
+    p.set_defaults(func=run_plan_cmd)
+
+    q = subparsers.add_parser("plot", help="PNG of loss, lr, throughput, MFU and data-wait over steps",
+                              description="Plot RUN_DIR/metrics.jsonl into one PNG (default RUN_DIR/metrics.png).")
+    q.add_argument("run_dir", help="run directory (runs/<name>) or its metrics.jsonl")
+    q.add_argument("--out", "-o", default=None, help="output PNG (default RUN_DIR/metrics.png)")
+    q.set_defaults(func=run_plot_cmd)
+
+
+def _command() -> str:
+    return "vitscale " + " ".join(sys.argv[1:])
+
+
+def _stamp(payload: dict) -> dict:
+    return {"date": datetime.date.today().isoformat(), "command": _command(), **payload}
+
+
+def run_bench_cmd(args: argparse.Namespace) -> int:
+    from vitscale.bench.common import write_json
+    from vitscale.config import load_config
+
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"bench: --threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if what == ("data",):
+        from vitscale.bench.data import print_data_bench, run_data_bench
+
+        cfg = load_config(args.config, args.overrides) if args.config else None
+
+        def pick(flag, from_config, default):  # an explicit flag, else the config's value, else the default
+            return flag if flag is not None else (from_config() if cfg is not None else default)
+        res = run_data_bench(
+            images=args.images, min_size=args.min_size, max_size=args.max_size,
+            batch=pick(args.batch_size, lambda: cfg.data.batch_size, 32),
+            workers=pick(args.workers, lambda: cfg.data.num_workers, 2),
+            img_size=pick(args.img_size, lambda: cfg.model.img_size, 224),
+            crop_min_scale=cfg.data.crop_min_scale if cfg is not None else 0.35, batches=args.batches,
+            rounds=args.rounds)
+        print_data_bench(res)
+    else:
+        if "data" in what:
+            raise ValueError("bench: --what data runs alone (it needs no config); run it separately")
+        if args.config is None:
+            raise ValueError("bench: --config is required for the model/engine/loader/step modes")
+        from vitscale.bench.speed import print_bench, run_bench
+
+        cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported
+        res = run_bench(cfg, what, iters=args.iters, warmup=args.warmup, rounds=args.rounds, timm=not args.no_timm,
+                        compile_blocks=args.compile, peak_tflops=args.peak_tflops, num_classes=args.num_classes)
+        print_bench(res)
+    if args.json:
+        print(f"wrote {write_json(args.json, _stamp(res))}")
+    return 0
+
+
+def run_plan_cmd(args: argparse.Namespace) -> int:
+    from vitscale.bench.common import resolve_num_classes, write_json
+    from vitscale.bench.plan import plan_memory, print_plan
+    from vitscale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_memory(cfg, gpus=args.gpus, nodes=args.nodes, gpu_mem_gb=args.gpu_mem, reserve_gb=args.reserve_gb,
+                       num_classes=args.num_classes)
+    print_plan(plan, cfg.model.grad_checkpointing)
+    payload = {"plan": plan.to_dict()}
+    if args.measure:
+        from vitscale.bench.engine_step import measure_step_memory
+        from vitscale.distributed.engine import build_ds_config
+
+        classes, _ = resolve_num_classes(cfg, args.num_classes)
+        # The measured run is this machine's single process: plan the same (world 1, this machine's overlap).
+        overlap = bool(build_ds_config(cfg, 1).get("zero_optimization", {}).get("overlap_comm", False))
+        here = plan_memory(cfg, gpus=1, nodes=1, gpu_mem_gb=args.gpu_mem, reserve_gb=args.reserve_gb,
+                           num_classes=classes, overlap_comm=overlap)
+        row = here.row(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
+        predicted = row.total_ckpt if cfg.model.grad_checkpointing else row.total
+        m = measure_step_memory(cfg, classes)
+        ratio = predicted / m["peak_bytes"]
+        mb = 2 ** 20
+        print(f"measured on {m['device']} (1 process, {row.option}"
+              f"{', grad ckpt' if cfg.model.grad_checkpointing else ''}, overlap_comm={overlap}): peak "
+              f"{m['peak_bytes'] / mb:.1f} MB ({m['method']}), at rest {m['at_rest_bytes'] / mb:.1f} MB "
+              f"({m['at_rest_bytes'] / m['params']:.2f} bytes/param); plan for this run {predicted / mb:.1f} MB "
+              f"-> plan/measured = {ratio:.3f}")
+        payload["measured"] = {**m, "predicted_bytes": int(predicted), "plan_over_measured": ratio,
+                               "plan_world1": here.to_dict()}
+    if args.json:
+        print(f"wrote {write_json(args.json, _stamp(payload))}")
+    return 0
+
+
+def run_plot_cmd(args: argparse.Namespace) -> int:
+    from vitscale.bench.plot import plot_run
+
+    res = plot_run(args.run_dir, args.out)
+    missing = f" ({', '.join(res['unavailable'])}: n/a)" if res["unavailable"] else ""
+    print(f"wrote {res['path']}: {', '.join(res['titles'])} over {res['steps']} log steps{missing}")
+    return 0

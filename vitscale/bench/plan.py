@@ -1,0 +1,321 @@
+"""``vitscale plan``: GPU memory per rank for every ZeRO stage and offload choice, analytically.
+
+Model states (bytes per parameter; P = parameters, N = data-parallel ranks = gpus x nodes). Mixed precision
+(bf16/fp16) follows the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3.1): 2 (16-bit params) + 2
+(16-bit grads) + 12 (fp32 master copy, Adam momentum, Adam variance) = 16 bytes/param. Stage 1 divides the 12 by
+N, stage 2 also the grads, stage 3 also the params. fp32 training has no 16-bit copy: 4 (params) + 4 (grads) + 8
+(two moments), plus 4 more from stage 1 on because DeepSpeed's ZeRO optimizer keeps its own fp32 partition
+copy even when the model is fp32 (measured: 16.0 bytes/param at rest under ZeRO-1/2 fp32 vs 12.0 under ZeRO-0).
+``offload_optimizer`` moves the optimizer term (+ a 4-byte fp32 gradient copy) to host memory; ``offload_params``
+(ZeRO-3) moves the parameters there too.
+
+DeepSpeed buffers on top (read from the generated DeepSpeed config): ZeRO-1/2 allocate a gradient bucket of
+``reduce_bucket_size`` elements in the model dtype at the first backward, whatever the model's size — two when
+``overlap_comm`` is on (our GPU default): 2 x 5e8 x 2 bytes = 1.86 GB for bf16. ZeRO-3 has one such bucket plus
+a working set of gathered parameters (the prefetch bucket plus the two largest blocks) and keeps parameters
+below ``stage3_param_persistence_threshold`` elements whole on every rank.
+
+Activations (what autograd saves for backward, per micro-batch; b = bytes per element of the compute dtype):
+per transformer block with N tokens, width D, MLP width M and h heads, B * N * ((8D + 2M) * b + (4 + h) * 4):
+block input, LN1 output, qkv (3D), attention output (flash/SDPA keeps no N x N matrix; the projection input is
+a view of it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp32 LayerNorm statistics and the
+attention log-sum-exp. Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
+logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
+loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
+(B*N*D*b) and one block is recomputed at a time. A backward transient of B*N*M*b (the largest MLP gradient)
+is added. The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
+
+Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
++ the fp32 copy of the gradient partition ZeRO-1/2 make for the update). It fits if peak + ``reserve_gb``
+(CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation) <= the GPU's memory. Checked on CPU against the
+live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vitscale.bench.memory`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from vitscale.config import Config
+
+STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
+DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
+
+
+@dataclass
+class Stack:
+    """``depth`` identical pre-norm transformer blocks over ``tokens`` tokens."""
+    name: str
+    depth: int
+    tokens: int
+    dim: int
+    mlp: int
+    heads: int
+    block_params: int
+
+
+@dataclass
+class ModelShape:
+    name: str
+    kind: str  # "vit" | "mae"
+    params: int  # every parameter (frozen ones included: they are cast and stored too)
+    trainable: int  # parameters with gradients and optimizer state
+    small_params: int  # parameters in tensors below ZeRO-3's persistence threshold
+    stacks: list[Stack]
+    img_size: int
+    in_chans: int
+    patches: int
+    patch_dim: int  # p * p * channels (MAE targets)
+    num_classes: int
+    global_pool: str
+    hybrid: bool = False
+
+
+def model_shape(cfg: Config, num_classes: int) -> ModelShape:
+    """Dimensions and parameter counts of the configured model, built on the meta device (no memory)."""
+    from vitscale.trainer import build_model  # the trainer's own builder: same model as training
+
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes)
+    threshold = STAGE3_DEFAULTS["stage3_param_persistence_threshold"]
+    ps = list(model.parameters())
+    common = dict(params=sum(p.numel() for p in ps), trainable=sum(p.numel() for p in ps if p.requires_grad),
+                  small_params=sum(p.numel() for p in ps if p.numel() < threshold), img_size=cfg.model.img_size)
+    enc = getattr(model, "encoder", model)
+    patches = enc.patch_embed.num_patches
+    npt = enc.num_prefix_tokens
+    hybrid = hasattr(enc.patch_embed, "backbone")  # HybridEmbed: a ResNet stem before the projection
+
+    def stack(name, blocks, tokens):
+        blk = blocks[0]
+        return Stack(name, len(blocks), tokens, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
+                     blk.attn.num_heads, sum(p.numel() for p in blk.parameters()))
+
+    if hasattr(model, "decoder_blocks"):
+        keep = int(patches * (1 - cfg.objective.mask_ratio))
+        stacks = [stack("encoder", enc.blocks, keep + npt)]
+        if len(model.decoder_blocks):
+            stacks.append(stack("decoder", model.decoder_blocks, patches + npt))
+        pd = model.patch_size ** 2 * model.in_chans
+        return ModelShape(cfg.model.name, "mae", stacks=stacks, in_chans=model.in_chans, patches=patches,
+                          patch_dim=pd, num_classes=0, global_pool="token", hybrid=hybrid, **common)
+    return ModelShape(cfg.model.name, "vit", stacks=[stack("blocks", model.blocks, patches + npt)],
+                      in_chans=model.in_chans, patches=patches, patch_dim=0, num_classes=model.num_classes,
+                      global_pool=model.global_pool, hybrid=hybrid, **common)
+
+
+# ----- activations ---------------------------------------------------------------------------------------------
+def block_activation_bytes(batch: int, st: Stack, b: int) -> int:
+    """Bytes one block saves for backward (see the module docstring)."""
+    return batch * st.tokens * ((8 * st.dim + 2 * st.mlp) * b + (4 + st.heads) * 4)
+
+
+def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: bool) -> dict[str, int]:
+    """Saved-activation bytes of one micro-batch: ``blocks``, ``other`` (outside the blocks), ``transient``."""
+    B, S = batch, shape.img_size
+    if grad_ckpt:
+        blocks = sum(st.depth * B * st.tokens * st.dim * b for st in shape.stacks)
+        blocks += max(block_activation_bytes(B, st, b) for st in shape.stacks)  # the block being recomputed
+    else:
+        blocks = sum(st.depth * block_activation_bytes(B, st, b) for st in shape.stacks)
+    other = B * shape.in_chans * S * S * (1 + b)  # uint8 batch on the device + the images in compute dtype
+    if shape.kind == "mae":
+        enc, dec = shape.stacks[0], shape.stacks[-1]
+        other += 2 * B * enc.tokens * enc.dim * b  # encoder norm: input and output (decoder_embed's input)
+        if len(shape.stacks) > 1:
+            other += 2 * B * dec.tokens * dec.dim * b  # decoder norm: input and output (decoder_pred's input)
+        other += 8 * B * shape.patches * shape.patch_dim  # fp32 target and fp32 (pred - target) of the loss
+        other += 24 * B * shape.patches  # ids_shuffle/ids_restore (int64), mask (fp32, twice)
+    else:
+        st = shape.stacks[0]
+        if shape.global_pool == "token":
+            other += 2 * B * st.tokens * st.dim * b  # final norm: its input, and its output kept by the [CLS] view
+        else:
+            other += 2 * B * st.dim * b  # pooled features and fc_norm output
+        other += B * shape.num_classes * (b + 4)  # logits and the fp32 log-softmax of the loss
+    transient = max(B * st.tokens * st.mlp * b for st in shape.stacks)
+    return {"blocks": int(blocks), "other": int(other), "transient": int(transient)}
+
+
+# ----- model states --------------------------------------------------------------------------------------------
+@dataclass
+class Option:
+    """One row of the plan: a ZeRO stage and offload choice."""
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def label(self) -> str:
+        off = "+offload opt+params" if self.offload_params else "+offload opt" if self.offload_optimizer else ""
+        return f"ZeRO-{self.stage}{off}"
+
+
+OPTIONS = [Option(0), Option(1), Option(1, True), Option(2), Option(2, True), Option(3), Option(3, True),
+           Option(3, True, True)]
+
+
+@dataclass
+class Row:
+    option: str
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int
+    step_extra: int  # fp32 gradient partition that exists only during the optimizer step
+    activations: int
+    activations_ckpt: int
+    total: int
+    total_ckpt: int
+    fits: bool
+    fits_ckpt: bool
+    cpu_per_node: int  # host memory for offloaded states on one node
+    current: bool = False
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    trainable: int
+    world_size: int
+    gpus_per_node: int
+    batch: int
+    img_size: int
+    precision: str
+    gpu_mem_gb: float
+    reserve_gb: float
+    bucket_elems: int
+    overlap_comm: bool
+    activation_detail: dict[str, dict[str, int]]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, stage: int, offload_optimizer: bool = False, offload_params: bool = False) -> Row:
+        for r in self.rows:
+            if (r.stage, r.offload_optimizer, r.offload_params) == (stage, offload_optimizer, offload_params):
+                return r
+        raise KeyError((stage, offload_optimizer, offload_params))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ds_zero(cfg: Config, overlap_comm: Optional[bool], num_params: int) -> tuple[int, bool, dict]:
+    """Bucket size and overlap from the DeepSpeed config the trainer generates (user overrides included)."""
+    from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
+
+    zero = dict(build_ds_config(cfg, 1, num_params=num_params).get("zero_optimization", {}))
+    user = cfg.engine.ds_config.get("zero_optimization", {}) if isinstance(cfg.engine.ds_config, dict) else {}
+    bucket = int(zero.get("reduce_bucket_size", DEFAULT_BUCKET))
+    if overlap_comm is None:  # plan for a GPU machine: build_ds_config turns overlap on there
+        overlap_comm = bool(user.get("overlap_comm", True))
+    return bucket, overlap_comm, {k: int(zero.get(k, v)) for k, v in STAGE3_DEFAULTS.items()}
+
+
+def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
+                      overlap_comm: bool, stage3: Optional[dict] = None) -> dict[str, int]:
+    """Per-rank bytes of params, grads, optimizer states and DeepSpeed buffers for one option."""
+    mixed = precision in ("bf16", "fp16")
+    pb = 2 if mixed else 4
+    P, T, N = shape.params, shape.trainable, world
+    optim_pp = 12 if mixed else 8 + (4 if opt.stage >= 1 else 0)
+    params = P * pb / N if opt.stage == 3 else P * pb
+    grads = T * pb / N if opt.stage >= 2 else T * pb
+    optim = T * optim_pp / N if opt.stage >= 1 else T * optim_pp
+    cpu = 0.0
+    if opt.offload_optimizer:
+        cpu += optim + 4 * T / N  # states + DeepSpeed's fp32 gradient copy live in host memory
+        optim = 0
+    buffers = 0.0
+    if opt.stage in (1, 2):
+        buffers = bucket * pb * (2 if overlap_comm else 1)
+    elif opt.stage == 3:
+        s3 = stage3 or STAGE3_DEFAULTS
+        biggest = sorted((st.block_params for st in shape.stacks), reverse=True)
+        working = min(P, s3["stage3_prefetch_bucket_size"] + 2 * biggest[0])
+        buffers = bucket * pb + (working + shape.small_params) * pb
+        if opt.offload_params:
+            cpu += params
+            params = 0
+    step_extra = 4 * T / N if (mixed and opt.stage in (1, 2) and not opt.offload_optimizer) else 0
+    return {k: int(v) for k, v in dict(params=params, grads=grads, optimizer=optim, buffers=buffers,
+                                         step_extra=step_extra, cpu=cpu).items()}
+
+
+def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 80.0, reserve_gb: float = 4.0,
+                num_classes: Optional[int] = None, overlap_comm: Optional[bool] = None,
+                shape: Optional[ModelShape] = None) -> Plan:
+    """Memory per GPU of the configured model for every option in :data:`OPTIONS`.
+
+    ``gpus`` is GPUs per node (like ``deepspeed --num_gpus``), so the data-parallel world is gpus x nodes.
+    ``overlap_comm=None`` plans for a GPU machine (two gradient buckets); pass False for what a CPU run does."""
+    from vitscale.bench.common import GB, resolve_num_classes
+
+    if gpus < 1 or nodes < 1:
+        raise ValueError(f"--gpus and --nodes must be >= 1, got gpus={gpus}, nodes={nodes}")
+    if gpu_mem_gb <= 0 or reserve_gb < 0:
+        raise ValueError(f"--gpu-mem must be > 0 and --reserve-gb >= 0, got {gpu_mem_gb} and {reserve_gb}")
+    classes, source = resolve_num_classes(cfg, num_classes)
+    shape = shape or model_shape(cfg, classes)
+    world = gpus * nodes
+    b = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    batch = cfg.data.batch_size
+    act = activation_bytes(shape, batch, b, grad_ckpt=False)
+    act_ckpt = activation_bytes(shape, batch, b, grad_ckpt=True)
+    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape.params)
+    plan = Plan(shape.name, shape.params, shape.trainable, world, gpus, batch, cfg.model.img_size,
+                cfg.train.precision, gpu_mem_gb, reserve_gb, bucket, overlap,
+                {"no_ckpt": act, "ckpt": act_ckpt})
+    if cfg.objective.name == "supervised":
+        plan.notes.append(f"classifier head: {classes} classes ({source})")
+    if shape.hybrid:
+        plan.notes.append("hybrid ResNet stem: its activations are not modelled (the plan is low)")
+    usable = (gpu_mem_gb - reserve_gb) * GB
+    for opt in OPTIONS:
+        s = model_state_bytes(shape, opt, cfg.train.precision, world, bucket, overlap, stage3)
+        states = s["params"] + s["grads"] + s["optimizer"] + s["buffers"]
+        a, ac = sum(act.values()), sum(act_ckpt.values())
+        total = max(states + a, states + s["step_extra"])
+        total_ckpt = max(states + ac, states + s["step_extra"])
+        current = (opt.stage == cfg.engine.zero_stage and opt.offload_optimizer == cfg.engine.offload_optimizer
+                   and opt.offload_params == cfg.engine.offload_params)
+        plan.rows.append(Row(opt.label, opt.stage, opt.offload_optimizer, opt.offload_params, s["params"],
+                             s["grads"], s["optimizer"], s["buffers"], s["step_extra"], a, ac, total, total_ckpt,
+                             total <= usable, total_ckpt <= usable, s["cpu"] * gpus, current))
+    return plan
+
+
+def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
+    from vitscale.bench.common import GB, print_table
+
+    # GB for real models; MB (2^20 bytes) when even the largest figure is below 1 GB (CPU test models)
+    big = max(max(r.total, r.total_ckpt, r.cpu_per_node) for r in plan.rows) >= GB
+    unit, scale = ("GB", GB) if big else ("MB", 2 ** 20)
+
+    def f(n: int) -> str:
+        return f"{n / scale:.2f}"
+
+    print(f"vitscale plan: {plan.model}, {plan.params / 1e6:.2f}M params ({plan.trainable / 1e6:.2f}M trainable), "
+          f"{plan.world_size} GPU(s) ({plan.gpus_per_node}/node), batch {plan.batch}/GPU at {plan.img_size}px, "
+          f"{plan.precision}; GPU {plan.gpu_mem_gb:g} GB, reserve {plan.reserve_gb:g} GB")
+    print(f"DeepSpeed gradient bucket: {plan.bucket_elems:.3g} elements x {2 if plan.overlap_comm else 1} "
+          f"(overlap_comm={plan.overlap_comm}); figures in {unit} = 2^{30 if big else 20} bytes per GPU")
+    headers = ["option", "params", "grads", "optim", "buffers", "activ", "total", "fits", "activ+ckpt",
+               "total+ckpt", "fits", "CPU/node"]
+    rows = []
+    for r in plan.rows:
+        mark = "*" if r.current else " "
+        rows.append([mark + r.option, f(r.params), f(r.grads), f(r.optimizer), f(r.buffers), f(r.activations),
+                     f(r.total), "yes" if r.fits else "NO", f(r.activations_ckpt), f(r.total_ckpt),
+                     "yes" if r.fits_ckpt else "NO", f(r.cpu_per_node)])
+    print_table(headers, rows)
+    ckpt = "on" if grad_ckpt_configured else "off"
+    print(f"* = the config's engine setting (model.grad_checkpointing is {ckpt}). Model states use the ZeRO "
+          "paper's 2+2+12 bytes/param (bf16/fp16) divided by the GPUs per stage; see docs/benchmarks.md.")
+    for note in plan.notes:
+        print(f"note: {note}")
