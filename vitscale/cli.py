@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vitscale.analysis.cli import add_parser as add_analyze  # light: argparse only
 
     add_analyze(sub)
+    from vitscale.eval.cli import add_parser as add_eval  # light: argparse only
+
+    add_eval(sub)
 
     from vitscale.bench.cli import add_parsers as add_tools  # bench, plan, plot; light: argparse only
 

@@ -1,0 +1,132 @@
+"""The CNN baseline of the robustness suite: torchvision's ResNet-18 adapted to small images, trained with a
+plain PyTorch loop under the evaluation's ``Accelerator`` (it is evaluation infrastructure, not the DeepSpeed
+trainer).
+
+"Same data and steps" as the ViT: the same training shards through the same WebDataset stream (same seed,
+augmentation and batch size), for the same number of optimizer steps, with AdamW, warmup + cosine and label
+smoothing as in the demo recipe.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitscale.data.pipeline import build_train_loader
+from vitscale.data.shards import ShardSet
+from vitscale.data.transforms import normalize
+from vitscale.optim import lr_at
+
+BASELINE_FILE = "baseline_resnet18.pt"
+
+
+def resnet18_small(num_classes: int, width: int = 64) -> nn.Module:
+    """torchvision ``resnet18`` for 32-64 px inputs: a 3x3 stride-1 stem convolution and no max-pool (so a
+    32 px image still has a 4x4 map in the last stage), ``num_classes`` outputs. ``width`` is the first stage's
+    channel count (64 = the standard ResNet-18; the stages double it); smaller widths keep CPU tests fast."""
+    from torchvision.models.resnet import BasicBlock, ResNet, resnet18
+
+    if width < 1:
+        raise ValueError(f"ResNet width must be >= 1, got {width}")
+    model = resnet18(num_classes=num_classes) if width == 64 else ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+    model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.maxpool = nn.Identity()
+    if width != 64:
+        model.inplanes = width  # torchvision's _make_layer reads the running channel count from here
+        model.layer1 = model._make_layer(BasicBlock, width, 2)
+        model.layer2 = model._make_layer(BasicBlock, width * 2, 2, stride=2)
+        model.layer3 = model._make_layer(BasicBlock, width * 4, 2, stride=2)
+        model.layer4 = model._make_layer(BasicBlock, width * 8, 2, stride=2)
+        model.fc = nn.Linear(width * 8, num_classes)
+    for m in model.modules():  # torchvision's own init, re-applied to the replaced layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+@dataclass
+class BaselineConfig:
+    """How the CNN baseline is trained (defaults: the demo recipe; the CLI fills steps/batch from the ViT run)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    label_smoothing: float = 0.1
+    crop_min_scale: float = 0.6
+    width: int = 64
+    seed: int = 0
+    num_workers: int = 0
+
+
+def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg: BaselineConfig, accelerator,
+                   log=print) -> tuple[nn.Module, dict]:
+    """Train the ResNet-18 baseline; returns (model in eval mode, unwrapped; a record with the loss history)."""
+    if cfg.steps < 1:
+        raise ValueError(f"baseline steps must be >= 1, got {cfg.steps}")
+    torch.manual_seed(cfg.seed)  # same weights on every rank
+    model = resnet18_small(num_classes, cfg.width)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases: no weight decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size, seed=cfg.seed,
+                                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                num_workers=cfg.num_workers, crop_min_scale=cfg.crop_min_scale)
+    batches = iter(loader)
+    torch.manual_seed(cfg.seed * 1000 + 1 + accelerator.process_index)
+    model.train()
+    history, start = [], time.perf_counter()
+    log_every = max(1, cfg.steps // 10)
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        batch = next(batches)
+        labels = batch["label"].to(accelerator.device)
+        if bool((labels < 0).any()):
+            raise ValueError("baseline training needs labelled shards (.cls members)")
+        with accelerator.autocast():
+            logits = model(normalize(batch["image"], accelerator.device))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        history.append(float(loss.detach()))
+        if (step + 1) % log_every == 0:
+            log(f"baseline resnet18: step {step + 1}/{cfg.steps} loss {sum(history[-log_every:]) / log_every:.4f}")
+    model = accelerator.unwrap_model(model).eval()
+    record = {"config": asdict(cfg), "loss": history, "train_seconds": time.perf_counter() - start}
+    return model, record
+
+
+def save_baseline(model: nn.Module, record: dict, num_classes: int, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "num_classes": num_classes, "record": record}, path)
+    return path
+
+
+def load_baseline(path: Union[str, Path], device: Optional[torch.device] = None) -> tuple[nn.Module, dict]:
+    """A baseline saved by :func:`save_baseline` (eval mode, frozen)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline not found: {path}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    record = blob["record"]
+    model = resnet18_small(int(blob["num_classes"]), int(record["config"]["width"]))
+    model.load_state_dict(blob["state_dict"])
+    model = model.to(device or "cpu").eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, record

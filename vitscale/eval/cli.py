@@ -1,0 +1,147 @@
+"""The ``eval`` subcommand: ``add_parser(subparsers)`` registers it (argparse only: imports stay light),
+``run_eval_command(args)`` runs it."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Evaluate a pretrained ViT. EVALUATIONS is a comma-separated list of:
+  accuracy    top-1 of the checkpoint's own classifier on the held-out shards (plain eval)
+  linear      linear probe on frozen features: BatchNorm (no affine) + linear head (MAE recipe)
+  knn         weighted k-nearest-neighbour classifier on cosine similarity of frozen features
+  fewshot     ridge regression (closed form) on L2-normalised features, --shots per class, --fewshot-seeds seeds
+  finetune    full fine-tuning with layer-wise LR decay, drop-path, label smoothing (--config, key=value)
+  robustness  occlusion, patch shuffle, adversarial patch, common corruptions; the ViT and a ResNet-18
+              trained on the same data and steps
+  probes      = linear,knn,fewshot (features are extracted once and shared);  all = everything
+Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed.
+Runs on one process as is; for several GPUs or nodes use `accelerate launch -m vitscale eval ...`."""
+
+EPILOG = """\
+examples:
+  vitscale eval probes mae.safetensors --data demo:digits --out eval/mae --with-random-init
+  vitscale eval finetune mae.safetensors steps=200 --data demo:digits --config configs/eval/finetune_digits.yaml
+  vitscale eval robustness runs/demo --data demo:digits --out eval/robust --baseline-width 64"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    e = subparsers.add_parser("eval", help="linear probe, kNN, few-shot, fine-tuning, robustness (vs a CNN)",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("evaluations", metavar="EVALUATIONS", help="e.g. linear,knn,fewshot or probes or robustness")
+    e.add_argument("ckpt", metavar="CKPT", help="model.safetensors from `vitscale export` (or finetune's "
+                                                "finetuned.safetensors), a checkpoint dir or a run dir")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="finetune options right after CKPT, e.g. steps=200 layer_decay=0.65 (or use --set)")
+    g = e.add_argument_group("data and output")
+    g.add_argument("--data", default=None, help="training shards (spec as data.train_shards, e.g. demo:digits); "
+                                                "default: the run's own when CKPT is a checkpoint directory")
+    g.add_argument("--val-data", default=None, help="held-out shards (default: demo:X:val for demo:X, or the run's)")
+    g.add_argument("--cache-dir", default=None, help="where demo shards are built (default: the run's "
+                                                      "data.cache_dir for a checkpoint dir, else data_cache)")
+    g.add_argument("--out", "-o", default="eval", help="output directory (default ./eval)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
+    g.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="autocast (default fp32)")
+    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass for evaluation")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--seed", type=int, default=0, help="seed of probes, random init, fine-tuning, perturbations")
+    g.add_argument("--model", dest="model_name", default=None,
+                   help="model name, only for safetensors files without vitscale metadata")
+    f = e.add_argument_group("frozen features (linear, knn, fewshot)")
+    f.add_argument("--pool", default="auto", choices=("auto", "model", "token", "avg"),
+                   help="model = the model's own pre-logits ([CLS] or mean, then its norm); token = [CLS]; "
+                        "avg = mean of patch tokens; auto = avg for MAE encoders (MAE trains the patch tokens, "
+                        "not [CLS]), model otherwise")
+    f.add_argument("--random-init", action="store_true",
+                   help="evaluate the same architecture with seeded random weights instead of the checkpoint's")
+    f.add_argument("--with-random-init", action="store_true",
+                   help="also evaluate the random-init baseline, side by side (JSON, plots, summary)")
+    f.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs (default 100)")
+    f.add_argument("--probe-batch-size", type=int, default=256)
+    f.add_argument("--probe-blr", type=float, default=0.1, help="linear probe base LR (lr = blr x batch / 256)")
+    f.add_argument("--probe-weight-decay", type=float, default=0.0)
+    f.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    f.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(sim / T) (default 0.07)")
+    f.add_argument("--shots", type=_ints, default=[1, 5, 10, 25], help="few-shot sizes per class (default 1,5,10,25)")
+    f.add_argument("--fewshot-seeds", type=int, default=5, help="random draws of the few-shot sets (default 5)")
+    f.add_argument("--ridge-reg", type=float, default=1e-3, help="few-shot ridge L2 regularisation (default 1e-3)")
+    t = e.add_argument_group("fine-tuning")
+    t.add_argument("--config", dest="finetune_config", default=None,
+                   help="YAML of finetune options (e.g. configs/eval/finetune_digits.yaml); KEY=VALUE overrides it")
+    t.add_argument("--set", dest="set_overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="finetune option overrides anywhere on the line, e.g. --set steps=200 drop_path=0.2")
+    r = e.add_argument_group("robustness")
+    r.add_argument("--curves", type=_names, default=None, help="subset of: occlusion_patches, occlusion_boxes, "
+                                                                "patch_shuffle, adversarial_patch, corruptions")
+    r.add_argument("--occlusion-fractions", type=_floats, default=None, help="default 0,0.1,0.25,0.5,0.75,0.9")
+    r.add_argument("--box-areas", type=_floats, default=None, help="default 0,0.05,0.1,0.2,0.35,0.5")
+    r.add_argument("--occlusion-fill", default=None, choices=("black", "mean"),
+                   help="hidden pixels: black (default, as PatchDrop) or the mean colour (0 after normalisation)")
+    r.add_argument("--occlusion-grid", type=int, default=None, help="cells per side (default: the ViT's patch grid)")
+    r.add_argument("--shuffle-grids", type=_ints, default=None, help="default 1,2,4,8")
+    r.add_argument("--patch-areas", type=_floats, default=None,
+                   help="adversarial patch areas, default 0,0.02,0.05,0.1,0.2")
+    r.add_argument("--corruptions", type=_names, default=None, help="default: all (gaussian_noise, shot_noise, "
+                   "impulse_noise, gaussian_blur, contrast, brightness, jpeg, pixelate)")
+    r.add_argument("--repeats", type=int, default=None, help="random draws averaged per point (default 3)")
+    r.add_argument("--pgd-steps", type=int, default=None, help="adversarial patch optimisation steps (default 50)")
+    r.add_argument("--pgd-step-size", type=float, default=None, help="signed step on [0,1] pixels (default 0.05)")
+    r.add_argument("--pgd-images", type=int, default=None, help="training images the patch is fit on (default 512)")
+    r.add_argument("--baseline", default="resnet18", choices=("resnet18", "none"),
+                   help="CNN baseline (default resnet18)")
+    r.add_argument("--baseline-ckpt", default=None, help="a baseline_resnet18.pt from an earlier run (skip training)")
+    r.add_argument("--baseline-steps", type=int, default=None, help="default: the ViT checkpoint's step")
+    r.add_argument("--baseline-batch-size", type=int, default=None,
+                   help="default: the ViT run's data.batch_size, else 64")
+    r.add_argument("--baseline-width", type=int, default=64, help="ResNet-18 first-stage channels (64 = standard)")
+    r.add_argument("--baseline-lr", type=float, default=2e-3, help="AdamW peak LR of the baseline")
+    e.set_defaults(func=run_eval_command)
+    return e
+
+
+def build_options(args: argparse.Namespace):
+    """argparse namespace -> ``EvalOptions`` (robustness flags left unset keep the config's defaults)."""
+    from vitscale.eval.robustness import RobustnessConfig
+    from vitscale.eval.run import EvalOptions
+
+    rob = RobustnessConfig()
+    for flag, attr in (("curves", "curves"), ("occlusion_fractions", "occlusion_fractions"),
+                       ("box_areas", "box_areas"), ("shuffle_grids", "shuffle_grids"),
+                       ("patch_areas", "patch_areas"), ("corruptions", "corruptions"), ("repeats", "repeats"),
+                       ("pgd_steps", "pgd_steps"), ("pgd_step_size", "pgd_step_size"), ("pgd_images", "pgd_images"),
+                       ("occlusion_fill", "occlusion_fill"), ("occlusion_grid", "occlusion_grid")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(rob, attr, value)
+    keys = ("data", "val_data", "cache_dir", "out", "device", "precision", "batch_size", "num_workers", "pool",
+            "seed", "random_init", "with_random_init", "model_name", "probe_epochs", "probe_batch_size", "probe_blr",
+            "probe_weight_decay", "k", "temperature", "shots", "fewshot_seeds", "ridge_reg", "finetune_config",
+            "baseline", "baseline_ckpt", "baseline_steps", "baseline_batch_size", "baseline_width", "baseline_lr")
+    return EvalOptions(**{k: getattr(args, k) for k in keys},
+                       finetune_overrides=list(args.overrides) + list(args.set_overrides),
+                       robustness=rob)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from vitscale.eval.run import run_eval
+
+    run_eval(args.evaluations, args.ckpt, build_options(args))
+    return 0
