@@ -73,3 +73,18 @@ def test_every_shipped_config_validates_and_builds(path):
         model = build_model(cfg, num_classes=1000)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert "vitscale train" in path.read_text() or "launch/" in path.read_text()  # header says how to launch
+
+
+def test_mae_decoder_keys_reach_the_model():
+    import torch
+
+    from vitscale.trainer import build_model
+
+    cfg = load_config(ROOT / "configs/demo_mae.yaml", ["model.decoder_embed_dim=64", "model.decoder_depth=1",
+                                                       "model.decoder_num_heads=2"])
+    with torch.device("meta"):
+        m = build_model(cfg, 0)
+    assert (m.decoder_embed_dim, len(m.decoder_blocks), m.decoder_num_heads) == (64, 1, 2)
+    with torch.device("meta"):
+        default = build_model(load_config(ROOT / "configs/demo_mae.yaml"), 0)
+    assert (default.decoder_embed_dim, len(default.decoder_blocks)) == (128, 2)  # the micro variant's decoder

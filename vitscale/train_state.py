@@ -65,7 +65,8 @@ def set_rng_state(state: dict) -> None:
 # Keys that change the model's architecture or what it learns: a checkpoint written under other values cannot
 # be continued by this config. (Drop-path, checkpointing, LR, steps, data paths ... may change on resume.)
 ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
-                     "model.num_heads", "model.global_pool", "objective.name", "data.num_classes")
+                     "model.num_heads", "model.global_pool", "model.decoder_embed_dim", "model.decoder_depth",
+                     "model.decoder_num_heads", "objective.name", "data.num_classes")
 
 
 def check_resumable(saved_config: dict[str, Any], cfg: Config, path: Path) -> None:

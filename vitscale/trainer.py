@@ -44,7 +44,9 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
                                   depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path)
     if cfg.objective.name == "mae":
         name = m.name if m.name.startswith("mae_") else "mae_" + m.name
-        model = create_model(name, norm_pix_loss=cfg.objective.norm_pix_loss, **kwargs)
+        decoder = {k: getattr(m, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+                   if getattr(m, k) is not None}
+        model = create_model(name, norm_pix_loss=cfg.objective.norm_pix_loss, **kwargs, **decoder)
     else:
         model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **kwargs)
     model.set_grad_checkpointing(m.grad_checkpointing)

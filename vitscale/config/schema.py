@@ -39,6 +39,10 @@ class ModelConfig:
     drop_path: float = 0.0
     # Recompute each block's activations in backward to save memory.
     grad_checkpointing: bool = False
+    # MAE decoder width, depth and heads (None keeps the variant's: 512 x 8 x 16 as in the paper; micro 128 x 2 x 4).
+    decoder_embed_dim: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    decoder_num_heads: Optional[int] = None
 
 
 @dataclass
