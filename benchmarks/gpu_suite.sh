@@ -82,6 +82,11 @@ if want loader; then
   #    the loader alone must exceed the engine's img/s or training is input-bound (see data_wait).
   run mae_l16_loader bench --config configs/mae_vit_l16.yaml data.batch_size=256 data.train_shards="$SHARDS" \
       data.num_workers="$WORKERS" --what engine,loader,step --no-timm "${COMMON[@]}" --json "$OUT/mae_l16_loader.json"
+  # The same with JPEGs decoded on the GPU (nvJPEG; workers only read headers and draw crops): does it close the
+  # gap between step and engine when the host cores are the bottleneck?
+  run mae_l16_loader_gpu_decode bench --config configs/mae_vit_l16.yaml data.batch_size=256 \
+      data.train_shards="$SHARDS" data.num_workers="$WORKERS" data.decode_on=device --what engine,step --no-timm \
+      "${COMMON[@]}" --json "$OUT/mae_l16_loader_gpu_decode.json"
   # Our loader vs torchvision ImageFolder vs decode-only on this box's cores (generated 256-500 px JPEGs).
   run data_loaders bench --what data --images 4096 --workers "$WORKERS" --batch-size 256 --batches 20 \
       --json "$OUT/data_loaders.json"

@@ -20,7 +20,8 @@ import torch
 from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.pipeline import build_eval_loader, build_train_loader, worker_shards
 from vitscale.data.shards import resolve_shards, write_shards
-from vitscale.data.transforms import DecodeError, decode, eval_transform, normalize, train_transform
+from vitscale.data.transforms import (DecodeError, DeferredJpeg, decode, eval_transform, materialize, normalize,
+                                      train_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,28 @@ def test_transforms_are_seeded_uint8_and_decode_falls_back(digits_png):
         decode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     x = normalize(torch.full((2, 3, 4, 4), 124, dtype=torch.uint8))
     assert x.dtype == torch.float32 and abs(float(x[0, 0].mean())) < 0.02
+
+
+def test_device_decode_gives_the_worker_images(tmp_path, data_cache):
+    """data.decode_on=device: workers only read JPEG headers and draw the crop; the batch decoded and cropped on
+    the device (here the CPU) is the batch the workers would have made, pixel for pixel, and the stream's
+    positions are the same. A JPEG with a good header and a broken body is replaced within its batch and
+    counted, not fatal."""
+    photos = resolve_shards("demo:photos", str(data_cache))
+    kw = dict(batch_size=8, img_size=32, seed=5, rank=0, world_size=1, num_workers=1, crop_min_scale=0.4)
+    worker, device = (_take(build_train_loader(photos.urls, **kw, decode_on=on), 3) for on in ("worker", "device"))
+    for a, b in zip(worker, device):
+        assert isinstance(b["image"], list) and b["key"] == a["key"] and b["stream"] == a["stream"]
+        images, bad = materialize(b["image"], "cpu")
+        assert bad == 0 and torch.equal(images, a["image"])
+    # a JPEG whose data is cut after its header: the batched decode fails, the one-by-one fallback finds it
+    jpegs = [x for x in device[0]["image"] if isinstance(x, DeferredJpeg)]
+    broken = DeferredJpeg(jpegs[0].data[:len(jpegs[0].data) // 3].clone(), jpegs[0].crop)
+    with pytest.warns(UserWarning, match="undecodable JPEG"):
+        images, bad = materialize([broken, *jpegs[1:]], "cpu")
+    assert bad == 1 and images.shape == (8, 3, 32, 32) and torch.equal(images[0], images[1])
+    with pytest.raises(DecodeError), pytest.warns(UserWarning):
+        materialize([broken], "cpu")
 
 
 # ----- the training stream -------------------------------------------------------------------------------------

@@ -68,6 +68,18 @@ def test_demo_config_learns_digits(tmp_path, data_cache):
     assert "vit_micro_patch4" in cfg  # the resolved config is saved
 
 
+def test_device_decode_trains_exactly_like_worker_decode(tmp_path, data_cache):
+    """data.decode_on=device (JPEGs decoded by the trainer on its device; nvJPEG on GPUs) is the same training:
+    on the CPU the losses are bit for bit those of worker decoding."""
+    losses = {}
+    for on in ("worker", "device"):
+        r = run_cli(train_args(tmp_path, on, data_cache, "data.train_shards=demo:photos", "data.val_shards=",
+                               "model.img_size=32", "train.steps=4", f"data.decode_on={on}"), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[on] = [x["loss"] for x in read_metrics(tmp_path / on / "metrics.jsonl") if "loss" in x]
+    assert len(losses["device"]) == 4 and losses["device"] == losses["worker"]
+
+
 def test_demo_mae_config_reconstructs_photos(tmp_path, data_cache):
     """configs/demo_mae.yaml (shortened): MAE on the bundled photos, loss falling, reconstruction PNG saved."""
     mae_demo = str(ROOT / "configs" / "demo_mae.yaml")

@@ -13,9 +13,9 @@ import torch
 
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, save_config
-from vitscale.data.pipeline import build_eval_loader, build_train_loader
+from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
 from vitscale.data.shards import resolve_shards
-from vitscale.data.transforms import normalize
+from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
@@ -68,6 +68,7 @@ class Trainer:
         self.objective = get_objective(cfg.objective.name)
         self.log = print if env.is_main else (lambda *a, **k: None)
         self.batches_seen = 0  # micro-batches taken from the stream by this process (fault injection counts them)
+        self.decode_failures = 0  # JPEGs this rank's device could not decode (data.decode_on=device)
         self.bad_in_a_row = 0
 
     def warn(self, message: str) -> None:
@@ -131,11 +132,9 @@ class Trainer:
         state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
-        loader = build_train_loader(
-            self.train_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
-            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-            crop_min_scale=cfg.data.crop_min_scale, max_bad_fraction=cfg.data.max_bad_fraction,
-            state=(rank_state or {}).get("data"))
+        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
+                                          state=(rank_state or {}).get("data"))
+        self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         batches = iter(loader)
         # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
         # the loader's iterator exists because DataLoader draws its worker seed from the global RNG.
@@ -227,7 +226,9 @@ class Trainer:
             batch = next(batches)
             window.wait += time.perf_counter() - t0
             self.batches_seen += 1
-            images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
+            raw, bad = materialize(batch["image"], self.engine.device)
+            self.decode_failures += bad
+            images = normalize(raw).to(self.engine.dtype)
             labels = batch["label"].to(self.engine.device)
             loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
                                      label_smoothing=cfg.objective.label_smoothing)
@@ -286,7 +287,8 @@ class Trainer:
     @torch.no_grad()
     def _mae_images(self, batch: dict, step: int, tracker: Tracker) -> None:
         """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 draws and saves."""
-        images = normalize(batch["image"][:self.cfg.logging.image_count], self.engine.device).to(self.engine.dtype)
+        raw, _ = materialize(batch["image"][:self.cfg.logging.image_count], self.engine.device)
+        images = normalize(raw).to(self.engine.dtype)
         self.engine.eval()
         with torch.random.fork_rng(devices=[]):  # the picture must not change the training's random stream
             _, pred, mask = self.engine(images, mask_ratio=self.cfg.objective.mask_ratio)
@@ -301,6 +303,7 @@ class Trainer:
         """One metrics line: the loss averaged over ranks, rates over the steps since the last line."""
         cfg = self.cfg
         bad_samples, bad_shards = loader.skipped()
+        bad_samples += self.decode_failures
         loss_sum, bad_samples, bad_shards = eng.all_reduce_sum([float(torch.stack(losses).float().mean()),
                                                                 bad_samples, bad_shards])
         elapsed = time.perf_counter() - window.start
@@ -323,7 +326,7 @@ class Trainer:
     def _save(self, state: TrainState, loader) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
                          "config": config_to_dict(self.cfg)}
-        rank_state = {"rng": rng_state(), "data": loader.state_dict()}
+        rank_state = {"rng": rng_state(), "data": loader.state_dict(), "decode_failures": self.decode_failures}
         self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
 
     # ----- evaluation --------------------------------------------------------------------------------------

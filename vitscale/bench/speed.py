@@ -144,14 +144,11 @@ def _compile_blocks(model: torch.nn.Module) -> None:
 
 
 def _loader(cfg: Config, env) -> Any:
-    from vitscale.data.pipeline import build_train_loader
+    from vitscale.data.pipeline import train_loader_from_config
     from vitscale.data.shards import resolve_shards
 
-    shards = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
-    return build_train_loader(shards.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                              seed=cfg.run.seed, rank=env.rank, world_size=env.world_size,
-                              num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-                              crop_min_scale=cfg.data.crop_min_scale, max_bad_fraction=cfg.data.max_bad_fraction)
+    urls = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).urls
+    return train_loader_from_config(cfg, urls, env.rank, env.world_size)
 
 
 def _workers_rss() -> int:

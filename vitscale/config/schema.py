@@ -82,6 +82,9 @@ class DataConfig:
     crop_min_scale: float = 0.35
     # Fraction of bad samples (corrupt images) tolerated before the run stops with an error.
     max_bad_fraction: float = 0.01
+    # Where training JPEGs are decoded: "worker" (DataLoader workers, CPU) or "device" (workers only read the
+    # header and draw the crop; the trainer decodes the batch on its device: nvJPEG on GPUs). Same images either way.
+    decode_on: str = "worker"
 
 
 @dataclass
@@ -185,6 +188,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
     """Keys whose value must be one of a fixed set."""
     return {
         "model.global_pool": ("token", "avg"),
+        "data.decode_on": ("worker", "device"),
         "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
         "engine.zero_stage": (0, 1, 2, 3),

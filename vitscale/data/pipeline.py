@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tario import image_and_label, read_shard
 from vitscale.errors import DataError
-from vitscale.data.transforms import decode, eval_transform, train_transform
+from vitscale.data.transforms import (DeferredJpeg, decode, eval_transform, jpeg_size, train_crop,
+                                      train_transform)
 
 log = logging.getLogger("vitscale.data")
 
@@ -81,6 +82,7 @@ class StreamPlan:
     img_size: int
     crop_min_scale: float
     max_bad_fraction: float
+    decode_on: str = "worker"  # "device": JPEGs go to the trainer undecoded, with their crop drawn (see transforms)
 
 
 # A worker's position: the next sample it would produce, and cumulative counters. ``skipped`` counts every bad
@@ -139,9 +141,13 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
                     data, label = image_and_label(sample)
                     img = None
                     if decode_images:
-                        img = decode(data)
-                        img = train_transform(img, plan.img_size, _gen("aug", plan.seed, epoch, plan.rank, worker,
-                                                                       cursor, o), plan.crop_min_scale)
+                        g = _gen("aug", plan.seed, epoch, plan.rank, worker, cursor, o)
+                        size = jpeg_size(data) if plan.decode_on == "device" else None
+                        if size is not None:  # the same draws from g as below: the same crop either way
+                            img = DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                               train_crop(*size, plan.img_size, g, plan.crop_min_scale))
+                        else:
+                            img = train_transform(decode(data), plan.img_size, g, plan.crop_min_scale)
                 except Exception as e:
                     skipped += 1
                     log.warning("vitscale.data: skipping bad sample %s in %s: %s", key, url, e)
@@ -160,7 +166,8 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
 
 def _collate(items: list, worker: int) -> dict:
     keys, imgs, labels, pos = zip(*items)
-    return {"image": torch.stack(imgs), "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
+    images = torch.stack(imgs) if all(torch.is_tensor(x) for x in imgs) else list(imgs)  # list: see materialize
+    return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
             "stream": {"worker": worker, **pos[-1]}}
 
 
@@ -277,7 +284,8 @@ class _TrainIterator:
 
 def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, shuffle: bool = True, crop_min_scale: float = 0.35,
-                       state: Optional[dict] = None, max_bad_fraction: float = 0.01) -> TrainLoader:
+                       state: Optional[dict] = None, max_bad_fraction: float = 0.01,
+                       decode_on: str = "worker") -> TrainLoader:
     """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()``."""
     urls = list(urls)
     if not urls:
@@ -290,8 +298,18 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     plan = StreamPlan(urls=tuple(urls), seed=int(seed), rank=rank, world_size=world_size,
                       num_workers=max(num_workers, 1), shuffle=bool(shuffle), batch_size=batch_size,
                       img_size=img_size, crop_min_scale=float(crop_min_scale),
-                      max_bad_fraction=float(max_bad_fraction))
+                      max_bad_fraction=float(max_bad_fraction), decode_on=decode_on)
     return TrainLoader(plan, num_workers, state)
+
+
+def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: int,
+                             state: Optional[dict] = None) -> TrainLoader:
+    """The training stream a run's config (``vitscale.config.Config``) describes, for one rank."""
+    d = cfg.data
+    return build_train_loader(urls, batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
+                              rank=rank, world_size=world_size, num_workers=d.num_workers, shuffle=d.shuffle,
+                              crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction, state=state,
+                              decode_on=d.decode_on)
 
 
 # ----- evaluation ----------------------------------------------------------------------------------------------

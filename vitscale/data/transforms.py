@@ -8,10 +8,12 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 # Imported here (not per call) so DataLoader workers forked from the trainer inherit them ready to use.
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,14 +87,36 @@ def _resize(img: torch.Tensor, size) -> torch.Tensor:
     return TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where to cut, how large to make it and whether to mirror: one sample's training augmentation."""
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    size: int
+
+
+def train_crop(height: int, width: int, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35,
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> Crop:
+    """Draw RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + flip for an image of this size. Only
+    the size is needed, so the draw can happen where the image is not decoded (see ``data.decode_on``)."""
+    top, left, h, w = random_resized_crop_params(height, width, (crop_min_scale, 1.0), ratio, g)
+    flip = hflip and float(torch.rand((), generator=g)) < 0.5
+    return Crop(top, left, h, w, flip, img_size)
+
+
+def apply_crop(img: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """Cut, resize and mirror a decoded uint8 (3,H,W) image, on whatever device it is."""
+    out = _resize(img[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width], [crop.size, crop.size])
+    return (out.flip(-1) if crop.flip else out).contiguous()
+
+
 def train_transform(img: torch.Tensor, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35,
                     ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
     """RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + random horizontal flip, uint8 in/out."""
-    top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], (crop_min_scale, 1.0), ratio, g)
-    out = _resize(img[:, top:top + h, left:left + w], [img_size, img_size])
-    if hflip and float(torch.rand((), generator=g)) < 0.5:
-        out = out.flip(-1)
-    return out.contiguous()
+    return apply_crop(img, train_crop(img.shape[-2], img.shape[-1], img_size, g, crop_min_scale, ratio, hflip))
 
 
 def eval_transform(img: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -118,3 +142,63 @@ def normalize(images: torch.Tensor, device=None, mean=IMAGENET_MEAN, std=IMAGENE
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
     return x.sub_(m).div_(s)
+
+
+def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) from a JPEG's header without decoding it, or None if the bytes are not a readable JPEG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return (im.height, im.width) if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK") else None
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class DeferredJpeg:
+    """A JPEG whose decode and crop were left to the training device (``data.decode_on=device``)."""
+    data: torch.Tensor  # the file's bytes, uint8 (N,)
+    crop: Crop
+
+
+def materialize(images: Union[torch.Tensor, Sequence], device: Union[str, torch.device]
+                ) -> tuple[torch.Tensor, int]:
+    """A batch as the trainer needs it, uint8 (B,3,S,S) on ``device``, and how many of its samples could not be
+    decoded. Deferred JPEGs are decoded there in one batched call (nvJPEG on a GPU; libjpeg-turbo on a CPU) and
+    cropped with their pre-drawn ``Crop``; images the workers already decoded are moved as they are.
+
+    A JPEG whose header was fine but whose data is not (the workers only read headers) falls back to the CPU
+    decoders; if they fail too, another image of the batch takes its place so the batch keeps its size, and it
+    is counted: one bad file must not stop a run."""
+    if torch.is_tensor(images):
+        return images.to(device, non_blocking=True), 0
+    device = torch.device(device)
+    deferred = [i for i, x in enumerate(images) if isinstance(x, DeferredJpeg)]
+    decoded: list = []
+    if deferred:
+        datas = [images[i].data for i in deferred]
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the whole batched call: decode them one by one
+            decoded = [_decode_or_none(d, device) for d in datas]
+    out = [x.to(device, non_blocking=True) if torch.is_tensor(x) else None for x in images]
+    for i, img in zip(deferred, decoded):
+        out[i] = apply_crop(img, images[i].crop) if img is not None else None
+    good = [x for x in out if x is not None]
+    if not good:
+        raise DecodeError(f"none of the {len(out)} images of a batch could be decoded")
+    bad = [i for i, x in enumerate(out) if x is None]
+    for k, i in enumerate(bad):
+        out[i] = good[k % len(good)]
+    return torch.stack(out), len(bad)
+
+
+def _decode_or_none(data: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+    try:
+        return decode(bytes(data.numpy())).to(device)
+    except DecodeError as e:
+        warnings.warn(f"vitscale.data: skipping an undecodable JPEG ({e})", stacklevel=3)
+        return None
