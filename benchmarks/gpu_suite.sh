@@ -44,6 +44,10 @@ if want vit_l16; then
   # 1. ViT-L/16 ZeRO-2 bf16: our model eager vs timm eager (same batch, AdamW, autocast), and our DeepSpeed step.
   #    Compare: timm 878, DeepSpeed ZeRO-2 714. plan says ~25 GB without checkpointing at 128/GPU.
   run vit_l16_zero2 bench "${SUP_L16[@]}" --what model,engine "${COMMON[@]}" --json "$OUT/vit_l16_zero2.json"
+  # 1a. the price of the per-micro-batch non-finite-loss check (one 2-float all-reduce and a host sync):
+  #     the same engine step with train.skip_nonfinite=false.
+  run vit_l16_zero2_nocheck bench "${SUP_L16[@]}" train.skip_nonfinite=false --what engine "${COMMON[@]}" \
+      --json "$OUT/vit_l16_zero2_nocheck.json"
   # 1b. the same with every block torch.compile'd (ours and timm). Compare: timm compiled 1082.
   run vit_l16_compiled bench "${SUP_L16[@]}" --what model --compile "${COMMON[@]}" --json "$OUT/vit_l16_compiled.json"
 fi
