@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def train_steps(engine, cfg, rank: int, world: int) -> list[float]:
             loss = torch.nn.functional.cross_entropy(engine(images), labels)
         engine.backward(loss)
         engine.step()
-        losses.append(eng.all_reduce_mean([float(loss)])[0])
+        losses.append(eng.all_reduce_sum([float(loss)])[0] / world)
     return losses
 
 
@@ -129,38 +128,29 @@ def mode_load(rank: int, world: int, ckpt: Path) -> dict:
     return out
 
 
-def _rss_mb() -> float:
-    """Resident memory now (pages actually held), from /proc."""
-    import gc
-    gc.collect()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def mode_memory(rank: int, world: int) -> dict:
-    """Memory a ViT-B/16 (fp32) holds after it is built with zero.Init (ZeRO-3), and then without (while the first
-    is still alive, so freed memory cannot be reused and hide the second's cost). zero.Init goes first: its peak
-    (growth of ru_maxrss) is then measured in a process that has not yet held a model."""
-    cfg = load_config(None, ["model.name=vit_base_patch16", "model.img_size=64", "train.precision=fp32",
+    """Tensor memory a ViT-S/16 (fp32, 64 px) takes to build with zero.Init (ZeRO-3) and without, counted as live
+    tensor storage bytes (vitscale.bench.memory.LiveTensorMemory: what max_memory_allocated counts on a GPU)."""
+    from vitscale.bench.memory import LiveTensorMemory
+
+    cfg = load_config(None, ["model.name=vit_small_patch16", "model.img_size=64", "train.precision=fp32",
                              "engine.zero_stage=3"])
     ds_config = eng.build_ds_config(cfg, world)
-    before, peak_before = _rss_mb(), _peak_rss_mb()
-    with eng.model_init_context(cfg, ds_config):
-        sharded = build_model(cfg, 10)
-    sharded_held, sharded_peak = _rss_mb() - before, _peak_rss_mb() - peak_before
-    local = sum(p.ds_tensor.numel() for p in sharded.parameters()) * 4 / 2**20
-    total = sum(p.ds_numel for p in sharded.parameters()) * 4 / 2**20
-    before = _rss_mb()  # the sharded model stays alive, so the allocator cannot hand its memory to this build
-    full = build_model(cfg, 10)
-    full_held = _rss_mb() - before
+    with LiveTensorMemory("cpu") as sharded_mem:
+        with eng.model_init_context(cfg, ds_config):
+            sharded = build_model(cfg, 10)
+        sharded_held = sharded_mem.live_bytes()
+    local = sum(p.ds_tensor.numel() for p in sharded.parameters()) * 4
+    total = sum(p.ds_numel for p in sharded.parameters()) * 4
+    with LiveTensorMemory("cpu") as full_mem:
+        full = build_model(cfg, 10)
+        full_held = full_mem.live_bytes()
     del full, sharded
-    return {"rank": rank, "param_mb_total": total, "param_mb_local": local,
-            "param_mb_local_sum": eng.all_reduce_sum([local])[0], "zero_init_held_mb": sharded_held,
-            "zero_init_peak_growth_mb": sharded_peak, "unsharded_held_mb": full_held}
+    mb = 2**20
+    return {"rank": rank, "param_mb_total": total / mb, "param_mb_local": local / mb,
+            "param_mb_local_sum": eng.all_reduce_sum([local / mb])[0], "zero_init_held_mb": sharded_held / mb,
+            "zero_init_peak_mb": sharded_mem.peak / mb, "unsharded_held_mb": full_held / mb,
+            "unsharded_peak_mb": full_mem.peak / mb}
 
 
 def main() -> int:
