@@ -31,12 +31,23 @@ def train_args(run_dir, name, cache, *overrides):
             *TINY, *overrides]
 
 
-def deepspeed_cli(world, port, args, cwd, env_extra=None, timeout=600):
-    """`deepspeed --num_gpus WORLD --module vitscale ARGS` on CPU processes (gloo)."""
+class PicklePayload:
+    """Unpickling this creates a file: if the file never appears, nothing was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def deepspeed_cli(world, port, args, cwd, env_extra=None, timeout=600, script=None):
+    """`deepspeed --num_gpus WORLD --module vitscale ARGS` (or `... SCRIPT ARGS`) on CPU processes (gloo)."""
     import shutil
 
+    target = [str(script)] if script is not None else ["--module", "vitscale"]
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(port),
-           "--module", "vitscale", *args]
+           *target, *map(str, args)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
            **(env_extra or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

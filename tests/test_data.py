@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PicklePayload
 from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.pipeline import build_eval_loader, build_train_loader, worker_shards
 from vitscale.data.shards import resolve_shards, write_shards
@@ -319,19 +320,9 @@ def test_too_many_bad_samples_is_an_error(tmp_path, digits_png):
         _take(loader, 40)
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that nothing is unpickled if the file never appears."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_pickle_members_are_never_unpickled(tmp_path, digits_png):
     target = tmp_path / "pwned"
-    payload = pickle.dumps(_Payload(str(target)))
+    payload = pickle.dumps(PicklePayload(str(target)))
     pickle.loads(payload).close()  # the payload is live ...
     assert target.exists()
     target.unlink()

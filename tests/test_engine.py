@@ -3,13 +3,11 @@ ZeRO-3 builds sharded from the start with the unsharded weights, checkpoints mov
 (universal conversion), and gradient checkpointing is exact under ZeRO-3. (Preemption: tests/faults.)"""
 import json
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, deepspeed_cli
 from vitscale.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -17,10 +15,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "engine_parity.py"
 
 
 def _launch(world, port, *args, cwd):
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(port),
-           str(SCRIPT), *map(str, args)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    r = deepspeed_cli(world, port, args, cwd, timeout=900, script=SCRIPT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
 
 

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli, train_args
+from conftest import PicklePayload, run_cli, train_args
 from vitscale.data.shards import write_shards
 from vitscale.logging.metrics import read_metrics
-
-
-class _Payload:
-    """Unpickling this creates a file: if the file never appears, nothing was unpickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -48,7 +38,7 @@ def damaged(tmp_path_factory):
         samples.append((f"s{i:04d}", data, "jpg", int(digits.target[i])))
     write_shards(samples, d / "shards", prefix="train", maxcount=100)
     shards = sorted((d / "shards").glob("train-*.tar"))
-    payload = pickle.dumps(_Payload(str(d / "pwned")))
+    payload = pickle.dumps(PicklePayload(str(d / "pwned")))
     with tarfile.open(shards[0], "a") as t:  # append unsafe members next to shard 0's samples
         for i in range(100):
             for ext in ("pyd", "pickle"):

@@ -6,17 +6,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, run_cli, train_args
-
-
-class _Payload:
-    """Unpickling this creates a file."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from conftest import ROOT, PicklePayload, run_cli, train_args
 
 
 def test_every_torch_load_in_vitscale_is_weights_only():
@@ -37,7 +27,7 @@ def test_tampered_rank_state_is_refused_and_never_run(tmp_path, data_cache):
     assert run_cli(args, cwd=tmp_path).returncode == 0
     ckpt = tmp_path / "t" / "checkpoints" / "step_00000002"
     target = tmp_path / "pwned"
-    torch.save({"rng": _Payload(str(target))}, ckpt / "rank_00000.pt")
+    torch.save({"rng": PicklePayload(str(target))}, ckpt / "rank_00000.pt")
     marker = json.loads((ckpt / "COMPLETE").read_text())  # an attacker would fix the sizes up too
     marker["files"]["rank_00000.pt"] = (ckpt / "rank_00000.pt").stat().st_size
     (ckpt / "COMPLETE").write_text(json.dumps(marker))

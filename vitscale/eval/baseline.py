@@ -20,7 +20,7 @@ from torch import nn
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import ShardSet
 from vitscale.data.transforms import normalize
-from vitscale.optim import lr_at
+from vitscale.optim import lr_at, param_groups
 
 BASELINE_FILE = "baseline_resnet18.pt"
 
@@ -76,10 +76,8 @@ def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg:
         raise ValueError(f"baseline steps must be >= 1, got {cfg.steps}")
     torch.manual_seed(cfg.seed)  # same weights on every rank
     model = resnet18_small(num_classes, cfg.width)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases: no weight decay
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    # BN weights and biases get no weight decay: the same grouping rule as the ViT's
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size, seed=cfg.seed,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes,
