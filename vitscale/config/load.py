@@ -215,6 +215,50 @@ def check_consistency(cfg: Config) -> None:
     if cfg.engine.nvme_path and not (cfg.engine.offload_optimizer or cfg.engine.offload_params):
         raise ConfigError("engine.nvme_path is set but nothing is offloaded: set engine.offload_optimizer "
                           "and/or engine.offload_params")
+    _check_model(cfg)
+    _check_ds_config(cfg.engine.ds_config)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    if not m.class_token and m.global_pool == "token" and cfg.objective.name == "supervised":
+        raise ConfigError("model.class_token=false leaves no [CLS] token to classify from: set model.global_pool=avg")
+    for key in ("mlp_ratio", "decoder_mlp_ratio", "init_values"):
+        value = getattr(m, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"model.{key} must be > 0 (or null), got {value}")
+    for key in ("drop_path", "drop_rate", "attn_drop_rate", "proj_drop_rate"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(m, key)}")
+
+
+# DeepSpeed settings that vitscale generates from a schema key: an engine.ds_config override of them would make
+# DeepSpeed disagree with the rest of vitscale (the LR scaling, zero.Init, the data stream), so it is refused.
+SHADOWED_DS_KEYS = {
+    "train_micro_batch_size_per_gpu": "data.batch_size", "train_batch_size": "data.global_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.offload_optimizer": "engine.offload_optimizer",
+    "zero_optimization.offload_param": "engine.offload_params", "bf16.enabled": "train.precision",
+    "bfloat16.enabled": "train.precision", "fp16.enabled": "train.precision", "gradient_clipping": "optim.grad_clip",
+    "checkpoint.load_universal": "train.resume (a checkpoint from another world size is converted automatically)",
+}
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        out += _leaf_paths(v, path + ".") if isinstance(v, dict) and v else [path]
+    return out
+
+
+def _check_ds_config(ds_config: dict) -> None:
+    """Refuse overrides of DeepSpeed keys that a schema key sets (or of a section holding one)."""
+    for path in _leaf_paths(ds_config):
+        for ds_key, schema_key in SHADOWED_DS_KEYS.items():
+            if path == ds_key or ds_key.startswith(path + "."):
+                raise ConfigError(f"engine.ds_config.{path} would override what {schema_key} sets: "
+                                  f"use {schema_key} instead")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -43,6 +43,27 @@ class ModelConfig:
     decoder_embed_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
     decoder_num_heads: Optional[int] = None
+    # MAE decoder MLP width / embed width (None = model.mlp_ratio).
+    decoder_mlp_ratio: Optional[float] = None
+    # Position embedding: "learn" (1-D learned table), "sincos" (fixed 2-D sin-cos) or "none"; None keeps the
+    # model's (ViT: learn; MAE encoder: sincos, as in the paper).
+    pos_embed: Optional[str] = None
+    # Prepend a [CLS] token. Without one, supervised training needs model.global_pool=avg.
+    class_token: bool = True
+    # MLP width / embed width (None keeps the variant's: 4, or the paper's value for giant/gigantic/e).
+    mlp_ratio: Optional[float] = None
+    # Bias on the attention's qkv projection.
+    qkv_bias: bool = True
+    # LayerScale: initial value of the per-channel residual scales (None = no LayerScale; CaiT uses 1e-5..0.1).
+    init_values: Optional[float] = None
+    # Final LayerNorm after pooling (fc_norm) instead of before it; None = after when global_pool=avg (timm).
+    fc_norm: Optional[bool] = None
+    # Dropout after the position embedding and before the head (timm's drop_rate).
+    drop_rate: float = 0.0
+    # Dropout on the attention probabilities.
+    attn_drop_rate: float = 0.0
+    # Dropout after the attention and MLP projections.
+    proj_drop_rate: float = 0.0
 
 
 @dataclass
@@ -188,6 +209,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
     """Keys whose value must be one of a fixed set."""
     return {
         "model.global_pool": ("token", "avg"),
+        "model.pos_embed": ("learn", "sincos", "none"),
         "data.decode_on": ("worker", "device"),
         "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
