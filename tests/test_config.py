@@ -66,7 +66,7 @@ def test_every_shipped_config_validates_and_builds(path):
     """Recipes stay in step with the schema and the model registry (built on the meta device: no memory)."""
     import torch
 
-    from vitscale.trainer import build_model
+    from vitscale.objectives import build_model
 
     cfg = load_config(path)
     with torch.device("meta"):
@@ -78,7 +78,7 @@ def test_every_shipped_config_validates_and_builds(path):
 def test_mae_decoder_keys_reach_the_model():
     import torch
 
-    from vitscale.trainer import build_model
+    from vitscale.objectives import build_model
 
     cfg = load_config(ROOT / "configs/demo_mae.yaml", ["model.decoder_embed_dim=64", "model.decoder_depth=1",
                                                        "model.decoder_num_heads=2"])

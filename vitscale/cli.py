@@ -12,7 +12,7 @@ from vitscale.errors import VitscaleError
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # validates fully before anything is written
-    from vitscale.trainer import train
+    from vitscale.train import train
 
     train(cfg, local_rank_arg=args.local_rank)
     return 0

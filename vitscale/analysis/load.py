@@ -21,10 +21,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from vitscale.models import create_model
 from vitscale.models.embed import HybridEmbed
 from vitscale.models.mae import MaskedAutoencoderViT
 from vitscale.models.vit import VisionTransformer
+from vitscale.objectives import build_saved_model
 
 _PREFIXES = ("module.", "_orig_mod.")
 # Schema default of objective.norm_pix_loss (used when the source does not say).
@@ -102,11 +102,6 @@ def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) 
     return cfg
 
 
-def _model_kwargs(m: dict[str, Any]) -> dict[str, Any]:
-    return dict(img_size=m.get("img_size"), patch_size=m.get("patch_size"), embed_dim=m.get("embed_dim"),
-                depth=m.get("depth"), num_heads=m.get("num_heads"))
-
-
 def load_model_for_analysis(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                             model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained model (eval mode, fp32, on ``device``) and describe it.
@@ -133,19 +128,16 @@ def load_model_for_analysis(path: Union[str, Path], device: Union[str, torch.dev
     elif model_name is not None:
         m = {**m, "name": model_name}
     base = m["name"][4:] if m["name"].startswith("mae_") else m["name"]
-    kw = _model_kwargs(m)
+    m_base = {**m, "name": base}
 
-    with torch.device("meta"):
-        if objective == "mae" and part == "full":
-            norm_pix = src["norm_pix_loss"]
-            model = create_model("mae_" + base, norm_pix_loss=bool(norm_pix), **kw)
-        elif objective == "mae":
-            # The MAE encoder: fixed sin-cos table, [CLS] pooling, final LayerNorm, no head.
-            model = create_model(base, num_classes=0, pos_embed="sincos", fc_norm=False, global_pool="token", **kw)
+    with torch.device("meta"):  # the one model factory (vitscale.objectives), as in training
+        if objective == "mae":
+            model = build_saved_model(m_base, "mae", norm_pix_loss=bool(src["norm_pix_loss"]))
+            if part != "full":
+                model = model.encoder  # an exported MAE encoder: sin-cos table, [CLS] pooling, no head
         else:
             head = sd.get("head.weight")
-            num_classes = int(head.shape[0]) if head is not None else 0
-            model = create_model(base, num_classes=num_classes, global_pool=m.get("global_pool", "token"), **kw)
+            model = build_saved_model(m_base, "supervised", num_classes=int(head.shape[0]) if head is not None else 0)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match model {m['name']!r} "

@@ -1,6 +1,6 @@
 """The training step exactly as the trainer runs it, on synthetic or loader batches, for ``bench`` and ``plan``.
 
-Not a copy: :class:`EngineStep` builds a :class:`vitscale.trainer.Trainer` and calls its ``build_engine`` and
+Not a copy: :class:`EngineStep` builds a :class:`vitscale.train.Trainer` and calls its ``build_engine`` and
 ``step``, so a benchmark measures exactly what training runs. One process (or whatever the launcher started):
 DeepSpeed's CPU accelerator and gloo on a machine without a GPU.
 """
@@ -30,8 +30,7 @@ class EngineStep:
     def __init__(self, cfg: Config, num_classes: int):
         from vitscale.distributed import engine as eng
         from vitscale.distributed.env import detect_env
-        from vitscale.train_state import Preemption, TrainState, Window
-        from vitscale.trainer import Trainer
+        from vitscale.train import Trainer, TrainState, Window
 
         self.cfg = cfg
         self.env = detect_env()
@@ -43,7 +42,7 @@ class EngineStep:
         self.params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         # A state a tenth into the schedule: a real, nonzero LR, so AdamW does the training's arithmetic.
         self.state = TrainState(step=cfg.train.steps // 10)
-        self.window, self.preempt = Window(), Preemption()
+        self.window = Window()
         self.engine.train()
 
     @property
@@ -52,9 +51,8 @@ class EngineStep:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step (``train.grad_accum`` micro-steps, each on this batch), exactly as in training."""
-        losses, _, _ = self.trainer.step(self.state, itertools.repeat({"image": images, "label": labels}),
-                                         self.window, self.preempt)
-        return losses[-1]
+        out = self.trainer.step(self.state, itertools.repeat({"image": images, "label": labels}), self.window)
+        return out.losses[-1]
 
 
 def measure_step_memory(cfg: Config, num_classes: int, steps: int = 3) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class ModelShape:
 
 def model_shape(cfg: Config, num_classes: int) -> ModelShape:
     """Dimensions and parameter counts of the configured model, built on the meta device (no memory)."""
-    from vitscale.trainer import build_model  # the trainer's own builder: same model as training
+    from vitscale.objectives import build_model  # the one model factory: same model as training
 
     with torch.device("meta"):
         model = build_model(cfg, num_classes)

@@ -100,14 +100,14 @@ class Timed:
 
 def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_classes: int, seed: int):
     """Plain-PyTorch training step closure: autocast forward + objective, backward, (clip), AdamW step."""
-    from vitscale.objectives import get_objective
+    from vitscale.objectives import objective_for
     from vitscale.optim import param_groups
 
     model.to(device).train()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), lr=1e-5,
                             betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, **fused)
-    objective = get_objective(cfg.objective.name)
+    objective = objective_for(cfg)
     amp = autocast_dtype(cfg.train.precision)
     scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
     g = torch.Generator().manual_seed(seed)
@@ -119,8 +119,7 @@ def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_c
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = objective(model, x, y, mask_ratio=cfg.objective.mask_ratio,
-                                label_smoothing=cfg.objective.label_smoothing)
+            loss, _ = objective(model, x, y)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -163,8 +162,7 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     """Run the requested modes; returns the JSON-able results (also printed as a table by :func:`print_bench`)."""
     from vitscale.bench.common import bench_device, device_label, resolve_num_classes
     from vitscale.logging.metrics import device_peak_flops
-    from vitscale.models.flops import forward_flops
-    from vitscale.trainer import build_model
+    from vitscale.objectives import build_model, objective_for
 
     bad = [w for w in what if w not in MODES]
     if bad or not what:
@@ -195,7 +193,7 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     # ----- model (ours and timm) and engine: alternate rounds on CPU, one after another on GPU -------------------
     with torch.device("meta"):  # configuration, FLOPs and parameter count without memory
         shape_net = build_model(cfg, classes)
-    flops = 3 * forward_flops(shape_net, mask_ratio=cfg.objective.mask_ratio if cfg.objective.name == "mae" else None)
+    flops = objective_for(cfg).flops_per_image(shape_net)
     out["params"] = sum(p.numel() for p in shape_net.parameters())
     timed: list[Timed] = []
 

@@ -5,14 +5,44 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from vitscale.models import create_model
+from vitscale.models.flops import forward_flops
+from vitscale.objectives.base import Objective, model_kwargs
 
 
-def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor,
-                    label_smoothing: float = 0.0, **_) -> tuple[torch.Tensor, dict[str, float]]:
+class Supervised(Objective):
+    name = "supervised"
+
+    def check_data(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        m = self.cfg.model
+        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **model_kwargs(self.cfg))
+        model.set_grad_checkpointing(m.grad_checkpointing)
+        return model
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        return 3 * forward_flops(model)
+
+    def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return supervised_step(model, images, labels, label_smoothing=self.cfg.objective.label_smoothing)
+
+    def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        correct, loss_sum = count_correct(model, images, labels)
+        return {"acc": correct, "loss": loss_sum}
+
+
+def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     logits = model(images)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == labels).float().mean().item()
+    with torch.no_grad():  # a tensor, not .item(): a host sync per micro-batch would stall the GPU
+        acc = (logits.argmax(-1) == labels).float().mean()
     return loss, {"acc": acc}
 
 

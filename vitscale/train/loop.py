@@ -1,18 +1,22 @@
-"""The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs."""
+"""The training loop: counted in optimizer steps, resumable exactly, the same code on 1 CPU or many GPUs.
+
+``Trainer.run`` reads top to bottom: set up (or resume), then per step: train, roll back if the loss diverged,
+log, progress bar, pictures, preemption, checkpoint, fault hooks; then evaluate and report. Everything that
+differs between objectives is the objective's (``vitscale.objectives``); the resume glue is ``train/resume.py``.
+"""
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from vitscale import faults
-from vitscale.config import Config, config_to_dict, save_config
+from vitscale.config import Config, config_to_dict, resolve, save_config
 from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
 from vitscale.data.shards import resolve_shards
 from vitscale.data.transforms import materialize, normalize
@@ -20,37 +24,18 @@ from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
-from vitscale.logging.images import mae_panels, save_mae_grid
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
 from vitscale.logging.trackers import Tracker
-from vitscale.models import create_model
-from vitscale.models.flops import forward_flops
-from vitscale.objectives import get_objective
-from vitscale.objectives.supervised import count_correct
-from vitscale.optim import lr_at, param_groups, peak_lr
-from vitscale.train_state import (Preemption, TrainState, Window, apply_global_batch, check_resumable, rng_state,
-                                  set_rng_state)
+from vitscale.objectives import objective_for
+from vitscale.optim import lr_at, param_groups
+from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
+from vitscale.train.state import Preemption, StepOutput, TrainState, Window, rng_state
 
 PREEMPT_CHECK_EVERY = 10  # steps between checks for a preemption signal when losses are not checked every step
 
 
 class Rollback(Exception):
     """Too many non-finite losses in a row: reload the last checkpoint and go on with a lower LR."""
-
-
-def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    m = cfg.model
-    kwargs: dict[str, Any] = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                                  depth=m.depth, num_heads=m.num_heads, drop_path_rate=m.drop_path)
-    if cfg.objective.name == "mae":
-        name = m.name if m.name.startswith("mae_") else "mae_" + m.name
-        decoder = {k: getattr(m, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-                   if getattr(m, k) is not None}
-        model = create_model(name, norm_pix_loss=cfg.objective.norm_pix_loss, **kwargs, **decoder)
-    else:
-        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **kwargs)
-    model.set_grad_checkpointing(m.grad_checkpointing)
-    return model
 
 
 def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
@@ -62,11 +47,23 @@ def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
-        self.run_dir = Path(cfg.run.dir) / cfg.run.name
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
-        self.objective = get_objective(cfg.objective.name)
+        # Every attribute is created here; setup() and build_engine() fill in the ones that start as None.
+        self.settings = resolve(cfg, env.world_size)  # the launch's batch sizes and LR, derived once
+        self.cfg, self.env = self.settings.cfg, env
+        self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, self.cfg.train.keep_last)
+        self.objective = objective_for(self.cfg)
         self.log = print if env.is_main else (lambda *a, **k: None)
+        self.num_classes = 0
+        self.train_set = self.val_set = None  # ShardSets
+        self.engine: Optional[eng.Engine] = None
+        self.flops_per_image = 0.0
+        self.loader = None
+        self.batches: Optional[Iterator[dict]] = None
+        self.tracker: Optional[Tracker] = None
+        self.metrics: Optional[MetricsWriter] = None
+        self.bar = None  # tqdm on rank 0 with train.progress
+        self.preemption: Optional[Preemption] = None  # signal handlers: installed by run() only
         self.batches_seen = 0  # micro-batches taken from the stream by this process (fault injection counts them)
         self.decode_failures = 0  # JPEGs this rank's device could not decode (data.decode_on=device)
         self.bad_in_a_row = 0
@@ -75,169 +72,124 @@ class Trainer:
         if self.env.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    # ----- setup -------------------------------------------------------------------------------------------
-    def _data(self) -> int:
-        cfg = self.cfg
-        self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
-        self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
-        num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
-        if cfg.objective.name == "supervised" and num_classes < 2:
-            raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
-        return num_classes
-
-    def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
-        """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
-        cfg = self.cfg
-        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
-        self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
-        with torch.device("meta"):  # the size alone, without memory or init cost
-            num_params = sum(p.numel() for p in build_model(cfg, num_classes).parameters())
-        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal,
-                                        num_params=num_params)
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
-        with eng.model_init_context(cfg, ds_config):
-            model = build_model(cfg, num_classes)
-        self.flops_per_image = 3 * forward_flops(model, mask_ratio=cfg.objective.mask_ratio
-                                                 if cfg.objective.name == "mae" else None)
-        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        self.engine = eng.initialize(model, groups, cfg, ds_config)
-
-    def _resume(self, path: Optional[Path], universal: bool) -> tuple[TrainState, Optional[dict]]:
-        if path is None:
-            return TrainState(), None
-        trainer_state, rank_state = self.ckpt.load(self.engine, path, universal=universal)
-        state = TrainState.from_saved(trainer_state)
-        self.log(f"resumed from {path} at step {state.step}")
-        return state, rank_state
-
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        cfg = self.cfg
+        point = find_resume(self.ckpt, cfg)  # a checkpoint of another model is refused before anything is written
+        if point is not None and point.step >= cfg.train.steps:  # a finished run costs nothing
+            return self._already_complete(point)
+        state = self.setup(point)
+        window = Window()
+        while state.step < cfg.train.steps:
+            try:
+                out = self.step(state, self.batches, window)
+            except Rollback as why:
+                self.rollback(state, str(why))
+                window = Window()
+                self._progress(state.step)
+                continue
+            state.step += 1
+            state.samples += self.settings.global_batch
+            window.steps += 1
+            last = state.step == cfg.train.steps
+            record = None
+            if state.step % cfg.train.log_every == 0 or last:
+                record = self.log_step(state, out, window)
+                window = Window()
+            self._progress(state.step, record)
+            if self.objective.images_due(state.step, last):
+                self.save_picture(out.batch, state.step)
+            preempted = self._preempted(out.preempted, state.step, last)
+            if last or preempted or state.step % cfg.train.ckpt_every == 0:
+                self.save(state)
+            if preempted:
+                self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
+                break
+            faults.inject("after_step", rank=self.env.rank, step=state.step)
+        return self.finish(state)
+
+    # ----- setup -------------------------------------------------------------------------------------------
+    def setup(self, point: Optional[ResumePoint]) -> TrainState:
+        """Data, run directory, engine (resumed from ``point``), data stream, RNG and outputs, in that order."""
         cfg, env = self.cfg, self.env
-        apply_global_batch(cfg, env.world_size)
-        path = self.ckpt.find(cfg.train.resume)
-        saved = json.loads((path / "trainer_state.json").read_text()) if path is not None else None
-        if saved is not None:  # refused before anything is written
-            check_resumable(saved.get("config", {}), cfg, path)
-            if saved["step"] >= cfg.train.steps:  # decided before building anything: a finished run costs nothing
-                self.log(f"run '{cfg.run.name}' is already complete: step {saved['step']} of {cfg.train.steps} "
-                         f"(results in {self.run_dir}); raise train.steps to continue")
-                return {"step": saved["step"], "complete": True, "run_dir": str(self.run_dir)}
-        num_classes = self._data()  # missing shards fail here, before the run directory is touched
+        self._open_data()  # missing shards fail here, before the run directory is touched
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
-        universal = self.ckpt.prepare(path, env.world_size, cfg.engine.zero_stage) if path is not None else False
-        self.build_engine(num_classes, load_universal=universal)
-        state, rank_state = self._resume(path, universal)
+        universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
+        self.build_engine(self.num_classes, load_universal=universal)
+        state, rank_state = load_state(self.ckpt, self.engine, point, universal)
+        if point is not None:
+            self.log(f"resumed from {point.path} at step {state.step}")
         state.history.append([state.step, env.world_size])
-
-        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
-                                          state=(rank_state or {}).get("data"))
+        self.loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
+                                               state=(rank_state or {}).get("data"))
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
-        batches = iter(loader)
-        # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
-        # the loader's iterator exists because DataLoader draws its worker seed from the global RNG.
-        if rank_state is not None and "rng" in rank_state:
-            set_rng_state(rank_state["rng"])
-        else:
-            torch.manual_seed(cfg.run.seed * 1000 + 1 + env.rank)
+        self.batches = iter(self.loader)
+        seed_training_rng(rank_state, cfg.run.seed, env.rank)  # after iter(): see its docstring
+        self._open_outputs(state)
+        self.engine.train()
+        return state
 
-        self.tracker = tracker = Tracker(
+    def _open_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+        self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
+        self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
+        self.objective.check_data(self.num_classes)
+
+    def _open_outputs(self, state: TrainState) -> None:
+        """Tracker, metrics.jsonl, the preemption signal handlers and the progress bar."""
+        cfg, env = self.cfg, self.env
+        self.tracker = Tracker(
             enabled=env.is_main, mode=cfg.logging.wandb.mode, project=cfg.logging.wandb.project,
             entity=cfg.logging.wandb.entity, name=cfg.run.name, run_dir=self.run_dir, config=config_to_dict(cfg),
             run_id=state.tracker_id)
-        state.tracker_id = tracker.run_id or state.tracker_id
-        self.metrics = metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
-        preempt = Preemption()
-        bar = None
+        state.tracker_id = self.tracker.run_id or state.tracker_id
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
+        self.preemption = Preemption()
         if env.is_main and cfg.train.progress:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
 
-        self.engine.train()
-        window = Window()
-        preempted = False
-        while state.step < cfg.train.steps:
-            try:
-                losses, batch, preempted = self.step(state, batches, window, preempt)
-            except Rollback as why:
-                self._rollback(state, num_classes, str(why))
-                window = Window()
-                if bar is not None:
-                    bar.n = state.step
-                    bar.refresh()
-                continue
-            state.step += 1
-            state.samples += self.global_batch
-            window.steps += 1
+    def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
+        """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
+        cfg = self.cfg
+        with torch.device("meta"):  # the size alone, without memory or init cost
+            num_params = sum(p.numel() for p in self.objective.build_model(num_classes).parameters())
+        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal,
+                                        num_params=num_params)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
+        with eng.model_init_context(cfg, ds_config):
+            model = self.objective.build_model(num_classes)
+        self.flops_per_image = self.objective.flops_per_image(model)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        self.engine = eng.initialize(model, groups, cfg, ds_config)
 
-            last = state.step == cfg.train.steps
-            if state.step % cfg.train.log_every == 0 or last:
-                record = self._record(state, losses, window, loader)
-                metrics.write(record)
-                tracker.log(record, step=state.step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['samples_per_s']:.0f}")
-                window = Window()
-            if bar is not None:
-                bar.update(1)
-
-            if cfg.objective.name == "mae" and (last or (cfg.logging.image_every
-                                                         and state.step % cfg.logging.image_every == 0)):
-                self._mae_images(batch, state.step, tracker)
-
-            # Every rank must stop at the same step, so the signal is agreed on with an all-reduce. step() does
-            # that with its loss check; without it, only every few steps (an all-reduce is a host sync on GPUs).
-            if not cfg.train.skip_nonfinite and (last or state.step % min(cfg.train.log_every,
-                                                                          PREEMPT_CHECK_EVERY) == 0):
-                preempted = eng.any_rank(preempt.requested)
-            if last or preempted or state.step % cfg.train.ckpt_every == 0:
-                self._save(state, loader)
-            if preempted:
-                self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
-                break
-            faults.inject("after_step", rank=env.rank, step=state.step)
-        if bar is not None:
-            bar.close()
-
-        summary = {"step": state.step, "complete": state.step >= cfg.train.steps, "run_dir": str(self.run_dir)}
-        if summary["complete"] and self.val_set is not None:
-            summary.update(self.evaluate())
-            metrics.write({"step": state.step, **{k: v for k, v in summary.items() if k.startswith("val_")}})
-            tracker.summarize(summary)
-        metrics.close()
-        tracker.finish()
-        self._report(summary)
-        return summary
-
-    def step(self, state: TrainState, batches, window: Window, preempt: Preemption) -> tuple[list, dict, bool]:
-        """One optimizer step over train.grad_accum micro-batches; returns (losses, last batch, preempted).
+    # ----- one step ----------------------------------------------------------------------------------------
+    def step(self, state: TrainState, batches: Iterator[dict], window: Window) -> StepOutput:
+        """One optimizer step over train.grad_accum micro-batches.
 
         With train.skip_nonfinite, every rank learns after the forward whether any rank's loss is NaN/Inf (one
         small all-reduce, which also carries the preemption flag); such a micro-batch gets no backward on any
         rank and the next one takes its place, so NaN never reaches the weights."""
         cfg, rank = self.cfg, self.env.rank
-        self.engine.set_lr(state.lr_scale * lr_at(state.step, self.peak_lr, cfg.optim.warmup_steps,
-                                                  cfg.train.steps, cfg.optim.min_lr))
-        losses, preempted = [], False
-        while len(losses) < cfg.train.grad_accum:
+        self.engine.set_lr(self._lr(state, state.step))
+        out = StepOutput(losses=[], metrics=[], batch={})
+        while len(out.losses) < cfg.train.grad_accum:
             t0 = time.perf_counter()
-            batch = next(batches)
+            out.batch = next(batches)
             window.wait += time.perf_counter() - t0
             self.batches_seen += 1
-            raw, bad = materialize(batch["image"], self.engine.device)
-            self.decode_failures += bad
-            images = normalize(raw).to(self.engine.dtype)
-            labels = batch["label"].to(self.engine.device)
-            loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
-                                     label_smoothing=cfg.objective.label_smoothing)
+            images, labels = self._to_device(out.batch)
+            loss, metrics = self.objective(self.engine, images, labels)
             if faults.poison_loss(rank=rank, batch=self.batches_seen):
                 loss = loss * float("nan")
             if cfg.train.skip_nonfinite:
-                bad, asked = eng.all_reduce_sum([0.0 if bool(torch.isfinite(loss)) else 1.0,
-                                                 1.0 if preempt.requested else 0.0])
-                preempted = preempted or asked > 0
+                stop = self.preemption is not None and self.preemption.requested
+                bad, stops = eng.all_reduce_sum([0.0 if bool(torch.isfinite(loss)) else 1.0, 1.0 if stop else 0.0])
+                out.preempted = out.preempted or stops > 0
                 if bad > 0:
                     self._skip_batch(state)
                     continue
@@ -245,9 +197,22 @@ class Trainer:
             self.engine.backward(loss)
             faults.inject("mid_step", rank=rank, step=state.step + 1)
             self.engine.step()
-            losses.append(loss.detach())
-        return losses, batch, preempted
+            out.losses.append(loss.detach())
+            out.metrics.append({k: v.detach() for k, v in metrics.items()})
+        return out
 
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded (if still JPEG bytes), normalised images in the engine's dtype, and labels, on its device."""
+        raw, bad = materialize(batch["image"], self.engine.device)
+        self.decode_failures += bad
+        return normalize(raw).to(self.engine.dtype), batch["label"].to(self.engine.device)
+
+    def _lr(self, state: TrainState, step: int) -> float:
+        cfg = self.cfg
+        return state.lr_scale * lr_at(step, self.settings.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
+                                      cfg.optim.min_lr)
+
+    # ----- non-finite losses -------------------------------------------------------------------------------
     def _skip_batch(self, state: TrainState) -> None:
         state.nonfinite_losses += 1
         self.bad_in_a_row += 1
@@ -257,22 +222,22 @@ class Trainer:
         if self.bad_in_a_row >= limit:
             raise Rollback(f"{self.bad_in_a_row} non-finite losses in a row at step {state.step + 1}")
 
-    def _rollback(self, state: TrainState, num_classes: int, reason: str) -> None:
+    def rollback(self, state: TrainState, reason: str) -> None:
         """Reload weights and optimizer from the newest complete checkpoint and lower the LR for the rest of
         the run. The RNG and the data stream go on (the batches that diverged are not replayed)."""
         cfg = self.cfg
         path = self.ckpt.find("auto")
         if path is None:
             raise TrainingDiverged(f"{reason} and no checkpoint to roll back to: lower optim.lr (or optim.blr), "
-                               "raise optim.warmup_steps, or check the data")
+                                   "raise optim.warmup_steps, or check the data")
         if state.rollbacks >= cfg.train.max_rollbacks:
             raise TrainingDiverged(f"{reason}, after {state.rollbacks} rollback(s) already (train.max_rollbacks): "
-                               "giving up; lower optim.lr (or optim.blr) or check the data")
+                                   "giving up; lower optim.lr (or optim.blr) or check the data")
         universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage)
         self.engine.close()
-        del self.engine
+        self.engine = None
         gc.collect()
-        self.build_engine(num_classes, load_universal=universal)
+        self.build_engine(self.num_classes, load_universal=universal)
         saved, _ = self.ckpt.load(self.engine, path, universal=universal)
         self.engine.train()
         state.step, state.samples = saved["step"], saved["samples"]
@@ -284,36 +249,31 @@ class Trainer:
         self.metrics.write({"step": state.step, "event": "rollback", "reason": reason, "lr_scale": state.lr_scale,
                             "rollbacks": state.rollbacks})
 
-    @torch.no_grad()
-    def _mae_images(self, batch: dict, step: int, tracker: Tracker) -> None:
-        """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 draws and saves."""
-        raw, _ = materialize(batch["image"][:self.cfg.logging.image_count], self.engine.device)
-        images = normalize(raw).to(self.engine.dtype)
-        self.engine.eval()
-        with torch.random.fork_rng(devices=[]):  # the picture must not change the training's random stream
-            _, pred, mask = self.engine(images, mask_ratio=self.cfg.objective.mask_ratio)
-        self.engine.train()
-        if self.env.is_main:
-            panels = mae_panels(self.engine.module, images, pred, mask)
-            path = save_mae_grid(panels, self.run_dir / "images" / f"mae_step_{step:08d}.png",
-                                 title=f"{self.cfg.run.name}: step {step}, mask ratio {self.cfg.objective.mask_ratio}")
-            tracker.log_image("mae_reconstruction", path, step)
+    # ----- what happens after a step -----------------------------------------------------------------------
+    def log_step(self, state: TrainState, out: StepOutput, window: Window) -> dict:
+        """Write one metrics line (metrics.jsonl and the tracker) and return it."""
+        record = self._record(state, out, window)
+        self.metrics.write(record)
+        self.tracker.log(record, step=state.step)
+        return record
 
-    def _record(self, state: TrainState, losses: list, window: "Window", loader) -> dict:
-        """One metrics line: the loss averaged over ranks, rates over the steps since the last line."""
-        cfg = self.cfg
-        bad_samples, bad_shards = loader.skipped()
-        bad_samples += self.decode_failures
-        loss_sum, bad_samples, bad_shards = eng.all_reduce_sum([float(torch.stack(losses).float().mean()),
-                                                                bad_samples, bad_shards])
+    def _record(self, state: TrainState, out: StepOutput, window: Window) -> dict:
+        """One metrics line: the loss and the objective's metrics averaged over ranks, rates over the steps since
+        the last line. The only host sync of the step's tensors is here, on log steps."""
+        names = sorted(out.metrics[0]) if out.metrics else []
+        means = torch.stack([torch.stack(out.losses).float().mean()]
+                            + [torch.stack([m[k] for m in out.metrics]).float().mean() for k in names]).tolist()
+        bad_samples, bad_shards = self.loader.skipped()
+        *sums, bad_samples, bad_shards = eng.all_reduce_sum([*means, bad_samples + self.decode_failures, bad_shards])
+        world = self.env.world_size
         elapsed = time.perf_counter() - window.start
-        samples_per_s = window.steps * self.global_batch / elapsed
-        return {"step": state.step, "samples": state.samples, "loss": loss_sum / self.env.world_size,
-                "lr": state.lr_scale * lr_at(state.step - 1, self.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
-                                             cfg.optim.min_lr),
+        samples_per_s = window.steps * self.settings.global_batch / elapsed
+        return {"step": state.step, "samples": state.samples, "loss": sums[0] / world,
+                "lr": self._lr(state, state.step - 1),
                 "grad_norm": self.engine.grad_norm(), "loss_scale": self.engine.loss_scale(),
                 "samples_per_s": samples_per_s, "step_time": elapsed / window.steps,
                 "data_wait_frac": window.wait / elapsed, "mem_gb": peak_memory_gb(), "mfu": self._mfu(samples_per_s),
+                **{f"train/{k}": s / world for k, s in zip(names, sums[1:])},
                 "data/skipped_samples": int(bad_samples), "data/skipped_shards": int(bad_shards),
                 "nonfinite_losses": state.nonfinite_losses, "rollbacks": state.rollbacks}
 
@@ -323,36 +283,86 @@ class Trainer:
             return None
         return self.flops_per_image * samples_per_s / (peak * self.env.world_size)
 
-    def _save(self, state: TrainState, loader) -> None:
+    def _progress(self, step: int, record: Optional[dict] = None) -> None:
+        if self.bar is None:
+            return
+        if record is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['samples_per_s']:.0f}")
+        if step < self.bar.n:  # a rollback went back to the checkpoint's step
+            self.bar.n = step
+            self.bar.refresh()
+        else:
+            self.bar.update(step - self.bar.n)
+
+    @torch.no_grad()
+    def save_picture(self, batch: dict, step: int) -> None:
+        """The objective's picture of the current model. Every rank runs the forward (ZeRO-3 gathers parameters
+        collectively); rank 0 draws, saves and logs it."""
+        raw, _ = materialize(batch["image"][:self.cfg.logging.image_count], self.engine.device)
+        images = normalize(raw).to(self.engine.dtype)
+        self.engine.eval()
+        with torch.random.fork_rng(devices=[]):  # the picture must not change the training's random stream
+            picture = self.objective.visualize(self.engine, self.engine.module, images, step)
+        self.engine.train()
+        if picture is not None and self.env.is_main:
+            path = picture.draw(picture.panels, self.run_dir / "images" / picture.filename, picture.title)
+            self.tracker.log_image(picture.key, path, step)
+
+    def _preempted(self, seen_in_step: bool, step: int, last: bool) -> bool:
+        """Every rank must stop at the same step, so the signal is agreed on with an all-reduce. step() does that
+        with its loss check; without it, only every few steps (an all-reduce is a host sync on GPUs)."""
+        if self.cfg.train.skip_nonfinite:
+            return seen_in_step
+        if last or step % min(self.cfg.train.log_every, PREEMPT_CHECK_EVERY) == 0:
+            return eng.any_rank(self.preemption.requested)
+        return False
+
+    def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
                          "config": config_to_dict(self.cfg)}
-        rank_state = {"rng": rng_state(), "data": loader.state_dict(), "decode_failures": self.decode_failures}
+        rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures}
         self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
 
-    # ----- evaluation --------------------------------------------------------------------------------------
+    # ----- the end -----------------------------------------------------------------------------------------
+    def finish(self, state: TrainState) -> dict:
+        """Evaluate a complete run on the held-out shards, close the outputs and report."""
+        if self.bar is not None:
+            self.bar.close()
+        summary: dict[str, Any] = {"step": state.step, "complete": state.step >= self.cfg.train.steps,
+                                   "run_dir": str(self.run_dir)}
+        if summary["complete"] and self.val_set is not None:
+            summary.update(self.evaluate())
+            self.metrics.write({"step": state.step, **{k: v for k, v in summary.items() if k.startswith("val_")}})
+            self.tracker.summarize(summary)
+        self.metrics.close()
+        self.tracker.finish()
+        self._report(summary)
+        return summary
+
+    def _already_complete(self, point: ResumePoint) -> dict:
+        self.log(f"run '{self.cfg.run.name}' is already complete: step {point.step} of {self.cfg.train.steps} "
+                 f"(results in {self.run_dir}); raise train.steps to continue")
+        return {"step": point.step, "complete": True, "run_dir": str(self.run_dir)}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""
         cfg = self.cfg
         loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
                                    rank=self.env.rank, world_size=self.env.world_size)
         self.engine.eval()
-        correct, loss_sum, count = 0, 0.0, 0
+        sums: dict[str, float] = {"loss": 0.0}
+        count = 0
         for batch in loader:
             images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
             labels = batch["label"].to(self.engine.device)
-            if cfg.objective.name == "supervised":
-                c, s = count_correct(self.engine, images, labels)
-                correct, loss_sum = correct + c, loss_sum + s
-            else:
-                loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio)
-                loss_sum += float(loss) * len(labels)
+            for key, value in self.objective.eval_sums(self.engine, images, labels).items():
+                sums[key] = sums.get(key, 0.0) + value
             count += len(labels)
         self.engine.train()
-        correct, loss_sum, count = eng.all_reduce_sum([correct, loss_sum, count])
-        out = {"val_images": int(count), "val_loss": loss_sum / max(count, 1)}
-        if cfg.objective.name == "supervised":
-            out["val_acc"] = correct / max(count, 1)
-        return out
+        keys = list(sums)
+        *totals, count = eng.all_reduce_sum([*(sums[k] for k in keys), count])
+        return {"val_images": int(count), **{f"val_{k}": t / max(count, 1) for k, t in zip(keys, totals)}}
 
     def _report(self, summary: dict) -> None:
         if "val_acc" in summary:

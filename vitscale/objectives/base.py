@@ -1,0 +1,77 @@
+"""What every objective provides, and the one mapping from ``model.*`` config keys to model keywords.
+
+An objective owns everything that differs between MAE and supervised training, so the training loop, the
+benchmarks and the loaders never ask which objective runs: which model it trains (:meth:`Objective.build_model`),
+what a step costs (:meth:`Objective.flops_per_image`), the loss and its metrics (``__call__``), the held-out
+evaluation (:meth:`Objective.eval_sums`) and the pictures it draws (:meth:`Objective.visualize`).
+Objectives know models, not engines, ranks or files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from vitscale.config import Config
+
+# model.<key> -> keyword of ``vitscale.models.create_model`` (None values keep the variant's default). A new model
+# option is one line here plus its field in config/schema.py.
+MODEL_KWARGS = {
+    "img_size": "img_size", "patch_size": "patch_size", "embed_dim": "embed_dim", "depth": "depth",
+    "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias", "class_token": "class_token",
+    "pos_embed": "pos_embed", "fc_norm": "fc_norm", "init_values": "init_values", "drop_path": "drop_path_rate",
+    "drop_rate": "drop_rate", "attn_drop_rate": "attn_drop_rate", "proj_drop_rate": "proj_drop_rate",
+}
+
+
+def model_kwargs(cfg: Config, keys: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """``create_model`` keywords from ``cfg.model`` (``keys``: config key -> keyword; default MODEL_KWARGS)."""
+    return {kw: getattr(cfg.model, key) for key, kw in (keys or MODEL_KWARGS).items()}
+
+
+@dataclass
+class Picture:
+    """A figure an objective wants saved (rank 0) and logged: ``draw(panels, path, title)`` writes the file."""
+    key: str  # tracker key
+    filename: str  # under RUN_DIR/images/
+    title: str
+    panels: torch.Tensor
+    draw: Callable[[torch.Tensor, Path, str], Path]
+
+
+class Objective:
+    """Base class; subclasses set ``name`` and implement the hooks. ``cfg`` is the whole run config."""
+    name = ""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check_data(self, num_classes: int) -> None:
+        """Raise if the training data cannot serve this objective (called before anything is written)."""
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        """Training FLOPs per image (forward + backward = 3 x forward) of ``model``."""
+        raise NotImplementedError
+
+    def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics): metrics are 0-d tensors, not synced to the host (the loop reads them on log steps)."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Held-out sums over the batch, e.g. {"loss": summed loss}; the loop reports val_<key> = sum / images."""
+        raise NotImplementedError
+
+    def images_due(self, step: int, last: bool) -> bool:
+        """Whether :meth:`visualize` should run after ``step``."""
+        return False
+
+    def visualize(self, model: Callable, module: nn.Module, images: torch.Tensor, step: int) -> Optional[Picture]:
+        """A picture of what the model does on ``images`` (every rank runs it: ZeRO-3 forwards are collective)."""
+        return None

@@ -1,0 +1,77 @@
+"""Checkpoint-resume glue of the training loop: which checkpoint to continue, whether this config may continue
+it, and the per-rank state (RNG, data position) to restore. The files themselves are distributed/checkpoint.py's."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vitscale.config import Config, ConfigError, config_to_dict
+from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.train.state import TrainState, set_rng_state
+
+# Keys that change the model's architecture or what it learns: a checkpoint written under other values cannot
+# be continued by this config. (Drop-path, checkpointing, LR, steps, data paths ... may change on resume.)
+ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
+                     "model.num_heads", "model.global_pool", "model.decoder_embed_dim", "model.decoder_depth",
+                     "model.decoder_num_heads", "model.decoder_mlp_ratio", "model.pos_embed", "model.class_token",
+                     "model.mlp_ratio", "model.qkv_bias", "model.init_values", "model.fc_norm", "objective.name",
+                     "data.num_classes")
+
+
+@dataclass
+class ResumePoint:
+    """A complete checkpoint this run continues from, and its trainer_state.json."""
+    path: Path
+    saved: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.saved["step"])
+
+
+def find_resume(ckpt: CheckpointManager, cfg: Config) -> Optional[ResumePoint]:
+    """The checkpoint ``train.resume`` names (None: start fresh); refused before anything is written if it was
+    written for another model."""
+    path = ckpt.find(cfg.train.resume)
+    if path is None:
+        return None
+    saved = json.loads((path / "trainer_state.json").read_text())
+    check_resumable(saved.get("config", {}), cfg, path)
+    return ResumePoint(path, saved)
+
+
+def check_resumable(saved_config: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint written for another model, naming every key that differs. A key the checkpoint's
+    config lacks (written before the key existed) had its default value."""
+    now, default = config_to_dict(cfg), config_to_dict(Config())
+    diffs = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        old, new = saved_config.get(section, {}).get(name, default[section][name]), now[section][name]
+        if old != new:
+            diffs.append(f"{key}={old!r} there, {new!r} here")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} was written for another model ({'; '.join(diffs)}): use a new "
+                          f"run.name to start fresh, or train.resume=never")
+
+
+def seed_training_rng(rank_state: Optional[dict], seed: int, rank: int) -> None:
+    """Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. Call it after the
+    loader's iterator exists: DataLoader draws its worker seed from the global RNG."""
+    if rank_state is not None and "rng" in rank_state:
+        set_rng_state(rank_state["rng"])
+    else:
+        torch.manual_seed(seed * 1000 + 1 + rank)
+
+
+def load_state(ckpt: CheckpointManager, engine, point: Optional[ResumePoint], universal: bool
+               ) -> tuple[TrainState, Optional[dict]]:
+    """(train state, this rank's saved state or None) after loading ``point`` into ``engine``."""
+    if point is None:
+        return TrainState(), None
+    trainer_state, rank_state = ckpt.load(engine, point.path, universal=universal)
+    return TrainState.from_saved(trainer_state), rank_state
