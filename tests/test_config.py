@@ -88,3 +88,108 @@ def test_mae_decoder_keys_reach_the_model():
     with torch.device("meta"):
         default = build_model(load_config(ROOT / "configs/demo_mae.yaml"), 0)
     assert (default.decoder_embed_dim, len(default.decoder_blocks)) == (128, 2)  # the micro variant's decoder
+
+
+def _meta_model(path, overrides, num_classes=10):
+    import torch
+
+    from vitscale.objectives import build_model
+
+    with torch.device("meta"):
+        return build_model(load_config(ROOT / path, overrides), num_classes)
+
+
+@pytest.mark.parametrize("kind, requires_grad", [("learn", True), ("sincos", False)])
+def test_pos_embed_key_reaches_the_vit(kind, requires_grad):
+    m = _meta_model("configs/demo.yaml", [f"model.pos_embed={kind}"])
+    assert m.pos_embed_type == kind and m.pos_embed.requires_grad is requires_grad
+    assert tuple(m.pos_embed.shape) == (1, 64 + 1, 128)  # 8x8 patches + [CLS], micro width
+    assert _meta_model("configs/demo.yaml", ["model.pos_embed=none"]).pos_embed is None
+    assert _meta_model("configs/demo.yaml", []).pos_embed_type == "learn"  # null keeps the ViT's default
+
+
+def test_class_token_and_other_model_keys_reach_the_model():
+    import torch
+
+    from vitscale.objectives import build_model
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        "model.class_token=false", "model.global_pool=avg", "model.mlp_ratio=2", "model.qkv_bias=false",
+        "model.init_values=0.1", "model.fc_norm=false", "model.drop_rate=0.1", "model.attn_drop_rate=0.2",
+        "model.proj_drop_rate=0.3"])
+    m = build_model(cfg, 10)  # on the CPU: LayerScale's initial values are real numbers
+    assert m.cls_token is None and m.num_prefix_tokens == 0 and tuple(m.pos_embed.shape) == (1, 64, 128)
+    blk = m.blocks[0]
+    assert blk.mlp.fc1.out_features == 256 and blk.attn.qkv.bias is None
+    assert torch.equal(blk.ls1.gamma.detach(), torch.full((128,), 0.1))
+    assert isinstance(m.fc_norm, torch.nn.Identity) and not isinstance(m.norm, torch.nn.Identity)  # fc_norm off
+    assert isinstance(_meta_model("configs/demo.yaml", ["model.class_token=false", "model.global_pool=avg"]).norm,
+                      torch.nn.Identity)  # null: timm's choice for avg pooling (norm after pooling)
+    assert (m.pos_drop.p, blk.attn.attn_drop.p, blk.attn.proj_drop.p) == (0.1, 0.2, 0.3)
+    assert m.head.out_features == 10 and m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_mae_model_keys_reach_encoder_and_decoder():
+    m = _meta_model("configs/demo_mae.yaml", ["model.pos_embed=learn", "model.class_token=false",
+                                              "model.decoder_mlp_ratio=2", "objective.mask_ratio=0.5"], 0)
+    assert m.encoder.pos_embed_type == "learn" and m.encoder.pos_embed.requires_grad
+    assert m.encoder.cls_token is None and m.num_prefix_tokens == 0
+    assert m.decoder_blocks[0].mlp.fc1.out_features == 2 * m.decoder_embed_dim and m.mask_ratio == 0.5
+    assert _meta_model("configs/demo_mae.yaml", [], 0).encoder.pos_embed_type == "sincos"  # the paper's default
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.pos_embed=rope"], ["model.pos_embed", "learn, sincos, none"]),
+    (["model.class_token=false"], ["model.class_token=false", "model.global_pool=avg"]),
+    (["model.mlp_ratio=0"], ["model.mlp_ratio", "> 0"]),
+    (["model.attn_drop_rate=1.0"], ["model.attn_drop_rate", "[0, 1)"]),
+    (["engine.ds_config.gradient_accumulation_steps=4"], ["engine.ds_config.gradient_accumulation_steps",
+                                                          "use train.grad_accum"]),
+    (["engine.ds_config.zero_optimization.stage=3"], ["zero_optimization.stage", "use engine.zero_stage"]),
+    (["engine.ds_config.zero_optimization=1"], ["engine.ds_config.zero_optimization", "engine.zero_stage"]),
+    (["engine.ds_config.bf16.enabled=false"], ["bf16.enabled", "use train.precision"]),
+    (["engine.ds_config.train_micro_batch_size_per_gpu=8"], ["use data.batch_size"]),
+])
+def test_bad_model_and_shadowing_ds_config_keys_are_one_line(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_ds_config_keys_no_schema_key_sets_are_allowed():
+    cfg = load_config(None, ["engine.ds_config.zero_optimization.reduce_bucket_size=50000",
+                             "engine.ds_config.fp16.loss_scale_window=500"])
+    assert cfg.engine.ds_config == {"zero_optimization": {"reduce_bucket_size": 50000},
+                                    "fp16": {"loss_scale_window": 500}}
+
+
+def test_resolve_derives_the_batch_once_without_changing_the_config():
+    from vitscale.config import resolve
+    from vitscale.distributed.engine import build_ds_config
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["data.global_batch_size=96", "train.grad_accum=2",
+                                                   "optim.lr=null", "optim.blr=0.004"])
+    r = resolve(cfg, 3)
+    assert (r.cfg.data.batch_size, r.global_batch, r.peak_lr) == (16, 96, 0.004 * 96 / 256)
+    assert cfg.data.batch_size == 64  # the caller's config is left alone
+    ds = build_ds_config(r.cfg, 3)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
+        (16, 2, 96)
+    plain = resolve(load_config(ROOT / "configs/demo.yaml"), 2)  # no global batch: batch x accum x world
+    assert (plain.cfg.data.batch_size, plain.global_batch, plain.peak_lr) == (64, 128, 2e-3)
+    with pytest.raises(ConfigError, match=r"not divisible by 5 process\(es\) x train.grad_accum=2 = 10"):
+        resolve(cfg, 5)
+
+
+def test_old_checkpoints_without_the_new_model_keys_still_resume(tmp_path):
+    from vitscale.config import config_to_dict
+    from vitscale.train import check_resumable
+
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    saved = config_to_dict(cfg)
+    for key in ("pos_embed", "class_token", "mlp_ratio", "qkv_bias", "init_values", "fc_norm"):
+        del saved["model"][key]  # written before these keys existed: their defaults were the only behaviour
+    check_resumable(saved, cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"model.pos_embed=None there, 'sincos' here"):
+        check_resumable(saved, load_config(ROOT / "configs/demo.yaml", ["model.pos_embed=sincos"]), tmp_path)

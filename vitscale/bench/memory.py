@@ -13,7 +13,7 @@ free gathered parameters) and memory made outside ATen (numpy arrays).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -72,7 +72,3 @@ class LiveTensorMemory(TorchDispatchMode):
     def live_bytes(self) -> int:
         self._sweep()
         return self.current
-
-
-def cuda_peak_bytes(device: Optional[torch.device] = None) -> int:
-    return int(torch.cuda.max_memory_allocated(device))

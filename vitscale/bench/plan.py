@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import torch
 
-from vitscale.config import Config
+from vitscale.config import Config, resolve
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
@@ -263,6 +263,7 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     classes, source = resolve_num_classes(cfg, num_classes)
     shape = shape or model_shape(cfg, classes)
     world = gpus * nodes
+    cfg = resolve(cfg, world).cfg  # data.global_batch_size -> the per-GPU batch at this world size, as in training
     b = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     batch = cfg.data.batch_size
     act = activation_bytes(shape, batch, b, grad_ckpt=False)

@@ -67,7 +67,15 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; allow only lossless conversions."""
+    """Check `value` against the annotation `tp` (lossless conversions only) and against the key's choices."""
+    value = _coerce_type(key, value, tp)
+    allowed = choices().get(key)
+    if allowed is not None and value is not None and value not in allowed:
+        raise ConfigError(f"config key '{key}' got {value!r}, expected one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def _coerce_type(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = typing.get_args(tp)
@@ -77,7 +85,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, value, arg)
+                return _coerce_type(key, value, arg)
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}' got {value!r}, expected {_type_name(tp)}")
@@ -101,9 +109,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         ok = isinstance(value, base)
     if not ok:
         raise ConfigError(f"config key '{key}' got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
-    allowed = choices().get(key)
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"config key '{key}' got {value!r}, expected one of {', '.join(map(str, allowed))}")
     return value
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.env import DistEnv
 
@@ -94,7 +95,7 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "train_batch_size": global_batch(cfg, world_size),
         "zero_optimization": zero,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_allow_untested_optimizer": True,
@@ -178,9 +179,6 @@ class Engine:
         if not self.ds.fp16_enabled():
             return None
         return float(self.ds.optimizer.cur_scale) if hasattr(self.ds.optimizer, "cur_scale") else None
-
-    def skipped_steps(self) -> int:
-        return int(getattr(self.ds, "skipped_steps", 0))
 
     def close(self) -> None:
         """Release the engine (ZeRO hooks and buffers) so that another can be built in this process."""
