@@ -20,6 +20,24 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_cache):
+    """One TINY demo run trained once per session: 4 steps, checkpoints at steps 2 and 4 (both kept), held-out
+    accuracy. Tests that only need a run directory or a checkpoint take a copy (:func:`copy_run`), never this."""
+    root = tmp_path_factory.mktemp("trained_run")
+    r = run_cli(train_args(root, "tiny", data_cache, "train.steps=4", "train.ckpt_every=2", "train.keep_last=0"),
+                cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "tiny"
+
+
+def copy_run(run_dir, parent, name=None):
+    """A private copy of a run directory under PARENT (same name unless NAME): a test may resume or damage it."""
+    import shutil
+
+    return Path(shutil.copytree(run_dir, Path(parent) / (name or Path(run_dir).name), symlinks=True))
+
+
 def run_cli(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "vitscale", *args], cwd=cwd, env=env, capture_output=True,

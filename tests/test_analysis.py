@@ -290,15 +290,14 @@ def test_analyze_mae_reconstruction_and_hybrid_notes(tmp_path, photos):
     assert sorted(p.name for p in (tmp_path / "hyb").iterdir()) == ["analysis.json", "mean_attention_distance.png"]
 
 
-def test_analyze_a_vit_trained_on_the_demo_digits(tmp_path, data_cache):
+def test_analyze_a_vit_trained_on_the_demo_digits(tmp_path, trained_run):
     """The command end to end on a run directory of a tiny ViT trained on the bundled digits, with digits."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from conftest import run_cli, train_args
+    from conftest import copy_run
 
-    r = run_cli(train_args(tmp_path, "digits", data_cache, "train.steps=40"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    copy_run(trained_run, tmp_path, "digits")  # the session's tiny demo run (4 steps)
     digits, images = load_digits(), []
     for i, folder in ((1790, "a"), (1796, "b")):  # two files of the same name: outputs must not collide
         img = (digits.images[i] * 255 / 16).astype(np.uint8).repeat(4, 0).repeat(4, 1)
@@ -311,6 +310,6 @@ def test_analyze_a_vit_trained_on_the_demo_digits(tmp_path, data_cache):
     doc = json.loads((out / "analysis.json").read_text())
     for name in doc["files"]:
         check_png(out / name)
-    assert len(doc["files"]) == 6 and doc["images"] == ["digit", "digit_2"] and doc["model"]["step"] == 40
+    assert len(doc["files"]) == 6 and doc["images"] == ["digit", "digit_2"] and doc["model"]["step"] == 4
     assert np.array(doc["attention"]["mean_distance_px"]).shape == (2, 2)  # depth x heads of the TINY model
     assert doc["pos_embed"]["diagonal_min"] == pytest.approx(1.0, abs=1e-5)

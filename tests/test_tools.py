@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from conftest import DEMO, TINY, run_cli, train_args
+from conftest import DEMO, TINY, copy_run, run_cli
 from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.plan import activation_bytes, model_shape, plan_memory
 from vitscale.bench.plot import plot_run
@@ -69,10 +69,8 @@ def test_plot_bad_input(tmp_path):
         plot_run(tmp_path)
 
 
-def test_plot_real_training_run(tmp_path, data_cache):
-    r = run_cli(train_args(tmp_path, "plotted", data_cache, "train.steps=4"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = run_cli(["plot", str(tmp_path / "plotted"), "--out", str(tmp_path / "fig.png")], cwd=tmp_path)
+def test_plot_real_training_run(tmp_path, trained_run):
+    p = run_cli(["plot", str(copy_run(trained_run, tmp_path)), "--out", str(tmp_path / "fig.png")], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "over 4 log steps" in p.stdout and "(mfu: n/a)" in p.stdout  # no peak FLOP/s on a CPU
     w, h = _png_size(tmp_path / "fig.png")

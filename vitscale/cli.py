@@ -11,7 +11,11 @@ from vitscale.errors import VitscaleError
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vitscale.config import resolve
+    from vitscale.distributed.env import detect_env
+
     cfg = load_config(args.config, args.overrides)  # validates fully before anything is written
+    resolve(cfg, detect_env(local_rank_arg=args.local_rank).world_size)  # and what this launch derives from it
     from vitscale.train import train
 
     train(cfg, local_rank_arg=args.local_rank)

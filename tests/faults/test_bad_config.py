@@ -2,7 +2,7 @@
 anything, with one line that names the problem."""
 import pytest
 
-from conftest import DEMO, run_cli, train_args
+from conftest import DEMO, copy_run, run_cli, train_args
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -22,15 +22,16 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, overrides, expected
     assert list(tmp_path.iterdir()) == []  # no run dir, no data cache: nothing written
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, data_cache):
-    assert run_cli(train_args(tmp_path, "m", data_cache, "train.steps=2"), cwd=tmp_path).returncode == 0
+def test_checkpoint_of_another_model_is_refused(tmp_path, data_cache, trained_run):
+    copy_run(trained_run, tmp_path, "m")  # checkpoints at steps 2 and 4
     config = (tmp_path / "m" / "config.yaml").read_text()
     r = run_cli(train_args(tmp_path, "m", data_cache, "train.steps=4", "model.depth=3", "model.embed_dim=96"),
                 cwd=tmp_path)
     assert r.returncode == 2
-    ckpt = tmp_path / "m" / "checkpoints" / "step_00000002"
+    ckpt = tmp_path / "m" / "checkpoints" / "step_00000004"
     assert r.stderr.strip().splitlines()[-1] == (
         f"vitscale: error: checkpoint {ckpt} was written for another model (model.embed_dim=64 there, 96 here; "
         "model.depth=2 there, 3 here): use a new run.name to start fresh, or train.resume=never")
     assert (tmp_path / "m" / "config.yaml").read_text() == config  # untouched
-    assert [p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*")] == ["step_00000002"]
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*")) == ["step_00000002",
+                                                                                      "step_00000004"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, PicklePayload, run_cli, train_args
+from conftest import ROOT, PicklePayload, copy_run, run_cli, train_args
 
 
 def test_every_torch_load_in_vitscale_is_weights_only():
@@ -22,17 +22,16 @@ def test_every_torch_load_in_vitscale_is_weights_only():
     assert [where for where, safe in calls if not safe] == []
 
 
-def test_tampered_rank_state_is_refused_and_never_run(tmp_path, data_cache):
-    args = train_args(tmp_path, "t", data_cache, "train.steps=2", "train.ckpt_every=2")
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    ckpt = tmp_path / "t" / "checkpoints" / "step_00000002"
+def test_tampered_rank_state_is_refused_and_never_run(tmp_path, data_cache, trained_run):
+    copy_run(trained_run, tmp_path, "t")
+    ckpt = tmp_path / "t" / "checkpoints" / "step_00000004"  # the newest: the one a resume loads
     target = tmp_path / "pwned"
     torch.save({"rng": PicklePayload(str(target))}, ckpt / "rank_00000.pt")
     marker = json.loads((ckpt / "COMPLETE").read_text())  # an attacker would fix the sizes up too
     marker["files"]["rank_00000.pt"] = (ckpt / "rank_00000.pt").stat().st_size
     (ckpt / "COMPLETE").write_text(json.dumps(marker))
 
-    r = run_cli(train_args(tmp_path, "t", data_cache, "train.steps=4", "train.ckpt_every=2"), cwd=tmp_path)
+    r = run_cli(train_args(tmp_path, "t", data_cache, "train.steps=6", "train.ckpt_every=2"), cwd=tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"vitscale: error: {ckpt / 'rank_00000.pt'} holds more than tensors and plain values; "
