@@ -36,6 +36,9 @@ def test_kill_and_resume_continues_exactly(tmp_path, data_cache):
         assert b[step]["loss"] == a[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
         assert b[step]["lr"] == a[step]["lr"]
     assert a[8]["lr"] < a[4]["lr"]  # cosine decay, no second warmup after resume
+    for r in records:  # the objective's metric, synced on log steps: the accuracy of one 16-image batch
+        assert 0 <= r["train/acc"] <= 1 and (r["train/acc"] * 16).is_integer(), r
+    assert b[8]["train/acc"] == a[8]["train/acc"]
 
     again = run_cli(train_args(tmp_path, "resumed", data_cache, *steps), cwd=tmp_path)
     assert again.returncode == 0 and "already complete" in again.stdout
@@ -89,6 +92,7 @@ def test_demo_mae_config_reconstructs_photos(tmp_path, data_cache):
     records = read_metrics(tmp_path / "demo_mae" / "metrics.jsonl")
     losses = [x["loss"] for x in records if "loss" in x]
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < 0.75 * losses[0], losses  # reconstruction loss falls
+    assert {x["train/mask_frac"] for x in records if "loss" in x} == {0.75}  # 48 of 64 patches hidden, exactly
     val = [x for x in records if "val_loss" in x][-1]
     assert val["val_images"] == 200 and val["val_loss"] < losses[0]
     png = tmp_path / "demo_mae" / "images" / "mae_step_00000040.png"
@@ -147,3 +151,31 @@ def test_deepspeed_two_processes_then_one_then_two_then_timm(tmp_path, data_cach
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+
+
+def test_bench_step_runs_the_trainers_step_without_touching_signal_handlers(tmp_path, data_cache):
+    """bench/plan run the trainer's own step (EngineStep); building it must not install the trainer's
+    preemption handlers (SIGTERM/SIGUSR1) in the benchmarking process."""
+    script = tmp_path / "step.py"
+    script.write_text(f"""
+import signal, sys, torch
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import DEMO, TINY
+from vitscale.config import load_config
+from vitscale.bench.engine_step import EngineStep, synthetic_batch
+before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+cfg = load_config(DEMO, [*TINY, "data.cache_dir={data_cache}", "data.global_batch_size=32", "train.grad_accum=2"])
+runner = EngineStep(cfg, 10)
+images, labels = synthetic_batch(runner.cfg, 10)
+losses = [float(runner.step(images, labels)) for _ in range(3)]
+assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+assert runner.trainer.preemption is None and runner.cfg.data.batch_size == 16  # 32 / (1 process x 2 accum)
+assert tuple(images.shape) == (16, 3, 32, 32) and losses[2] < losses[0], losses  # it trains on that batch
+print("ok", losses)
+""")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -32,16 +32,16 @@ class EngineStep:
         from vitscale.distributed.env import detect_env
         from vitscale.train import Trainer, TrainState, Window
 
-        self.cfg = cfg
         self.env = detect_env()
         eng.setup(self.env)
         self.trainer = Trainer(cfg, self.env)
+        self.cfg = self.trainer.cfg  # resolved for this launch (the batch derived from data.global_batch_size)
         self.trainer.build_engine(num_classes)
         self.engine = self.trainer.engine
         self.flops_per_image = self.trainer.flops_per_image
         self.params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         # A state a tenth into the schedule: a real, nonzero LR, so AdamW does the training's arithmetic.
-        self.state = TrainState(step=cfg.train.steps // 10)
+        self.state = TrainState(step=self.cfg.train.steps // 10)
         self.window = Window()
         self.engine.train()
 
@@ -71,7 +71,7 @@ def measure_step_memory(cfg: Config, num_classes: int, steps: int = 3) -> dict[s
     tracker: Optional[LiveTensorMemory] = None if cuda else LiveTensorMemory("cpu")
     with tracker if tracker is not None else contextlib.nullcontext():
         runner = EngineStep(cfg, num_classes)
-        images, labels = synthetic_batch(cfg, num_classes)
+        images, labels = synthetic_batch(runner.cfg, num_classes)
         for i in range(steps):
             if i == steps - 1:
                 if cuda:
