@@ -272,7 +272,7 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     plan = Plan(shape.name, shape.params, shape.trainable, world, gpus, batch, cfg.model.img_size,
                 cfg.train.precision, gpu_mem_gb, reserve_gb, bucket, overlap,
                 {"no_ckpt": act, "ckpt": act_ckpt})
-    if cfg.objective.name == "supervised":
+    if shape.kind == "vit":  # a classifier (supervised); an MAE has no head
         plan.notes.append(f"classifier head: {classes} classes ({source})")
     if shape.hybrid:
         plan.notes.append("hybrid ResNet stem: its activations are not modelled (the plan is low)")
