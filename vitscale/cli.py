@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vitscale.eval.cli import add_parser as add_eval  # light: argparse only
 
     add_eval(sub)
+    from vitscale.sweep.cli import add_parser as add_sweep  # light: argparse only
+
+    add_sweep(sub)
 
     from vitscale.bench.cli import add_parsers as add_tools  # bench, plan, plot; light: argparse only
 

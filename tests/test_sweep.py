@@ -1,0 +1,78 @@
+"""`vitscale sweep`: the grid, the table (mean +- std over seeds), resume, and one failing cell among good ones."""
+import json
+import statistics
+
+import pytest
+
+from conftest import DEMO, TINY, run_cli
+from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
+from vitscale.sweep.report import markdown, summarize
+
+
+def test_axes_fixed_overrides_and_brace_patterns():
+    axes, fixed = parse_axes(["model.depth=1,2", "train.steps=5", "data.train_shards=a-{0..3}.tar,b-{0,1}.tar"])
+    assert axes == [("model.depth", ["1", "2"]), ("data.train_shards", ["a-{0..3}.tar", "b-{0,1}.tar"])]
+    assert fixed == ["train.steps=5"]
+    cells = expand_grid(axes, fixed, seeds=[7, 8])
+    assert len(cells) == 8 and len({c.name for c in cells}) == 8
+    assert cells[0].overrides() == ["train.steps=5", "model.depth=1", "data.train_shards=a-{0..3}.tar", "run.seed=7"]
+    assert cells[0].group == cells[1].group != cells[2].group  # seeds of one grid point are neighbours
+    for bad in (["model.depth"], ["model.depth=1,1"], ["run.seed=1,2"], ["model.depth=1,2", "model.depth=3"],
+                ["a.depth=1,2", "b.depth=1,2"], ["model.depth=1,,2"]):
+        with pytest.raises(SweepError):
+            parse_axes(bad)
+
+
+def test_summary_mean_and_sample_std_per_grid_point():
+    cells = expand_grid([("model.depth", ["1", "2"])], [], seeds=[0, 1, 2])
+    acc = {0: [0.5, 0.6, 0.7], 1: [0.9, 0.8]}
+    results = []
+    for i, c in enumerate(cells):
+        group_index, seed_index = divmod(i, 3)
+        ok = seed_index < len(acc[group_index])
+        results.append({"name": c.name, "group": c.group, "params": dict(c.params), "seed": c.seed,
+                        "status": "ok" if ok else "failed", "error": "boom",
+                        "metrics": {"val_acc": acc[group_index][seed_index]} if ok else {}})
+    s = summarize(results)
+    row1, row2 = s["rows"]
+    assert row1["n"] == 3 and row1["val_acc"]["mean"] == pytest.approx(0.6)
+    assert row1["val_acc"]["std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))
+    assert row2["n"] == 2 and row2["val_acc"]["mean"] == pytest.approx(0.85) and row2["seeds"] == [0, 1]
+    assert [f["name"] for f in s["failed"]] == [cells[5].name]
+    md = markdown(s, "t")
+    assert "| model.depth=1 | 3 | 0.6 ± 0.1 |" in md and "boom" in md
+
+
+@pytest.mark.slow
+def test_sweep_runs_grid_resumes_and_reports_a_failing_cell(tmp_path, data_cache):
+    out = tmp_path / "sw"
+    tiny = [o for o in TINY if not o.startswith("model.depth=")]
+    args = ["sweep", "--config", DEMO, f"data.cache_dir={data_cache}", *tiny, "train.steps=4",
+            "train.ckpt_every=4", "model.depth=1,2", "data.train_shards=demo:digits,/nope/x-{0..1}.tar",
+            "--seeds", "2", "--out", str(out)]
+    r = run_cli(args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr  # failed cells make the exit status non-zero ...
+    doc = json.loads((out / "sweep.json").read_text())
+    good = [row for row in doc["rows"] if row["n"]]
+    assert [row["group"] for row in good] == ["model.depth=1, data.train_shards=demo:digits",
+                                              "model.depth=2, data.train_shards=demo:digits"]
+    assert len(doc["failed"]) == 4 and all("/nope/x-" in f["error"] for f in doc["failed"])  # ... the rest ran
+    for row in good:  # each number is the mean and spread of the cells' own metrics.jsonl
+        assert row["n"] == 2 and row["seeds"] == [0, 1]
+        finals = []
+        for seed in (0, 1):
+            name = f"depth-{row['params']['model.depth']}__train_shards-demo_digits__s{seed}"
+            records = [json.loads(x) for x in (out / "cells" / name / "metrics.jsonl").read_text().splitlines()]
+            finals.append([x for x in records if "loss" in x][-1]["loss"])
+            assert any("val_acc" in x for x in records)
+        assert row["train_loss"]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert row["train_loss"]["std"] == pytest.approx(statistics.stdev(finals)) and row["train_loss"]["std"] > 0
+        assert 0.0 <= row["val_acc"]["mean"] <= 1.0
+    assert "±" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 1000
+
+    metrics = sorted(out.glob("cells/*__s0/metrics.jsonl"))
+    before = {p: p.read_text() for p in metrics}
+    again = run_cli(args, cwd=tmp_path, timeout=900)  # resume: finished cells are not trained again
+    assert again.returncode == 1 and "4 of 8 cells already finished, running 4" in again.stdout
+    assert {p: p.read_text() for p in metrics} == before
+    assert json.loads((out / "sweep.json").read_text())["rows"] == doc["rows"]

@@ -1,0 +1,97 @@
+"""``vitscale sweep``: validate every cell, run the unfinished ones, write the table."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
+from vitscale.sweep.report import summarize, write_report
+from vitscale.sweep.runner import SweepPlan, load_result, run_cells, train_overrides
+
+OWNED_KEYS = ("run.dir", "run.name", "run.seed")  # the sweep sets these for each cell
+
+
+@dataclass
+class SweepOptions:
+    config: str
+    grid: Sequence[str] = ()
+    seeds: int = 1
+    out: Optional[str] = None
+    evals: Sequence[str] = ()
+    eval_data: Optional[str] = None
+    jobs: int = 1
+    shard: tuple[int, int] = (0, 1)
+    timeout_s: Optional[float] = None
+    dry_run: bool = False
+    extra_env: dict = field(default_factory=dict)
+
+
+def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the sweep; returns the summary written to ``sweep.json``."""
+    cells, plan = plan_sweep(opts)
+    invalid = validate_cells(plan, cells)
+    mine = [c for i, c in enumerate(cells) if i % opts.shard[1] == opts.shard[0]]
+    if opts.dry_run:
+        for c in mine:
+            note = f"  INVALID: {invalid[c.name]}" if c.name in invalid else ""
+            log(f"{c.name}: {' '.join(train_overrides(plan, c))}{note}")
+        return {"cells": len(mine), "failed": []}
+    plan.out.mkdir(parents=True, exist_ok=True)
+    log(f"sweep: {len(cells)} cells ({len(cells) // opts.seeds} grid points x {opts.seeds} seeds) in {plan.out}")
+    runnable = [c for c in mine if c.name not in invalid]
+    results = {r["name"]: r for r in run_cells(plan, runnable, log)}
+    for name, error in invalid.items():
+        results[name] = {"name": name, "status": "failed", "error": error}
+    summary = summarize(collect(plan, cells, results))
+    header = {"config": opts.config, "grid": opts.grid, "seeds": opts.seeds, "evals": list(opts.evals),
+              "cells": len(cells)}
+    for path in write_report(summary, plan.out, header):
+        log(f"wrote {path}")
+    log((plan.out / "sweep.md").read_text())
+    return summary
+
+
+def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
+    from vitscale.config import load_config
+
+    if opts.seeds < 1:
+        raise SweepError(f"--seeds must be >= 1, got {opts.seeds}")
+    if opts.jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {opts.jobs}")
+    axes, fixed = parse_axes(opts.grid)
+    for item in fixed + [k for k, _ in axes]:
+        key = item.partition("=")[0]
+        if key in OWNED_KEYS:
+            raise SweepError(f"{key} is set by the sweep for each cell; use --out (run.dir/run.name) or --seeds")
+    base = load_config(opts.config, fixed)  # a bad shared override fails here, once
+    seeds = [base.run.seed + i for i in range(opts.seeds)]
+    out = Path(opts.out) if opts.out else Path(base.run.dir) / f"sweep-{Path(opts.config).stem}"
+    plan = SweepPlan(config=opts.config, out=out, evals=opts.evals, eval_data=opts.eval_data, jobs=opts.jobs,
+                     timeout_s=opts.timeout_s, extra_env=dict(opts.extra_env))
+    return expand_grid(axes, fixed, seeds), plan
+
+
+def validate_cells(plan: SweepPlan, cells: Sequence[Cell]) -> dict[str, str]:
+    """``{cell name: one-line error}`` for cells whose config does not validate; all invalid is an error."""
+    from vitscale.config import load_config
+    from vitscale.errors import VitscaleError
+
+    invalid: dict[str, str] = {}
+    for cell in cells:
+        try:
+            load_config(plan.config, train_overrides(plan, cell))
+        except (VitscaleError, ValueError) as e:
+            invalid[cell.name] = str(e).splitlines()[0]
+    if invalid and len(invalid) == len(cells):
+        raise SweepError(f"no cell of the sweep has a valid config: {next(iter(invalid.values()))}")
+    return invalid
+
+
+def collect(plan: SweepPlan, cells: Sequence[Cell], fresh: dict[str, dict]) -> list[dict]:
+    """Results in grid order: this process's fresh ones, else what other shards left on disk."""
+    out = []
+    for c in cells:
+        r = fresh.get(c.name) or load_result(plan, c) or {"status": "pending", "error": "not run yet"}
+        out.append({**r, "name": c.name, "group": c.group, "params": dict(c.params), "seed": c.seed})
+    return out

@@ -1,0 +1,171 @@
+"""Run the cells of a sweep: each is a real `vitscale train` (and `vitscale eval`) in a child process.
+
+A cell's folder is its run directory (`OUT/cells/<name>/`: config.yaml, metrics.jsonl, checkpoints) plus
+`sweep_cell.json` (status and metrics) and `train.log`. A cell whose `sweep_cell.json` says ok is not run
+again; a failed or interrupted one is (its training resumes from its own checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from vitscale.sweep.grid import Cell
+
+RESULT = "sweep_cell.json"
+# The sweep may itself run under a launcher; its children are single runs of their own.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
+
+
+@dataclass
+class SweepPlan:
+    """Everything the runner needs besides the cells."""
+
+    config: str
+    out: Path
+    evals: Sequence[str] = ()
+    eval_data: Optional[str] = None
+    jobs: int = 1
+    timeout_s: Optional[float] = None
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def cells_dir(self) -> Path:
+        return self.out / "cells"
+
+
+def cell_dir(plan: SweepPlan, cell: Cell) -> Path:
+    return plan.cells_dir / cell.name
+
+
+def train_overrides(plan: SweepPlan, cell: Cell) -> list[str]:
+    return [*cell.overrides(), f"run.dir={plan.cells_dir}", f"run.name={cell.name}"]
+
+
+def load_result(plan: SweepPlan, cell: Cell) -> Optional[dict]:
+    path = cell_dir(plan, cell) / RESULT
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_cells(plan: SweepPlan, cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[dict]:
+    """Run every cell not already finished (``plan.jobs`` at a time); returns one result dict per cell."""
+    results: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        done = load_result(plan, cell)
+        if done is not None and done.get("status") == "ok":
+            results[cell.name] = done
+        else:
+            todo.append(cell)
+    if len(todo) < len(cells):
+        log(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished, running {len(todo)}")
+    with ThreadPoolExecutor(max_workers=max(1, plan.jobs)) as pool:
+        for result in pool.map(lambda c: _run_one(plan, c, log), todo):
+            results[result["name"]] = result
+    return [results[c.name] for c in cells]
+
+
+def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
+    folder = cell_dir(plan, cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = {"name": cell.name, "group": cell.group, "params": dict(cell.params), "seed": cell.seed,
+              "status": "ok", "metrics": {}}
+    log(f"sweep: {cell.name}: training")
+    error = _child(plan, ["train", "--config", plan.config, *train_overrides(plan, cell)], folder / "train.log")
+    if error is None:
+        result["metrics"].update(training_metrics(folder / "metrics.jsonl"))
+        if plan.evals:
+            log(f"sweep: {cell.name}: evaluating {','.join(plan.evals)}")
+            error = _evaluate(plan, folder, result["metrics"])
+    if error is not None:
+        result.update(status="failed", error=error)
+        log(f"sweep: {cell.name}: FAILED: {error}")
+    result["seconds"] = round(time.time() - started, 1)
+    (folder / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _evaluate(plan: SweepPlan, folder: Path, metrics: dict) -> Optional[str]:
+    args = ["eval", ",".join(plan.evals), str(folder), "--out", str(folder / "eval")]
+    if plan.eval_data:
+        args += ["--data", plan.eval_data]
+    error = _child(plan, args, folder / "eval.log")
+    if error is None:
+        for path in sorted((folder / "eval").glob("*.json")):
+            metrics.update(eval_metrics(json.loads(path.read_text())))
+    return error
+
+
+def _child(plan: SweepPlan, args: list[str], log_path: Path) -> Optional[str]:
+    """Run ``python -m vitscale ARGS``, output to ``log_path``; None on success, else the error's one line."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({"PYTHONUNBUFFERED": "1", **plan.extra_env})
+    with open(log_path, "a") as out:
+        out.write(f"$ vitscale {' '.join(args)}\n")
+        out.flush()
+        try:
+            rc = subprocess.run([sys.executable, "-m", "vitscale", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, timeout=plan.timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return f"timed out after {plan.timeout_s:g} s (log: {log_path})"
+    if rc == 0:
+        return None
+    return f"{last_error_line(log_path)} (exit {rc}; log: {log_path})"
+
+
+def last_error_line(log_path: Path) -> str:
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def training_metrics(path: Path) -> dict:
+    """The final numbers of a run's metrics.jsonl: last logged train loss and the held-out results."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            out["train_loss"] = record["loss"]
+            out["steps"] = record.get("step")
+        out.update({k: v for k, v in record.items() if k.startswith("val_") and _is_number(v)})
+    return out
+
+
+def eval_metrics(doc: dict) -> dict:
+    """Numeric leaves of a ``vitscale eval`` result (the trained model's), as ``<evaluation>/<path>``."""
+    results = doc.get("results") or {}
+    trained = results.get("trained", next(iter(results.values()), {})) if isinstance(results, dict) else {}
+    flat: dict = {}
+    _flatten(trained, doc.get("evaluation", "eval"), flat, depth=0)
+    return flat
+
+
+def _flatten(value, prefix: str, out: dict, depth: int) -> None:
+    if _is_number(value):
+        out[prefix] = value
+    elif isinstance(value, dict) and depth < 3:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}/{k}", out, depth + 1)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
