@@ -13,8 +13,8 @@ import torch
 
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, save_config
-from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
-from vitscale.data.shards import resolve_shards
+from vitscale.data.pipeline import build_eval_loader, saved_stream_states, train_loader_from_config
+from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
@@ -83,6 +83,7 @@ class Trainer:
         num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         if cfg.objective.name == "supervised" and num_classes < 2:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
+        check_labels(self.train_set, num_classes if cfg.objective.name == "supervised" else 0)
         return num_classes
 
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
@@ -132,8 +133,8 @@ class Trainer:
         state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
-        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
-                                          state=(rank_state or {}).get("data"))
+        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size, num_classes=num_classes,
+                                          state=saved_stream_states(path) if path is not None else None)
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         batches = iter(loader)
         # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after
