@@ -5,6 +5,7 @@ Batches stay uint8 (B,3,H,W) through the DataLoader (4x less inter-process traff
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -33,6 +34,20 @@ class TooLarge(DecodeError):
     """The image's header says it has more pixels than ``data.max_pixels``: not decoded."""
 
 
+@contextlib.contextmanager
+def _our_pixel_limit():
+    """PIL's own decompression-bomb limit off while it reads a header (data.max_pixels decides, with a message
+    naming the size) or decodes an image that passed that check."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 @dataclass(frozen=True)
 class Header:
     format: str
@@ -49,15 +64,12 @@ def read_header(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> 
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+        with _our_pixel_limit():
             with Image.open(io.BytesIO(data)) as im:
                 fmt, mode, (w, h) = im.format or "", im.mode, im.size
                 # (a PNG's EXIF may sit after its pixels: PIL would decode them to find it, so only when seen)
                 has_exif = fmt in ("JPEG", "WEBP", "TIFF", "MPO") or "exif" in im.info
                 orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1) if has_exif else 1
-    except Image.DecompressionBombError as e:
-        raise TooLarge(f"image over the pixel limit: {e}") from None
     except Exception as e:
         raise DecodeError(f"cannot read image header ({len(data)} bytes): {type(e).__name__}: {e}") from None
     if max_pixels and w * h > max_pixels:
@@ -86,8 +98,7 @@ def _pil_rgb(im) -> "np.ndarray":
 def _decode_pil(data: bytes) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _our_pixel_limit():  # read_header has checked data.max_pixels already
         with Image.open(io.BytesIO(data)) as im:
             im = ImageOps.exif_transpose(im)  # a portrait photo stored sideways is trained on upright
             arr = _pil_rgb(im)
