@@ -353,3 +353,30 @@ def test_val_shards_null_is_accepted():
     from vitscale.config import load_config
 
     assert load_config(None, ["data.val_shards=null"]).data.val_shards is None
+
+
+# ----- check-shards --------------------------------------------------------------------------------------------
+def test_check_shards_reports_what_would_hurt_training(tmp_path, digits, class_sorted):
+    from vitscale.data.check import check_shards
+
+    imgs, labels = digits
+    good = _small_set(tmp_path, digits, n=100, per_shard=50)
+    ok = check_shards(str(tmp_path / "s-{0000..0001}.tar"), workers=2)
+    assert ok["problems"] == [] and ok["samples"] == 100 and sum(ok["labels"].values()) == 100
+    assert ok["labels"] == {str(c): int((labels[:100] == c).sum()) for c in range(10)}
+    members = [("a.png", _png(imgs[0])), ("a.cls", b"3"), ("b.png", _bomb_png(20000, 20000)), ("b.cls", b"4"),
+               ("c.png", b"\x89PNG\r\n\x1a\nbroken"), ("c.cls", b"5"), ("k0000.png", _png(imgs[1])),
+               ("k0000.cls", b"12"), ("d.png", _png(imgs[2]))]
+    _tar(tmp_path / "bad.tar", members)
+    data = Path(good[1]).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2])
+    (tmp_path / "list.txt").write_text(f"{good[0]}\nbad.tar\ncut.tar\n")
+    report = check_shards(str(tmp_path / "list.txt"), num_classes=10, workers=2)
+    text = "\n".join(report["problems"])
+    assert report["over_limit"] == 1 and report["bad_samples"] == 2 and report["damaged_shards"] == 1
+    assert report["duplicate_keys"] == 1 and "k0000 in" in text and "20000x20000" in text
+    assert "labels outside 0..9" in text and "1 sample(s) without a label" in text and "truncated" in text
+    r = run_cli(["check-shards", str(tmp_path / "list.txt"), "--num-classes", "10", "--workers", "1"], cwd=tmp_path)
+    assert r.returncode == 1 and "problem: " in r.stdout
+    sorted_report = check_shards(class_sorted[0].replace("c0-", "c{0..9}-"), workers=2)
+    assert any("class-sorted" in p for p in sorted_report["problems"])

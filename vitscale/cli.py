@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (recorded in manifest.json)")
     s.set_defaults(func=_make_shards)
 
+    from vitscale.data.check import add_parser as add_check  # light: no torch until it runs
+
+    add_check(sub)
+
     e = sub.add_parser("export", help="checkpoint -> one consolidated fp32 safetensors file (timm keys)")
     e.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_00001000), or a run dir for its latest")
     e.add_argument("out", help="output .safetensors path")

@@ -133,8 +133,9 @@ class Trainer:
         state, rank_state = self._resume(path, universal)
         state.history.append([state.step, env.world_size])
 
-        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size, num_classes=num_classes,
-                                          state=saved_stream_states(path) if path is not None else None)
+        loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
+                                          state=saved_stream_states(path) if path is not None else None,
+                                          num_classes=num_classes)
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         batches = iter(loader)
         # Training randomness (drop-path, MAE masks) is per rank, and restored exactly on resume. It is set after

@@ -106,8 +106,8 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
     Forms: ``"demo:digits"``, ``"demo:digits:val"``, ``"demo:photos"``, ``"demo:photos:val"`` (built under
     ``cache_dir`` on first use); a brace pattern ``"d/train-{000000..000009}.tar"``; a ``manifest.json`` (or a
     directory holding one); a ``.txt`` file listing one url per line (``#`` comments; relative paths are relative
-    to the list file); ``pipe:...`` / ``http(s)://...`` urls (passed through, braces expanded); a single ``.tar``/``.tar.gz``/``.tgz``.
-    Missing local files raise ``FileNotFoundError`` naming the path.
+    to the list file); ``pipe:...`` / ``http(s)://...`` urls (passed through, braces expanded); a single
+    ``.tar``/``.tar.gz``/``.tgz`` shard. Missing local files raise ``FileNotFoundError`` naming the path.
     """
     import braceexpand
 
