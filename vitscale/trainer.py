@@ -83,7 +83,7 @@ class Trainer:
         num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         if cfg.objective.name == "supervised" and num_classes < 2:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
-        check_labels(self.train_set, num_classes if cfg.objective.name == "supervised" else 0)
+        check_labels(self.train_set, num_classes if cfg.objective.name == "supervised" else 0, cfg.data.label_key)
         return num_classes
 
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
@@ -336,7 +336,7 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg
         loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                                   rank=self.env.rank, world_size=self.env.world_size)
+                                   rank=self.env.rank, world_size=self.env.world_size, label_key=cfg.data.label_key)
         self.engine.eval()
         correct, loss_sum, count = 0, 0.0, 0
         for batch in loader:

@@ -27,11 +27,15 @@ class ShardSet:
     labels: Optional[dict] = None  # manifest's label summary: {"min", "max", "missing"} (make-shards writes it)
 
 
-def check_labels(shard_set: ShardSet, num_classes: int) -> None:
-    """Before training: a one-line error when the manifest already shows labels a supervised run
-    (``num_classes`` > 0) cannot use. Without a manifest, the loader skips and counts such samples."""
+def check_labels(shard_set: ShardSet, num_classes: int, label_key: str = "cls") -> None:
+    """Before training: a one-line error for a bad ``data.label_key``, or when the manifest already shows labels
+    a supervised run (``num_classes`` > 0) cannot use. Without a manifest, the loader skips and counts such
+    samples."""
+    from vitscale.data.tario import label_ext
+
+    label_ext(label_key)
     info = shard_set.labels or {}
-    if not num_classes or not info:
+    if not num_classes or not info or label_key != "cls":  # the manifest describes the .cls members
         return
     lo, hi, missing = info.get("min"), info.get("max"), int(info.get("missing") or 0)
     if missing:
