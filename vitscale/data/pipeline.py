@@ -31,15 +31,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
-from vitscale.data.order import (Order, block_size, block_stream, elastic_plans, epoch_plan, generator,
-                                 plans_from_json, plans_to_json, slot_index)
+from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
+                                 plans_to_json, slot_index)
+from vitscale.data.resume import POSITION_KEYS, saved_stream_states  # noqa: F401 (callers import them here)
+from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
+from vitscale.data.resume import fresh_position as _fresh_position
+from vitscale.data.resume import position as _position
 from vitscale.data.tario import ShardError, label_ext, sample_image, sample_label
 from vitscale.data.transforms import DEFAULT_MAX_PIXELS, DeferredJpeg, decode, jpeg_size, train_crop, train_transform
 from vitscale.errors import DataError
 
 log = logging.getLogger("vitscale.data")
 
-STATE_VERSION = 2
 # data.max_bad_fraction is judged against at least this many samples, so a few bad files met early in a healthy
 # data set (2 in the first 100 at a 0.5% rate) do not stop a run; a data set that is mostly bad still stops fast.
 MIN_SEEN_FOR_BAD_CHECK = 1000
@@ -66,20 +69,6 @@ class StreamPlan:
     @property
     def slots(self) -> int:
         return self.world_size * self.num_workers
-
-
-# A worker's position: the next entry it would read, and cumulative counters. ``skipped`` counts every bad
-# sample and every damaged shard (what data.max_bad_fraction limits); ``bad_shards`` the damaged shards alone.
-POSITION_KEYS = ("epoch", "item", "offset", "seen", "skipped", "bad_shards")
-COUNTERS = ("seen", "skipped", "bad_shards")
-
-
-def _fresh_position(epoch: int = 0) -> dict:
-    return {k: epoch if k == "epoch" else 0 for k in POSITION_KEYS}
-
-
-def _position(d: dict) -> dict:
-    return {k: int(d.get(k, 0)) for k in POSITION_KEYS}
 
 
 # ----- one worker's stream --------------------------------------------------------------------------------------
@@ -257,7 +246,7 @@ class TrainLoader:
             self.carried = {c: int((s.get("carried") or {}).get(c, 0)) for c in COUNTERS}
             self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")))
             return
-        why = _not_elastic(states, self.plan.order)
+        why = not_elastic(states, self.plan.order)
         if why is None:
             self._resume_elastic(states)
             return
@@ -270,42 +259,17 @@ class TrainLoader:
         self.batches = 0
 
     def _resume_elastic(self, states: list[dict]) -> None:
-        world, workers = int(states[0]["world_size"]), int(states[0]["num_workers"])
-        by_rank = {int(s["rank"]): s for s in states}
-        positions: list = [None] * (world * workers)
-        old_plans: dict = {}
-        totals = {c: 0 for c in COUNTERS}
-        for r, s in by_rank.items():
-            old_plans.update(plans_from_json(s.get("plans")))
-            for c in COUNTERS:
-                totals[c] += int((s.get("carried") or {}).get(c, 0))
-            for w, p in enumerate(s["workers"]):
-                positions[slot_index(r, world, w)] = _position(p)
-                for c in COUNTERS:
-                    totals[c] += positions[slot_index(r, world, w)][c]
-        first, plans = elastic_plans(self.plan.order, int(states[0]["k"]), old_plans, positions)
+        first, plans, totals = merge_states(states, self.plan.order)
         self.plan = dataclasses.replace(self.plan, plans=plans)
         self.positions = [_fresh_position(first) for _ in range(self.plan.num_workers)]
         self.batches = 0
         self.carried = totals if self.plan.rank == 0 else {c: 0 for c in COUNTERS}
-        log.info("vitscale.data: data stream continued from %d rank(s) x %d worker(s) on %d x %d, in epoch %d",
-                 world, workers, self.plan.world_size, self.plan.num_workers, first)
+        log.info("vitscale.data: data stream of %d rank(s) x %d worker(s) continued on %d x %d, in epoch %d",
+                 states[0]["world_size"], states[0]["num_workers"], self.plan.world_size, self.plan.num_workers,
+                 first)
 
     def __iter__(self) -> Iterator[dict]:
         return _TrainIterator(self)
-
-
-def _not_elastic(states: list[dict], order: Order) -> Optional[str]:
-    """Why these saved states cannot be continued elastically, or None when they can."""
-    if not states or any(s.get("version") != STATE_VERSION for s in states):
-        return "saved by another version"
-    changed = {k: (states[0].get(k), v) for k, v in order.as_dict().items() if states[0].get(k) != v}
-    if changed:
-        return f"changed: {changed}"
-    world = int(states[0]["world_size"])
-    if sorted(int(s["rank"]) for s in states) != list(range(world)):
-        return f"the states of all {world} rank(s) are needed, got {len(states)}"
-    return None
 
 
 class _TrainIterator:
@@ -384,15 +348,3 @@ def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: in
                               shuffle_buffer=d.shuffle_buffer, label_key=d.label_key,
                               num_classes=num_classes if cfg.objective.name == "supervised" else 0,
                               max_pixels=d.max_pixels or None)
-
-
-def saved_stream_states(ckpt_path) -> Optional[list]:
-    """Every rank's saved data-stream state in a checkpoint directory (``rank_*.pt``), for an elastic resume."""
-    from pathlib import Path
-
-    states = []
-    for f in sorted(Path(ckpt_path).glob("rank_*.pt")):
-        data = torch.load(f, map_location="cpu", weights_only=True).get("data")
-        if data is not None:
-            states.append(data)
-    return states or None
