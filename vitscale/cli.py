@@ -26,7 +26,8 @@ def _make_shards(args: argparse.Namespace) -> int:
     from vitscale.data.make_shards import make_shards
 
     make_shards(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize, resize=args.resize,
-                prefix=args.prefix, overwrite=args.overwrite, workers=args.workers)
+                prefix=args.prefix, overwrite=args.overwrite, workers=args.workers, shuffle=not args.no_shuffle,
+                seed=args.seed)
     return 0
 
 
@@ -59,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="train")
     s.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: shuffle globally)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (recorded in manifest.json)")
     s.set_defaults(func=_make_shards)
+
+    from vitscale.data.check import add_parser as add_check  # light: no torch until it runs
+
+    add_check(sub)
 
     e = sub.add_parser("export", help="checkpoint -> one consolidated fp32 safetensors file (timm keys)")
     e.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_00001000), or a run dir for its latest")

@@ -81,3 +81,16 @@ def test_too_much_bad_data_is_one_clear_error(tmp_path, damaged):
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("vitscale: error: too many bad samples: ") and "data.max_bad_fraction=0.001" in error
     assert not (damaged / "pwned").exists()
+
+
+def test_labels_the_manifest_shows_unusable_stop_before_anything_is_written(tmp_path):
+    """Case 7 of issue 20: the manifest already says the labels go up to 9; a run with data.num_classes=5 stops
+    with one line before the run directory exists (without a manifest the loader skips and counts them)."""
+    args = train_args(tmp_path, "labels", tmp_path / "cache", "data.num_classes=5", "train.steps=2")
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("vitscale: error: the shard manifest has labels 0..9 but "
+                                                 "data.num_classes=5 allows 0..4")
+    assert not (tmp_path / "labels").exists()
+    r = run_cli(train_args(tmp_path, "key", tmp_path / "cache", "data.label_key=json"), cwd=tmp_path)
+    assert r.returncode == 2 and "data.label_key='json'" in r.stderr and not (tmp_path / "key").exists()

@@ -83,8 +83,8 @@ class DataConfig:
     # Training shards: brace pattern ("d/train-{000000..000099}.tar"), manifest.json, or "demo:digits" /
     # "demo:photos" to build the bundled demo shards on first use.
     train_shards: str = "demo:digits"
-    # Held-out shards for the end-of-run evaluation (same forms as train_shards; "" = no evaluation).
-    val_shards: str = ""
+    # Held-out shards for the end-of-run evaluation (same forms as train_shards; "" or null = no evaluation).
+    val_shards: Optional[str] = ""
     # Where demo shards are built and cached.
     cache_dir: str = "data_cache"
     # Number of classes for supervised training (0 = read from the shard manifest).
@@ -106,6 +106,19 @@ class DataConfig:
     # Where training JPEGs are decoded: "worker" (DataLoader workers, CPU) or "device" (workers only read the
     # header and draw the crop; the trainer decodes the batch on its device: nvJPEG on GPUs). Same images either way.
     decode_on: str = "worker"
+    # Shards each DataLoader worker reads at once and interleaves (a "block"; lowered for an epoch when there are
+    # fewer than shards_in_flight shards per reader). 16 mixes up to 16 classes per batch from class-sorted shards
+    # and costs one open file each. See docs/data.md.
+    shards_in_flight: int = 16
+    # Samples each worker buffers to shuffle its block's stream (encoded bytes: ~110 MB at ImageNet's ~110 KB per
+    # JPEG). Bounds a worker's memory, whatever the shard size; the first sample comes after this many are read.
+    shuffle_buffer: int = 1000
+    # Where a sample's label is: "cls" (<key>.cls), "txt" (<key>.txt) or "json:FIELD" (a field of <key>.json,
+    # dotted for nested fields, e.g. json:label). Supervised runs skip and count samples without a valid one.
+    label_key: str = "cls"
+    # Images with more pixels than this (read from the header, before decoding) are skipped and counted; the
+    # default is PIL's decompression-bomb limit (~89 Mpx). 0 = no limit.
+    max_pixels: int = 89_478_485
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from vitscale.data.shards import MANIFEST, write_shards
+from vitscale.data.writer import MANIFEST, write_shards
 
 VERSION = 1
 SEED = 0

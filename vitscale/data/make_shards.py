@@ -9,6 +9,9 @@ Sources:
 Images are read in parallel (``workers`` processes) in a fixed order, so the output is deterministic. Unreadable
 images are skipped and listed in ``OUT/skipped.txt``. PNG/JPEG/WebP bytes are stored as they are; other formats
 are re-encoded as PNG; ``resize=N`` scales the shorter side down to N and re-encodes as JPEG (quality 90).
+The images are shuffled globally before they are written (seeded: ``--seed``, recorded in ``manifest.json``), so
+class folders do not become one-class shards; ``--no-shuffle`` keeps the source order. 16-bit and other modes PNG,
+JPEG and WebP cannot carry for training are re-encoded as 8-bit RGB PNG.
 An interrupted conversion is resumed: ``OUT/.progress.json`` records the complete shards, which are kept.
 """
 from __future__ import annotations
@@ -19,11 +22,13 @@ import io
 import json
 import multiprocessing as mp
 import os
+import random
 import re
 from pathlib import Path
 from typing import Optional
 
-from vitscale.data.shards import MANIFEST, _ShardWriter, build_manifest, write_manifest
+from vitscale.data.writer import MANIFEST, _ShardWriter, build_manifest, label_summary, write_manifest
+from vitscale.errors import VitscaleError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 PROGRESS = ".progress.json"
@@ -90,15 +95,26 @@ def list_source(src) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str
     raise ValueError(f"make-shards: {src} is neither a folder nor a .csv/.jsonl list")
 
 
-def _encode(path: str, resize: Optional[int]) -> tuple[bytes, str]:
+def _reencode_png(im) -> bytes:
+    """An image PNG/JPEG/WebP cannot hold as is for training (16-bit, CMYK, ...) -> 8-bit RGB PNG."""
     from PIL import Image
+
+    from vitscale.data.transforms import _pil_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(_pil_rgb(im)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode(path: str, resize: Optional[int]) -> tuple[bytes, str]:
+    from PIL import Image, ImageOps
 
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         fmt = (im.format or "").upper()
         im.load()  # fully decode: catches truncated files
         if resize:
-            rgb = im.convert("RGB")
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
             w, h = rgb.size
             if min(w, h) > resize:
                 s = resize / min(w, h)
@@ -106,11 +122,10 @@ def _encode(path: str, resize: Optional[int]) -> tuple[bytes, str]:
             buf = io.BytesIO()
             rgb.save(buf, format="JPEG", quality=90)
             return buf.getvalue(), "jpg"
-        if fmt in ("JPEG", "PNG", "WEBP"):
+        deep = im.mode.startswith(("I", "F")) or (fmt == "PNG" and len(data) > 24 and data[24] > 8)
+        if fmt in ("JPEG", "PNG", "WEBP") and not deep:
             return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
-        buf = io.BytesIO()
-        im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, format="PNG")
-        return buf.getvalue(), "png"
+        return _reencode_png(im), "png"
 
 
 def _process(job):
@@ -139,54 +154,75 @@ def _ours(out: Path, prefix: str) -> list[Path]:
             or re.fullmatch(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp-\d+)?", p.name)]
 
 
-def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None, resize: Optional[int] = None,
-                prefix: str = "train", overwrite: bool = False, workers: Optional[int] = None) -> dict:
-    """Convert ``src`` to shards in ``out``; returns the manifest (plus ``path`` and ``skipped``)."""
+class OutputNotEmpty(VitscaleError, FileExistsError):
+    """make-shards' OUT already holds something it would overwrite."""
+
+
+def _list_items(src, shuffle: bool, seed: int) -> tuple[list, Optional[list[str]]]:
+    """The images in the order they are written: shuffled globally (seeded) unless ``shuffle`` is off, so an
+    ImageFolder tree does not become shards holding one class each."""
     items, class_names = list_source(src)
     if not items:
         raise ValueError(f"make-shards: no images found in {src}")
-    out = Path(out)
-    params = {"src": str(Path(src).resolve()), "maxcount": maxcount, "maxsize": maxsize, "resize": resize,
-              "prefix": prefix, "items": len(items)}
-    fingerprint = _fingerprint(items, params)
+    if shuffle:
+        random.Random(seed).shuffle(items)
+    return items, class_names
+
+
+def _prepare_out(out: Path, prefix: str, overwrite: bool, fingerprint: str) -> tuple[list, int, list]:
+    """(complete shards kept, next image, skipped so far) of an interrupted conversion into ``out``, after
+    clearing it for ``overwrite``; a one-line error for an OUT holding anything else."""
     progress_path = out / PROGRESS
-    done_shards, start, skipped = [], 0, []
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            for p in _ours(out, prefix):
-                p.unlink()
-        elif progress_path.is_file() and json.loads(progress_path.read_text()).get("fingerprint") == fingerprint:
+    if not (out.exists() and any(out.iterdir())):
+        out.mkdir(parents=True, exist_ok=True)
+        return [], 0, []
+    if overwrite:
+        for p in _ours(out, prefix):
+            p.unlink()
+        return [], 0, []
+    prog = None
+    if progress_path.is_file():
+        try:
             prog = json.loads(progress_path.read_text())
-            done_shards, start, skipped = prog["shards"], prog["next_item"], prog["skipped"]
-            for p in out.glob(f".{prefix}-*.tar.tmp-*"):  # partial shard of the interrupted run
-                p.unlink()
-            print(f"make-shards: resuming: {len(done_shards)} complete shard(s) kept, from image {start}")
-        elif (out / MANIFEST).is_file() and not progress_path.exists():
-            raise FileExistsError(f"make-shards: {out} already holds shards; pass --overwrite to replace them")
-        else:
-            raise FileExistsError(f"make-shards: {out} is not empty (or holds another conversion); "
-                                  f"pass --overwrite or choose an empty directory")
-    out.mkdir(parents=True, exist_ok=True)
+        except ValueError:
+            prog = None
+    if prog is not None and prog.get("fingerprint") == fingerprint:
+        for p in out.glob(f".{prefix}-*.tar.tmp-*"):  # partial shard of the interrupted run
+            p.unlink()
+        print(f"make-shards: resuming: {len(prog['shards'])} complete shard(s) kept, from image {prog['next_item']}")
+        return prog["shards"], prog["next_item"], prog["skipped"]
+    if (out / MANIFEST).is_file() and not progress_path.exists():
+        raise OutputNotEmpty(f"make-shards: {out} already holds shards; pass --overwrite to replace them")
+    raise OutputNotEmpty(f"make-shards: {out} is not empty (or holds another conversion); pass --overwrite or "
+                         f"choose an empty directory")
 
-    writer = _ShardWriter(out, prefix, maxcount, maxsize, start_index=len(done_shards))
-    writer.shards = list(done_shards)
-    writer.next_item = start
-    close = writer.close_shard
 
-    def close_and_record():
-        had = writer.tar is not None
-        close()
+class _Progress:
+    """Records each completed shard in ``OUT/.progress.json``, so an interrupted conversion resumes there."""
+
+    def __init__(self, writer: _ShardWriter, path: Path, fingerprint: str, params: dict, skipped: list):
+        self.writer, self.path, self.skipped = writer, path, skipped
+        self.head = {"fingerprint": fingerprint, "params": params}
+        self.close = writer.close_shard
+        writer.close_shard = self.close_and_record
+
+    def close_and_record(self) -> None:
+        w = self.writer
+        had = w.tar is not None
+        self.close()
         if had:
-            prog = {"fingerprint": fingerprint, "params": params, "shards": writer.shards,
-                    "next_item": writer.next_item, "skipped": [s for s in skipped if s[0] < writer.next_item]}
-            tmp = progress_path.with_name(PROGRESS + ".tmp")
+            prog = {**self.head, "shards": w.shards, "next_item": w.next_item,
+                    "skipped": [s for s in self.skipped if s[0] < w.next_item]}
+            tmp = self.path.with_name(PROGRESS + ".tmp")
             tmp.write_text(json.dumps(prog))
-            os.replace(tmp, progress_path)
+            os.replace(tmp, self.path)
 
-    writer.close_shard = close_and_record
+
+def _write_images(writer: _ShardWriter, items: list, start: int, resize: Optional[int], workers: Optional[int],
+                  skipped: list) -> None:
+    """Encode images ``start..`` in parallel (results in order) and write them; unreadable ones are listed."""
     jobs = [(i, items[i][0], resize) for i in range(start, len(items))]
     nproc = workers or os.cpu_count() or 1
-    max_label = max((lab for _, lab in items if lab is not None), default=None)
     pool = mp.get_context("spawn").Pool(nproc) if nproc > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap(_process, jobs, chunksize=16) if pool else map(_process, jobs)
@@ -204,11 +240,33 @@ def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None
     finally:
         if pool is not None:
             pool.terminate()
-    manifest = build_manifest(prefix, writer.shards, class_names, max_label)
+
+
+def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None, resize: Optional[int] = None,
+                prefix: str = "train", overwrite: bool = False, workers: Optional[int] = None, shuffle: bool = True,
+                seed: int = 0) -> dict:
+    """Convert ``src`` to shards in ``out``; returns the manifest (plus ``path`` and ``skipped``). The images are
+    shuffled globally with ``seed`` (recorded in the manifest) unless ``shuffle`` is False (source order)."""
+    items, class_names = _list_items(src, shuffle, seed)
+    out = Path(out)
+    params = {"src": str(Path(src).resolve()), "maxcount": maxcount, "maxsize": maxsize, "resize": resize,
+              "prefix": prefix, "items": len(items), "shuffle": shuffle, "seed": seed}
+    fingerprint = _fingerprint(items, params)
+    done_shards, start, skipped = _prepare_out(out, prefix, overwrite, fingerprint)
+    writer = _ShardWriter(out, prefix, maxcount, maxsize, start_index=len(done_shards))
+    writer.shards = list(done_shards)
+    writer.next_item = start
+    _Progress(writer, out / PROGRESS, fingerprint, params, skipped)
+    _write_images(writer, items, start, resize, workers, skipped)
+    bad = {i for i, _, _ in skipped}
+    labels = label_summary(lab for i, (_, lab) in enumerate(items) if i not in bad)
+    manifest = build_manifest(prefix, writer.shards, class_names, labels["max"], labels=labels,
+                              order={"shuffled": shuffle, "seed": seed if shuffle else None})
     path = write_manifest(out, manifest)
     if skipped:
         (out / SKIPPED).write_text("".join(f"{p}\t{e}\n" for _, p, e in skipped))
         print(f"make-shards: skipped {len(skipped)} unreadable image(s), listed in {out / SKIPPED}")
-    progress_path.unlink(missing_ok=True)
-    print(f"make-shards: wrote {manifest['num_samples']} images in {len(writer.shards)} shard(s) to {out}")
+    (out / PROGRESS).unlink(missing_ok=True)
+    print(f"make-shards: wrote {manifest['num_samples']} images in {len(writer.shards)} shard(s) to {out}"
+          f"{' (shuffled, seed %d)' % seed if shuffle else ' (source order)'}")
     return {**manifest, "path": str(path), "skipped": [p for _, p, _ in skipped]}

@@ -1,167 +1,173 @@
-"""Streaming WebDataset loader whose output is a pure function of (seed, epoch, rank, worker): resume is exact.
+"""Streaming WebDataset loader: mixed across shards, bounded memory, exact and elastic resume.
 
-Layout. A rank runs ``W = max(num_workers, 1)`` *logical workers*; there are ``world_size * W`` reader slots.
-For epoch ``e`` the shard list is permuted with an RNG seeded from ``(seed, e)`` (identity when
-``shuffle=False``); logical worker ``w`` of rank ``r`` has slot ``r + world_size * w`` and reads shards
-``perm[slot::num_slots]`` (split by rank, then by worker) in that order. Each worker runs its own epochs one
-after another forever ("per-worker resampled epochs"): no rank waits for another and none runs dry.
+Order (see :mod:`vitscale.data.order`). Each epoch's global order is a pure function of ``(seed, epoch)`` and the
+shards: blocks of ``data.shards_in_flight`` shards, each block's samples interleaved through a seeded buffer of
+``data.shuffle_buffer`` samples. A rank runs ``W = max(num_workers, 1)`` logical workers; the blocks are dealt
+round-robin to the ``world_size * W`` reader slots. Each worker runs its epochs one after another forever
+("per-worker resampled epochs"): no rank waits for another and none runs dry. Sample ``j`` of a block is augmented
+with an RNG seeded from ``(seed, epoch, block, j)``: the same pixels on any number of processes or workers.
 
-Inside a shard the raw members come through webdataset's tar iterator and key grouping; only image
-(``png/jpg/jpeg/webp``) and ``cls`` members are read, everything else is skipped unread (never unpickled). The
-shard's samples are shuffled with an RNG seeded from ``(seed, epoch, rank, worker, shard cursor)``, and sample
-``offset`` is augmented with an RNG seeded from ``(seed, epoch, rank, worker, shard cursor, offset)``.
+Memory. A worker holds its open shards' current sample and the buffer, never a whole shard: tar members are
+streamed (plain or gzip), and only image and label members are read (others, e.g. pickles, are skipped unread).
 
-Position. A worker's position is ``(epoch, shard cursor, offset)`` = the next sample it would produce, plus
-cumulative ``seen``/``skipped`` counters. Every batch carries its worker's position after its last sample; the
-:class:`TrainLoader` stores it per logical worker when the batch is handed to the caller, so ``state_dict()`` is
-exact for what the trainer consumed, no matter how much the DataLoader prefetched. DataLoader visits workers
-round-robin from worker 0 on each new iterator, so after ``k`` consumed batches physical worker ``i`` plays
-logical worker ``(i + k) % W``. On resume a worker re-reads only its current shard and skips (undecoded) to its
-offset.
+Position. A worker's position is ``(epoch, item, offset)`` = the next entry it would read, plus cumulative
+``seen``/``skipped``/``bad_shards`` counters. Every batch carries its worker's position after its last sample;
+the :class:`TrainLoader` stores it per logical worker when the batch is handed to the caller, so ``state_dict()``
+is exact for what the trainer consumed, however much the DataLoader prefetched. DataLoader visits workers
+round-robin from worker 0 on each new iterator, so after ``k`` consumed batches physical worker ``i`` plays logical
+worker ``(i + k) % W``. On resume a worker re-reads only its current block, skipping (undecoded) to its offset.
+Resuming with every rank's state on another world size or worker count deals what is left of the epochs in
+progress to the new slots (:func:`vitscale.data.order.elastic_plans`): nothing repeated, nothing skipped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
+import dataclasses
 import logging
-import struct
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitscale.data.tario import image_and_label, read_shard
+from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
+from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
+                                 plans_to_json, slot_index)
+from vitscale.data.resume import POSITION_KEYS, saved_stream_states  # noqa: F401 (callers import them here)
+from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
+from vitscale.data.resume import fresh_position as _fresh_position
+from vitscale.data.resume import position as _position
+from vitscale.data.tario import ShardError, label_ext, sample_image, sample_label
+from vitscale.data.transforms import DEFAULT_MAX_PIXELS, DeferredJpeg, decode, jpeg_size, train_crop, train_transform
 from vitscale.errors import DataError
-from vitscale.data.transforms import (DeferredJpeg, decode, eval_transform, jpeg_size, train_crop,
-                                      train_transform)
 
 log = logging.getLogger("vitscale.data")
 
-STATE_VERSION = 1
-# The bad-sample fraction is only enforced once a worker has seen this many samples (one early bad file in a
-# healthy data set must not stop a run).
-MIN_SEEN_FOR_BAD_CHECK = 100
+# data.max_bad_fraction is judged against at least this many samples, so a few bad files met early in a healthy
+# data set (2 in the first 100 at a 0.5% rate) do not stop a run; a data set that is mostly bad still stops fast.
+MIN_SEEN_FOR_BAD_CHECK = 1000
 
 
-# ----- deterministic seeds -------------------------------------------------------------------------------------
-def _seed(*parts) -> int:
-    """A 63-bit seed mixed from a tag and integers (stable across processes and Python versions)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(p.encode() if isinstance(p, str) else struct.pack("<q", int(p) & 0x7FFFFFFFFFFFFFFF))
-        h.update(b"|")
-    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
-
-
-def _gen(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
-
-
-def worker_shards(num_shards: int, epoch: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
-                  worker: int, num_workers: int) -> list[int]:
-    """Shard indices logical worker ``worker`` of ``rank`` reads in ``epoch``, in order."""
-    if shuffle:
-        perm = torch.randperm(num_shards, generator=_gen("shards", seed, epoch)).tolist()
-    else:
-        perm = list(range(num_shards))
-    slots = world_size * max(num_workers, 1)
-    return perm[rank + world_size * worker::slots]
-
-
-# ----- the per-worker stream ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamPlan:
     urls: tuple
-    seed: int
+    order: Order
     rank: int
     world_size: int
     num_workers: int  # logical workers per rank (>= 1)
-    shuffle: bool
     batch_size: int
     img_size: int
     crop_min_scale: float
     max_bad_fraction: float
     decode_on: str = "worker"  # "device": JPEGs go to the trainer undecoded, with their crop drawn (see transforms)
+    label_key: str = "cls"
+    num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    k: int = 1  # shards per block for epochs not in ``plans``
+    plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.num_workers
 
 
-# A worker's position: the next sample it would produce, and cumulative counters. ``skipped`` counts every bad
-# sample and every damaged shard (what data.max_bad_fraction limits); ``bad_shards`` the damaged shards alone.
-POSITION_KEYS = ("epoch", "shard", "offset", "seen", "skipped", "bad_shards")
+# ----- one worker's stream --------------------------------------------------------------------------------------
+class WorkerStream:
+    """Forever: ``(key, image uint8 (3,S,S) | DeferredJpeg | None, label, position_after)`` for one logical worker
+    from ``position``. Bad samples and damaged shards are skipped, warned about (shard url and key) and counted."""
 
+    def __init__(self, plan: StreamPlan, worker: int, position: Optional[dict] = None, decode_images: bool = True):
+        self.plan, self.worker, self.decode_images = plan, worker, decode_images
+        self.slot = slot_index(plan.rank, plan.world_size, worker)
+        self.label_ext = label_ext(plan.label_key)
+        pos = _position(position or _fresh_position())
+        self.epoch, self.item, self.offset = pos["epoch"], pos["item"], pos["offset"]
+        self.seen, self.skipped, self.bad_shards = pos["seen"], pos["skipped"], pos["bad_shards"]
+        self.where = f"rank {plan.rank} worker {worker}"
 
-def _fresh_position(epoch: int = 0) -> dict:
-    return {k: epoch if k == "epoch" else 0 for k in POSITION_KEYS}
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "item": self.item, "offset": self.offset, "seen": self.seen,
+                "skipped": self.skipped, "bad_shards": self.bad_shards}
 
+    def __iter__(self) -> Iterator[tuple]:
+        p = self.plan
+        while True:
+            plan = epoch_plan(p.plans, p.order, p.k, self.epoch)
+            mine = plan.items[self.slot::p.slots]
+            whole = self.item == 0 and self.offset == 0 and bool(mine) and all(s == 0 for _, s in mine)
+            produced = False
+            while self.item < len(mine):
+                block, start = mine[self.item]
+                for out in self._read_item(plan.k, block, start):
+                    produced = True
+                    yield out
+                self.item, self.offset = self.item + 1, 0
+            if whole and not produced:  # looping on would hang the run without a word
+                raise DataError(f"data {self.where} read no valid sample in epoch {self.epoch} from its "
+                                f"{len(mine)} block(s) of shards, e.g. {p.urls[0]}")
+            self.epoch, self.item, self.offset = self.epoch + 1, 0, 0
 
-def _position(d: dict) -> dict:
-    return {k: int(d.get(k, 0)) for k in POSITION_KEYS}  # states written before bad_shards existed lack it
+    def _read_item(self, k: int, block: int, start: int) -> Iterator[tuple]:
+        """The block's entries from ``start + offset`` on; those before are read but not decoded."""
+        skip = start + self.offset
+        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, k, block,
+                                               self.label_ext)):
+            if j < skip:
+                continue
+            self.offset = j + 1 - start
+            if isinstance(entry, ShardError):
+                self._bad(f"skipping the rest of shard {entry.url} ({entry.read} samples read): {entry.message}",
+                          shard=True)
+                continue
+            self.seen += 1
+            try:
+                img, label = self._sample(entry, k, block, j)
+            except Exception as e:
+                self._bad(f"skipping bad sample {entry['__key__']} in {entry['__url__']}: {e}")
+                continue
+            yield entry["__key__"], img, label, self.position()
+            self._check()
 
+    def _sample(self, sample: dict, k: int, block: int, j: int) -> tuple:
+        p = self.plan
+        data = sample_image(sample)
+        label = self._label(sample)
+        if not self.decode_images:
+            return None, label
+        g = generator("aug", p.order.seed, self.epoch, k, block, j)
+        size = jpeg_size(data, p.max_pixels) if p.decode_on == "device" else None
+        if size is not None:  # the same draws from g as below: the same crop either way
+            crop = train_crop(*size, p.img_size, g, p.crop_min_scale)
+            return DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop), label
+        return train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale), label
 
-def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] = None,
-                        decode_images: bool = True) -> Iterator[tuple]:
-    """Forever: ``(key, image uint8 (3,S,S) or None, label, position_after)`` for one logical worker, starting
-    at ``position`` (see ``POSITION_KEYS``). Corrupt samples and damaged shards are skipped and counted."""
-    pos = _position(position or _fresh_position())
-    epoch, cursor, offset = pos["epoch"], pos["shard"], pos["offset"]
-    seen, skipped, bad_shards = pos["seen"], pos["skipped"], pos["bad_shards"]
-    args = dict(seed=plan.seed, shuffle=plan.shuffle, rank=plan.rank, world_size=plan.world_size,
-                worker=worker, num_workers=plan.num_workers)
-    where = f"rank {plan.rank} worker {worker}"
+    def _label(self, sample: dict) -> int:
+        n = self.plan.num_classes
+        if not n:  # not supervised: the label is carried along, a bad one is not worth a sample
+            try:
+                label = sample_label(sample, self.plan.label_key)
+            except ValueError:
+                label = None
+            return -1 if label is None else label
+        label = sample_label(sample, self.plan.label_key)
+        if label is None:
+            raise ValueError(f"no label (data.label_key={self.plan.label_key})")
+        if not 0 <= label < n:
+            raise ValueError(f"label {label} is outside 0..{n - 1} (data.num_classes={n})")
+        return label
 
-    def check():
-        if seen >= MIN_SEEN_FOR_BAD_CHECK and skipped > plan.max_bad_fraction * seen:
-            raise DataError(f"too many bad samples: {skipped} of {seen} skipped by data {where} (more than "
-                               f"data.max_bad_fraction={plan.max_bad_fraction}); check the shards")
+    def _bad(self, message: str, shard: bool = False) -> None:
+        self.seen += shard  # a damaged shard counts as one bad entry
+        self.skipped += 1
+        self.bad_shards += shard
+        log.warning("vitscale.data: %s", message)
+        self._check()
 
-    while True:
-        shards = worker_shards(len(plan.urls), epoch, **args)
-        whole_epoch, produced = cursor == 0 and offset == 0, False
-        while cursor < len(shards):
-            url = plan.urls[shards[cursor]]
-            samples, error = read_shard(url)
-            if error is not None and offset == 0:  # counted once: when the shard is entered, not on resume
-                seen += 1
-                skipped += 1
-                bad_shards += 1
-                log.warning("vitscale.data: skipping the rest of shard %s (%d samples read): %s", url,
-                            len(samples), error)
-                check()
-            if plan.shuffle:
-                order = torch.randperm(len(samples), generator=_gen("order", plan.seed, epoch, plan.rank, worker,
-                                                                     cursor)).tolist()
-            else:
-                order = list(range(len(samples)))
-            for o in range(offset, len(samples)):
-                sample = samples[order[o]]
-                samples[order[o]] = None  # free the bytes as we go
-                key = sample["__key__"]
-                seen += 1
-                try:
-                    data, label = image_and_label(sample)
-                    img = None
-                    if decode_images:
-                        g = _gen("aug", plan.seed, epoch, plan.rank, worker, cursor, o)
-                        size = jpeg_size(data) if plan.decode_on == "device" else None
-                        if size is not None:  # the same draws from g as below: the same crop either way
-                            img = DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                               train_crop(*size, plan.img_size, g, plan.crop_min_scale))
-                        else:
-                            img = train_transform(decode(data), plan.img_size, g, plan.crop_min_scale)
-                except Exception as e:
-                    skipped += 1
-                    log.warning("vitscale.data: skipping bad sample %s in %s: %s", key, url, e)
-                    check()
-                    continue
-                produced = True
-                yield key, img, label, {"epoch": epoch, "shard": cursor, "offset": o + 1, "seen": seen,
-                                        "skipped": skipped, "bad_shards": bad_shards}
-                check()
-            cursor, offset = cursor + 1, 0
-        if whole_epoch and not produced:  # looping on would hang the run without a word
-            raise DataError(f"data {where} read no valid sample in epoch {epoch} from its {len(shards)} "
-                               f"shard(s), e.g. {plan.urls[shards[0]]}")
-        epoch, cursor, offset = epoch + 1, 0, 0
+    def _check(self) -> None:
+        frac = self.plan.max_bad_fraction
+        if self.skipped > frac * max(self.seen, MIN_SEEN_FOR_BAD_CHECK):
+            raise DataError(f"too many bad samples: {self.skipped} of {self.seen} skipped by data {self.where} "
+                            f"(more than data.max_bad_fraction={frac}); check the shards (vitscale check-shards)")
 
 
 def _collate(items: list, worker: int) -> dict:
@@ -173,7 +179,7 @@ def _collate(items: list, worker: int) -> dict:
 
 def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] = None) -> Iterator[dict]:
     buf = []
-    for item in iter_worker_samples(plan, worker, position):
+    for item in WorkerStream(plan, worker, position):
         buf.append(item)
         if len(buf) == plan.batch_size:
             yield _collate(buf, worker)
@@ -191,17 +197,6 @@ class _TrainStream(IterableDataset):
         return iter_worker_batches(self.plan, worker, self.positions[worker])
 
 
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # decode/resize per sample; workers already run in parallel
-
-
-def _check_slots(num_shards: int, world_size: int, num_workers: int) -> None:
-    w = max(num_workers, 1)
-    if num_shards < world_size * w:
-        raise ValueError(f"{num_shards} shards cannot feed {world_size} rank(s) x {w} worker(s) = "
-                         f"{world_size * w} readers: write more, smaller shards or lower data.num_workers")
-
-
 # ----- the loader the trainer uses -----------------------------------------------------------------------------
 class TrainLoader:
     """Infinite iterable of batches with an exact ``state_dict()`` (see the module docstring).
@@ -211,45 +206,67 @@ class TrainLoader:
     iterator at a time; ``iter()`` again continues from the last batch handed out.
     """
 
-    def __init__(self, plan: StreamPlan, num_workers: int, state: Optional[dict] = None):
+    def __init__(self, plan: StreamPlan, num_workers: int, state: Union[dict, list, None] = None):
         self.plan, self.num_workers = plan, num_workers
         self.positions = [_fresh_position() for _ in range(plan.num_workers)]
         self.batches = 0
+        self.carried = {c: 0 for c in COUNTERS}  # counters of an earlier layout (rank 0 reports them)
         if state:
             self.load_state_dict(state)
 
     def _layout(self) -> dict:
         p = self.plan
-        return {"seed": p.seed, "rank": p.rank, "world_size": p.world_size, "num_workers": p.num_workers,
-                "num_shards": len(p.urls), "shuffle": p.shuffle}
+        return {**p.order.as_dict(), "rank": p.rank, "world_size": p.world_size, "num_workers": p.num_workers}
 
     def state_dict(self) -> dict:
-        """Plain JSON-serialisable dict: layout, ``batches`` consumed, and ``workers`` = one
-        position (``POSITION_KEYS``) per logical worker."""
-        return {"version": STATE_VERSION, **self._layout(), "batches": self.batches,
-                "workers": copy.deepcopy(self.positions)}
+        """Plain JSON-serialisable dict: the order and layout, ``batches`` consumed, ``workers`` = one position
+        (``POSITION_KEYS``) per logical worker, the epochs an elastic resume split (``plans``), and ``carried``
+        counters. Give every rank's dict back (a list) to resume on another world size or worker count."""
+        first = min(w["epoch"] for w in self.positions)
+        plans = {e: p for e, p in self.plan.plans.items() if e >= first}
+        return {"version": STATE_VERSION, **self._layout(), "k": self.plan.k, "plans": plans_to_json(plans),
+                "batches": self.batches, "workers": copy.deepcopy(self.positions), "carried": dict(self.carried)}
 
     def skipped(self) -> tuple[int, int]:
         """(bad samples, damaged shards) this rank's stream skipped so far, over all its workers."""
-        shards = sum(w["bad_shards"] for w in self.positions)
-        return sum(w["skipped"] for w in self.positions) - shards, shards
+        shards = sum(w["bad_shards"] for w in self.positions) + self.carried["bad_shards"]
+        return sum(w["skipped"] for w in self.positions) + self.carried["skipped"] - shards, shards
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Union[dict, list]) -> None:
+        """Resume from this rank's ``state_dict()`` (same layout: exact), or from the list of every rank's (any
+        layout: the epochs in progress are finished by the new slots, then the order goes on)."""
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
         layout = self._layout()
-        old = {k: state.get(k) for k in layout}
-        workers = state.get("workers") or []
-        if state.get("version") == STATE_VERSION and old == layout and len(workers) == self.plan.num_workers:
-            self.positions = [_position(w) for w in workers]
-            self.batches = int(state["batches"])
+        own = [s for s in states if s.get("version") == STATE_VERSION and s.get("rank") == self.plan.rank and
+               {k: s.get(k) for k in layout} == layout and len(s.get("workers") or []) == self.plan.num_workers]
+        if own:
+            s = own[0]
+            self.positions = [_position(w) for w in s["workers"]]
+            self.batches = int(s["batches"])
+            self.carried = {c: int((s.get("carried") or {}).get(c, 0)) for c in COUNTERS}
+            self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")))
             return
-        # Different layout (e.g. another world size): exact resume is impossible; start a fresh epoch after the
-        # furthest one any worker reached, so recently seen data is not simply replayed from the start.
-        epoch = max((int(w.get("epoch", 0)) for w in workers), default=-1) + 1
-        changed = {k: (old[k], layout[k]) for k in layout if old[k] != layout[k]}
-        log.warning("vitscale.data: data-stream state does not match this run (%s): starting epoch %d fresh",
-                    changed or "format", epoch)
+        why = not_elastic(states, self.plan.order)
+        if why is None:
+            self._resume_elastic(states)
+            return
+        # The order itself changed (other shards, seed or mixing) or the state is from an older version: the epoch
+        # in progress cannot be continued; start the next one so recent data is not simply replayed.
+        epoch = max((int(w.get("epoch", 0)) for s in states for w in s.get("workers") or []), default=-1) + 1
+        log.warning("vitscale.data: the saved data-stream state cannot be continued (%s): starting epoch %d",
+                    why, epoch)
         self.positions = [_fresh_position(epoch) for _ in range(self.plan.num_workers)]
         self.batches = 0
+
+    def _resume_elastic(self, states: list[dict]) -> None:
+        first, plans, totals = merge_states(states, self.plan.order)
+        self.plan = dataclasses.replace(self.plan, plans=plans)
+        self.positions = [_fresh_position(first) for _ in range(self.plan.num_workers)]
+        self.batches = 0
+        self.carried = totals if self.plan.rank == 0 else {c: 0 for c in COUNTERS}
+        log.info("vitscale.data: data stream of %d rank(s) x %d worker(s) continued on %d x %d, in epoch %d",
+                 states[0]["world_size"], states[0]["num_workers"], self.plan.world_size, self.plan.num_workers,
+                 first)
 
     def __iter__(self) -> Iterator[dict]:
         return _TrainIterator(self)
@@ -262,8 +279,8 @@ class _TrainIterator:
         # Building the DataLoader iterator now (not lazily) and giving it its own generator keeps the global
         # torch RNG untouched, so the trainer's RNG state is the same on every launch.
         dl = DataLoader(dataset, batch_size=None, num_workers=loader.num_workers, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
-                        generator=torch.Generator().manual_seed(loader.plan.seed))
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
+                        generator=torch.Generator().manual_seed(loader.plan.order.seed))
         self.it = iter(dl)
 
     def __iter__(self):
@@ -282,11 +299,21 @@ class _TrainIterator:
         return batch
 
 
+def _check_slots(num_shards: int, world_size: int, num_workers: int) -> None:
+    w = max(num_workers, 1)
+    if num_shards < world_size * w:
+        raise ValueError(f"{num_shards} shards cannot feed {world_size} rank(s) x {w} worker(s) = "
+                         f"{world_size * w} readers: write more, smaller shards or lower data.num_workers")
+
+
 def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, shuffle: bool = True, crop_min_scale: float = 0.35,
-                       state: Optional[dict] = None, max_bad_fraction: float = 0.01,
-                       decode_on: str = "worker") -> TrainLoader:
-    """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()``."""
+                       state: Union[dict, list, None] = None, max_bad_fraction: float = 0.01,
+                       decode_on: str = "worker", shards_in_flight: int = 16, shuffle_buffer: int = 1000,
+                       label_key: str = "cls", num_classes: int = 0,
+                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> TrainLoader:
+    """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()`` (or the list of
+    every rank's, to resume on another layout)."""
     urls = list(urls)
     if not urls:
         raise ValueError("no training shards")
@@ -294,76 +321,30 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if shards_in_flight < 1 or shuffle_buffer < 0:
+        raise ValueError(f"data.shards_in_flight must be >= 1 and data.shuffle_buffer >= 0, got "
+                         f"{shards_in_flight} and {shuffle_buffer}")
+    label_ext(label_key)  # a bad data.label_key is an error now, not in a worker
     _check_slots(len(urls), world_size, num_workers)
-    plan = StreamPlan(urls=tuple(urls), seed=int(seed), rank=rank, world_size=world_size,
-                      num_workers=max(num_workers, 1), shuffle=bool(shuffle), batch_size=batch_size,
-                      img_size=img_size, crop_min_scale=float(crop_min_scale),
-                      max_bad_fraction=float(max_bad_fraction), decode_on=decode_on)
+    order = Order(seed=int(seed), num_shards=len(urls), shuffle=bool(shuffle),
+                  shards_in_flight=int(shards_in_flight), shuffle_buffer=int(shuffle_buffer))
+    workers = max(num_workers, 1)
+    plan = StreamPlan(urls=tuple(urls), order=order, rank=rank, world_size=world_size, num_workers=workers,
+                      batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
+                      max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
+                      num_classes=int(num_classes), max_pixels=max_pixels, k=block_size(order, world_size * workers))
     return TrainLoader(plan, num_workers, state)
 
 
 def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: int,
-                             state: Optional[dict] = None) -> TrainLoader:
-    """The training stream a run's config (``vitscale.config.Config``) describes, for one rank."""
+                             state: Union[dict, list, None] = None, num_classes: int = 0) -> TrainLoader:
+    """The training stream a run's config (``vitscale.config.Config``) describes, for one rank. ``num_classes``
+    > 0 (supervised runs) skips and counts samples without a label in range."""
     d = cfg.data
     return build_train_loader(urls, batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
                               rank=rank, world_size=world_size, num_workers=d.num_workers, shuffle=d.shuffle,
                               crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction, state=state,
-                              decode_on=d.decode_on)
-
-
-# ----- evaluation ----------------------------------------------------------------------------------------------
-class _EvalStream(IterableDataset):
-    """One pass; sample i of the concatenated shards goes to rank i % world_size, then to that rank's worker
-    j % num_workers (j = index among the rank's samples)."""
-
-    def __init__(self, urls, batch_size, img_size, rank, world_size):
-        self.urls, self.batch_size, self.img_size = list(urls), batch_size, img_size
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        buf, i, j = [], 0, 0
-        for url in self.urls:
-            samples, error = read_shard(url)
-            if error is not None:
-                log.warning("vitscale.data: eval shard %s unreadable after %d samples: %s", url, len(samples),
-                            error)
-            for sample in samples:
-                mine = i % self.world_size == self.rank
-                i += 1
-                if not mine:
-                    continue
-                j += 1
-                if (j - 1) % nw != wid:
-                    continue
-                try:
-                    data, label = image_and_label(sample)
-                    img = eval_transform(decode(data), self.img_size)
-                except Exception as e:
-                    log.warning("vitscale.data: skipping bad eval sample %s in %s: %s", sample["__key__"], url, e)
-                    continue
-                buf.append((sample["__key__"], img, label))
-                if len(buf) == self.batch_size:
-                    yield self._collate(buf)
-                    buf = []
-        if buf:
-            yield self._collate(buf)
-
-    @staticmethod
-    def _collate(items):
-        keys, imgs, labels = zip(*items)
-        return {"image": torch.stack(imgs), "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys)}
-
-
-def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, rank: int, world_size: int,
-                      num_workers: int = 0) -> DataLoader:
-    """Finite, one pass, eval transform; across ranks every sample is visited exactly once. Batches as in
-    training without ``stream`` (the last one may be smaller; a rank may get none)."""
-    urls = list(urls)
-    if not urls:
-        raise ValueError("no evaluation shards")
-    return DataLoader(_EvalStream(urls, batch_size, img_size, rank, world_size), batch_size=None,
-                      num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))
+                              decode_on=d.decode_on, shards_in_flight=d.shards_in_flight,
+                              shuffle_buffer=d.shuffle_buffer, label_key=d.label_key,
+                              num_classes=num_classes,
+                              max_pixels=d.max_pixels or None)

@@ -1,24 +1,19 @@
-"""WebDataset tar shards: writer, manifest, and resolving a shard spec to a list of urls.
+"""Resolving a shard spec (demo name, brace pattern, manifest, url list, single tar) to a list of urls.
 
-A shard directory holds ``{prefix}-000000.tar, {prefix}-000001.tar, ...`` and one ``manifest.json`` (one prefix
-per directory). Each sample is two tar members: ``<key>.<ext>`` (png/jpg/jpeg/webp bytes) and ``<key>.cls``
-(the label as an ascii integer; omitted when there is no label). Shards are plain POSIX (ustar) tar files, so
-``tar tf`` lists them and any WebDataset reader can read them.
+Shards are written by :mod:`vitscale.data.writer` (the format is described there) or by any WebDataset tool.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-MANIFEST = "manifest.json"
-FORMAT = "vitscale-shards"
+from vitscale.data.demo import ensure_demo_shards
+from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 @dataclass
@@ -29,143 +24,26 @@ class ShardSet:
     num_samples: Optional[int] = None
     num_classes: Optional[int] = None
     class_names: Optional[list[str]] = None
+    labels: Optional[dict] = None  # manifest's label summary: {"min", "max", "missing"} (make-shards writes it)
 
 
-# ----- writing -------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_labels(shard_set: ShardSet, num_classes: int, label_key: str = "cls") -> None:
+    """Before training: a one-line error for a bad ``data.label_key``, or when the manifest already shows labels
+    a supervised run (``num_classes`` > 0) cannot use. Without a manifest, the loader skips and counts such
+    samples."""
+    from vitscale.data.tario import label_ext
 
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    info.mtime = 0  # byte-identical shards from identical input
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def check_key(key: str) -> None:
-    """Keys become tar member names ``<key>.<ext>``; WebDataset groups members by the text before the first dot."""
-    if not key or "." in key or "/" in key or "\\" in key or key.startswith("__"):
-        raise ValueError(f"invalid sample key {key!r}: must be non-empty, without '.', '/' or a leading '__'")
-
-
-class _ShardWriter:
-    """Writes one shard at a time to a temporary name and renames it into place once complete."""
-
-    def __init__(self, out_dir: Path, prefix: str, maxcount: int, maxsize: Optional[int], start_index: int = 0):
-        self.out_dir, self.prefix, self.maxcount, self.maxsize = out_dir, prefix, maxcount, maxsize
-        self.index = start_index
-        self.shards: list[dict] = []
-        self.tar: Optional[tarfile.TarFile] = None
-        self.count = self.size = 0
-        self.keys: set[str] = set()
-
-    def _open(self) -> None:
-        self.name = f"{self.prefix}-{self.index:06d}.tar"
-        self.tmp = self.out_dir / f".{self.name}.tmp-{os.getpid()}"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-        self.count = self.size = 0
-        self.keys = set()
-
-    def close_shard(self) -> None:
-        if self.tar is None:
-            return
-        self.tar.close()
-        final = self.out_dir / self.name
-        os.replace(self.tmp, final)
-        self.shards.append({"name": self.name, "count": self.count, "bytes": final.stat().st_size,
-                            "sha256": _sha256(final)})
-        self.tar = None
-        self.index += 1
-
-    def write(self, key: str, data: bytes, ext: str, label: Optional[int]) -> None:
-        check_key(key)
-        ext = ext.lower().lstrip(".")
-        if ext not in IMAGE_EXTS:
-            raise ValueError(f"sample {key!r}: image extension {ext!r} is not one of {', '.join(IMAGE_EXTS)}")
-        size = len(data) + 1536  # two headers + padding, roughly
-        if self.tar is not None and (self.count >= self.maxcount or
-                                     (self.maxsize and self.count and self.size + size > self.maxsize)):
-            self.close_shard()
-        if self.tar is None:
-            self._open()
-        if key in self.keys:
-            raise ValueError(f"duplicate sample key {key!r} in shard {self.name}")
-        self.keys.add(key)
-        _add_member(self.tar, f"{key}.{ext}", bytes(data))
-        if label is not None:
-            _add_member(self.tar, f"{key}.cls", str(int(label)).encode("ascii"))
-        self.count += 1
-        self.size += size
-
-    def abort(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tmp.unlink(missing_ok=True)
-            self.tar = None
-
-
-def build_manifest(prefix: str, shards: list[dict], class_names: Optional[list[str]],
-                   max_label: Optional[int]) -> dict:
-    if class_names is not None:
-        num_classes: Optional[int] = len(class_names)
-    else:
-        num_classes = None if max_label is None else max_label + 1
-    return {"format": FORMAT, "version": 1, "prefix": prefix, "num_samples": sum(s["count"] for s in shards),
-            "num_classes": num_classes, "class_names": list(class_names) if class_names is not None else None,
-            "shards": shards}
-
-
-def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_shards(samples: Iterable[tuple[str, bytes, str, Optional[int]]], out_dir, prefix: str = "train",
-                 maxcount: int = 1000, *, maxsize: Optional[int] = None,
-                 class_names: Optional[list[str]] = None) -> dict:
-    """Write ``(key, image_bytes, ext, label_or_None)`` samples as tar shards plus ``out_dir/manifest.json``.
-
-    A new shard starts after ``maxcount`` samples (or before ``maxsize`` bytes would be exceeded). Returns the
-    manifest (``prefix, num_samples, num_classes, class_names, shards=[{name, count, bytes, sha256}]``) with
-    ``path`` set to the manifest file. ``num_classes`` is ``len(class_names)`` or else max label + 1.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    old = out / MANIFEST
-    if old.exists():
-        try:
-            old_prefix = json.loads(old.read_text()).get("prefix")
-        except (OSError, ValueError):
-            old_prefix = None
-        if old_prefix not in (None, prefix):
-            raise ValueError(f"{out} already holds '{old_prefix}' shards (one prefix per directory): "
-                             f"write '{prefix}' shards to another directory")
-    writer = _ShardWriter(out, prefix, maxcount, maxsize)
-    max_label: Optional[int] = None
-    try:
-        for key, data, ext, label in samples:
-            writer.write(key, data, ext, label)
-            if label is not None:
-                max_label = int(label) if max_label is None else max(max_label, int(label))
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
-    manifest = build_manifest(prefix, writer.shards, class_names, max_label)
-    path = write_manifest(out, manifest)
-    return {**manifest, "path": str(path)}
+    label_ext(label_key)
+    info = shard_set.labels or {}
+    if not num_classes or not info or label_key != "cls":  # the manifest describes the .cls members
+        return
+    lo, hi, missing = info.get("min"), info.get("max"), int(info.get("missing") or 0)
+    if missing:
+        raise ValueError(f"the shard manifest lists {missing} sample(s) without a label; a supervised run needs "
+                         f"one per sample (drop them, or train objective.name=mae)")
+    if lo is not None and hi is not None and not (0 <= lo and hi < num_classes):
+        raise ValueError(f"the shard manifest has labels {lo}..{hi} but data.num_classes={num_classes} "
+                         f"allows 0..{num_classes - 1}")
 
 
 # ----- resolving -----------------------------------------------------------------------------------------------
@@ -199,7 +77,7 @@ def load_manifest(path) -> ShardSet:
         urls.append(p)
     names_ = m.get("class_names")
     return ShardSet(urls=urls, num_samples=m.get("num_samples"), num_classes=m.get("num_classes"),
-                    class_names=list(names_) if names_ is not None else None)
+                    class_names=list(names_) if names_ is not None else None, labels=m.get("labels"))
 
 
 def _with_manifest_info(urls: list[str]) -> ShardSet:
@@ -221,6 +99,7 @@ def _with_manifest_info(urls: list[str]) -> ShardSet:
     names = [Path(u).name for u in urls]
     if all(n in counts for n in names):
         out.num_samples = sum(counts[n] for n in names)
+        out.labels = m.get("labels") if len(names) == len(counts) else None
     out.num_classes, out.class_names = m.get("num_classes"), m.get("class_names")
     return out
 
@@ -231,8 +110,8 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
     Forms: ``"demo:digits"``, ``"demo:digits:val"``, ``"demo:photos"``, ``"demo:photos:val"`` (built under
     ``cache_dir`` on first use); a brace pattern ``"d/train-{000000..000009}.tar"``; a ``manifest.json`` (or a
     directory holding one); a ``.txt`` file listing one url per line (``#`` comments; relative paths are relative
-    to the list file); ``pipe:...`` / ``http(s)://...`` urls (passed through, braces expanded); a single ``.tar``.
-    Missing local files raise ``FileNotFoundError`` naming the path.
+    to the list file); ``pipe:...`` / ``http(s)://...`` urls (passed through, braces expanded); a single
+    ``.tar``/``.tar.gz``/``.tgz`` shard. Missing local files raise ``FileNotFoundError`` naming the path.
     """
     import braceexpand
 
@@ -240,8 +119,6 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
     if not spec:
         raise ValueError("empty shard spec")
     if spec.startswith("demo:"):
-        from vitscale.data.demo import ensure_demo_shards
-
         parts = spec.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("train", "val")):
             raise ValueError(f"bad demo spec {spec!r}: use demo:NAME or demo:NAME:val")
@@ -262,7 +139,7 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
         raise _missing(path)
     if path.suffix == ".json":
         return load_manifest(path)
-    if path.suffix == ".tar":
+    if path.name.endswith(TAR_SUFFIXES):  # one shard (also gzip-compressed), not a list of urls
         return _with_manifest_info([str(path)])
     urls = []
     for line in path.read_text().splitlines():

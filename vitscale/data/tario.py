@@ -1,33 +1,48 @@
-"""Reading one WebDataset tar shard: only the members we need, never unpickled, damage detected and reported.
+"""Reading one WebDataset tar shard as a stream: one sample in memory at a time, never unpickled, damage detected.
 
-Only image (``png/jpg/jpeg/webp``) and ``cls`` members are read; everything else (``.pyd``, ``.pickle``, ``.pth``,
-...) is skipped unread, so a shard carrying a pickle payload cannot execute it.
+Only image (``png/jpg/jpeg/webp``) members and the member holding the label (``cls``, ``txt`` or ``json``, see
+``data.label_key``) are read; everything else (``.pyd``, ``.pickle``, ``.pth``, ...) is skipped unread, so a shard
+carrying a pickle payload cannot execute it. ``.tar.gz``/``.tgz`` shards (any gzip stream, recognised by its
+magic bytes) are decompressed on the fly.
 """
 from __future__ import annotations
 
-from typing import Optional
+import gzip
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
 
-from vitscale.data.shards import IMAGE_EXTS
-
-SELECTED_EXTS = frozenset(IMAGE_EXTS) | {"cls"}
-
-
-def _select(fname: str) -> bool:
-    base = fname.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in SELECTED_EXTS
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+LABEL_EXTS = ("cls", "txt", "json")
+_END_MARKER = 1024  # a complete tar ends with two zero 512-byte blocks (then zero padding)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
-class _TailReader:
-    """File wrapper that remembers the last bytes read, to check the tar end-of-archive marker."""
+@dataclass(frozen=True)
+class ShardError:
+    """A shard could not be read to its end: ``read`` samples came before the damage (the sample being read
+    when it happened is dropped: it may be incomplete)."""
+    url: str
+    message: str
+    read: int
 
-    def __init__(self, f, url: str):
-        self.f, self.tail, self.url = f, b"", url
+
+class _Stream:
+    """File wrapper that replays peeked bytes, names its shard in errors and keeps the last bytes read (to check
+    the tar end-of-archive marker, on the decompressed stream for gzip shards)."""
+
+    def __init__(self, f, url: str, head: bytes = b""):
+        self.f, self.url, self.head, self.tail = f, url, head, b""
 
     def __repr__(self) -> str:  # tar errors name their stream: say which shard, not an object address
         return self.url
 
     def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
+        if self.head:
+            b, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+        else:
+            b = self.f.read(n)
         if b:
             self.tail = (self.tail + b)[-_END_MARKER:]
         return b
@@ -36,61 +51,135 @@ class _TailReader:
         self.f.close()
 
 
-_END_MARKER = 1024  # a complete tar ends with two zero 512-byte blocks (then zero padding)
+def _open(url: str):
+    """(raw file, decompressed stream with a tail) for a local path, ``file://``, ``pipe:`` or ``http(s)://`` url."""
+    from webdataset.gopen import gopen
+
+    raw = gopen(url, "rb")
+    head = raw.read(2)
+    if head == b"\x1f\x8b":  # gzip: a .tar.gz / .tgz shard
+        return raw, _Stream(gzip.GzipFile(fileobj=_Stream(raw, url, head), mode="rb"), url)
+    return raw, _Stream(raw, url, head)
 
 
-def read_shard(url: str) -> tuple[list[dict], Optional[str]]:
-    """All samples of one shard as webdataset sample dicts (``__key__`` + raw bytes per extension), in tar
-    order, and an error message if the shard could not be read to the end (samples before the damage are kept;
-    the possibly incomplete last one is dropped).
+def _ext(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name: the key is everything before the first dot of the base name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
+
+
+def _members(stream: _Stream, url: str, wanted: frozenset) -> Iterator[dict]:
+    """Samples grouped from consecutive members with the same key; raises on damage or a duplicate member."""
+    cur: Optional[dict] = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = _ext(info.name)
+            if cur is not None and key != cur["__key__"]:
+                yield cur
+                cur = None
+            if ext not in wanted:
+                continue
+            if cur is None:
+                cur = {"__key__": key, "__url__": url}
+            if ext in cur:
+                raise ValueError(f"duplicate member {info.name}")
+            cur[ext] = tar.extractfile(info).read()
+    while stream.read(1 << 16):  # the rest: end-of-archive blocks and record padding
+        pass
+    if stream.tail != bytes(_END_MARKER):
+        raise EOFError("truncated tar (no end-of-archive marker)")
+    if cur is not None:
+        yield cur
+
+
+def iter_shard(url: str, label_ext: str = "cls") -> Iterator[Union[dict, ShardError]]:
+    """The samples of one shard as webdataset-style dicts (``__key__``, ``__url__``, raw bytes per extension), in
+    tar order, then a :class:`ShardError` if the shard could not be read to its end (or holds no sample).
 
     Python's tarfile silently stops at a file cut at a header boundary, so a shard also counts as truncated when
-    its stream does not end with the tar end-of-archive marker.
-    """
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    error: Optional[str] = None
-
-    def members(stream):
-        nonlocal error
-        try:
-            for f in tar_file_iterator(stream, select_files=_select):
-                f["__url__"] = url
-                yield f
-            while stream.read(1 << 16):  # the rest: end-of-archive blocks and record padding
-                pass
-            if stream.tail != bytes(_END_MARKER):
-                error = "truncated tar (no end-of-archive marker)"
-        except Exception as e:  # truncated / corrupt tar
-            error = f"{type(e).__name__}: {e}"
-
-    samples: list[dict] = []
+    its stream does not end with the tar end-of-archive marker; the sample in progress then is not yielded."""
+    wanted = frozenset(IMAGE_EXTS) | {label_ext}
+    count = 0
     try:
-        stream = _TailReader(gopen(url, "rb"), url)
+        raw, stream = _open(url)
     except Exception as e:
-        return samples, f"cannot open: {type(e).__name__}: {e}"
+        yield ShardError(url, f"cannot open: {type(e).__name__}: {e}", 0)
+        return
+    error: Optional[str] = None
     try:
-        for s in group_by_keys(members(stream)):
-            samples.append(s)
-        if error is not None and samples:
-            samples.pop()
-        elif error is None and not samples:
-            error = "empty shard (no samples)"  # a failed conversion or copy; worth a warning and a count
-    except Exception as e:  # e.g. duplicate member names
-        error = error or f"{type(e).__name__}: {e}"
+        for sample in _members(stream, url, wanted):
+            count += 1
+            yield sample
+    except Exception as e:  # truncated / corrupt tar or gzip, duplicate member names
+        error = f"{type(e).__name__}: {e}"
     finally:
         try:
-            stream.close()
+            raw.close()
         except Exception as e:  # a pipe: command that failed
             error = error or f"{type(e).__name__}: {e}"
+    if error is None and count == 0:
+        error = "empty shard (no samples)"  # a failed conversion or copy; worth a warning and a count
+    if error is not None:
+        yield ShardError(url, error, count)
+
+
+def read_shard(url: str, label_ext: str = "cls") -> tuple[list[dict], Optional[str]]:
+    """A whole shard at once (for tools and tests; the loaders stream with :func:`iter_shard`)."""
+    samples, error = [], None
+    for item in iter_shard(url, label_ext):
+        if isinstance(item, ShardError):
+            error = item.message
+        else:
+            samples.append(item)
     return samples, error
 
 
-def image_and_label(sample: dict) -> tuple[bytes, int]:
+# ----- what a sample holds ----------------------------------------------------------------------------------------
+def label_ext(label_key: str) -> str:
+    """The member extension ``data.label_key`` reads: ``cls``, ``txt`` or ``json`` (``json:FIELD``)."""
+    ext = label_key.split(":", 1)[0]
+    if ext not in LABEL_EXTS or (ext == "json") != (":" in label_key) or label_key.endswith(":"):
+        raise ValueError(f"data.label_key={label_key!r}: use 'cls', 'txt' or 'json:FIELD' (e.g. json:label)")
+    return ext
+
+
+def sample_image(sample: dict) -> bytes:
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
         raise ValueError("no image member")
-    cls = sample.get("cls")
-    label = int(cls.decode("ascii").strip()) if cls is not None else -1
-    return data, label
+    return data
+
+
+def sample_label(sample: dict, label_key: str = "cls") -> Optional[int]:
+    """The sample's integer label, or None when it has none. Raises ``ValueError`` naming the member when the
+    label is not an integer or does not fit int64."""
+    ext = label_key.split(":", 1)[0]
+    raw = sample.get(ext)
+    if raw is None:
+        return None
+    if ext == "json":
+        value = json.loads(raw)
+        for part in label_key.split(":", 1)[1].split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f".json field {label_key[5:]!r} is {value!r}, not an integer label")
+    else:
+        value = raw.decode("ascii", errors="replace").strip()
+    try:
+        label = int(value)
+    except ValueError:
+        raise ValueError(f".{ext} label {str(value)[:40]!r} is not an integer") from None
+    if not _INT64[0] <= label <= _INT64[1]:
+        raise ValueError(f".{ext} label {str(value)[:40]} does not fit int64")
+    return label
+
+
+def image_and_label(sample: dict, label_key: str = "cls") -> tuple[bytes, int]:
+    """(image bytes, label; -1 when the sample has none)."""
+    label = sample_label(sample, label_key)
+    return sample_image(sample), -1 if label is None else label

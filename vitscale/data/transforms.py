@@ -5,6 +5,7 @@ Batches stay uint8 (B,3,H,W) through the DataLoader (4x less inter-process traff
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -21,31 +22,109 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875
 
 
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: a 1 GiB RGBA image; larger is likely a bomb
+_EXIF_ORIENTATION = 0x0112
+
+
 class DecodeError(ValueError):
     """The bytes are not a readable image."""
 
 
-def _decode_pil(data: bytes) -> torch.Tensor:
-    import numpy as np
+class TooLarge(DecodeError):
+    """The image's header says it has more pixels than ``data.max_pixels``: not decoded."""
+
+
+@contextlib.contextmanager
+def _our_pixel_limit():
+    """PIL's own decompression-bomb limit off while it reads a header (data.max_pixels decides, with a message
+    naming the size) or decodes an image that passed that check."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+@dataclass(frozen=True)
+class Header:
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int  # EXIF orientation (1 = as stored)
+    high_bit_depth: bool  # a PNG with 16 bits per channel
+
+
+def read_header(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Header:
+    """What the image's header says (PIL reads only the header), refusing images over ``max_pixels`` before any
+    pixel is decoded. Raises :class:`DecodeError` / :class:`TooLarge`."""
+    from PIL import Image
+
+    try:
+        with _our_pixel_limit():
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, mode, (w, h) = im.format or "", im.mode, im.size
+                # (a PNG's EXIF may sit after its pixels: PIL would decode them to find it, so only when seen)
+                has_exif = fmt in ("JPEG", "WEBP", "TIFF", "MPO") or "exif" in im.info
+                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1) if has_exif else 1
+    except Exception as e:
+        raise DecodeError(f"cannot read image header ({len(data)} bytes): {type(e).__name__}: {e}") from None
+    if max_pixels and w * h > max_pixels:
+        raise TooLarge(f"image {w}x{h} = {w * h / 1e6:.1f} Mpx is over data.max_pixels={max_pixels}")
+    deep = fmt == "PNG" and len(data) > 24 and data[24] > 8  # IHDR bit depth
+    return Header(fmt, mode, w, h, orientation, deep)
+
+
+def _pil_rgb(im) -> "np.ndarray":
+    """Any PIL mode and bit depth -> RGB uint8 (H,W,3): 16/32-bit integer images are scaled, not clipped."""
+    import numpy as np
+
+    if im.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs open as one of these)
+        arr = np.asarray(im).astype(np.int64)
+        arr = (np.clip(arr, 0, 65535) >> 8) if arr.max(initial=0) > 255 else np.clip(arr, 0, 255)
+        gray = arr.astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        arr = np.asarray(im)
+        hi = float(arr.max(initial=0.0))
+        gray = np.clip(arr * (255.0 if hi <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    from PIL import Image, ImageOps
+
+    with _our_pixel_limit():  # read_header has checked data.max_pixels already
+        with Image.open(io.BytesIO(data)) as im:
+            im = ImageOps.exif_transpose(im)  # a portrait photo stored sideways is trained on upright
+            arr = _pil_rgb(im)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode(data: bytes) -> torch.Tensor:
-    """Image bytes (PNG/JPEG/WebP/...) -> uint8 tensor (3,H,W), RGB. Grayscale is repeated to 3 channels, alpha
-    dropped. Uses torchvision's decoder, falling back to PIL; raises :class:`DecodeError` if neither can read it."""
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception as e_tv:
+def decode(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Image bytes (PNG/JPEG/WebP/...) -> uint8 tensor (3,H,W), RGB, EXIF orientation applied. Any PIL mode and
+    bit depth is accepted (grayscale repeated to 3 channels, alpha dropped, 16-bit scaled to 8). Images over
+    ``max_pixels`` (from the header) raise :class:`TooLarge` undecoded; unreadable ones :class:`DecodeError`.
+    8-bit JPEG/PNG stored upright use torchvision's decoder (fast); the rest, or what it rejects, PIL."""
+    head = read_header(data, max_pixels)
+    img = None
+    if head.format in ("JPEG", "PNG") and head.orientation == 1 and not head.high_bit_depth and \
+            head.mode in ("RGB", "L", "RGBA", "LA", "P"):
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except Exception:
+            img = None
+    if img is None or img.dtype != torch.uint8:
         try:
             img = _decode_pil(data)
-        except Exception as e_pil:
-            raise DecodeError(f"cannot decode image ({len(data)} bytes): {e_pil or e_tv}") from None
+        except Exception as e:
+            raise DecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from None
     if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
         raise DecodeError(f"unexpected decoded image shape {tuple(img.shape)}")
     return img
@@ -144,15 +223,18 @@ def normalize(images: torch.Tensor, device=None, mean=IMAGENET_MEAN, std=IMAGENE
     return x.sub_(m).div_(s)
 
 
-def jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
-    """(height, width) from a JPEG's header without decoding it, or None if the bytes are not a readable JPEG."""
-    from PIL import Image, UnidentifiedImageError
-
+def jpeg_size(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[tuple[int, int]]:
+    """(height, width) of an upright 8-bit JPEG from its header without decoding it; None for anything else (the
+    worker decodes those). Raises :class:`TooLarge` over ``max_pixels``."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return (im.height, im.width) if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK") else None
-    except (UnidentifiedImageError, OSError, ValueError):
+        head = read_header(data, max_pixels)
+    except TooLarge:
+        raise
+    except DecodeError:
         return None
+    if head.format == "JPEG" and head.mode in ("RGB", "L", "CMYK") and head.orientation == 1:
+        return head.height, head.width
+    return None
 
 
 @dataclass(frozen=True)

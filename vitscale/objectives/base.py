@@ -52,6 +52,10 @@ class Objective:
     def check_data(self, num_classes: int) -> None:
         """Raise if the training data cannot serve this objective (called before anything is written)."""
 
+    def label_classes(self, num_classes: int) -> int:
+        """How many classes a sample's label must fall in (0: labels are not used, any sample serves)."""
+        return 0
+
     def build_model(self, num_classes: int) -> nn.Module:
         raise NotImplementedError
 

@@ -19,6 +19,9 @@ class Supervised(Objective):
         if num_classes < 2:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
 
+    def label_classes(self, num_classes: int) -> int:
+        return num_classes
+
     def build_model(self, num_classes: int) -> nn.Module:
         m = self.cfg.model
         model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **model_kwargs(self.cfg))

@@ -17,8 +17,8 @@ import torch
 
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, resolve, save_config
-from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
-from vitscale.data.shards import resolve_shards
+from vitscale.data.pipeline import build_eval_loader, saved_stream_states, train_loader_from_config
+from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
@@ -124,7 +124,8 @@ class Trainer:
             self.log(f"resumed from {point.path} at step {state.step}")
         state.history.append([state.step, env.world_size])
         self.loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
-                                               state=(rank_state or {}).get("data"))
+                                               state=saved_stream_states(point.path) if point else None,
+                                               num_classes=self.objective.label_classes(self.num_classes))
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         self.batches = iter(self.loader)
         seed_training_rng(rank_state, cfg.run.seed, env.rank)  # after iter(): see its docstring
@@ -138,6 +139,7 @@ class Trainer:
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
         self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         self.objective.check_data(self.num_classes)
+        check_labels(self.train_set, self.objective.label_classes(self.num_classes), cfg.data.label_key)
 
     def _open_outputs(self, state: TrainState) -> None:
         """Tracker, metrics.jsonl, the preemption signal handlers and the progress bar."""
@@ -349,7 +351,7 @@ class Trainer:
         """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""
         cfg = self.cfg
         loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                                   rank=self.env.rank, world_size=self.env.world_size)
+                                   rank=self.env.rank, world_size=self.env.world_size, label_key=cfg.data.label_key)
         self.engine.eval()
         sums: dict[str, float] = {"loss": 0.0}
         count = 0

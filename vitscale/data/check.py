@@ -1,0 +1,193 @@
+"""`vitscale check-shards SPEC`: read every shard (in parallel) and report what would hurt training.
+
+Per shard: samples, labels, samples without an image or a valid label, unreadable image headers (or, with
+``--decode``, images that do not decode), images over ``data.max_pixels``, keys seen twice, damage (truncated or
+unreadable tar). Over all shards: the label histogram, duplicate keys across shards, and whether the shards look
+class-sorted (each shard holds far fewer classes than a shuffled shard of its size would), which leaves batches
+with few classes. The exit status is 1 when anything of that is found, 0 when the shards look fine.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vitscale.data.tario import ShardError, iter_shard, label_ext, sample_image, sample_label
+
+MAX_LISTED = 10  # bad samples named per shard in the report
+
+
+@dataclass
+class ShardReport:
+    url: str
+    samples: int = 0
+    labels: Counter = field(default_factory=Counter)
+    no_label: int = 0
+    bad: list = field(default_factory=list)  # [(key, why)], first MAX_LISTED
+    bad_count: int = 0
+    over_limit: int = 0
+    keys: list = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def _check_sample(sample: dict, rep: ShardReport, label_key: str, max_pixels, decode_all: bool) -> None:
+    from vitscale.data.transforms import TooLarge, decode, read_header
+
+    key = sample["__key__"]
+    try:
+        label = sample_label(sample, label_key)
+        data = sample_image(sample)
+        if decode_all:
+            decode(data, max_pixels)
+        else:
+            read_header(data, max_pixels)
+    except TooLarge as e:
+        rep.over_limit += 1
+        rep.bad_count += 1
+        if len(rep.bad) < MAX_LISTED:
+            rep.bad.append((key, str(e)))
+        return
+    except Exception as e:
+        rep.bad_count += 1
+        if len(rep.bad) < MAX_LISTED:
+            rep.bad.append((key, str(e)))
+        return
+    if label is None:
+        rep.no_label += 1
+    else:
+        rep.labels[label] += 1
+
+
+def check_shard(url: str, label_key: str = "cls", max_pixels: Optional[int] = None,
+                decode_all: bool = False) -> ShardReport:
+    """One shard's report (streamed: one sample in memory at a time)."""
+    rep = ShardReport(url)
+    for item in iter_shard(url, label_ext(label_key)):
+        if isinstance(item, ShardError):
+            rep.error = item.message
+            continue
+        rep.samples += 1
+        rep.keys.append(item["__key__"])
+        _check_sample(item, rep, label_key, max_pixels, decode_all)
+    return rep
+
+
+def _check_job(job) -> ShardReport:
+    return check_shard(*job)
+
+
+def _expected_distinct(hist: Counter, n: int) -> float:
+    """Distinct labels expected in n samples drawn from the label distribution ``hist``."""
+    total = sum(hist.values())
+    return sum(1 - (1 - c / total) ** n for c in hist.values())
+
+
+def class_sorted(reports: list[ShardReport], hist: Counter) -> Optional[str]:
+    """A sentence when shards hold far fewer classes than shuffled shards of their size would, else None."""
+    if len(hist) < 2:
+        return None
+    got = [len(r.labels) for r in reports if r.samples]
+    want = [_expected_distinct(hist, sum(r.labels.values())) for r in reports if r.samples]
+    if not got or sum(want) == 0 or sum(got) >= 0.5 * sum(want):
+        return None
+    return (f"shards look class-sorted: {sum(got) / len(got):.1f} classes per shard on average, a shuffled shard of "
+            f"the same size would hold {sum(want) / len(want):.1f} (rewrite them with make-shards, which shuffles, "
+            f"or raise data.shards_in_flight)")
+
+
+def summarize(reports: list[ShardReport], num_classes: int = 0) -> dict:
+    """The whole report: totals, label histogram and the list of ``problems`` (empty = fine)."""
+    hist: Counter = Counter()
+    first_seen: dict = {}
+    duplicates: list = []
+    for r in reports:
+        hist.update(r.labels)
+        for k in r.keys:
+            if k in first_seen:
+                duplicates.append((k, first_seen[k], r.url))
+            else:
+                first_seen[k] = r.url
+    problems = [f"{r.url}: {r.error}" for r in reports if r.error]
+    problems += [f"{r.url}: {r.bad_count} bad sample(s), e.g. " + "; ".join(f"{k}: {w}" for k, w in r.bad[:3])
+                 for r in reports if r.bad_count]
+    if duplicates:
+        k, a, b = duplicates[0]
+        problems.append(f"{len(duplicates)} duplicate key(s), e.g. {k} in {a} and {b}")
+    if num_classes:
+        out = sorted(c for c in hist if not 0 <= c < num_classes)
+        missing = sum(r.no_label for r in reports)
+        if out:
+            problems.append(f"{sum(hist[c] for c in out)} sample(s) with labels outside 0..{num_classes - 1}, "
+                            f"e.g. {out[:5]}")
+        if missing:
+            problems.append(f"{missing} sample(s) without a label")
+    sorted_note = class_sorted(reports, hist)
+    if sorted_note:
+        problems.append(sorted_note)
+    return {"shards": len(reports), "samples": sum(r.samples for r in reports),
+            "labels": {str(c): hist[c] for c in sorted(hist)}, "no_label": sum(r.no_label for r in reports),
+            "bad_samples": sum(r.bad_count for r in reports), "over_limit": sum(r.over_limit for r in reports),
+            "damaged_shards": sum(1 for r in reports if r.error), "duplicate_keys": len(duplicates),
+            "problems": problems}
+
+
+def check_shards(spec: str, *, cache_dir: str = "data_cache", label_key: str = "cls", num_classes: int = 0,
+                 max_pixels: Optional[int] = None, decode_all: bool = False, workers: Optional[int] = None) -> dict:
+    """Read every shard of ``spec`` in ``workers`` processes and return :func:`summarize`'s report."""
+    from vitscale.data.shards import resolve_shards
+    from vitscale.data.transforms import DEFAULT_MAX_PIXELS
+
+    urls = resolve_shards(spec, cache_dir).urls
+    label_ext(label_key)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
+    jobs = [(u, label_key, limit, decode_all) for u in urls]
+    nproc = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if nproc > 1:
+        with mp.get_context("fork").Pool(nproc) as pool:
+            reports = pool.map(_check_job, jobs, chunksize=1)
+    else:
+        reports = [_check_job(j) for j in jobs]
+    return summarize(reports, num_classes)
+
+
+def print_report(report: dict, spec: str) -> None:
+    labels = report["labels"]
+    shown = ", ".join(f"{c}: {n}" for c, n in list(labels.items())[:20]) + (" ..." if len(labels) > 20 else "")
+    print(f"{spec}: {report['shards']} shard(s), {report['samples']} samples, {len(labels)} label(s), "
+          f"{report['no_label']} without a label")
+    if labels:
+        print(f"  labels: {shown}")
+    print(f"  bad samples: {report['bad_samples']} (over the pixel limit: {report['over_limit']}), damaged shards: "
+          f"{report['damaged_shards']}, duplicate keys: {report['duplicate_keys']}")
+    for p in report["problems"]:
+        print(f"  problem: {p}")
+    print("  ok: nothing found that would hurt training" if not report["problems"] else
+          f"  {len(report['problems'])} problem(s) found")
+
+
+def main(args) -> int:
+    report = check_shards(args.spec, cache_dir=args.cache_dir, label_key=args.label_key,
+                          num_classes=args.num_classes, max_pixels=args.max_pixels, decode_all=args.decode,
+                          workers=args.workers)
+    print_report(report, args.spec)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 1 if report["problems"] else 0
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("check-shards", help="read every shard: samples, labels, bad/duplicate/oversized samples, "
+                                            "class-sorted order; exit 1 if something would hurt training")
+    c.add_argument("spec", help="shard spec as in data.train_shards (manifest, dir, brace pattern, list, demo:...)")
+    c.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (as data.label_key)")
+    c.add_argument("--num-classes", type=int, default=0, help="flag labels outside 0..N-1 and missing labels")
+    c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: data.max_pixels' default)")
+    c.add_argument("--decode", action="store_true", help="decode every image (default: read headers only)")
+    c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    c.add_argument("--cache-dir", default="data_cache", help="where demo: shards are built")
+    c.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    c.set_defaults(func=main)

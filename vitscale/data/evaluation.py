@@ -1,0 +1,81 @@
+"""The evaluation stream: one pass over the shards, eval transform, every sample on exactly one rank."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitscale.data.tario import ShardError, image_and_label, iter_shard, label_ext
+from vitscale.data.transforms import DEFAULT_MAX_PIXELS, decode, eval_transform
+
+log = logging.getLogger("vitscale.data")
+
+
+def worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decode/resize per sample; workers already run in parallel
+
+
+class _EvalStream(IterableDataset):
+    """One pass; sample i of the concatenated shards goes to rank i % world_size, then to that rank's worker
+    j % num_workers (j = index among the rank's samples). Shards are streamed, never held whole."""
+
+    def __init__(self, urls, batch_size, img_size, rank, world_size, label_key="cls",
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+        self.urls, self.batch_size, self.img_size = list(urls), batch_size, img_size
+        self.rank, self.world_size, self.label_key, self.max_pixels = rank, world_size, label_key, max_pixels
+
+    def _mine(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = j = 0
+        for url in self.urls:
+            for sample in iter_shard(url, label_ext(self.label_key)):
+                if isinstance(sample, ShardError):
+                    log.warning("vitscale.data: eval shard %s unreadable after %d samples: %s", url, sample.read,
+                                sample.message)
+                    continue
+                mine = i % self.world_size == self.rank
+                i += 1
+                if mine:
+                    j += 1
+                    if (j - 1) % nw == wid:
+                        yield sample
+
+    def __iter__(self):
+        buf = []
+        for sample in self._mine():
+            try:
+                data, label = image_and_label(sample, self.label_key)
+                img = eval_transform(decode(data, self.max_pixels), self.img_size)
+            except Exception as e:
+                log.warning("vitscale.data: skipping bad eval sample %s in %s: %s", sample["__key__"],
+                            sample["__url__"], e)
+                continue
+            buf.append((sample["__key__"], img, label))
+            if len(buf) == self.batch_size:
+                yield self._collate(buf)
+                buf = []
+        if buf:
+            yield self._collate(buf)
+
+    @staticmethod
+    def _collate(items):
+        keys, imgs, labels = zip(*items)
+        return {"image": torch.stack(imgs), "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys)}
+
+
+def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, rank: int, world_size: int,
+                      num_workers: int = 0, label_key: str = "cls",
+                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> DataLoader:
+    """Finite, one pass, eval transform; across ranks every sample is visited exactly once. Batches as in
+    training without ``stream`` (the last one may be smaller; a rank may get none)."""
+    urls = list(urls)
+    if not urls:
+        raise ValueError("no evaluation shards")
+    label_ext(label_key)
+    stream = _EvalStream(urls, batch_size, img_size, rank, world_size, label_key, max_pixels)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
+                      generator=torch.Generator().manual_seed(0))

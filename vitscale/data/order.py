@@ -1,0 +1,171 @@
+"""An epoch's global sample order, independent of the world size, and resuming it on another world size.
+
+Epoch ``e`` permutes the shards with an RNG seeded from ``(seed, e)`` and cuts the permutation into *blocks* of
+``k`` consecutive shards. A block's samples are one deterministic stream: its ``k`` shards are open at once and
+interleaved through a seeded buffer of ``shuffle_buffer`` samples (:func:`block_stream`), so a block's stream
+depends on ``(seed, e, k, block)`` and the shards' bytes, nothing else. The blocks are the work *items* of the
+epoch; reader slot ``s`` of ``S`` (``S`` = ranks x workers) reads ``items[s::S]`` in order.
+
+An item is ``(block, start)``: the block's stream from entry ``start`` on (0 unless a resume split the block).
+A slot's position is ``(epoch, item, offset)`` = the next entry it would read is entry ``start + offset`` of its
+``item``-th item. Resuming on another layout (:func:`elastic_plans`) gathers every old slot's position, lists
+per epoch in progress what is left (the unfinished remainders first read by nobody, in block order) and deals
+that to the new slots: no entry is read twice, none is lost, and a sample keeps its augmentation (seeded by
+block and entry, not by slot).
+
+``k`` is ``data.shards_in_flight``, lowered for a new epoch when there are fewer shards than ``k`` per slot
+(every slot needs a block); an epoch in progress keeps the ``k`` it started with.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from vitscale.data.tario import ShardError, iter_shard
+
+
+# ----- deterministic seeds -------------------------------------------------------------------------------------
+def seed_of(*parts) -> int:
+    """A 63-bit seed mixed from a tag and integers (stable across processes and Python versions)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else struct.pack("<q", int(p) & 0x7FFFFFFFFFFFFFFF))
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_of(*parts))
+
+
+# ----- an epoch's blocks ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Order:
+    """What fixes every epoch's global order (the same on every rank and every launch of a run)."""
+    seed: int
+    num_shards: int
+    shuffle: bool
+    shards_in_flight: int
+    shuffle_buffer: int
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "num_shards": self.num_shards, "shuffle": self.shuffle,
+                "shards_in_flight": self.shards_in_flight, "shuffle_buffer": self.shuffle_buffer}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    k: int  # shards per block
+    items: tuple  # ((block, start), ...)
+
+
+def block_size(order: Order, slots: int) -> int:
+    """Shards per block for new epochs: ``shards_in_flight``, but small enough that every slot gets a block."""
+    return max(1, min(order.shards_in_flight, order.num_shards // max(slots, 1)))
+
+
+def default_plan(order: Order, k: int) -> EpochPlan:
+    return EpochPlan(k, tuple((b, 0) for b in range(-(-order.num_shards // k))))
+
+
+def shard_permutation(order: Order, epoch: int) -> list[int]:
+    if not order.shuffle:
+        return list(range(order.num_shards))
+    return torch.randperm(order.num_shards, generator=generator("shards", order.seed, epoch)).tolist()
+
+
+def block_shards(order: Order, epoch: int, k: int, block: int) -> list[int]:
+    """Shard indices of ``block`` in ``epoch`` (``k`` shards per block)."""
+    return shard_permutation(order, epoch)[block * k:(block + 1) * k]
+
+
+Entry = Union[dict, ShardError]
+
+
+def block_stream(urls: Sequence[str], order: Order, epoch: int, k: int, block: int,
+                 label_ext: str = "cls") -> Iterator[Entry]:
+    """A block's entries: samples (dicts) and the errors of damaged shards, where they occur.
+
+    With shuffling, the block's shards are open together; a seeded RNG picks which open shard gives the next
+    sample to the buffer and which buffered sample leaves next (once the buffer is full, or the shards are
+    drained). Memory: the buffer plus one sample per open shard, whatever the shards' size. Without shuffling,
+    the shards are read one after another in order."""
+    shards = [urls[i] for i in block_shards(order, epoch, k, block)]
+    if not order.shuffle:
+        for url in shards:
+            yield from iter_shard(url, label_ext)
+        return
+    rng = random.Random(seed_of("mix", order.seed, epoch, k, block))
+    sources = [iter_shard(u, label_ext) for u in shards]
+    live = list(range(len(sources)))
+    buf: list = []
+    cap = max(1, order.shuffle_buffer)
+    while True:
+        while live and len(buf) < cap:
+            i = rng.randrange(len(live))
+            entry = next(sources[live[i]], None)
+            if entry is None:
+                live.pop(i)
+            elif isinstance(entry, ShardError):
+                yield entry
+            else:
+                buf.append(entry)
+        if not buf:
+            return
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+# ----- resuming on another layout ------------------------------------------------------------------------------
+def plans_to_json(plans: dict) -> list:
+    return [[e, p.k, [list(it) for it in p.items]] for e, p in sorted(plans.items())]
+
+
+def plans_from_json(raw) -> dict:
+    return {int(e): EpochPlan(int(k), tuple((int(b), int(s)) for b, s in items)) for e, k, items in raw or []}
+
+
+def _left_in_epoch(epoch: int, plan: EpochPlan, slots: int, positions: list[dict]) -> list[tuple[int, int]]:
+    """The items of ``epoch`` no old slot finished: each slot's current remainder and its untouched items."""
+    left = []
+    for s, pos in enumerate(positions):
+        mine = plan.items[s::slots]
+        if pos["epoch"] > epoch:
+            continue
+        if pos["epoch"] < epoch:
+            left += mine
+            continue
+        cursor = pos["item"]
+        if cursor < len(mine):
+            block, start = mine[cursor]
+            left.append((block, start + pos["offset"]))
+            left += mine[cursor + 1:]
+    return sorted(left)
+
+
+def elastic_plans(order: Order, old_k: int, old_plans: dict, old_positions: list[dict]) -> tuple[int, dict]:
+    """From every old slot's position (slot order), the epoch new slots start in and the plans of the epochs in
+    progress, holding exactly what no old slot read."""
+    first = min(p["epoch"] for p in old_positions)
+    last = max(p["epoch"] for p in old_positions)
+    plans = {}
+    for e in range(first, last + 1):
+        plan = old_plans.get(e) or default_plan(order, old_k)
+        plans[e] = EpochPlan(plan.k, tuple(_left_in_epoch(e, plan, len(old_positions), old_positions)))
+    return first, plans
+
+
+def slot_index(rank: int, world_size: int, worker: int) -> int:
+    """Reader slot of logical ``worker`` of ``rank``: by rank first, so shrinking the workers keeps slots apart."""
+    return rank + world_size * worker
+
+
+def epoch_plan(plans: dict, order: Order, k: int, epoch: int) -> EpochPlan:
+    got: Optional[EpochPlan] = plans.get(epoch)
+    return got if got is not None else default_plan(order, k)
