@@ -187,28 +187,3 @@ def plot_filters(components: np.ndarray, ratio: np.ndarray, path: Path, title: s
     ax.legend(fontsize=7, loc="center right")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
-
-
-# ----- MAE ---------------------------------------------------------------------------------------------------
-def plot_mae_reconstruction(rows: Sequence[dict], path: Path, title: str) -> Path:
-    """One row per image: original, masked input, reconstruction, reconstruction with visible patches pasted."""
-    n = len(rows)
-    fig = _new_figure(10.0, 2.7 * n + 0.5)
-    axes = fig.subplots(n, 4, squeeze=False)
-    for i, r in enumerate(rows):
-        panels = [(r["original"], f"{r['name']}: original"),
-                  (r["masked"], f"masked ({100 * r['mask_ratio']:.0f}%)"),
-                  (r["reconstruction"], f"reconstruction (MSE {r['mse']:.3f})"),
-                  (r["pasted"], "reconstruction + visible")]
-        for j, (img, t) in enumerate(panels):
-            ax = axes[i, j]
-            h, w = img.shape[:2]
-            ax.imshow(img, extent=(0, w, h, 0))
-            ax.set_title(t, fontsize=8)
-            ax.tick_params(labelsize=6)
-            if j == 0:
-                ax.set_ylabel("y (pixels)", fontsize=7)
-            if i == n - 1:
-                ax.set_xlabel("x (pixels)", fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
