@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 import torch
 
 from vitscale.data.transforms import denormalize
+from vitscale.logging.figures import new_figure, save_figure
 
 COLUMNS = ("original", "masked", "prediction", "prediction + visible")
-DPI = 90
 
 
 def prediction_to_pixels(mae: torch.nn.Module, images: torch.Tensor, pred: torch.Tensor,
@@ -63,12 +63,8 @@ def save_mae_grid(panels: torch.Tensor, path: Path, title: str, names: Optional[
                   mse: Optional[Sequence[float]] = None, mask_ratio: Optional[float] = None) -> Path:
     """One row per image of ``panels`` (from :func:`mae_panels`), the four columns titled on the first row;
     ``names`` label the rows, ``mse`` (per image, on the hidden patches) goes into the prediction's title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state in a training process
-
     rows = panels.shape[0]
-    fig = Figure(figsize=(8.8, 2.2 * rows + 0.5), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(8.8, 2.2 * rows + 0.5)
     axes = fig.subplots(rows, 4, squeeze=False)
     for r in range(rows):
         for c in range(4):
@@ -80,7 +76,4 @@ def save_mae_grid(panels: torch.Tensor, path: Path, title: str, names: Optional[
         if names is not None:
             axes[r][0].set_ylabel(names[r], fontsize=8)
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
