@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, train_args
 from vitscale.eval.corruptions import CORRUPTIONS, corrupt
@@ -79,7 +80,7 @@ class Pipeline:
         _wait(_popen(["export", str(self.root / "sup"), str(self.sup)], self.root))
         self.procs["robustness"] = _popen(
             ["eval", "accuracy,robustness", str(self.sup), *self._data(), "--out", str(self.root / "robustness"),
-             "--baseline-width", "8", "--baseline-batch-size", "32", "--repeats", "2", "--pgd-steps", "10",
+             "--baseline-batch-size", "32", "--repeats", "2", "--pgd-steps", "10",
              "--pgd-images", "256", "--occlusion-fractions", "0,0.1,0.25,0.5,0.75", "--box-areas", "0,0.1,0.25,0.5",
              "--patch-areas", "0,0.05,0.2", "--corruptions", "gaussian_noise,contrast,jpeg"], self.root)
         self._started_sup = True
@@ -138,6 +139,10 @@ def evals(pipeline):
 
 def _load(path):
     return json.loads(Path(path).read_text())
+
+
+def _tensor_count(state: dict) -> int:
+    return sum(v.numel() for v in state.values())
 
 
 def _is_png(path):
@@ -214,6 +219,17 @@ def test_robustness_curves_start_at_clean_accuracy_which_matches_plain_eval(robu
     assert doc["models"]["ViT (vit_micro_patch4)"]["clean_acc"] == plain_vit
     base = doc["models"]["ResNet-18"]["baseline"]
     assert base["config"]["steps"] == SUP_STEPS and base["config"]["batch_size"] == 32  # same data and steps
+    # Same size: the ResNet's width is picked so its parameter count is the ViT's (108k for this ViT: width 6, not
+    # the 11M parameters of width 64); both counts are in the JSON, the console and the summary table.
+    vit_params, cnn_params = (doc["models"][n]["params"] for n in doc["models"])
+    assert vit_params == _tensor_count(load_file(models["sup"])) == 108106  # the exported file's own tensors
+    cnn_state = torch.load(base["path"], weights_only=True)["state_dict"]
+    assert cnn_params == _tensor_count({k: v for k, v in cnn_state.items() if "running_" not in k
+                                        and "num_batches" not in k})  # BatchNorm statistics are not parameters
+    assert 0.5 < cnn_params / vit_params < 2, (vit_params, cnn_params)
+    assert base["config"]["width"] == 6 and all(m["flops_per_image"] > 0 for m in doc["models"].values())
+    assert f"{cnn_params / 1e6:.2f}M parameters (sized to the ViT's parameter count; the ViT has " \
+           f"{vit_params / 1e6:.2f}M)" in stdout
     assert Path(base["path"]).is_file()
     for curve in ("occlusion_patches", "occlusion_boxes", "patch_shuffle", "adversarial_patch", "corruptions"):
         assert _is_png(out / f"robustness_{curve}.png")
@@ -373,3 +389,19 @@ def test_options_parse_and_validate(tmp_path):
     bad.write_text("finetune:\n  layer_decay: 1.5\n")
     with pytest.raises(ValueError, match="layer_decay"):
         load_finetune_config(bad)
+
+
+def test_baseline_width_is_sized_to_a_parameter_count():
+    from torchvision.models import resnet18
+
+    from vitscale.eval.baseline import resnet18_params, width_for_params
+
+    # Width 64 is torchvision's ResNet-18 but for the stem: a 3x3 instead of a 7x7 convolution (3 -> 64 channels).
+    assert resnet18_params(10, 64) == sum(p.numel() for p in resnet18(num_classes=10).parameters()) - 64 * 3 * 40
+    for w in (1, 6, 17, 64):
+        assert width_for_params(resnet18_params(10, w), 10) == w  # an exact count gives its own width back
+    # The demo ViT (vit_micro_patch4, 0.81M parameters) gets width 17 (0.79M), not 64 (11.2M).
+    vit = sum(p.numel() for p in create_model("vit_micro_patch4", img_size=32, num_classes=10).parameters())
+    assert vit == 809354 and width_for_params(vit, 10) == 17
+    with pytest.raises(ValueError, match="cannot size"):
+        width_for_params(0, 10)

@@ -7,9 +7,6 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-# ImageNet statistics (the training pipeline's normalisation).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SAMPLES = ("astronaut", "coffee", "chelsea")
 
 
@@ -52,18 +49,3 @@ def load_images(paths: Sequence[Union[str, Path]], size: Union[int, tuple[int, i
             names.append(name)
     batch = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.uint8).copy()).permute(2, 0, 1) for p in pics])
     return batch, names
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 normalised with ImageNet mean/std."""
-    x = images.float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def denormalize(x: torch.Tensor) -> np.ndarray:
-    """Normalised (3, H, W) -> displayable float (H, W, 3) in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()

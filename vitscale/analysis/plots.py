@@ -1,4 +1,4 @@
-"""Figures for ``vitscale analyze`` (matplotlib, headless: Figure + Agg canvas, no pyplot global state)."""
+"""Figures for ``vitscale analyze`` (headless figures from :mod:`vitscale.logging.figures`)."""
 from __future__ import annotations
 
 import math
@@ -7,23 +7,8 @@ from typing import Optional, Sequence
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-DPI = 90
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    return path
+from vitscale.logging.figures import new_figure, save_figure
 
 
 def _pixel_axes(ax, height: int, width: int) -> None:
@@ -38,7 +23,7 @@ def plot_rollout(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], names
                  title: str) -> Path:
     """One row per image: the input, and the [CLS] rollout map (fraction of [CLS]'s input per patch) over it."""
     n = len(images)
-    fig = _new_figure(7.2, 3.2 * n + 0.4)
+    fig = new_figure(7.2, 3.2 * n + 0.4)
     axes = fig.subplots(n, 2, squeeze=False)
     for i, (img, m, name) in enumerate(zip(images, maps, names)):
         h, w = img.shape[:2]
@@ -55,7 +40,7 @@ def plot_rollout(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], names
         _pixel_axes(ax, h, w)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="rollout weight (sums to 1)")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 def plot_layer_attention(image: np.ndarray, maps: Sequence[np.ndarray], path: Path, title: str) -> Path:
@@ -63,7 +48,7 @@ def plot_layer_attention(image: np.ndarray, maps: Sequence[np.ndarray], path: Pa
     depth = len(maps)
     cols = min(depth + 1, 6)
     rows = math.ceil((depth + 1) / cols)
-    fig = _new_figure(2.1 * cols + 0.8, 2.2 * rows + 0.5)
+    fig = new_figure(2.1 * cols + 0.8, 2.2 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
     h, w = image.shape[:2]
     vmax = max(float(np.max(m)) for m in maps) or 1.0
@@ -85,13 +70,13 @@ def plot_layer_attention(image: np.ndarray, maps: Sequence[np.ndarray], path: Pa
             ax.set_xlabel("x (px)", fontsize=7)
     fig.colorbar(im, ax=list(axes.flat), fraction=0.025, pad=0.02, label="attention weight (softmax)")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 def plot_mean_distance(dist: np.ndarray, path: Path, title: str, uniform_px: Optional[float] = None) -> Path:
     """Mean attention distance (pixels) per head (dots) against depth (network layer)."""
     depth, heads = dist.shape
-    fig = _new_figure(5.6, 4.2)
+    fig = new_figure(5.6, 4.2)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["tab20"]
     layers = np.arange(1, depth + 1)
@@ -110,7 +95,7 @@ def plot_mean_distance(dist: np.ndarray, path: Path, title: str, uniform_px: Opt
     if heads <= 16:
         ax.legend(fontsize=6, ncol=2, loc="lower right")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 # ----- position embeddings -----------------------------------------------------------------------------------
@@ -129,7 +114,7 @@ def plot_pos_embed_similarity(sim: np.ndarray, grid: tuple[int, int], path: Path
     gh, gw = grid
     mosaic = similarity_mosaic(sim, grid)
     side = min(max(4.5, 0.35 * max(gh, gw)), 10.0)
-    fig = _new_figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     # Colour range: [-1, 1] when the table uses it, else [floor(min), 1] so that structure stays visible.
@@ -149,7 +134,7 @@ def plot_pos_embed_similarity(sim: np.ndarray, grid: tuple[int, int], path: Path
     ax.set_ylabel("input patch row")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)
 
 
 # ----- patch-embedding filters -------------------------------------------------------------------------------
@@ -166,7 +151,7 @@ def plot_filters(components: np.ndarray, ratio: np.ndarray, path: Path, title: s
     """Top principal components of the patch filters as RGB tiles, with the explained-variance curve."""
     k = len(components)
     rows = max(1, math.ceil(k / cols))
-    fig = _new_figure(1.05 * cols + 0.3, 1.15 * rows + 2.3)
+    fig = new_figure(1.05 * cols + 0.3, 1.15 * rows + 2.3)
     gs = fig.add_gridspec(rows + 2, cols, height_ratios=[1] * rows + [0.25, 1.9])
     for i in range(rows * cols):
         ax = fig.add_subplot(gs[i // cols, i % cols])
@@ -186,29 +171,4 @@ def plot_filters(components: np.ndarray, ratio: np.ndarray, path: Path, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
-
-
-# ----- MAE ---------------------------------------------------------------------------------------------------
-def plot_mae_reconstruction(rows: Sequence[dict], path: Path, title: str) -> Path:
-    """One row per image: original, masked input, reconstruction, reconstruction with visible patches pasted."""
-    n = len(rows)
-    fig = _new_figure(10.0, 2.7 * n + 0.5)
-    axes = fig.subplots(n, 4, squeeze=False)
-    for i, r in enumerate(rows):
-        panels = [(r["original"], f"{r['name']}: original"),
-                  (r["masked"], f"masked ({100 * r['mask_ratio']:.0f}%)"),
-                  (r["reconstruction"], f"reconstruction (MSE {r['mse']:.3f})"),
-                  (r["pasted"], "reconstruction + visible")]
-        for j, (img, t) in enumerate(panels):
-            ax = axes[i, j]
-            h, w = img.shape[:2]
-            ax.imshow(img, extent=(0, w, h, 0))
-            ax.set_title(t, fontsize=8)
-            ax.tick_params(labelsize=6)
-            if j == 0:
-                ax.set_ylabel("y (pixels)", fontsize=7)
-            if i == n - 1:
-                ax.set_xlabel("x (pixels)", fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, tight=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -18,9 +19,11 @@ from vitscale.analysis import plots
 from vitscale.analysis.attention import (mean_attention_distance_layer, patch_distance_matrix,
                                          query_attention_to_patches, rollout_step, rollout_to_patches)
 from vitscale.analysis.filters import patch_filter_pca
-from vitscale.analysis.images import denormalize, load_images, normalize
+from vitscale.analysis.images import load_images
 from vitscale.analysis.load import DEFAULT_NORM_PIX_LOSS, encoder_of, load_model_for_analysis
 from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
+from vitscale.data.transforms import denormalize, normalize
+from vitscale.logging.images import mae_panels, prediction_to_pixels, save_mae_grid
 from vitscale.models.vit import VisionTransformer
 
 HYBRID_FILTERS_NOTE = ("not applicable to hybrid models: the first layer is the ResNet stem's 7x7 stride-2 "
@@ -79,24 +82,18 @@ def attention_pass(enc: VisionTransformer, x: torch.Tensor, head: Optional[int],
 @torch.no_grad()
 def mae_reconstruct(model, x: torch.Tensor, mask_ratio: float, norm_pix_loss: bool, seed: int = 0
                     ) -> dict[str, torch.Tensor]:
-    """Mask and reconstruct normalised images ``x``. Returns pixel-space (normalised) ``reconstruction``,
-    ``mask_image`` (1 = hidden), per-image ``mse`` on the hidden patches, and the model's own ``loss``.
-
-    With ``norm_pix_loss`` the decoder predicts each patch normalised by its own mean and variance; to draw
-    it, the prediction is mapped back with the true patch's statistics (as the MAE paper's visualisations do)."""
+    """Mask and reconstruct normalised images ``x``. Returns the four ``panels`` per image (B, 4, 3, H, W) in
+    [0, 1] (original, masked with hidden patches grey, prediction, prediction + visible), per-image ``mse`` on the
+    hidden patches (normalised pixel units) and the model's own ``loss``. The norm-pix un-normalisation and the
+    panels are the trainer's (:mod:`vitscale.logging.images`)."""
     torch.manual_seed(seed)
     if x.is_cuda:
         torch.cuda.manual_seed(seed)
     loss, pred, mask = model(x, mask_ratio=mask_ratio)
-    target = model.patchify(x)
-    if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    pixels = prediction_to_pixels(model, x, pred, norm_pix_loss)
+    per_patch = ((pixels - model.patchify(x)) ** 2).mean(dim=-1)
     mse = (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    mask_img = model.unpatchify(mask[..., None].expand(-1, -1, pred.shape[-1]).to(pred.dtype))
-    return {"reconstruction": model.unpatchify(pred), "mask_image": mask_img, "mse": mse, "loss": loss}
+    return {"panels": mae_panels(model, x, pred, mask, norm_pix_loss, hidden_fill=0.5), "mse": mse, "loss": loss}
 
 
 def _grid_summary(m: torch.Tensor) -> dict[str, Any]:
@@ -113,6 +110,176 @@ def _grid_summary(m: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Run:
+    """What every analysis reads (the model, the images) and adds to (files written, notes)."""
+
+    model: torch.nn.Module
+    info: dict[str, Any]
+    enc: VisionTransformer
+    device: torch.device
+    out: Path
+    names: list[str]
+    x: torch.Tensor  # the images, normalised, on the device
+    shown: list  # the same images as displayable (H, W, 3) arrays in [0, 1]
+    log: Callable[[str], None]
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.enc.patch_embed.grid_size)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return tuple(self.enc.patch_embed.patch_size)
+
+    @property
+    def label(self) -> str:
+        info = self.info
+        return f"{info['name']} ({info['objective']}" + (f", step {info['step']})" if info["step"] is not None
+                                                         else ")")
+
+    def wrote(self, p: Path) -> None:
+        self.files.append(str(p))
+        self.log(f"wrote {p}")
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.log(f"note: {msg}")
+
+
+def _sections(only: Optional[Sequence[str]]) -> set[str]:
+    todo = set(SECTIONS if not only else only)
+    unknown = sorted(todo - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown analyses {unknown}; choose from {', '.join(SECTIONS)}")
+    return todo
+
+
+def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Path, device: str, head: int,
+             model_name: Optional[str], log: Callable[[str], None]) -> _Run:
+    """Load the model and the images (resized to the model's input, normalised as in training)."""
+    dev = resolve_device(device)
+    model, info = load_model_for_analysis(path, device=dev, model_name=model_name)
+    enc = encoder_of(model)
+    if not 0 <= head < enc.num_heads:
+        raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")
+    imgs_u8, names = load_images(list(images), tuple(enc.patch_embed.img_size))
+    x = normalize(imgs_u8).to(dev)
+    shown = [denormalize(v).permute(1, 2, 0).cpu().numpy() for v in x]
+    return _Run(model, info, enc, dev, out, _unique([_safe(n) for n in names]), x, shown, log)
+
+
+# ----- attention: rollout, per-layer maps, mean distance ------------------------------------------------------
+def _attention(run: _Run, todo: set[str], head: int, discard_ratio: float) -> dict[str, Any]:
+    passes = [attention_pass(run.enc, run.x[i:i + 1], head, discard_ratio) for i in range(len(run.names))]
+    att: dict[str, Any] = {"head": head, "discard_ratio": discard_ratio, "head_fusion": "mean",
+                           "grid_size": list(run.grid), "token_stride_px": list(run.stride)}
+    if "rollout" in todo:
+        att["rollout"] = _rollout(run, passes)
+    if "layers" in todo:
+        att["layer_attention_head"] = _layer_maps(run, passes, head)
+    if "distance" in todo:
+        att.update(_distance(run, passes))
+    return att
+
+
+def _rollout(run: _Run, passes: list[dict]) -> dict[str, Any]:
+    rollouts = torch.cat([p["rollout"] for p in passes])  # (B, gh, gw)
+    run.wrote(plots.plot_rollout(run.shown, [r.numpy() for r in rollouts], run.names,
+                                 run.out / "attention_rollout.png", f"Attention rollout, {run.label}"))
+    return {name: _grid_summary(rollouts[i]) for i, name in enumerate(run.names)}
+
+
+def _layer_maps(run: _Run, passes: list[dict], head: int) -> dict[str, Any]:
+    who = "[CLS]" if run.enc.num_prefix_tokens else "mean query"
+    for i, name in enumerate(run.names):
+        maps = [m[0].numpy() for m in passes[i]["layer_maps"]]
+        run.wrote(plots.plot_layer_attention(run.shown[i], maps, run.out / f"attention_layers_head{head}_{name}.png",
+                                             f"{name}: raw attention of {who} to patches, head {head}, {run.label}"))
+    return {name: [_grid_summary(m[0]) | {"sum": float(m[0].sum())} for m in passes[i]["layer_maps"]]
+            for i, name in enumerate(run.names)}
+
+
+def _distance(run: _Run, passes: list[dict]) -> dict[str, Any]:
+    grid, stride = run.grid, run.stride
+    dist = torch.cat([p["distance"] for p in passes], dim=1)  # (depth, B, heads)
+    mean_dist = dist.mean(dim=1)  # (depth, heads)
+    uniform_px = float(patch_distance_matrix(grid, stride).mean())
+    res: dict[str, Any] = {}
+    if run.info["is_hybrid"]:
+        res["note"] = HYBRID_DISTANCE_NOTE.format(stride=stride[0])
+        run.note(res["note"])
+    run.wrote(plots.plot_mean_distance(mean_dist.numpy(), run.out / "mean_attention_distance.png",
+                                       f"Mean attention distance, {run.label}\n(averaged over {len(run.names)} "
+                                       f"images; {grid[0]}x{grid[1]} tokens, {stride[0]} px apart)",
+                                       uniform_px=uniform_px))
+    res["mean_distance_px"] = [[round(float(v), 4) for v in row] for row in mean_dist]
+    res["mean_distance_px_per_image"] = {name: [[round(float(v), 4) for v in row] for row in dist[:, i]]
+                                         for i, name in enumerate(run.names)}
+    res["uniform_distance_px"] = uniform_px
+    return res
+
+
+# ----- position embeddings, patch-embedding filters -----------------------------------------------------------
+def _pos_embed(run: _Run) -> dict[str, Any]:
+    enc = run.enc
+    if enc.pos_embed is None:
+        res = {"skipped": "the model has no absolute position embedding"}
+        run.note("pos-embed similarity skipped: " + res["skipped"])
+        return res
+    sim = pos_embed_similarity(enc.pos_embed.detach().float().cpu(), enc.num_prefix_tokens)
+    kind = {"learn": "learned 1-D", "sincos": "fixed 2-D sin-cos"}.get(run.info["pos_embed_type"],
+                                                                      run.info["pos_embed_type"])
+    run.wrote(plots.plot_pos_embed_similarity(sim.numpy(), run.grid, run.out / "pos_embed_similarity.png",
+                                              f"Position embedding similarity ({kind})\n{run.label}"))
+    return {"type": run.info["pos_embed_type"], "grid_size": list(run.grid), **similarity_stats(sim, run.grid)}
+
+
+def _filters(run: _Run, num_filters: int) -> dict[str, Any]:
+    if run.info["is_hybrid"]:
+        run.note("patch-filter PCA skipped: " + HYBRID_FILTERS_NOTE)
+        return {"skipped": HYBRID_FILTERS_NOTE}
+    weight = run.enc.patch_embed.proj.weight
+    pca = patch_filter_pca(weight.float().cpu(), k=num_filters)
+    k = len(pca.explained_variance)
+    run.wrote(plots.plot_filters(pca.components.numpy(), pca.explained_variance_ratio.numpy(),
+                                 run.out / "patch_filters_pca.png",
+                                 f"Patch-embedding filters: top {k} principal components "
+                                 f"({run.stride[0]}x{run.stride[1]} RGB, each min-max scaled)\n{run.label}"))
+    return {"num_components": k, "filter_shape": list(weight.shape[1:]),
+            "explained_variance": pca.explained_variance.tolist(),
+            "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
+            "cumulative_ratio": pca.explained_variance_ratio.cumsum(0).tolist()}
+
+
+# ----- MAE reconstructions ------------------------------------------------------------------------------------
+def _mae(run: _Run, mask_ratio: float, seed: int, norm_pix_loss: Optional[bool]) -> Optional[dict[str, Any]]:
+    """Reconstructions of an MAE with its decoder; a note for an encoder-only MAE export; None otherwise."""
+    info = run.info
+    if not info["is_mae"]:
+        if info["objective"] != "mae":
+            return None
+        res = {"skipped": "encoder-only export: the decoder is needed (export with --full, or pass the "
+                          "checkpoint directory)"}
+        run.note("MAE reconstruction skipped: " + res["skipped"])
+        return res
+    npl = norm_pix_loss if norm_pix_loss is not None else info["norm_pix_loss"]
+    if npl is None:
+        npl = DEFAULT_NORM_PIX_LOSS
+        run.note(f"the file does not record objective.norm_pix_loss; assuming {npl} (override with "
+                 f"--norm-pix-loss/--no-norm-pix-loss)")
+    rec = mae_reconstruct(run.model, run.x, mask_ratio, npl, seed)
+    mse = [float(v) for v in rec["mse"]]
+    how = "per-patch mean/var of the original restored" if npl else "pixels predicted directly"
+    run.wrote(save_mae_grid(rec["panels"], run.out / "mae_reconstruction.png",
+                            f"MAE reconstruction, mask ratio {mask_ratio} (seed {seed}; {how})\n{run.label}",
+                            names=run.names, mse=mse, mask_ratio=mask_ratio))
+    return {"mask_ratio": mask_ratio, "seed": seed, "norm_pix_loss": bool(npl),
+            "masked_mse": dict(zip(run.names, mse)), "model_loss": float(rec["loss"])}
+
+
 def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out: Union[str, Path] = "analysis",
             head: int = 0, discard_ratio: float = 0.0, mask_ratio: float = 0.75, device: str = "auto",
             seed: int = 0, model_name: Optional[str] = None, num_filters: int = 28,
@@ -123,142 +290,25 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     ``only``: a subset of ``SECTIONS`` (rollout, layers, distance, pos_embed, filters, mae); default all.
     Returns the JSON document (also written). ``log`` gets one line per file written and per note.
     """
-    todo = set(SECTIONS if not only else only)
-    unknown = sorted(todo - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown analyses {unknown}; choose from {', '.join(SECTIONS)}")
+    todo = _sections(only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    model, info = load_model_for_analysis(path, device=dev, model_name=model_name)
-    enc = encoder_of(model)
-    if not 0 <= head < enc.num_heads:
-        raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")
-    grid = tuple(enc.patch_embed.grid_size)
-    stride = tuple(enc.patch_embed.patch_size)
-    npt = enc.num_prefix_tokens
-    label = f"{info['name']} ({info['objective']}" + (f", step {info['step']})" if info["step"] is not None else ")")
-    files: list[str] = []
-    notes: list[str] = []
-
-    def wrote(p: Path) -> None:
-        files.append(str(p))
-        log(f"wrote {p}")
-
-    def note(msg: str) -> None:
-        notes.append(msg)
-        log(f"note: {msg}")
-
-    imgs_u8, names = load_images(list(images), tuple(enc.patch_embed.img_size))
-    names = _unique([_safe(n) for n in names])
-    x_all = normalize(imgs_u8).to(dev)
-    shown = [denormalize(x) for x in x_all]
-    doc: dict[str, Any] = {"model": {k: v for k, v in info.items() if k != "model_cfg"},
-                           "model_config": info["model_cfg"], "device": str(dev), "images": names}
-    if npt == 0:
-        note(NO_CLS_NOTE)
-
-    # ----- attention: rollout, per-layer maps, mean distance ----------------------------------------------
+    run = _prepare(path, images, out, device, head, model_name, log)
+    doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},
+                           "model_config": run.info["model_cfg"], "device": str(run.device), "images": run.names}
+    if run.enc.num_prefix_tokens == 0:
+        run.note(NO_CLS_NOTE)
     if todo & {"rollout", "layers", "distance"}:
-        passes = [attention_pass(enc, x_all[i:i + 1], head, discard_ratio) for i in range(len(names))]
-        att: dict[str, Any] = {"head": head, "discard_ratio": discard_ratio, "head_fusion": "mean",
-                               "grid_size": list(grid), "token_stride_px": list(stride)}
-        doc["attention"] = att
-        if "rollout" in todo:
-            rollouts = torch.cat([p["rollout"] for p in passes])  # (B, gh, gw)
-            wrote(plots.plot_rollout(shown, [r.numpy() for r in rollouts], names, out / "attention_rollout.png",
-                                     f"Attention rollout, {label}"))
-            att["rollout"] = {name: _grid_summary(rollouts[i]) for i, name in enumerate(names)}
-        if "layers" in todo:
-            who = "[CLS]" if npt else "mean query"
-            for i, name in enumerate(names):
-                maps = [m[0].numpy() for m in passes[i]["layer_maps"]]
-                wrote(plots.plot_layer_attention(shown[i], maps, out / f"attention_layers_head{head}_{name}.png",
-                                                 f"{name}: raw attention of {who} to patches, head {head}, {label}"))
-            att["layer_attention_head"] = {name: [_grid_summary(m[0]) | {"sum": float(m[0].sum())}
-                                                  for m in passes[i]["layer_maps"]] for i, name in enumerate(names)}
-        if "distance" in todo:
-            dist = torch.cat([p["distance"] for p in passes], dim=1)  # (depth, B, heads)
-            mean_dist = dist.mean(dim=1)  # (depth, heads)
-            uniform_px = float(patch_distance_matrix(grid, stride).mean())
-            if info["is_hybrid"]:
-                att["note"] = HYBRID_DISTANCE_NOTE.format(stride=stride[0])
-                note(att["note"])
-            wrote(plots.plot_mean_distance(mean_dist.numpy(), out / "mean_attention_distance.png",
-                                           f"Mean attention distance, {label}\n(averaged over {len(names)} images; "
-                                           f"{grid[0]}x{grid[1]} tokens, {stride[0]} px apart)",
-                                           uniform_px=uniform_px))
-            att["mean_distance_px"] = [[round(float(v), 4) for v in row] for row in mean_dist]
-            att["mean_distance_px_per_image"] = {name: [[round(float(v), 4) for v in row] for row in dist[:, i]]
-                                                 for i, name in enumerate(names)}
-            att["uniform_distance_px"] = uniform_px
-
-    # ----- position embeddings ----------------------------------------------------------------------------
-    if "pos_embed" not in todo:
-        pass
-    elif enc.pos_embed is None:
-        doc["pos_embed"] = {"skipped": "the model has no absolute position embedding"}
-        note("pos-embed similarity skipped: " + doc["pos_embed"]["skipped"])
-    else:
-        sim = pos_embed_similarity(enc.pos_embed.detach().float().cpu(), npt)
-        kind = {"learn": "learned 1-D", "sincos": "fixed 2-D sin-cos"}.get(info["pos_embed_type"],
-                                                                          info["pos_embed_type"])
-        wrote(plots.plot_pos_embed_similarity(sim.numpy(), grid, out / "pos_embed_similarity.png",
-                                              f"Position embedding similarity ({kind})\n{label}"))
-        doc["pos_embed"] = {"type": info["pos_embed_type"], "grid_size": list(grid), **similarity_stats(sim, grid)}
-
-    # ----- patch-embedding filters ------------------------------------------------------------------------
-    if "filters" not in todo:
-        pass
-    elif info["is_hybrid"]:
-        doc["filters"] = {"skipped": HYBRID_FILTERS_NOTE}
-        note("patch-filter PCA skipped: " + HYBRID_FILTERS_NOTE)
-    else:
-        pca = patch_filter_pca(enc.patch_embed.proj.weight.float().cpu(), k=num_filters)
-        k = len(pca.explained_variance)
-        wrote(plots.plot_filters(pca.components.numpy(), pca.explained_variance_ratio.numpy(),
-                                 out / "patch_filters_pca.png",
-                                 f"Patch-embedding filters: top {k} principal components "
-                                 f"({stride[0]}x{stride[1]} RGB, each min-max scaled)\n{label}"))
-        doc["filters"] = {"num_components": k, "filter_shape": list(enc.patch_embed.proj.weight.shape[1:]),
-                          "explained_variance": pca.explained_variance.tolist(),
-                          "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
-                          "cumulative_ratio": pca.explained_variance_ratio.cumsum(0).tolist()}
-
-    # ----- MAE reconstructions ----------------------------------------------------------------------------
-    if "mae" not in todo:
-        pass
-    elif info["is_mae"]:
-        npl = norm_pix_loss if norm_pix_loss is not None else info["norm_pix_loss"]
-        if npl is None:
-            npl = DEFAULT_NORM_PIX_LOSS
-            note(f"the file does not record objective.norm_pix_loss; assuming {npl} (override with "
-                 f"--norm-pix-loss/--no-norm-pix-loss)")
-        rec = mae_reconstruct(model, x_all, mask_ratio, npl, seed)
-        rows = []
-        for i, name in enumerate(names):
-            m = rec["mask_image"][i]
-            masked = x_all[i] * (1 - m)
-            masked_img = denormalize(masked)
-            masked_img[m[0].cpu().numpy() > 0.5] = 0.5  # hidden patches in grey
-            rows.append({"name": name, "original": shown[i], "masked": masked_img,
-                         "reconstruction": denormalize(rec["reconstruction"][i]),
-                         "pasted": denormalize(masked + rec["reconstruction"][i] * m),
-                         "mse": float(rec["mse"][i]), "mask_ratio": mask_ratio})
-        how = "per-patch mean/var of the original restored" if npl else "pixels predicted directly"
-        wrote(plots.plot_mae_reconstruction(rows, out / "mae_reconstruction.png",
-                                            f"MAE reconstruction, mask ratio {mask_ratio} (seed {seed}; {how})\n"
-                                            f"{label}"))
-        doc["mae"] = {"mask_ratio": mask_ratio, "seed": seed, "norm_pix_loss": bool(npl),
-                      "masked_mse": {name: float(rec["mse"][i]) for i, name in enumerate(names)},
-                      "model_loss": float(rec["loss"])}
-    elif info["objective"] == "mae":
-        doc["mae"] = {"skipped": "encoder-only export: the decoder is needed (export with --full, or pass the "
-                                 "checkpoint directory)"}
-        note("MAE reconstruction skipped: " + doc["mae"]["skipped"])
-
-    doc["notes"] = notes
-    doc["files"] = [Path(f).name for f in files]
+        doc["attention"] = _attention(run, todo, head, discard_ratio)
+    if "pos_embed" in todo:
+        doc["pos_embed"] = _pos_embed(run)
+    if "filters" in todo:
+        doc["filters"] = _filters(run, num_filters)
+    mae = _mae(run, mask_ratio, seed, norm_pix_loss) if "mae" in todo else None
+    if mae is not None:
+        doc["mae"] = mae
+    doc["notes"] = run.notes
+    doc["files"] = [Path(f).name for f in run.files]
     (out / "analysis.json").write_text(json.dumps(doc, indent=1))
     log(f"wrote {out / 'analysis.json'}")
     return doc

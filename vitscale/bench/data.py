@@ -265,8 +265,6 @@ def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, 
                    workers: int = 2, img_size: int = 224, crop_min_scale: float = 0.35, batches: int = 10,
                    rounds: int = 3, warmup: Optional[int] = None, workdir: Optional[str] = None) -> dict[str, Any]:
     """Generate the files; time ours, ImageFolder and decode-only in alternating rounds; return the results."""
-    from vitscale.data.transforms import normalize
-
     if batch < 1 or workers < 0 or batches < 1 or img_size < 8 or rounds < 1:
         raise ValueError(f"bench data: need --batch-size >= 1, --workers >= 0, --batches >= 1, --img-size >= 8, "
                          f"--rounds >= 1 (got {batch}, {workers}, {batches}, {img_size}, {rounds})")
@@ -275,41 +273,58 @@ def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, 
     if images < max(batch, 2 * procs):  # ImageFolder drops the last partial batch; each worker needs a shard
         raise ValueError(f"bench data: --images ({images}) must be at least --batch-size ({batch}) and 2 x workers "
                          f"({2 * procs})")
-    recs = {"vitscale": Round(), "imagefolder": Round(), "decode_only": Round()}
     with tempfile.TemporaryDirectory(prefix="vitscale-bench-data-", dir=workdir) as tmp:
         root = Path(tmp)
         files = make_images(root / "folder", images, min_size, max_size)
         urls = write_bench_shards(files, root / "shards", num_shards=max(2 * procs, 2))
         costs = per_image_costs(files, img_size, crop_min_scale)
-        base = _children()
-        ours = ours_iterator(urls, batch, workers, img_size, crop_min_scale)  # starts its workers
-        ours_pids = _children() - base
-        folder = imagefolder_iterator(root / "folder", batch, workers, img_size, crop_min_scale)
-        next(folder)  # starts its workers
-        folder_pids = _children() - base - ours_pids
-        threads = torch.get_num_threads()
-        # The consumer normalises with one thread: with more, OpenMP threads spin against the busy workers on a
-        # small machine (measured: 1.06 vs 0.31 ms/img on 2 cores); a GPU trainer does it on the device anyway.
-        torch.set_num_threads(1)
-        try:
-            with mp.get_context("fork").Pool(procs, initializer=_one_thread) as pool:
-                pool.map(_decode_files, [[str(files[0])]] * procs)  # processes started before timing
-                pool_pids = _children() - base - ours_pids - folder_pids
-                everyone = ours_pids | folder_pids | pool_pids
-                for _ in range(rounds):
-                    # ours normalises in the consumer like the trainer; torchvision's recipe did it in the workers
-                    _wait_idle(everyone - ours_pids)
-                    _timed_batches(ours, batch, warmup, batches, recs["vitscale"], ours_pids,
-                                   consume=lambda b: normalize(b["image"]))
-                    _wait_idle(everyone - folder_pids)
-                    _timed_batches(folder, batch, warmup, batches, recs["imagefolder"], folder_pids)
-                    _wait_idle(everyone - pool_pids)
-                    decode_only_round(pool, files, procs, recs["decode_only"], pool_pids)
-        finally:
-            torch.set_num_threads(threads)
-        del ours, folder
+        recs = _timed_rounds(files, urls, root / "folder", batch, workers, img_size, crop_min_scale, batches,
+                             rounds, warmup)
     res = {k: r.summary() for k, r in recs.items()}
+    return {"images": images, "size_range": [min_size, max_size], "batch": batch, "workers": workers,
+            "img_size": img_size, "crop_min_scale": crop_min_scale, "timed_batches": batches, "warmup": warmup,
+            "rounds": rounds, "cores": os.cpu_count() or 1, **_compare(res, costs, img_size)}
 
+
+def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: int, workers: int, img_size: int,
+                  crop_min_scale: float, batches: int, rounds: int, warmup: int) -> dict[str, Round]:
+    """Start the three loaders (their processes before any timing), then time them in alternating rounds, each
+    while the others' processes are idle. The loaders' workers end when this returns."""
+    from vitscale.data.transforms import normalize
+
+    procs = max(workers, 1)
+    recs = {"vitscale": Round(), "imagefolder": Round(), "decode_only": Round()}
+    base = _children()
+    ours = ours_iterator(urls, batch, workers, img_size, crop_min_scale)  # starts its workers
+    ours_pids = _children() - base
+    folder = imagefolder_iterator(folder_root, batch, workers, img_size, crop_min_scale)
+    next(folder)  # starts its workers
+    folder_pids = _children() - base - ours_pids
+    threads = torch.get_num_threads()
+    # The consumer normalises with one thread: with more, OpenMP threads spin against the busy workers on a
+    # small machine (measured: 1.06 vs 0.31 ms/img on 2 cores); a GPU trainer does it on the device anyway.
+    torch.set_num_threads(1)
+    try:
+        with mp.get_context("fork").Pool(procs, initializer=_one_thread) as pool:
+            pool.map(_decode_files, [[str(files[0])]] * procs)  # processes started before timing
+            pool_pids = _children() - base - ours_pids - folder_pids
+            everyone = ours_pids | folder_pids | pool_pids
+            for _ in range(rounds):
+                # ours normalises in the consumer like the trainer; torchvision's recipe did it in the workers
+                _wait_idle(everyone - ours_pids)
+                _timed_batches(ours, batch, warmup, batches, recs["vitscale"], ours_pids,
+                               consume=lambda b: normalize(b["image"]))
+                _wait_idle(everyone - folder_pids)
+                _timed_batches(folder, batch, warmup, batches, recs["imagefolder"], folder_pids)
+                _wait_idle(everyone - pool_pids)
+                decode_only_round(pool, files, procs, recs["decode_only"], pool_pids)
+    finally:
+        torch.set_num_threads(threads)
+    return recs
+
+
+def _compare(res: dict[str, dict], costs: dict[str, float], img_size: int) -> dict[str, Any]:
+    """Throughput and CPU ratios between the loaders, and where our CPU time per image goes."""
     def ratio(a: float, b: float) -> Optional[float]:
         return a / b if b > 0 else None  # CPU times tick in 10 ms: a tiny run can measure 0
 
@@ -324,15 +339,12 @@ def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, 
     stages["worker rest (tar, seeds, collate, IPC)"] = max(workers_ms - sum(stages.values()), 0.0)
     stages["normalize"] = costs["normalize"]
     stages["consumer rest (receive)"] = max(consumer - costs["normalize"], 0.0)
-    bound = max(stages, key=stages.get)
-    return {"images": images, "size_range": [min_size, max_size], "batch": batch, "workers": workers,
-            "img_size": img_size, "crop_min_scale": crop_min_scale, "timed_batches": batches, "warmup": warmup,
-            "rounds": rounds, "cores": os.cpu_count() or 1, "img_per_s": ips, "cpu_ms_per_image": cpu,
+    return {"img_per_s": ips, "cpu_ms_per_image": cpu,
             "ratio_vs_imagefolder": ips["vitscale"] / ips["imagefolder"],
             "cpu_ratio_vs_imagefolder": ratio(cpu["imagefolder"], cpu["vitscale"]),
             "fraction_of_decode_only": ips["vitscale"] / ips["decode_only"],
             "cpu_fraction_of_decode_only": ratio(cpu["decode_only"], cpu["vitscale"]),
-            "per_image_ms": costs, "stage_ms": stages, "bound": bound, "details": res,
+            "per_image_ms": costs, "stage_ms": stages, "bound": max(stages, key=stages.get), "details": res,
             "ipc_kb_per_image": {"vitscale_uint8": 3 * img_size ** 2 / 1024,
                                  "imagefolder_float32": 12 * img_size ** 2 / 1024},
             "draft_lever_speedup": (costs["decode"] + costs["transform"]) / costs["draft_decode_transform"]}

@@ -59,14 +59,12 @@ def _finite(v: Any) -> Optional[float]:
 
 def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     """Write the figure (default ``RUN_DIR/metrics.png``); returns ``{path, titles, steps, unavailable}``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from vitscale.logging.figures import new_figure, save_figure
 
     path = _find_metrics(run)
     records, evals = load_steps(path)
     out = Path(out) if out is not None else path.parent / "metrics.png"
-    fig = Figure(figsize=(15, 3.4), dpi=90, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(15, 3.4)
     axes = fig.subplots(1, len(PANELS))
     unavailable = []
     for ax, (key, title, ylabel, scale) in zip(axes, PANELS):
@@ -90,7 +88,6 @@ def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> d
     name = path.parent.name
     extra = "".join(f", {k} {v:.4g}" for k, v in evals.items() if isinstance(v, (int, float)) and k != "val_images")
     fig.suptitle(f"{name}: {len(records)} log steps (last step {records[-1]['step']}){extra}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    save_figure(fig, out)
     return {"path": str(out), "titles": [ax.get_title() for ax in axes], "steps": len(records),
             "unavailable": unavailable}

@@ -223,6 +223,26 @@ def normalize(images: torch.Tensor, device=None, mean=IMAGENET_MEAN, std=IMAGENE
     return x.sub_(m).div_(s)
 
 
+def imagenet_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (3, 1, 1) tensors in ``x``'s dtype and device (they broadcast over (B, 3, H, W))."""
+    shape = (3, 1, 1)
+    return (torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape),
+            torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape))
+
+
+def normalize_unit(x: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] -> normalised, as a new tensor (the robustness suite perturbs in [0, 1] first)."""
+    m, s = imagenet_stats(x)
+    return x.sub(m).div(s)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Normalised (..., 3, H, W) -> float32 in [0, 1], clamped: what pictures of model inputs show."""
+    x = x.float()
+    m, s = imagenet_stats(x)
+    return (x * s + m).clamp(0, 1)
+
+
 def jpeg_size(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[tuple[int, int]]:
     """(height, width) of an upright 8-bit JPEG from its header without decoding it; None for anything else (the
     worker decodes those). Raises :class:`TooLarge` over ``max_pixels``."""

@@ -4,10 +4,14 @@ trainer).
 
 "Same data and steps" as the ViT: the same training shards through the same WebDataset stream (same seed,
 augmentation and batch size), for the same number of optimizer steps, with AdamW, warmup + cosine and label
-smoothing as in the demo recipe.
+smoothing as in the demo recipe. "Same size" unless told otherwise: the ResNet's width is chosen so that its
+parameter count matches the ViT's (:func:`width_for_params`); a full-width ResNet-18 (11M parameters, 1.1 GFLOPs
+per 32 px image) against the 0.8M-parameter demo ViT would be a different comparison, at 14x the FLOPs of the
+sized one (width 17, 79 MFLOPs).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from vitscale.data.transforms import normalize
 from vitscale.optim import lr_at, param_groups
 
 BASELINE_FILE = "baseline_resnet18.pt"
+MAX_WIDTH = 512  # widest baseline the sizing picks (64 = the standard ResNet-18, 11M parameters)
 
 
 def resnet18_small(num_classes: int, width: int = 64) -> nn.Module:
@@ -55,7 +60,8 @@ def resnet18_small(num_classes: int, width: int = 64) -> nn.Module:
 
 @dataclass
 class BaselineConfig:
-    """How the CNN baseline is trained (defaults: the demo recipe; the CLI fills steps/batch from the ViT run)."""
+    """How the CNN baseline is trained (defaults: the demo recipe; the CLI fills steps/batch from the ViT run and
+    the width from the ViT's parameter count)."""
 
     steps: int = 300
     batch_size: int = 64
@@ -69,6 +75,43 @@ class BaselineConfig:
     num_workers: int = 0
 
 
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resnet18_params(num_classes: int, width: int) -> int:
+    """Parameters of :func:`resnet18_small`, counted on a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return count_params(resnet18_small(num_classes, width))
+
+
+def width_for_params(params: int, num_classes: int, max_width: int = MAX_WIDTH) -> int:
+    """The first-stage width whose ResNet-18 has the parameter count closest (as a ratio) to ``params``: the CNN
+    baseline is sized to the ViT it is compared with, not fixed at the 11M parameters of width 64. The count grows
+    with the width (about quadratically), so a bisection finds the first width at or above ``params``."""
+    if params < 1:
+        raise ValueError(f"cannot size a baseline to a model of {params} parameters")
+    lo, hi = 1, max_width
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if resnet18_params(num_classes, mid) >= params:
+            hi = mid
+        else:
+            lo = mid + 1
+    return min({max(lo - 1, 1), lo}, key=lambda w: abs(math.log(resnet18_params(num_classes, w) / params)))
+
+
+def forward_flops(model: nn.Module, img_size: int, device: Optional[torch.device] = None) -> int:
+    """FLOPs of one image's forward pass (matmuls and convolutions as 2*M*N*K), by torch's own counter, so the
+    ViT and the CNN are counted the same way."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
 def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg: BaselineConfig, accelerator,
                    log=print) -> tuple[nn.Module, dict]:
     """Train the ResNet-18 baseline; returns (model in eval mode, unwrapped; a record with the loss history)."""
@@ -79,33 +122,38 @@ def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg:
     # BN weights and biases get no weight decay: the same grouping rule as the ViT's
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loader = build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size, seed=cfg.seed,
-                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                num_workers=cfg.num_workers, crop_min_scale=cfg.crop_min_scale)
-    batches = iter(loader)
+    batches = iter(build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size,
+                                      seed=cfg.seed, rank=accelerator.process_index,
+                                      world_size=accelerator.num_processes, num_workers=cfg.num_workers,
+                                      crop_min_scale=cfg.crop_min_scale))
     torch.manual_seed(cfg.seed * 1000 + 1 + accelerator.process_index)
     model.train()
     history, start = [], time.perf_counter()
     log_every = max(1, cfg.steps // 10)
     for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-        batch = next(batches)
-        labels = batch["label"].to(accelerator.device)
-        if bool((labels < 0).any()):
-            raise ValueError("baseline training needs labelled shards (.cls members)")
-        with accelerator.autocast():
-            logits = model(normalize(batch["image"], accelerator.device))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        history.append(float(loss.detach()))
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        history.append(_train_step(model, optimizer, next(batches), lr, cfg.label_smoothing, accelerator))
         if (step + 1) % log_every == 0:
             log(f"baseline resnet18: step {step + 1}/{cfg.steps} loss {sum(history[-log_every:]) / log_every:.4f}")
     model = accelerator.unwrap_model(model).eval()
     record = {"config": asdict(cfg), "loss": history, "train_seconds": time.perf_counter() - start}
     return model, record
+
+
+def _train_step(model: nn.Module, optimizer, batch: dict, lr: float, label_smoothing: float, accelerator) -> float:
+    """One optimizer step on one batch at learning rate ``lr``; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    labels = batch["label"].to(accelerator.device)
+    if bool((labels < 0).any()):
+        raise ValueError("baseline training needs labelled shards (.cls members)")
+    with accelerator.autocast():
+        logits = model(normalize(batch["image"], accelerator.device))
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def save_baseline(model: nn.Module, record: dict, num_classes: int, path: Union[str, Path]) -> Path:

@@ -12,7 +12,7 @@ Evaluate a pretrained ViT. EVALUATIONS is a comma-separated list of:
   fewshot     ridge regression (closed form) on L2-normalised features, --shots per class, --fewshot-seeds seeds
   finetune    full fine-tuning with layer-wise LR decay, drop-path, label smoothing (--config, key=value)
   robustness  occlusion, patch shuffle, adversarial patch, common corruptions; the ViT and a ResNet-18
-              trained on the same data and steps
+              of about its parameter count, trained on the same data and steps
   probes      = linear,knn,fewshot (features are extracted once and shared);  all = everything
 Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed.
 Runs on one process as is; for several GPUs or nodes use `accelerate launch -m vitscale eval ...`."""
@@ -21,7 +21,7 @@ EPILOG = """\
 examples:
   vitscale eval probes mae.safetensors --data demo:digits --out eval/mae --with-random-init
   vitscale eval finetune mae.safetensors steps=200 --data demo:digits --config configs/eval/finetune_digits.yaml
-  vitscale eval robustness runs/demo --data demo:digits --out eval/robust --baseline-width 64"""
+  vitscale eval robustness runs/demo --data demo:digits --out eval/robust"""
 
 
 def _floats(text: str) -> list[float]:
@@ -51,7 +51,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "finetuned.safetensors), a checkpoint dir or a run dir")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="finetune options right after CKPT, e.g. steps=200 layer_decay=0.65 (or use --set)")
-    g = e.add_argument_group("data and output")
+    _data_flags(e.add_argument_group("data and output"))
+    _feature_flags(e.add_argument_group("frozen features (linear, knn, fewshot)"))
+    _finetune_flags(e.add_argument_group("fine-tuning"))
+    _robustness_flags(e.add_argument_group("robustness"))
+    _baseline_flags(e.add_argument_group("robustness: the CNN baseline"))
+    e.set_defaults(func=run_eval_command)
+    return e
+
+
+def _data_flags(g) -> None:
     g.add_argument("--data", default=None, help="training shards (spec as data.train_shards, e.g. demo:digits); "
                                                 "default: the run's own when CKPT is a checkpoint directory")
     g.add_argument("--val-data", default=None, help="held-out shards (default: demo:X:val for demo:X, or the run's)")
@@ -65,7 +74,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of probes, random init, fine-tuning, perturbations")
     g.add_argument("--model", dest="model_name", default=None,
                    help="model name, only for safetensors files without vitscale metadata")
-    f = e.add_argument_group("frozen features (linear, knn, fewshot)")
+
+
+def _feature_flags(f) -> None:
     f.add_argument("--pool", default="auto", choices=("auto", "model", "token", "avg"),
                    help="model = the model's own pre-logits ([CLS] or mean, then its norm); token = [CLS]; "
                         "avg = mean of patch tokens; auto = avg for MAE encoders (MAE trains the patch tokens, "
@@ -83,12 +94,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--shots", type=_ints, default=[1, 5, 10, 25], help="few-shot sizes per class (default 1,5,10,25)")
     f.add_argument("--fewshot-seeds", type=int, default=5, help="random draws of the few-shot sets (default 5)")
     f.add_argument("--ridge-reg", type=float, default=1e-3, help="few-shot ridge L2 regularisation (default 1e-3)")
-    t = e.add_argument_group("fine-tuning")
+
+
+def _finetune_flags(t) -> None:
     t.add_argument("--config", dest="finetune_config", default=None,
                    help="YAML of finetune options (e.g. configs/eval/finetune_digits.yaml); KEY=VALUE overrides it")
     t.add_argument("--set", dest="set_overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="finetune option overrides anywhere on the line, e.g. --set steps=200 drop_path=0.2")
-    r = e.add_argument_group("robustness")
+
+
+# Robustness flags left unset keep RobustnessConfig's defaults; each flag's dest is the config field it sets.
+ROBUSTNESS_FLAGS = ("curves", "occlusion_fractions", "box_areas", "occlusion_fill", "occlusion_grid", "shuffle_grids",
+                    "patch_areas", "corruptions", "repeats", "pgd_steps", "pgd_step_size", "pgd_images")
+
+
+def _robustness_flags(r) -> None:
     r.add_argument("--curves", type=_names, default=None, help="subset of: occlusion_patches, occlusion_boxes, "
                                                                 "patch_shuffle, adversarial_patch, corruptions")
     r.add_argument("--occlusion-fractions", type=_floats, default=None, help="default 0,0.1,0.25,0.5,0.75,0.9")
@@ -105,38 +125,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--pgd-steps", type=int, default=None, help="adversarial patch optimisation steps (default 50)")
     r.add_argument("--pgd-step-size", type=float, default=None, help="signed step on [0,1] pixels (default 0.05)")
     r.add_argument("--pgd-images", type=int, default=None, help="training images the patch is fit on (default 512)")
-    r.add_argument("--baseline", default="resnet18", choices=("resnet18", "none"),
+
+
+def _baseline_flags(b) -> None:
+    b.add_argument("--baseline", default="resnet18", choices=("resnet18", "none"),
                    help="CNN baseline (default resnet18)")
-    r.add_argument("--baseline-ckpt", default=None, help="a baseline_resnet18.pt from an earlier run (skip training)")
-    r.add_argument("--baseline-steps", type=int, default=None, help="default: the ViT checkpoint's step")
-    r.add_argument("--baseline-batch-size", type=int, default=None,
+    b.add_argument("--baseline-ckpt", default=None, help="a baseline_resnet18.pt from an earlier run (skip training)")
+    b.add_argument("--baseline-steps", type=int, default=None, help="default: the ViT checkpoint's step")
+    b.add_argument("--baseline-batch-size", type=int, default=None,
                    help="default: the ViT run's data.batch_size, else 64")
-    r.add_argument("--baseline-width", type=int, default=64, help="ResNet-18 first-stage channels (64 = standard)")
-    r.add_argument("--baseline-lr", type=float, default=2e-3, help="AdamW peak LR of the baseline")
-    e.set_defaults(func=run_eval_command)
-    return e
+    b.add_argument("--baseline-width", type=int, default=None,
+                   help="ResNet-18 first-stage channels (64 = the standard 11M-parameter ResNet-18); default: the "
+                        "width whose parameter count is closest to the ViT's")
+    b.add_argument("--baseline-lr", type=float, default=2e-3, help="AdamW peak LR of the baseline")
 
 
 def build_options(args: argparse.Namespace):
-    """argparse namespace -> ``EvalOptions`` (robustness flags left unset keep the config's defaults)."""
+    """argparse namespace -> ``EvalOptions``: every flag whose dest is an option field, the finetune overrides
+    from both places, and the robustness flags that were set."""
+    from dataclasses import fields
+
     from vitscale.eval.robustness import RobustnessConfig
     from vitscale.eval.run import EvalOptions
 
     rob = RobustnessConfig()
-    for flag, attr in (("curves", "curves"), ("occlusion_fractions", "occlusion_fractions"),
-                       ("box_areas", "box_areas"), ("shuffle_grids", "shuffle_grids"),
-                       ("patch_areas", "patch_areas"), ("corruptions", "corruptions"), ("repeats", "repeats"),
-                       ("pgd_steps", "pgd_steps"), ("pgd_step_size", "pgd_step_size"), ("pgd_images", "pgd_images"),
-                       ("occlusion_fill", "occlusion_fill"), ("occlusion_grid", "occlusion_grid")):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(rob, attr, value)
-    keys = ("data", "val_data", "cache_dir", "out", "device", "precision", "batch_size", "num_workers", "pool",
-            "seed", "random_init", "with_random_init", "model_name", "probe_epochs", "probe_batch_size", "probe_blr",
-            "probe_weight_decay", "k", "temperature", "shots", "fewshot_seeds", "ridge_reg", "finetune_config",
-            "baseline", "baseline_ckpt", "baseline_steps", "baseline_batch_size", "baseline_width", "baseline_lr")
-    return EvalOptions(**{k: getattr(args, k) for k in keys},
-                       finetune_overrides=list(args.overrides) + list(args.set_overrides),
+    for name in ROBUSTNESS_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(rob, name, getattr(args, name))
+    flags = [f.name for f in fields(EvalOptions) if f.name not in ("finetune_overrides", "robustness")]
+    values = {name: getattr(args, name) for name in flags if hasattr(args, name)}
+    return EvalOptions(**values, finetune_overrides=list(args.overrides) + list(args.set_overrides),
                        robustness=rob)
 
 

@@ -1,35 +1,23 @@
-"""Figures for the evaluation results (matplotlib, Agg backend): one PNG per evaluation, with title, axis
-labels and a legend naming every line (e.g. trained vs random init, ViT vs ResNet-18)."""
+"""Figures for the evaluation results (headless figures from :mod:`vitscale.logging.figures`): one PNG per
+evaluation, with title, axis labels and a legend naming every line (e.g. trained vs random init, ViT vs
+ResNet-18)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Union
 
+from vitscale.logging.figures import new_figure, save_figure
+
 PathLike = Union[str, Path]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
+DPI = 110
 
 
 def plot_linear(results: dict[str, dict], path: PathLike, title: str) -> Path:
     """Per-epoch probe training loss and held-out accuracy, one line per model variant."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(10, 4, DPI)
+    ax1, ax2 = fig.subplots(1, 2)
     for label, r in results.items():
         epochs = [h["epoch"] for h in r["history"]]
         ax1.plot(epochs, [h["train_loss"] for h in r["history"]], label=label)
@@ -40,12 +28,12 @@ def plot_linear(results: dict[str, dict], path: PathLike, title: str) -> Path:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_knn(results: dict[str, dict], path: PathLike, title: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4, DPI)
+    ax = fig.subplots()
     for label, r in results.items():
         ax.plot(r["curve"]["k"], [100 * a for a in r["curve"]["val_acc"]], marker="o", label=label)
     k = next(iter(results.values()))["k"]
@@ -54,12 +42,12 @@ def plot_knn(results: dict[str, dict], path: PathLike, title: str) -> Path:
     ax.set(title=title, xlabel="k (neighbours)", ylabel="held-out top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_fewshot(results: dict[str, dict], path: PathLike, title: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4, DPI)
+    ax = fig.subplots()
     for label, r in results.items():
         ax.errorbar(r["shots"], [100 * m for m in r["mean"]], yerr=[100 * s for s in r["std"]], marker="o",
                     capsize=3, label=f"{label} (mean ± std over {r['seeds']} seeds)")
@@ -70,12 +58,12 @@ def plot_fewshot(results: dict[str, dict], path: PathLike, title: str) -> Path:
     ax.set(title=title, xlabel="training images per class", ylabel="held-out top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_finetune(result: dict, path: PathLike, title: str) -> Path:
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(10, 4, DPI)
+    ax1, ax2 = fig.subplots(1, 2)
     steps = [h["step"] for h in result["history"]]
     ax1.plot(steps, [h["loss"] for h in result["history"]], label="training loss (label-smoothed CE)")
     ax1.set(title="fine-tuning loss", xlabel="step", ylabel="loss")
@@ -86,7 +74,7 @@ def plot_finetune(result: dict, path: PathLike, title: str) -> Path:
         ax.grid(alpha=0.3)
     evals = ", ".join(f"step {e['step']}: {100 * e['val_acc']:.1f}%" for e in result["evals"])
     fig.suptitle(f"{title}\nheld-out top-1: {evals}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 _TITLES = {
@@ -101,8 +89,8 @@ _TITLES = {
 def plot_robustness_curve(models: dict[str, dict], curve: str, path: PathLike, title: str) -> Path:
     """One robustness curve for every model (solid); the adversarial patch also shows its random-noise
     control patch (dashed)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = new_figure(6.5, 4.2, DPI)
+    ax = fig.subplots()
     for i, (name, res) in enumerate(models.items()):
         c = res["curves"][curve]
         color = f"C{i}"
@@ -115,17 +103,17 @@ def plot_robustness_curve(models: dict[str, dict], curve: str, path: PathLike, t
            ylabel="top-1 accuracy (%)", ylim=(0, 100))
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_corruptions(models: dict[str, dict], path: PathLike, title: str) -> Path:
     """One panel per corruption type: accuracy vs severity for every model."""
-    plt = _plt()
     first = next(iter(models.values()))["curves"]["corruptions"]["per_corruption"]
     names = list(first)
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False)
+    fig = new_figure(3.3 * cols, 2.8 * rows, DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, cname in zip(axes.flat, names):
         for i, (name, res) in enumerate(models.items()):
             acc = res["curves"]["corruptions"]["per_corruption"][cname]
@@ -136,4 +124,4 @@ def plot_corruptions(models: dict[str, dict], path: PathLike, title: str) -> Pat
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(f"Common corruptions, severity 0 (clean) to 5 — {title}")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vitscale.data.transforms import IMAGENET_MEAN, normalize_unit
 from vitscale.eval.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt
 
 Perturb = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -81,13 +81,6 @@ class RobustnessConfig:
 CURVES = ("occlusion_patches", "occlusion_boxes", "patch_shuffle", "adversarial_patch", "corruptions")
 # Curves along which accuracy should not rise on average (checked by the tests, reported in the JSON).
 MONOTONE = ("occlusion_patches", "occlusion_boxes")
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    shape = (3, 1, 1)
-    m = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
-    s = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
-    return x.sub(m).div(s)
 
 
 FILLS = {"black": (0.0, 0.0, 0.0), "mean": IMAGENET_MEAN}
@@ -175,7 +168,7 @@ def optimise_patch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         x = images[idx].float().div(255)
         p = patch.clone().requires_grad_(True)
         xp = paste_patch(x, p, g)
-        loss = F.cross_entropy(model(_norm(xp.to(device))).float(), labels[idx].to(device))
+        loss = F.cross_entropy(model(normalize_unit(xp.to(device))).float(), labels[idx].to(device))
         (grad,) = torch.autograd.grad(loss, p)
         patch = (patch + cfg.pgd_step_size * grad.sign()).clamp(0, 1)
     return patch.detach()
@@ -197,7 +190,7 @@ def correct_under(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             if perturb is not None:
                 x = perturb(x, torch.Generator().manual_seed(_seed(tag, cfg.seed, r, c)))
             with accelerator.autocast():
-                logits = model(_norm(x.to(device)))
+                logits = model(normalize_unit(x.to(device)))
             y = labels[start:start + cfg.batch_size].to(device)
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)

@@ -11,7 +11,7 @@ import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
                                     num_classes_of, reinit_, resolve_data)
@@ -55,7 +55,7 @@ class EvalOptions:
     baseline_ckpt: Optional[str] = None
     baseline_steps: Optional[int] = None
     baseline_batch_size: Optional[int] = None
-    baseline_width: int = 64
+    baseline_width: Optional[int] = None  # None: sized to the ViT's parameter count
     baseline_lr: float = 2e-3
 
 
@@ -104,9 +104,69 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _Session:
+    """What the evaluations of one ``run_eval`` call share: the model, its data, the JSON header every document
+    starts with (``base``), and what they add to: the documents, the summary rows, the extra tables."""
+
+    ckpt: str
+    opts: EvalOptions
+    accelerator: Any
+    say: Callable[..., None]
+    model: Any
+    info: dict
+    train_set: Any
+    val_set: Any
+    num_classes: int
+    base: dict
+    docs: dict[str, dict] = field(default_factory=dict)
+    summary: list[list[str]] = field(default_factory=list)
+    tables: list[list[list[str]]] = field(default_factory=list)  # extra tables (robustness)
+
+    @property
+    def img_size(self) -> int:
+        return self.info["img_size"][0]
+
+    @property
+    def label(self) -> str:
+        return "random init" if self.opts.random_init else "trained"
+
+    @property
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+    def emit(self, name: str, doc: dict) -> None:
+        """Write each result as soon as it exists: a later evaluation that fails does not lose it."""
+        self.docs[name] = doc
+        if self.accelerator.is_main_process:
+            self.say(f"wrote {_write_json(self.out / f'{name}.json', doc)}")
+
+
 def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None) -> dict[str, dict]:
     """Run ``evaluations`` (names or aliases) on ``ckpt``; returns ``{name: the JSON document written}``."""
     names = parse_evaluations(",".join(evaluations) if not isinstance(evaluations, str) else evaluations)
+    finetune_cfg = _check_options(names, ckpt, opts)
+    s = _open_session(ckpt, opts, log)
+    if "accuracy" in names:
+        _accuracy(s)
+    probes = [n for n in names if n in PROBES]
+    if probes:
+        _probes(s, probes)
+    if "finetune" in names:
+        _finetune(s, finetune_cfg)
+    if "robustness" in names:
+        from vitscale.eval.robust_run import run_robustness
+
+        s.emit("robustness", run_robustness(s.model, s.info, s.train_set, s.val_set, s.num_classes, s.img_size,
+                                            s.accelerator, opts, s.base, s.tables, s.say))
+    if s.accelerator.is_main_process:
+        _print_summary(s)
+    s.accelerator.wait_for_everyone()
+    return s.docs
+
+
+def _check_options(names: list[str], ckpt: str, opts: EvalOptions):
+    """Every option error before any work; returns the finetune config (None without finetune)."""
     if opts.finetune_overrides and "finetune" not in names:
         raise ValueError(f"key=value overrides {list(opts.finetune_overrides)} only apply to finetune")
     if opts.with_random_init and opts.random_init:
@@ -114,136 +174,128 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     opts.robustness.validate()
-    finetune_cfg = None
-    if "finetune" in names:  # validate before any work
-        from vitscale.eval.finetune import load_finetune_config
+    if "finetune" not in names:
+        return None
+    from vitscale.eval.finetune import load_finetune_config
 
-        finetune_cfg = load_finetune_config(opts.finetune_config, opts.finetune_overrides)
+    return load_finetune_config(opts.finetune_config, opts.finetune_overrides)
 
+
+def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
+    """The accelerator, the model under evaluation and its labelled data."""
     accelerator = make_accelerator(opts.device, opts.precision)
     say = (log or print) if accelerator.is_main_process else (lambda *a, **k: None)
     model, info = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
-    img_size = info["img_size"][0]
     cache_dir = opts.cache_dir or info["data_config"].get("cache_dir") or "data_cache"
     train_set, val_set = resolve_data(opts.data, opts.val_data, cache_dir, info)
     num_classes = num_classes_of(train_set, val_set)
-    out = Path(opts.out)
     base = {"checkpoint": str(ckpt), "model": _model_summary(info),
             "data": dict(zip(("train", "val"), data_specs(opts.data, opts.val_data, info)),
                          num_classes=num_classes),
             "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": opts.precision,
             "options": options_dict(opts)}
-    docs: dict[str, dict] = {}
+    return _Session(ckpt, opts, accelerator, say, model, info, train_set, val_set, num_classes, base)
 
-    def emit(name: str, doc: dict) -> None:
-        """Write each result as soon as it exists: a later evaluation that fails does not lose it."""
-        docs[name] = doc
-        if accelerator.is_main_process:
-            say(f"wrote {_write_json(out / f'{name}.json', doc)}")
 
-    summary: list[list[str]] = []
-    tables: list[list[list[str]]] = []  # extra tables (robustness)
-    label = "random init" if opts.random_init else "trained"
+def _accuracy(s: _Session) -> None:
+    from vitscale.eval.classify import evaluate_classifier, require_classifier
 
-    if "accuracy" in names:
-        from vitscale.eval.classify import evaluate_classifier, require_classifier
+    require_classifier(s.model, "accuracy")
+    res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
+    s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
+    s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_acc"])])
 
-        require_classifier(model, "accuracy")
-        res = evaluate_classifier(model, val_set, accelerator, img_size=img_size, batch_size=opts.batch_size)
-        emit("accuracy", {"evaluation": "accuracy", **base, "results": {label: res}})
-        summary.append(["accuracy", "top-1 (%)", _pct(res["val_acc"])])
 
-    probes = [n for n in names if n in PROBES]
-    if probes:
-        variants = {label: model}
-        if opts.with_random_init:
-            variants["random init"] = reinit_(copy.deepcopy(model), opts.seed)
-        for name, doc in _run_probes(probes, variants, train_set, val_set, num_classes, img_size, accelerator,
-                                     opts, info, base, summary, say).items():
-            emit(name, doc)
+def _finetune(s: _Session, finetune_cfg) -> None:
+    from vitscale.eval.finetune import finetune, save_finetuned
+    from vitscale.eval.plots import plot_finetune
 
-    if "finetune" in names:
-        from vitscale.eval.finetune import finetune, save_finetuned
-        from vitscale.eval.plots import plot_finetune
-
-        ft_model, _ = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
-        ft_model, res = finetune(ft_model, train_set, val_set, num_classes, finetune_cfg, accelerator,
-                                 img_size=img_size, eval_batch_size=opts.batch_size,
-                                 is_mae=info["objective"] == "mae", log=say)
-        if accelerator.is_main_process:
-            res["weights"] = str(save_finetuned(ft_model, info, out / "finetuned.safetensors", finetune_cfg.steps))
-            say(f"wrote {res['weights']}")
-            say("wrote " + str(plot_finetune(res, out / "finetune.png", f"fine-tuning {info['name']} ({label}), "
-                                             f"layer decay {finetune_cfg.layer_decay}, "
-                                             f"drop-path {finetune_cfg.drop_path}")))
-        emit("finetune", {"evaluation": "finetune", **base, "results": {label: res}})
-        summary.append(["finetune", f"top-1 (%) after {finetune_cfg.steps} steps", _pct(res["val_acc"])])
-
-    if "robustness" in names:
-        from vitscale.eval.robust_run import run_robustness
-
-        emit("robustness", run_robustness(model, info, train_set, val_set, num_classes, img_size, accelerator,
-                                          opts, base, tables, say))
-
+    opts, info, accelerator, say = s.opts, s.info, s.accelerator, s.say
+    ft_model, _ = load_encoder(s.ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
+    ft_model, res = finetune(ft_model, s.train_set, s.val_set, s.num_classes, finetune_cfg, accelerator,
+                             img_size=s.img_size, eval_batch_size=opts.batch_size,
+                             is_mae=info["objective"] == "mae", log=say)
     if accelerator.is_main_process:
-        say(f"\nsummary: {info['name']} ({info['objective']}, step {info['step']}) from {ckpt}")
-        if summary:
-            width = max(len(r) for r in summary)
-            rows = [r + [""] * (width - len(r)) for r in summary]
-            header = ["evaluation", "metric", label] + (["random init"] if opts.with_random_init else [])
-            header += [""] * (width - len(header))
-            say(format_table([header[:width]] + rows))
-        for table in tables:
-            say("\nrobustness (ViT vs CNN baseline, mean over random draws):")
-            say(format_table(table))
-    accelerator.wait_for_everyone()
-    return docs
+        res["weights"] = str(save_finetuned(ft_model, info, s.out / "finetuned.safetensors", finetune_cfg.steps))
+        say(f"wrote {res['weights']}")
+        say("wrote " + str(plot_finetune(res, s.out / "finetune.png", f"fine-tuning {info['name']} ({s.label}), "
+                                         f"layer decay {finetune_cfg.layer_decay}, "
+                                         f"drop-path {finetune_cfg.drop_path}")))
+    s.emit("finetune", {"evaluation": "finetune", **s.base, "results": {s.label: res}})
+    s.summary.append(["finetune", f"top-1 (%) after {finetune_cfg.steps} steps", _pct(res["val_acc"])])
 
 
-def _run_probes(probes: list[str], variants: dict, train_set, val_set, num_classes: int, img_size: int, accelerator,
-                opts: EvalOptions, info: dict, base: dict, summary: list, say) -> dict[str, dict]:
-    from vitscale.eval import plots
-    from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
+def _print_summary(s: _Session) -> None:
+    s.say(f"\nsummary: {s.info['name']} ({s.info['objective']}, step {s.info['step']}) from {s.ckpt}")
+    if s.summary:
+        width = max(len(r) for r in s.summary)
+        rows = [r + [""] * (width - len(r)) for r in s.summary]
+        header = ["evaluation", "metric", s.label] + (["random init"] if s.opts.with_random_init else [])
+        header += [""] * (width - len(header))
+        s.say(format_table([header[:width]] + rows))
+    for table in s.tables:
+        s.say("\nrobustness (ViT vs CNN baseline, mean over random draws):")
+        s.say(format_table(table))
 
-    pool = opts.pool if opts.pool != "auto" else ("avg" if info["objective"] == "mae" else "model")
+
+# ----- frozen-feature probes: features extracted once per variant, shared by linear, knn and fewshot ----------
+def _probes(s: _Session, probes: list[str]) -> None:
+    variants = {s.label: s.model}
+    if s.opts.with_random_init:
+        variants["random init"] = reinit_(copy.deepcopy(s.model), s.opts.seed)
+    pool = s.opts.pool if s.opts.pool != "auto" else ("avg" if s.info["objective"] == "mae" else "model")
     results: dict[str, dict[str, Any]] = {p: {} for p in probes}
-    sizes = {}
+    sizes: dict[str, int] = {}
     for variant, model in variants.items():
-        feats = {split: extract_features(model, shards, accelerator, img_size=img_size, batch_size=opts.batch_size,
-                                         pool=pool, num_workers=opts.num_workers)
-                 for split, shards in (("train", train_set), ("val", val_set))}
-        check_labels(feats["train"].labels, "training shards")
-        check_labels(feats["val"].labels, "held-out shards")
+        feats = _features(s, model, pool)
         sizes = {"train_samples": len(feats["train"]), "val_samples": len(feats["val"]),
                  "feature_dim": int(feats["train"].features.shape[1])}
-        if "linear" in probes:
-            results["linear"][variant] = linear_probe(
-                feats["train"], feats["val"], num_classes, epochs=opts.probe_epochs, batch_size=opts.probe_batch_size,
-                blr=opts.probe_blr, weight_decay=opts.probe_weight_decay, seed=opts.seed, device=accelerator.device)
-        if "knn" in probes:
-            results["knn"][variant] = knn_eval(feats["train"], feats["val"], num_classes, k=opts.k,
-                                               temperature=opts.temperature, device=accelerator.device)
-        if "fewshot" in probes:
-            results["fewshot"][variant] = fewshot_eval(feats["train"], feats["val"], num_classes, shots=opts.shots,
-                                                       seeds=opts.fewshot_seeds, reg=opts.ridge_reg)
-        say(f"{variant}: " + ", ".join(f"{p} {_pct(_headline(p, results[p][variant]))}%" for p in probes))
-    docs = {}
-    out = Path(opts.out)
-    title = f"{info['name']} ({info['objective']}, step {info['step']}), {pool} features"
+        for p in probes:
+            results[p][variant] = _probe(s, p, feats)
+        s.say(f"{variant}: " + ", ".join(f"{p} {_pct(_headline(p, results[p][variant]))}%" for p in probes))
+    title = f"{s.info['name']} ({s.info['objective']}, step {s.info['step']}), {pool} features"
     for p in probes:
-        docs[p] = {"evaluation": p, **base, "data": {**base["data"], **sizes}, "pool": pool, "results": results[p]}
-        row = [p, {"linear": "top-1 (%)", "knn": f"top-1 (%), k={opts.k}, T={opts.temperature}",
-                   "fewshot": ""}[p]]
-        if p == "fewshot":
-            for i, shots in enumerate(next(iter(results[p].values()))["shots"]):
-                summary.append([p, f"{shots}-shot top-1 (%)"] + [
-                    f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}" for r in results[p].values()])
-        else:
-            summary.append(row + [_pct(r["val_acc"]) for r in results[p].values()])
-        if accelerator.is_main_process:
+        s.emit(p, {"evaluation": p, **s.base, "data": {**s.base["data"], **sizes}, "pool": pool,
+                   "results": results[p]})
+        s.summary.extend(_probe_rows(p, results[p], s.opts))
+        if s.accelerator.is_main_process:
+            from vitscale.eval import plots
+
             plot = {"linear": plots.plot_linear, "knn": plots.plot_knn, "fewshot": plots.plot_fewshot}[p]
-            say(f"wrote {plot(results[p], out / f'{p}.png', f'{p}: {title}')}")
-    return docs
+            s.say(f"wrote {plot(results[p], s.out / f'{p}.png', f'{p}: {title}')}")
+
+
+def _features(s: _Session, model, pool: str) -> dict:
+    feats = {split: extract_features(model, shards, s.accelerator, img_size=s.img_size,
+                                     batch_size=s.opts.batch_size, pool=pool, num_workers=s.opts.num_workers)
+             for split, shards in (("train", s.train_set), ("val", s.val_set))}
+    check_labels(feats["train"].labels, "training shards")
+    check_labels(feats["val"].labels, "held-out shards")
+    return feats
+
+
+def _probe(s: _Session, probe: str, feats: dict) -> dict:
+    from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
+
+    opts, train, val = s.opts, feats["train"], feats["val"]
+    if probe == "linear":
+        return linear_probe(train, val, s.num_classes, epochs=opts.probe_epochs, batch_size=opts.probe_batch_size,
+                            blr=opts.probe_blr, weight_decay=opts.probe_weight_decay, seed=opts.seed,
+                            device=s.accelerator.device)
+    if probe == "knn":
+        return knn_eval(train, val, s.num_classes, k=opts.k, temperature=opts.temperature,
+                        device=s.accelerator.device)
+    return fewshot_eval(train, val, s.num_classes, shots=opts.shots, seeds=opts.fewshot_seeds, reg=opts.ridge_reg)
+
+
+def _probe_rows(probe: str, results: dict, opts: EvalOptions) -> list[list[str]]:
+    """Summary rows of one probe, one column per variant."""
+    if probe == "fewshot":
+        shots = next(iter(results.values()))["shots"]
+        return [[probe, f"{n}-shot top-1 (%)"] + [f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}"
+                                                 for r in results.values()] for i, n in enumerate(shots)]
+    metric = "top-1 (%)" if probe == "linear" else f"top-1 (%), k={opts.k}, T={opts.temperature}"
+    return [[probe, metric] + [_pct(r["val_acc"]) for r in results.values()]]
 
 
 def _headline(probe: str, result: dict) -> float:
