@@ -83,7 +83,8 @@ class Trainer:
         num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         if cfg.objective.name == "supervised" and num_classes < 2:
             raise ValueError("supervised training needs data.num_classes (not in the shard manifest)")
-        check_labels(self.train_set, num_classes if cfg.objective.name == "supervised" else 0, cfg.data.label_key)
+        check_labels([self.train_set, self.val_set], num_classes * (cfg.objective.name == "supervised"),
+                     cfg.data.label_key)
         return num_classes
 
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
