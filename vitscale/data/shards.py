@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)
@@ -27,23 +27,25 @@ class ShardSet:
     labels: Optional[dict] = None  # manifest's label summary: {"min", "max", "missing"} (make-shards writes it)
 
 
-def check_labels(shard_set: ShardSet, num_classes: int, label_key: str = "cls") -> None:
-    """Before training: a one-line error for a bad ``data.label_key``, or when the manifest already shows labels
-    a supervised run (``num_classes`` > 0) cannot use. Without a manifest, the loader skips and counts such
-    samples."""
+def check_labels(shard_sets: Union[ShardSet, Sequence[Optional[ShardSet]]], num_classes: int,
+                 label_key: str = "cls") -> None:
+    """Before training: a one-line error for a bad ``data.label_key``, or when a manifest already shows labels a
+    supervised run (``num_classes`` > 0) cannot use (train or val shards). Without a manifest, the training
+    loader skips and counts such samples."""
     from vitscale.data.tario import label_ext
 
     label_ext(label_key)
-    info = shard_set.labels or {}
-    if not num_classes or not info or label_key != "cls":  # the manifest describes the .cls members
-        return
-    lo, hi, missing = info.get("min"), info.get("max"), int(info.get("missing") or 0)
-    if missing:
-        raise ValueError(f"the shard manifest lists {missing} sample(s) without a label; a supervised run needs "
-                         f"one per sample (drop them, or train objective.name=mae)")
-    if lo is not None and hi is not None and not (0 <= lo and hi < num_classes):
-        raise ValueError(f"the shard manifest has labels {lo}..{hi} but data.num_classes={num_classes} "
-                         f"allows 0..{num_classes - 1}")
+    for shard_set in [shard_sets] if isinstance(shard_sets, ShardSet) else shard_sets:
+        info = (shard_set.labels if shard_set is not None else None) or {}
+        if not num_classes or not info or label_key != "cls":  # the manifest describes the .cls members
+            continue
+        lo, hi, missing = info.get("min"), info.get("max"), int(info.get("missing") or 0)
+        if missing:
+            raise ValueError(f"the shard manifest of {shard_set.urls[0]}... lists {missing} sample(s) without a "
+                             f"label; a supervised run needs one per sample (drop them, or train objective.name=mae)")
+        if lo is not None and hi is not None and not (0 <= lo and hi < num_classes):
+            raise ValueError(f"the shard manifest has labels {lo}..{hi} but data.num_classes={num_classes} "
+                             f"allows 0..{num_classes - 1}")
 
 
 # ----- resolving -----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -58,9 +59,90 @@ class Header:
     high_bit_depth: bool  # a PNG with 16 bits per channel
 
 
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+_PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Orientation tag of an EXIF (TIFF) block's first directory; 1 when absent or unreadable."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    end = "<" if tiff[:2] == b"II" else ">"
+    ifd = struct.unpack(end + "I", tiff[4:8])[0]
+    if ifd + 2 > len(tiff):
+        return 1
+    for i in range(struct.unpack(end + "H", tiff[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * i
+        if at + 12 > len(tiff):
+            break
+        tag, kind = struct.unpack(end + "HH", tiff[at:at + 4])
+        if tag == _EXIF_ORIENTATION and kind == 3:
+            return struct.unpack(end + "H", tiff[at + 8:at + 10])[0]
+    return 1
+
+
+def _jpeg_header(data: bytes) -> Optional[Header]:
+    """Size, mode and EXIF orientation from a baseline/progressive JPEG's markers (no PIL: ~1 us instead of
+    ~30 us per image, which the loader pays for every sample); None when the markers are unusual."""
+    at, orientation, n = 2, 1, len(data)
+    while at + 4 <= n:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        size = (data[at + 2] << 8) | data[at + 3]
+        if marker == 0xE1 and data[at + 4:at + 10] == b"Exif\0\0":
+            orientation = _exif_orientation(data[at + 10:at + 2 + size])
+        elif marker in _SOF:
+            if at + 10 > n:
+                return None
+            bits, h, w, comps = data[at + 4], (data[at + 5] << 8) | data[at + 6], (data[at + 7] << 8) | data[at + 8], \
+                data[at + 9]
+            if bits != 8 or comps not in _JPEG_MODES or not (h and w):
+                return None
+            return Header("JPEG", _JPEG_MODES[comps], w, h, orientation if 1 <= orientation <= 8 else 1, False)
+        elif marker == 0xDA:  # image data before any frame header: not for us
+            return None
+        at += 2 + size
+    return None
+
+
+def _png_header(data: bytes) -> Optional[Header]:
+    """Size, mode and bit depth from a PNG's IHDR, orientation from an eXIf chunk before the image data."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, color = struct.unpack(">IIBB", data[16:26])
+    if color not in _PNG_MODES:
+        return None
+    orientation, at = 1, 33
+    while at + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"IDAT":
+            break
+        if kind == b"eXIf":
+            orientation = _exif_orientation(data[at + 8:at + 8 + size])
+        at += 12 + size
+    mode = "I;16" if depth == 16 and color == 0 else _PNG_MODES[color]
+    return Header("PNG", mode, w, h, orientation if 1 <= orientation <= 8 else 1, depth > 8)
+
+
 def read_header(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Header:
-    """What the image's header says (PIL reads only the header), refusing images over ``max_pixels`` before any
-    pixel is decoded. Raises :class:`DecodeError` / :class:`TooLarge`."""
+    """What the image's header says (only the header is read: by hand for JPEG and PNG, else by PIL), refusing
+    images over ``max_pixels`` before any pixel is decoded. Raises :class:`DecodeError` / :class:`TooLarge`."""
+    head = _jpeg_header(data) if data[:3] == b"\xff\xd8\xff" else \
+        _png_header(data) if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+    if head is None:
+        head = _pil_header(data)
+    if max_pixels and head.width * head.height > max_pixels:
+        raise TooLarge(f"image {head.width}x{head.height} = {head.width * head.height / 1e6:.1f} Mpx is over "
+                       f"data.max_pixels={max_pixels}")
+    return head
+
+
+def _pil_header(data: bytes) -> Header:
     from PIL import Image
 
     try:
@@ -72,10 +154,7 @@ def read_header(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> 
                 orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1) if has_exif else 1
     except Exception as e:
         raise DecodeError(f"cannot read image header ({len(data)} bytes): {type(e).__name__}: {e}") from None
-    if max_pixels and w * h > max_pixels:
-        raise TooLarge(f"image {w}x{h} = {w * h / 1e6:.1f} Mpx is over data.max_pixels={max_pixels}")
-    deep = fmt == "PNG" and len(data) > 24 and data[24] > 8  # IHDR bit depth
-    return Header(fmt, mode, w, h, orientation, deep)
+    return Header(fmt, mode, w, h, orientation, False)
 
 
 def _pil_rgb(im) -> "np.ndarray":

@@ -139,7 +139,8 @@ class Trainer:
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
         self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         self.objective.check_data(self.num_classes)
-        check_labels(self.train_set, self.objective.label_classes(self.num_classes), cfg.data.label_key)
+        check_labels([self.train_set, self.val_set], self.objective.label_classes(self.num_classes),
+                     cfg.data.label_key)
 
     def _open_outputs(self, state: TrainState) -> None:
         """Tracker, metrics.jsonl, the preemption signal handlers and the progress bar."""
