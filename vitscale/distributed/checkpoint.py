@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import time
@@ -28,6 +27,7 @@ import torch
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
+from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -187,9 +187,10 @@ class CheckpointManager:
                 _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage}))
                 os.replace(tmp, target)
             except Exception as e:  # reported on every rank below, so no rank waits forever
-                error = f"{type(e).__name__}: {e}"
+                error = str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"
         if eng.any_rank(bool(error)):
-            raise RuntimeError(f"could not convert {path} to the universal layout: {error or 'failed on rank 0'}")
+            raise CheckpointReadError(f"could not convert {path} to the universal layout: "
+                                      f"{error or 'failed on rank 0'}")
         if not (target / COMPLETE).is_file():
             raise FileNotFoundError(f"{target} is not visible on rank {self.rank}: resuming at another world size "
                                     "needs the checkpoint on a filesystem every node can read")
@@ -217,13 +218,8 @@ class CheckpointManager:
 
 def _load_plain(path: Path) -> dict:
     """Our own per-rank files hold only tensors and plain containers: load them without running any pickled
-    code (weights_only), and refuse, with one line, a file that would need more."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointReadError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
-                                  f"({first})") from None
+    code, and refuse, with one line, a file that would need more."""
+    return safe_load(path)
 
 
 def resolve_checkpoint(path: Path) -> Path:

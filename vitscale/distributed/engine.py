@@ -15,6 +15,7 @@ import torch
 
 from vitscale.config.schema import Config
 from vitscale.distributed.env import DistEnv
+from vitscale.distributed.safeload import safe_load, weights_only_loads
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
 
@@ -194,9 +195,10 @@ class Engine:
 
     def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
         """Every rank loads its shard (or, from a universal checkpoint, slices its part of every tensor)."""
-        path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
-                                                     load_optimizer_states=load_optimizer,
-                                                     load_lr_scheduler_states=False)
+        with deepspeed_file_loads():
+            path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
+                                                         load_optimizer_states=load_optimizer,
+                                                         load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         return client_state or {}
@@ -255,13 +257,13 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
     if any(ckpt_path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 masters are sharded
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with _quiet_stdout():
+        with _quiet_stdout(), deepspeed_file_loads():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
     else:  # ZeRO-0: the full module is in the rank-0 model file
         files = sorted(ckpt_path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        sd = safe_load(files[0], allowed=_deepspeed_file_types())["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -278,11 +280,30 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     args = argparse.Namespace(input_folder=str(ckpt_path), output_folder=str(out_dir), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with _quiet_stdout():
+    with _quiet_stdout(), deepspeed_file_loads():  # its worker processes are forked inside: they inherit it
         ds_to_universal.main(args)
     # The converter also points a `latest_universal` file in out_dir's parent at out_dir; we resume by explicit
     # path, so drop it rather than leave a second, differently named "latest" next to the checkpoint.
     (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
+
+
+def _deepspeed_file_types() -> list[type]:
+    """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors and plain containers, found
+    by listing the globals of ZeRO-0/1/2/3 checkpoints in fp32 and bf16 (and the fp16 scaler by reading its
+    save code): ZeRO optimizer states hold the loss scaler object, the stage enum and, for ZeRO-1/2, fragment
+    addresses. None of them runs code when built (no __setstate__/__reduce__ of their own)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def deepspeed_file_loads():
+    """Every file DeepSpeed reads inside this block (it passes torch.load weights_only=False) is read weights-only,
+    allowing only the DeepSpeed classes its files hold; a file needing anything else is refused with one line
+    naming it (:class:`vitscale.errors.CheckpointReadError`), before any of it runs."""
+    return weights_only_loads(_deepspeed_file_types())
 
 
 @contextlib.contextmanager
