@@ -17,6 +17,7 @@ from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
 from vitscale.data.shards import resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
+from vitscale.distributed import runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
@@ -56,8 +57,9 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
     """Run (or resume) the configured training; returns a summary dict."""
     env = detect_env(local_rank_arg=local_rank_arg)
-    eng.setup(env)
-    return Trainer(cfg, env).run()
+    eng.setup(env, timeout_s=cfg.engine.timeout_s)
+    with watchdog.watch(env, cfg.engine.timeout_s):
+        return Trainer(cfg, env).run()
 
 
 class Trainer:
@@ -123,6 +125,7 @@ class Trainer:
                          f"(results in {self.run_dir}); raise train.steps to continue")
                 return {"step": saved["step"], "complete": True, "run_dir": str(self.run_dir)}
         num_classes = self._data()  # missing shards fail here, before the run directory is touched
+        runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")

@@ -31,6 +31,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vitscale import faults
+from vitscale.data import worker_death
 from vitscale.data.tario import image_and_label, read_shard
 from vitscale.errors import DataError
 from vitscale.data.transforms import (DeferredJpeg, decode, eval_transform, jpeg_size, train_crop,
@@ -188,7 +190,15 @@ class _TrainStream(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.consumed) % self.plan.num_workers
-        return iter_worker_batches(self.plan, worker, self.positions[worker])
+        batches = iter_worker_batches(self.plan, worker, self.positions[worker])
+        return batches if info is None else _fault_point(batches, self.plan.rank, physical)
+
+
+def _fault_point(batches: Iterator[dict], rank: int, worker: int) -> Iterator[dict]:
+    """A DataLoader worker's batches, with the ``kill@worker`` fault point (see vitscale/faults.py)."""
+    for n, batch in enumerate(batches, 1):
+        faults.inject("worker", rank=rank, batch=n, worker=worker)
+        yield batch
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -265,12 +275,18 @@ class _TrainIterator:
                         pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                         generator=torch.Generator().manual_seed(loader.plan.seed))
         self.it = iter(dl)
+        if loader.num_workers > 0:
+            worker_death.defer_sigchld()  # a dead worker is reported here, at a batch, not mid-save
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self.it)
+        try:
+            worker_death.raise_pending(self.it, self.loader.plan.rank)
+            batch = next(self.it)
+        except RuntimeError as e:
+            raise worker_death.explain(e, self.it, self.loader.plan.rank) from None
         loader = self.loader
         s = batch["stream"]
         expected = loader.batches % loader.plan.num_workers

@@ -111,8 +111,9 @@ class CheckpointManager:
         return path
 
     def _agree(self, error: str, path: Path) -> None:
-        """Collective: raise on every rank if the write failed on any."""
-        if not eng.any_rank(bool(error)):
+        """Collective: raise on every rank, naming the rank that failed and why, if the write failed on any."""
+        failure = eng.first_failure(error)
+        if failure is None:
             return
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -122,8 +123,10 @@ class CheckpointManager:
                          if s != int(TAG_RE.match(path.name).group(1)) and is_complete(self.dir / tag_for(s))[0]),
                         None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {error or 'failed on another rank'}; "
-                                   f"{kept}")
+        rank, cause = failure
+        where = f" (on rank {rank})" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 \
+            else ""
+        raise CheckpointWriteError(f"could not write checkpoint {path}{where}: {cause}; {kept}")
 
     def _set_aside(self, path: Path) -> None:
         """Make room for a new save at an existing tag: an incomplete attempt is removed; a complete checkpoint
