@@ -6,7 +6,7 @@ import re
 
 from conftest import run_cli, step_losses, train_args
 
-ARGS = ["data.num_workers=2", "train.steps=6", "train.ckpt_every=2", "train.keep_last=0"]
+ARGS = ["data.num_workers=2", "train.steps=6", "train.ckpt_every=2", "train.keep_last=0", "data.val_shards="]
 
 
 def test_worker_killed_stops_with_one_line_and_resumes_exactly(tmp_path, data_cache):

@@ -57,7 +57,7 @@ class Watchdog:
 
     def __init__(self, env: DistEnv, timeout_s: float):
         self.env, self.timeout_s = env, float(timeout_s)
-        self.interval = min(max(self.timeout_s / 10, 0.5), 30.0)
+        self.interval = min(max(self.timeout_s / 10, 0.5), 10.0)
         self.stale_s = 0.75 * self.timeout_s
         self.culprit: Optional[str] = None  # "rank R ...: cause" once some rank is known to have failed
         self._claimed = threading.Event()  # the main thread handles the failure itself: the thread must not exit
