@@ -344,14 +344,18 @@ def _writes_recorded(ds_engine: Any, step: int):
 
     ckpt_engine = ds_engine.checkpoint_engine
     patched = [(ckpt_engine, "save", 1), (ckpt_engine, "makedirs", 0), (ds_engine, "_copy_recovery_script", 0)]
-    patched = [(obj, name, getattr(obj, name), i) for obj, name, i in patched if hasattr(obj, name)]
-    for obj, name, original, i in patched:
-        setattr(obj, name, recorded(original, i))
+    patched = [(obj, name, obj.__dict__.get(name), getattr(obj, name), i) for obj, name, i in patched
+               if hasattr(obj, name)]
+    for obj, name, _own, original, i in patched:
+        setattr(obj, name, recorded(original, i))  # an instance attribute, shadowing the class's method
     try:
         yield failed
     finally:
-        for obj, name, _original, _i in patched:
-            delattr(obj, name)  # the instance attribute shadowed the class's method
+        for obj, name, own, _original, _i in patched:
+            if own is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
 
 
 def _deepspeed_file_types() -> list[type]:
