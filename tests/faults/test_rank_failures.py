@@ -114,6 +114,7 @@ def test_lost_rank_never_hangs_the_survivor(tmp_path, data_cache, fault, cause):
     assert re.fullmatch(r"vitscale: error: rank 1 \(\S+, pid \d+\) " + cause + rf"; stopping rank 0 too \(timeout "
                         rf"{TIMEOUT_S} s, engine.timeout_s\): relaunch the same command to resume from the newest "
                         r"complete checkpoint", line), line
+    print(f"{fault}: rank 0 exited {waited:.1f} s after rank 1 was lost (engine.timeout_s={TIMEOUT_S})")
     assert waited < TIMEOUT_S + 10, waited
     ckpts = tmp_path / "r" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000002"

@@ -12,11 +12,9 @@ import torch
 
 from conftest import ROOT, PicklePayload, run_cli, train_args
 
-SAFELOAD = ROOT / "vitscale" / "distributed" / "safeload.py"
-
-
 def _torch_load_uses():
-    """(where, the call's weights_only keyword or None) for every reference to torch.load or the saved original."""
+    """(where, what) for every reference to torch.load ("torch.load") and every call of safeload's captured original
+    ("weights_only=True" or "unsafe")."""
     uses = []
     for path in sorted((ROOT / "vitscale").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
