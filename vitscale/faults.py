@@ -1,13 +1,16 @@
 """Fault injection for the reliability tests (tests/faults/): each fault the trainer must survive can be
 triggered at a named point of a real run, in a real process, so the tests exercise the real recovery code.
 
-``VITSCALE_FAULT="KIND@POINT[,step=N][,rank=R][,batches=A-B]"``; several faults separated by ``;``.
+``VITSCALE_FAULT="KIND@POINT[,step=N][,rank=R][,batches=A-B][,worker=W]"``; several faults separated by ``;``.
 
 Kinds and where they act:
   kill    SIGKILL this process (as ``kill -9`` or an OOM kill would), at ``after_step`` (end of step N), ``mid_step``
           (step N, after backward, before the optimizer step) or ``ckpt_write`` (saving step N: after the shards,
-          before the checkpoint is marked complete)
-  enospc  raise ``OSError(ENOSPC)`` at ``ckpt_write``, as a full disk would
+          before the checkpoint is marked complete); at ``worker``, DataLoader worker W of rank R SIGKILLs itself
+          when it produces its batch A (``batches=A``), as when the OOM killer takes a worker
+  stop    SIGSTOP this process (a hung rank: alive, holding its connections, doing nothing) at ``mid_step``
+  enospc  raise ``OSError(ENOSPC)`` at ``ckpt_write``, or at ``ds_save`` (inside DeepSpeed's save_checkpoint, when
+          it writes a file of step N), as a full disk would
   nan     make the loss NaN at ``loss`` for the trainer's micro-batches number A..B (1-based, counted over the
           whole process, so a rollback that repeats step numbers does not repeat the fault)
 Without the variable nothing here does anything.
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 ENV = "VITSCALE_FAULT"
-KINDS = {"kill": ("after_step", "mid_step", "ckpt_write"), "enospc": ("ckpt_write",), "nan": ("loss",)}
+KINDS = {"kill": ("after_step", "mid_step", "ckpt_write", "worker"), "stop": ("mid_step",),
+         "enospc": ("ckpt_write", "ds_save"), "nan": ("loss",)}
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,13 @@ class Fault:
     step: Optional[int] = None
     rank: Optional[int] = None
     batches: Optional[tuple[int, int]] = None
+    worker: Optional[int] = None
 
-    def matches(self, point: str, step: Optional[int], rank: int, batch: Optional[int]) -> bool:
+    def matches(self, point: str, step: Optional[int], rank: int, batch: Optional[int],
+                worker: Optional[int] = None) -> bool:
         if point != self.point or (self.rank is not None and rank != self.rank):
+            return False
+        if self.worker is not None and worker != self.worker:
             return False
         if self.step is not None and step != self.step:
             return False
@@ -50,7 +58,7 @@ def parse(spec: str) -> list[Fault]:
         kw: dict = {}
         for opt in opts:
             key, _, value = opt.partition("=")
-            if key in ("step", "rank"):
+            if key in ("step", "rank", "worker"):
                 kw[key] = int(value)
             elif key == "batches":
                 lo, _, hi = value.partition("-")
@@ -66,13 +74,16 @@ def _active() -> list[Fault]:
     return parse(spec) if spec else []
 
 
-def inject(point: str, *, rank: int, step: Optional[int] = None) -> None:
-    """Act out a kill/enospc fault configured for this point, if any."""
+def inject(point: str, *, rank: int, step: Optional[int] = None, batch: Optional[int] = None,
+           worker: Optional[int] = None) -> None:
+    """Act out a kill/stop/enospc fault configured for this point, if any."""
     for fault in _active():
-        if not fault.matches(point, step, rank, None):
+        if not fault.matches(point, step, rank, batch, worker):
             continue
         if fault.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         if fault.kind == "enospc":
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV})")
 

@@ -182,6 +182,12 @@ class EngineConfig:
     nvme_path: Optional[str] = None
     # Expert override: dict merged last into the generated DeepSpeed config.
     ds_config: dict = field(default_factory=dict)
+    # Seconds a rank waits for another before the run stops with one line naming the rank that failed: a
+    # collective that does not complete in this time fails, and a rank whose heartbeat stops for 3/4 of it
+    # (killed, stopped, its host gone) is declared lost. Too small stops healthy runs whose ranks legitimately
+    # wait on one another (rank 0 converting a large checkpoint to the universal layout, saves on a slow
+    # filesystem); too large leaves every GPU idle that long after a failure (see docs/reliability.md).
+    timeout_s: float = 300.0
 
 
 @dataclass

@@ -30,6 +30,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vitscale import faults
+from vitscale.data import worker_death
 from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
 from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
                                  plans_to_json, slot_index)
@@ -194,7 +196,15 @@ class _TrainStream(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.consumed) % self.plan.num_workers
-        return iter_worker_batches(self.plan, worker, self.positions[worker])
+        batches = iter_worker_batches(self.plan, worker, self.positions[worker])
+        return batches if info is None else _fault_point(batches, self.plan.rank, physical)
+
+
+def _fault_point(batches: Iterator[dict], rank: int, worker: int) -> Iterator[dict]:
+    """A DataLoader worker's batches, with the ``kill@worker`` fault point (see vitscale/faults.py)."""
+    for n, batch in enumerate(batches, 1):
+        faults.inject("worker", rank=rank, batch=n, worker=worker)
+        yield batch
 
 
 # ----- the loader the trainer uses -----------------------------------------------------------------------------
@@ -282,12 +292,18 @@ class _TrainIterator:
                         pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
                         generator=torch.Generator().manual_seed(loader.plan.order.seed))
         self.it = iter(dl)
+        if loader.num_workers > 0:
+            worker_death.defer_sigchld()  # a dead worker is reported here, at a batch, not mid-save
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self.it)
+        try:
+            worker_death.raise_pending(self.it, self.loader.plan.rank)
+            batch = next(self.it)
+        except RuntimeError as e:
+            raise worker_death.explain(e, self.it, self.loader.plan.rank) from None
         loader = self.loader
         s = batch["stream"]
         expected = loader.batches % loader.plan.num_workers

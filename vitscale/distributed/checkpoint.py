@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import time
@@ -28,6 +27,7 @@ import torch
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
+from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -111,8 +111,9 @@ class CheckpointManager:
         return path
 
     def _agree(self, error: str, path: Path) -> None:
-        """Collective: raise on every rank if the write failed on any."""
-        if not eng.any_rank(bool(error)):
+        """Collective: raise on every rank, naming the rank that failed and why, if the write failed on any."""
+        failure = eng.first_failure(error)
+        if failure is None:
             return
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -122,8 +123,10 @@ class CheckpointManager:
                          if s != int(TAG_RE.match(path.name).group(1)) and is_complete(self.dir / tag_for(s))[0]),
                         None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {error or 'failed on another rank'}; "
-                                   f"{kept}")
+        rank, cause = failure
+        where = f" (on rank {rank})" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 \
+            else ""
+        raise CheckpointWriteError(f"could not write checkpoint {path}{where}: {cause}; {kept}")
 
     def _set_aside(self, path: Path) -> None:
         """Make room for a new save at an existing tag: an incomplete attempt is removed; a complete checkpoint
@@ -187,9 +190,10 @@ class CheckpointManager:
                 _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage}))
                 os.replace(tmp, target)
             except Exception as e:  # reported on every rank below, so no rank waits forever
-                error = f"{type(e).__name__}: {e}"
+                error = str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"
         if eng.any_rank(bool(error)):
-            raise RuntimeError(f"could not convert {path} to the universal layout: {error or 'failed on rank 0'}")
+            raise CheckpointReadError(f"could not convert {path} to the universal layout: "
+                                      f"{error or 'failed on rank 0'}")
         if not (target / COMPLETE).is_file():
             raise FileNotFoundError(f"{target} is not visible on rank {self.rank}: resuming at another world size "
                                     "needs the checkpoint on a filesystem every node can read")
@@ -217,13 +221,8 @@ class CheckpointManager:
 
 def _load_plain(path: Path) -> dict:
     """Our own per-rank files hold only tensors and plain containers: load them without running any pickled
-    code (weights_only), and refuse, with one line, a file that would need more."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointReadError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
-                                  f"({first})") from None
+    code, and refuse, with one line, a file that would need more."""
+    return safe_load(path)
 
 
 def resolve_checkpoint(path: Path) -> Path:

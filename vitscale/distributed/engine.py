@@ -6,6 +6,7 @@ so model code stays plain PyTorch, the way torchtitan keeps model and parallelis
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.env import DistEnv
+from vitscale.distributed.safeload import safe_load, weights_only_loads
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
 
@@ -26,8 +28,11 @@ def _ds():
     return _deepspeed
 
 
-def setup(env: DistEnv) -> None:
-    """Export the rendezvous variables, pick the accelerator and start the process group (idempotent)."""
+def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
+    """Export the rendezvous variables, pick the accelerator and start the process group (idempotent).
+
+    `timeout_s` (engine.timeout_s): a collective that does not complete in this time fails instead of waiting
+    for torch's default 30 minutes (gloo raises; NCCL's watchdog ends the process)."""
     global _deepspeed
     for key, value in env.as_environ().items():
         os.environ[key] = value
@@ -46,7 +51,8 @@ def setup(env: DistEnv) -> None:
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         with _quiet_stdout():  # DeepSpeed prints a line per process about its CPU shared-memory op
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
 
 
 def device() -> torch.device:
@@ -71,6 +77,26 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. a preemption signal seen by one node)."""
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def first_failure(error: str, max_bytes: int = 1024) -> Optional[tuple[int, str]]:
+    """Collective: (rank, error) of the lowest rank whose `error` is not empty, the same on every rank; None when
+    no rank failed. Lets every rank say which rank failed and why, not just that one did."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return (0, error) if error else None
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    failed = torch.zeros(world, dtype=torch.float64, device=device())
+    failed[rank] = 1.0 if error else 0.0
+    torch.distributed.all_reduce(failed)
+    ranks = failed.nonzero().flatten().tolist()
+    if not ranks:
+        return None
+    text = torch.zeros(max_bytes, dtype=torch.uint8, device=device())
+    if rank == ranks[0]:
+        data = error.encode()[:max_bytes]
+        text[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    torch.distributed.broadcast(text, src=ranks[0])
+    return ranks[0], bytes(text.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
 
 
 def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
@@ -187,14 +213,22 @@ class Engine:
         self.ds = None
 
     def save(self, save_dir: Path, tag: str, client_state: dict) -> None:
-        """Every rank writes its shard; DeepSpeed's own `latest` is not written — we mark completeness."""
-        self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        """Every rank writes its shard; DeepSpeed's own `latest` is not written — we mark completeness.
+
+        A write that fails inside DeepSpeed (disk full on this rank only) must not leave this rank's collectives
+        out of step with the others', who would wait in DeepSpeed's barrier: the failed write is recorded, DeepSpeed
+        goes on through its barriers, and the error is raised once save_checkpoint has returned on every rank."""
+        with _writes_recorded(self.ds, int(client_state.get("step", -1))) as failed:
+            self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        if failed:
+            raise failed[0]
 
     def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
         """Every rank loads its shard (or, from a universal checkpoint, slices its part of every tensor)."""
-        path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
-                                                     load_optimizer_states=load_optimizer,
-                                                     load_lr_scheduler_states=False)
+        with deepspeed_file_loads():
+            path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
+                                                         load_optimizer_states=load_optimizer,
+                                                         load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         return client_state or {}
@@ -253,13 +287,13 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
     if any(ckpt_path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 masters are sharded
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with _quiet_stdout():
+        with _quiet_stdout(), deepspeed_file_loads():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
     else:  # ZeRO-0: the full module is in the rank-0 model file
         files = sorted(ckpt_path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        sd = safe_load(files[0], allowed=_deepspeed_file_types())["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -276,11 +310,69 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     args = argparse.Namespace(input_folder=str(ckpt_path), output_folder=str(out_dir), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with _quiet_stdout():
+    with _quiet_stdout(), deepspeed_file_loads():  # its worker processes are forked inside: they inherit it
         ds_to_universal.main(args)
     # The converter also points a `latest_universal` file in out_dir's parent at out_dir; we resume by explicit
     # path, so drop it rather than leave a second, differently named "latest" next to the checkpoint.
     (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writes_recorded(ds_engine: Any, step: int):
+    """Inside: DeepSpeed's file writes (its checkpoint engine's save/makedirs, the recovery-script copy) record an
+    OSError in the yielded list instead of raising it, and remove the partial file."""
+    from vitscale import faults
+
+    failed: list[OSError] = []
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def recorded(write, path_arg: int):
+        def call(*args, **kwargs):
+            if failed:
+                return None  # the checkpoint is lost already; spare the disk
+            try:
+                faults.inject("ds_save", rank=rank, step=step)
+                return write(*args, **kwargs)
+            except OSError as e:
+                failed.append(e)
+                path = args[path_arg] if len(args) > path_arg else None
+                if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+                    os.unlink(path)
+        return call
+
+    ckpt_engine = ds_engine.checkpoint_engine
+    patched = [(ckpt_engine, "save", 1), (ckpt_engine, "makedirs", 0), (ds_engine, "_copy_recovery_script", 0)]
+    patched = [(obj, name, obj.__dict__.get(name), getattr(obj, name), i) for obj, name, i in patched
+               if hasattr(obj, name)]
+    for obj, name, _own, original, i in patched:
+        setattr(obj, name, recorded(original, i))  # an instance attribute, shadowing the class's method
+    try:
+        yield failed
+    finally:
+        for obj, name, own, _original, _i in patched:
+            if own is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
+
+
+def _deepspeed_file_types() -> list[type]:
+    """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors and plain containers, found
+    by listing the globals of ZeRO-0/1/2/3 checkpoints in fp32 and bf16 (and the fp16 scaler by reading its
+    save code): ZeRO optimizer states hold the loss scaler object, the stage enum and, for ZeRO-1/2, fragment
+    addresses. None of them runs code when built (no __setstate__/__reduce__ of their own)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def deepspeed_file_loads():
+    """Every file DeepSpeed reads inside this block (it passes torch.load weights_only=False) is read weights-only,
+    allowing only the DeepSpeed classes its files hold; a file needing anything else is refused with one line
+    naming it (:class:`vitscale.errors.CheckpointReadError`), before any of it runs."""
+    return weights_only_loads(_deepspeed_file_types())
 
 
 @contextlib.contextmanager

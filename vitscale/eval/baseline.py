@@ -24,6 +24,7 @@ from torch import nn
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import ShardSet
 from vitscale.data.transforms import normalize
+from vitscale.distributed.safeload import safe_load
 from vitscale.optim import lr_at, param_groups
 
 BASELINE_FILE = "baseline_resnet18.pt"
@@ -168,7 +169,7 @@ def load_baseline(path: Union[str, Path], device: Optional[torch.device] = None)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"baseline not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = safe_load(path)
     record = blob["record"]
     model = resnet18_small(int(blob["num_classes"]), int(record["config"]["width"]))
     model.load_state_dict(blob["state_dict"])

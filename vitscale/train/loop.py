@@ -21,6 +21,7 @@ from vitscale.data.pipeline import build_eval_loader, saved_stream_states, train
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
+from vitscale.distributed import runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
@@ -41,8 +42,9 @@ class Rollback(Exception):
 def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
     """Run (or resume) the configured training; returns a summary dict."""
     env = detect_env(local_rank_arg=local_rank_arg)
-    eng.setup(env)
-    return Trainer(cfg, env).run()
+    eng.setup(env, timeout_s=cfg.engine.timeout_s)
+    with watchdog.watch(env, cfg.engine.timeout_s):
+        return Trainer(cfg, env).run()
 
 
 class Trainer:
@@ -113,6 +115,7 @@ class Trainer:
         """Data, run directory, engine (resumed from ``point``), data stream, RNG and outputs, in that order."""
         cfg, env = self.cfg, self.env
         self._open_data()  # missing shards fail here, before the run directory is touched
+        runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
