@@ -90,10 +90,9 @@ class Trainer:
         cfg = self.cfg
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.env.world_size
         self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.blr, self.global_batch)
-        with torch.device("meta"):  # the size alone, without memory or init cost
-            num_params = sum(p.numel() for p in build_model(cfg, num_classes).parameters())
-        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal,
-                                        num_params=num_params)
+        with torch.device("meta"):  # the sizes alone, without memory or init cost
+            sizes = eng.ModelSizes.of(build_model(cfg, num_classes))
+        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal, sizes=sizes)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = build_model(cfg, num_classes)

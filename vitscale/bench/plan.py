@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 import torch
 
 from vitscale.config import Config
+from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models.layers import checkpoint_count
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
@@ -72,6 +73,19 @@ class ModelShape:
     num_classes: int
     global_pool: str
     hybrid: bool = False
+    sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
+
+
+def stage3_settings(cfg: Config, sizes: ModelSizes) -> dict[str, int]:
+    """The ZeRO-3 settings training would use for this model (sized from it, user overrides applied), whatever
+    engine.zero_stage the config has: the plan prints a ZeRO-3 row either way."""
+    import dataclasses
+
+    from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
+
+    cfg3 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
+    zero = build_ds_config(cfg3, 1, sizes=sizes)["zero_optimization"]
+    return {k: int(zero.get(k, v)) for k, v in {**STAGE3_DEFAULTS, "reduce_bucket_size": DEFAULT_BUCKET}.items()}
 
 
 def model_shape(cfg: Config, num_classes: int) -> ModelShape:
@@ -80,9 +94,11 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
 
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
-    threshold = STAGE3_DEFAULTS["stage3_param_persistence_threshold"]
+    sizes = ModelSizes.of(model)
+    threshold = stage3_settings(cfg, sizes)["stage3_param_persistence_threshold"]
     ps = list(model.parameters())
-    common = dict(params=sum(p.numel() for p in ps), trainable=sum(p.numel() for p in ps if p.requires_grad),
+    common = dict(sizes=sizes, params=sum(p.numel() for p in ps),
+                  trainable=sum(p.numel() for p in ps if p.requires_grad),
                   small_params=sum(p.numel() for p in ps if p.numel() < threshold), img_size=cfg.model.img_size)
     enc = getattr(model, "encoder", model)
     patches = enc.patch_embed.num_patches
@@ -228,16 +244,19 @@ class Plan:
         return asdict(self)
 
 
-def _ds_zero(cfg: Config, overlap_comm: Optional[bool], num_params: int) -> tuple[int, bool, dict]:
-    """Bucket size and overlap from the DeepSpeed config the trainer generates (user overrides included)."""
+def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape) -> tuple[int, bool, dict]:
+    """ZeRO-1/2 bucket size, overlap and the ZeRO-3 settings from the DeepSpeed config the trainer generates
+    (user overrides included)."""
     from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
 
-    zero = dict(build_ds_config(cfg, 1, num_params=num_params).get("zero_optimization", {}))
+    zero = dict(build_ds_config(cfg, 1, num_params=shape.params).get("zero_optimization", {}))
     user = cfg.engine.ds_config.get("zero_optimization", {}) if isinstance(cfg.engine.ds_config, dict) else {}
     bucket = int(zero.get("reduce_bucket_size", DEFAULT_BUCKET))
     if overlap_comm is None:  # plan for a GPU machine: build_ds_config turns overlap on there
         overlap_comm = bool(user.get("overlap_comm", True))
-    return bucket, overlap_comm, {k: int(zero.get(k, v)) for k, v in STAGE3_DEFAULTS.items()}
+    stage3 = stage3_settings(cfg, shape.sizes) if shape.sizes is not None else {**STAGE3_DEFAULTS,
+                                                                               "reduce_bucket_size": bucket}
+    return bucket, overlap_comm, stage3
 
 
 def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
@@ -261,7 +280,7 @@ def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int
         s3 = stage3 or STAGE3_DEFAULTS
         biggest = sorted((st.block_params for st in shape.stacks), reverse=True)
         working = min(P, s3["stage3_prefetch_bucket_size"] + 2 * biggest[0])
-        buffers = bucket * pb + (working + shape.small_params) * pb
+        buffers = s3.get("reduce_bucket_size", bucket) * pb + (working + shape.small_params) * pb
         if opt.offload_params:
             cpu += params
             params = 0
@@ -293,7 +312,7 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     setting = cfg.model.grad_checkpointing
     ckpt_setting = setting if not isinstance(setting, bool) else True
     act_ckpt = activation_bytes(shape, batch, b, grad_ckpt=ckpt_setting)
-    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape.params)
+    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape)
     plan = Plan(shape.name, shape.params, shape.trainable, world, gpus, batch, cfg.model.img_size,
                 cfg.train.precision, gpu_mem_gb, reserve_gb, bucket, overlap,
                 {"no_ckpt": act, "ckpt": act_ckpt})

@@ -15,6 +15,7 @@ import torch
 
 from vitscale.config.schema import Config
 from vitscale.distributed.env import DistEnv
+from vitscale.distributed.zero_tuning import ModelSizes, zero3_settings
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
 
@@ -73,19 +74,24 @@ def any_rank(flag: bool) -> bool:
 
 
 def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
-                    num_params: Optional[int] = None) -> dict:
+                    num_params: Optional[int] = None, sizes: Optional[ModelSizes] = None) -> dict:
     """Our config -> DeepSpeed's JSON config (users never hand-write it; engine.ds_config overrides last).
 
     `load_universal`: the checkpoint to resume was converted to DeepSpeed's universal layout (it was written at
     another world size or ZeRO stage); DeepSpeed only reads that layout when its config says so at initialize.
     `num_params`: the model's size. DeepSpeed allocates its gradient buckets at their full configured size, so a
     bucket larger than the model only wastes memory (5e8 elements = 1.9 GB in fp32 for a 1M-parameter model).
+    `sizes`: the model's parameter count, width and block size (``ModelSizes.of(meta_model)``); ZeRO-3's
+    prefetch, persistence, live-parameter and bucket settings are sized from them (zero_tuning.py).
     """
     zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    num_params = sizes.params if sizes is not None else num_params
     if cfg.engine.zero_stage >= 1:
         bucket = int(5e8) if num_params is None else int(min(5e8, max(1e6, num_params)))
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available(),
                     reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if cfg.engine.zero_stage == 3 and sizes is not None:
+        zero.update(zero3_settings(sizes))
     offload = {"device": "nvme", "nvme_path": cfg.engine.nvme_path} if cfg.engine.nvme_path else {"device": "cpu"}
     if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {**offload, "pin_memory": torch.cuda.is_available()}
