@@ -22,9 +22,9 @@ a view of it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp
 attention log-sum-exp. Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
 logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
 loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
-(B*N*D*b) and one block is recomputed at a time;
-``model.grad_checkpointing=N`` recomputes only the first N blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient)
-is added. The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
+(B*N*D*b) and one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N
+blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient) is added.
+The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
 + the fp32 copy of the gradient partition ZeRO-1/2 make for the update). It fits if peak + ``reserve_gb``
