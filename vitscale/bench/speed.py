@@ -5,7 +5,8 @@ Modes (``--what``, comma-separated; default all four):
           the device, AdamW, autocast in the config's precision — and timm's model of the same configuration
           measured the same way in the same run (``--no-timm`` to skip); their ratio is printed.
   engine  the real training step through ``vitscale.distributed.engine`` (DeepSpeed ZeRO as configured) on a
-          synthetic uint8 batch: normalise, cast, objective, ``engine.backward``, ``engine.step``.
+          synthetic uint8 batch: normalise, cast, objective, ``engine.backward``, ``engine.step``; with
+          ``--compile`` its blocks are compiled as ``train.compile`` compiles them in training.
   loader  the WebDataset loader alone (``data.train_shards``), batches as the trainer receives them.
   step    loader + engine together, like the training loop; reports the data-wait fraction.
 Each mode runs ``--warmup`` untimed steps, then ``--rounds`` timed rounds of ``--iters`` steps; the median
@@ -377,7 +378,8 @@ def print_bench(res: dict[str, Any]) -> None:
     rows = []
     labels = {"model": "model (ours, eager)" if not res["compile"] else "model (ours, compiled blocks)",
               "timm": "model (timm, eager)" if not res["compile"] else "model (timm, compiled blocks)",
-              "engine": f"engine step (ZeRO-{res['zero_stage']})", "loader": "loader only",
+              "engine": f"engine step (ZeRO-{res['zero_stage']}{', compiled' if res['compile'] else ''})",
+              "loader": "loader only",
               "step": "full step (loader+engine)"}
     for name in ("model", "timm", "engine", "loader", "step"):
         r = res["modes"].get(name)
