@@ -17,7 +17,8 @@ blocks of 12 H^2 parameters (H = width; ViT-L: 12.6M), so every size here is cou
 - ``reduce_bucket_size`` = ``allgather_bucket_size`` = 2 blocks of gradients: a reduce-scatter starts every two
   blocks of backward and overlaps with the rest (``overlap_comm`` on GPUs); 50 MB in bf16 for ViT-L is well past
   the message size where NCCL reaches its bandwidth, and is 6x less memory than a bucket of the whole model.
-ZeRO-3 also gathers each block as one unit (``engine._gather_per_block``): 1 hook and 1 all-gather per block.
+ZeRO-3 also gathers each block as one unit (``engine._gather_per_block``): one hooked module and one all-gather
+per block instead of 18 and 6.
 Every value can still be overridden through ``engine.ds_config.zero_optimization``.
 """
 from __future__ import annotations
