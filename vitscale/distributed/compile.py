@@ -51,8 +51,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _root_cause(why: BaseException) -> str:
     """The innermost error's type and first line (dynamo wraps a backend's error in BackendCompilerFailed)."""
-    while getattr(why, "inner_exception", None) is not None or why.__cause__ is not None:
-        why = getattr(why, "inner_exception", None) or why.__cause__
+    for _ in range(10):  # bounded: a chain is a few links long
+        inner = getattr(why, "inner_exception", None) or why.__cause__
+        if inner is None:
+            break
+        why = inner
     text = str(why).strip()
     return f"{type(why).__name__}: {text.splitlines()[0][:300]}" if text else type(why).__name__
 

@@ -274,16 +274,16 @@ def _gather_per_block(model: torch.nn.Module) -> None:
 
 
 def _compile_blocks(ds_engine: Any) -> None:
-    """train.compile: each transformer block compiled in place (vitscale.distributed.compile), after ZeRO has
-    installed its parameter hooks (DeepSpeed marks them compiler-disabled, so they run eagerly in between)."""
+    """train.compile: each transformer block's forward compiled in place (vitscale.distributed.compile); ZeRO-3's
+    per-block hooks run eagerly around it. A compiler failure: one warning (rank 0), then eager."""
     from vitscale.distributed.compile import compile_blocks
 
     _ds().utils.nvtx.enable_nvtx = False  # as DeepSpeed's own engine.compile(): NVTX ranges break graphs
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    compile_blocks(ds_engine.module, ds_engine.device, warn=_warn_once if rank0 else (lambda message: None))
+    compile_blocks(ds_engine.module, ds_engine.device, warn=_warn if rank0 else (lambda message: None))
 
 
-def _warn_once(message: str) -> None:
+def _warn(message: str) -> None:
     import sys
 
     print(f"warning: {message}", file=sys.stderr, flush=True)
