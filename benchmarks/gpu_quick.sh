@@ -8,6 +8,7 @@
 #   QUICK_CPU=1 bash benchmarks/gpu_quick.sh      # the CPU rehearsal: same commands, tiny model (tests run it)
 #   QUICK_ONLY=vit_eager,vit_zero3 bash ...       # some runs only (names: python3 -m vitscale.bench.quick --help)
 #   QUICK_BUDGET=300                              # seconds for all measurements together (default 300)
+#   QUICK_DATA=/tmp/vitscale_quick_data           # where demo:photos shards are built on first use
 #
 # On a GPU box without registry access, build the wheels first on a machine with one (from the project root):
 #   bash ../shared/device/prepare-wheels.sh       # -> .whl/ (deepspeed, webdataset, wandb, omegaconf, ...)

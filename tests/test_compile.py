@@ -39,7 +39,8 @@ def test_compiled_engine_losses_equal_eager_at_every_zero_stage(tmp_path):
         assert case["compiled_at_end"] and case["keys_equal"], name  # really compiled; names unchanged
         assert compiled == pytest.approx(eager, abs=1e-5, rel=0), name  # measured: <= 2.4e-7
         assert eager[-1] < 0.8 * eager[0], name  # it trains
-    assert res["vit_zero3"]["eager"] == res["vit_zero0"]["eager"]  # ZeRO-3 with per-block gathering is exact
+    # ZeRO-3 gathering whole blocks computes what plain data parallelism computes (test_engine.py's tolerance)
+    assert res["vit_zero3"]["eager"] == pytest.approx(res["vit_zero0"]["eager"], rel=2e-6)
 
 
 def test_compile_in_place_keeps_names_and_matches_eager():

@@ -1,6 +1,6 @@
 """One process (DeepSpeed's CPU accelerator, gloo): the same tiny model trained STEPS steps through the engine,
 eagerly and with train.compile, at each case below; writes {case: {"eager": [...], "compiled": [...],
-"keys_equal": bool, "compiled_at_end": bool}} to the JSON path given as the only argument.
+"keys_equal": bool, "compiled_at_end": bool}} to the JSON path given as the first argument (a second: comma-separated cases).
 
 Cases: ViT at ZeRO 0-3; ViT at ZeRO-3 with gradient checkpointing of all blocks; MAE at ZeRO-2 with the first
 block of 2+1 checkpointed (selective)."""
@@ -27,9 +27,15 @@ CASES["vit_zero3_ckpt"] = ["engine.zero_stage=3", "model.grad_checkpointing=true
 CASES["mae_zero2_ckpt1"] = ["engine.zero_stage=2", "objective.name=mae", "model.grad_checkpointing=1"]
 
 
+def sizes_of(cfg):
+    """As the trainer does: ZeRO-3's settings sized from the model (a meta build)."""
+    with torch.device("meta"):
+        return eng.ModelSizes.of(build_model(cfg, 10))
+
+
 def train(overrides: list[str]) -> tuple[list[float], list[str], bool]:
     cfg = load_config(None, [*TINY, *overrides])
-    ds_config = eng.build_ds_config(cfg, 1)
+    ds_config = eng.build_ds_config(cfg, torch.distributed.get_world_size(), sizes=sizes_of(cfg))
     torch.manual_seed(0)
     with eng.model_init_context(cfg, ds_config):
         model = build_model(cfg, 10)
@@ -57,12 +63,16 @@ def main() -> None:
     eng.setup(detect_env())
     torch.set_num_threads(1)
     out = {}
-    for name, overrides in CASES.items():
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    only = args[1].split(",") if len(args) > 1 else list(CASES)  # optional: some cases only
+    for name, overrides in ((n, CASES[n]) for n in only):
         eager, keys_e, _ = train(overrides)
         compiled, keys_c, at_end = train([*overrides, "train.compile=true"])
         out[name] = {"eager": eager, "compiled": compiled, "keys_equal": keys_e == keys_c, "compiled_at_end": at_end}
         print(name, max(abs(a - b) for a, b in zip(eager, compiled)), flush=True)
-    with open(sys.argv[1], "w") as f:
+    if torch.distributed.get_rank() != 0:
+        return
+    with open(args[0], "w") as f:
         json.dump(out, f)
 
 
