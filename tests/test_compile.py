@@ -2,6 +2,7 @@
 the DeepSpeed engine at ZeRO 0-3, with full and selective gradient checkpointing; exact kill -9 resume; checkpoints
 keep timm's parameter names; a compiler that fails costs one warning and the blocks run eagerly."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_compiled_engine_losses_equal_eager_at_every_zero_stage(tmp_path):
     out = tmp_path / "parity.json"
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "compile_parity.py"), str(out)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "torch.compile failed" not in r.stderr
     res = json.loads(out.read_text())
