@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the runs name its configs/ by relative path
 VIT = ["--config", "configs/sup_vit_l16.yaml", "model.grad_checkpointing=false", "model.drop_path=0.0",
        "data.batch_size=128"]
 MAE = ["--config", "configs/mae_vit_l16.yaml", "model.grad_checkpointing=false", "data.batch_size=256"]
@@ -103,7 +104,7 @@ def execute(run: Run, work: Path, cpu: bool, timeout_s: float, log) -> Outcome:
     log.flush()
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
