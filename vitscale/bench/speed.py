@@ -216,7 +216,7 @@ class _Bench:
         net = timm_reference(self.shape_net, self.cfg.model.drop_path)
         self.timm_params = sum(p.numel() for p in net.parameters())
         if self.cfg.model.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
-            net.set_grad_checkpointing(True)
+            net.set_grad_checkpointing(True)  # timm has no "first N blocks": with N, timm recomputes all
         if self.compile:
             regional.compile_blocks(net, self.device)
         return _model_step(self.cfg, net, self.device, self.classes, seed=0)  # the same batch as ours
