@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12: the GPU benchmark suite, written to run unattended on ONE H100 (80 GB) from the repository root.
+# In a short GPU window run benchmarks/gpu_quick.sh first (issue 18: <= 6 min, one table); this suite is the long form.
 #
 #   bash benchmarks/gpu_suite.sh                # everything; results in benchmarks/results/<date>/*.json + suite.log
 #   ONLY=vit_l16 bash benchmarks/gpu_suite.sh   # one section (names below: vit_l16, vit_h14, zero3, mae, loader,

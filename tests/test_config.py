@@ -30,7 +30,8 @@ def test_unknown_key_names_closest(override, expected):
 
 @pytest.mark.parametrize("override, words", [
     ("train.steps=abc", ["train.steps", "'abc'", "int"]),
-    ("model.grad_checkpointing=3", ["model.grad_checkpointing", "3", "bool"]),
+    ("model.grad_checkpointing=abc", ["model.grad_checkpointing", "'abc'", "bool or int"]),
+    ("model.grad_checkpointing=-2", ["model.grad_checkpointing", "-2", ">= 0"]),
     ("train.precision=fp8", ["train.precision", "fp8", "bf16"]),
     ("data.batch_size=0", ["data.batch_size", ">= 1"]),
 ])

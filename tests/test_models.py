@@ -4,6 +4,7 @@ Tiny widths and images so the whole file runs in seconds on 2 CPU cores.
 """
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
 import pytest
@@ -486,3 +487,43 @@ def test_mae_bf16_mask_and_loss_in_fp32():
     loss, pred, mask = m(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
     assert pred.dtype == torch.bfloat16 and mask.dtype == torch.float32 and loss.dtype == torch.float32
     assert torch.isfinite(loss) and mask.sum() == 24
+
+
+@functools.lru_cache(maxsize=None, typed=True)  # True == 1 otherwise
+def _mae_losses(setting, steps=3):
+    torch.manual_seed(0)
+    m = create_model("mae_vit_micro_patch8", img_size=32, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                     drop_path_rate=0.1)
+    m.set_grad_checkpointing(setting)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    losses = []
+    with mock.patch("torch.utils.checkpoint.checkpoint", wraps=torch.utils.checkpoint.checkpoint) as ck:
+        for step in range(steps):
+            torch.manual_seed(10 + step)  # masks and drop-path: the same for every setting
+            loss, _, _ = m(imgs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return tuple(losses), ck.call_count // steps
+
+
+@pytest.mark.parametrize("setting, recomputed", [(False, 0), (0, 0), (1, 1), (4, 4), (5, 5), (True, 6), (99, 6)])
+def test_selective_checkpointing_first_n_blocks_same_losses(setting, recomputed):
+    """model.grad_checkpointing=N recomputes the first N blocks in forward order (4 encoder, then 2 decoder
+    blocks); every setting trains to the same losses, bit for bit."""
+    losses, calls = _mae_losses(setting)
+    assert calls == recomputed
+    assert losses == _mae_losses(False)[0]
+
+
+def test_selective_checkpointing_vit_and_bad_value():
+    m = VisionTransformer(img_size=32, patch_size=8, **TINY)
+    m.set_grad_checkpointing(1)
+    assert (m.grad_checkpointing, m.checkpoint_blocks) == (True, 1)
+    with mock.patch("torch.utils.checkpoint.checkpoint", wraps=torch.utils.checkpoint.checkpoint) as ck:
+        m(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert ck.call_count == 1
+    with pytest.raises(ValueError, match="number of blocks >= 0"):
+        m.set_grad_checkpointing(-1)

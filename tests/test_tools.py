@@ -114,7 +114,8 @@ def test_plan_matches_hand_calculation():
     act = plan.activation_detail["no_ckpt"]
     assert act == {"blocks": L * block, "other": other, "transient": B * N * M * 2}
     ckpt = plan.activation_detail["ckpt"]
-    assert ckpt["blocks"] == L * B * N * D * 2 + block  # block inputs + the one block being recomputed
+    # the other blocks' inputs + the one block being recomputed (its input is among its own activations)
+    assert ckpt["blocks"] == (L - 1) * B * N * D * 2 + block
     r2 = plan.row(2)
     states = r2.params + r2.grads + r2.optimizer + r2.buffers
     assert r2.total == states + sum(act.values()) and r2.total_ckpt == states + sum(ckpt.values())
@@ -132,6 +133,23 @@ def test_plan_matches_hand_calculation():
                                                                         ("decoder", 8, 197, 512)]
     assert activation_bytes(mae, 8, 2, False)["blocks"] == 24 * 8 * 50 * (
         (8 * 1024 + 2 * 4096) * 2 + 20 * 4) + 8 * 8 * 197 * ((8 * 512 + 2 * 2048) * 2 + 20 * 4)
+
+
+def test_plan_selective_checkpointing_never_grows_with_n():
+    """model.grad_checkpointing=N (the first N blocks in forward order; MAE: 24 encoder then 8 decoder blocks):
+    the activation estimate falls with every block up to the last, where checkpointing saves nothing more."""
+    base = ["objective.name=mae", "model.name=vit_large_patch16", "model.img_size=224", "data.batch_size=64"]
+
+    def act(n):
+        plan = plan_memory(load_config(DEMO, [*base, f"model.grad_checkpointing={n}"]), gpus=1)
+        assert plan.ckpt_blocks == (32 if n is True else min(n, 32)) and plan.blocks == 32
+        return sum(plan.activation_detail["ckpt"].values())
+
+    series = [act(n) for n in range(0, 33)]
+    assert all(a > b for a, b in zip(series[:31], series[1:32]))  # strictly down to N = 31
+    assert series[32] == series[31] == act(True) and act(40) == act(True)
+    assert series[0] == sum(plan_memory(load_config(DEMO, base), gpus=1).activation_detail["no_ckpt"].values())
+    assert series[24] < 0.5 * series[0]  # the whole encoder recomputed
 
 
 @pytest.mark.parametrize("case", [

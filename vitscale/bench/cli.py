@@ -21,7 +21,7 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     b.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported (default 3)")
     b.add_argument("--no-timm", action="store_true", help="skip timm's model of the same configuration")
-    b.add_argument("--compile", action="store_true", help="model mode: torch.compile each transformer block")
+    b.add_argument("--compile", action="store_true", help="torch.compile each transformer block (as train.compile: model and engine modes)")
     b.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s of one device in TFLOP/s for MFU (default: known GPUs only)")
     b.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: from the data)")

@@ -22,8 +22,9 @@ a view of it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp
 attention log-sum-exp. Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
 logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
 loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
-(B*N*D*b) and one block is recomputed at a time. A backward transient of B*N*M*b (the largest MLP gradient)
-is added. The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
+(B*N*D*b) and one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N
+blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient) is added.
+The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
 + the fp32 copy of the gradient partition ZeRO-1/2 make for the update). It fits if peak + ``reserve_gb``
@@ -33,11 +34,13 @@ live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vits
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from vitscale.config import Config, resolve
+from vitscale.distributed.zero_tuning import ModelSizes
+from vitscale.models.layers import checkpoint_count
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
@@ -70,6 +73,19 @@ class ModelShape:
     num_classes: int
     global_pool: str
     hybrid: bool = False
+    sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
+
+
+def stage3_settings(cfg: Config, sizes: ModelSizes) -> dict[str, int]:
+    """The ZeRO-3 settings training would use for this model (sized from it, user overrides applied), whatever
+    engine.zero_stage the config has: the plan prints a ZeRO-3 row either way."""
+    import dataclasses
+
+    from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
+
+    cfg3 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
+    zero = build_ds_config(cfg3, 1, sizes=sizes)["zero_optimization"]
+    return {k: int(zero.get(k, v)) for k, v in {**STAGE3_DEFAULTS, "reduce_bucket_size": DEFAULT_BUCKET}.items()}
 
 
 def model_shape(cfg: Config, num_classes: int) -> ModelShape:
@@ -78,9 +94,11 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
 
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
-    threshold = STAGE3_DEFAULTS["stage3_param_persistence_threshold"]
+    sizes = ModelSizes.of(model)
+    threshold = stage3_settings(cfg, sizes)["stage3_param_persistence_threshold"]
     ps = list(model.parameters())
-    common = dict(params=sum(p.numel() for p in ps), trainable=sum(p.numel() for p in ps if p.requires_grad),
+    common = dict(sizes=sizes, params=sum(p.numel() for p in ps),
+                  trainable=sum(p.numel() for p in ps if p.requires_grad),
                   small_params=sum(p.numel() for p in ps if p.numel() < threshold), img_size=cfg.model.img_size)
     enc = getattr(model, "encoder", model)
     patches = enc.patch_embed.num_patches
@@ -111,14 +129,33 @@ def block_activation_bytes(batch: int, st: Stack, b: int) -> int:
     return batch * st.tokens * ((8 * st.dim + 2 * st.mlp) * b + (4 + st.heads) * 4)
 
 
-def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: bool) -> dict[str, int]:
-    """Saved-activation bytes of one micro-batch: ``blocks``, ``other`` (outside the blocks), ``transient``."""
+def checkpointed_blocks(shape: ModelShape, grad_ckpt: Union[bool, int]) -> list[int]:
+    """Blocks recomputed per stack for ``model.grad_checkpointing`` (the first N in forward order, as the models
+    do: :func:`vitscale.models.layers.checkpoint_count`)."""
+    left = checkpoint_count(grad_ckpt, sum(st.depth for st in shape.stacks))
+    out = []
+    for st in shape.stacks:
+        out.append(min(left, st.depth))
+        left -= out[-1]
+    return out
+
+
+def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: Union[bool, int]) -> dict[str, int]:
+    """Saved-activation bytes of one micro-batch: ``blocks``, ``other`` (outside the blocks), ``transient``.
+
+    ``grad_ckpt``: True (every block), False, or N (the first N blocks in forward order) recomputed. A recomputed
+    block keeps only its input (B*N*D*b). Backward runs the un-checkpointed (later) blocks first and frees their
+    activations, then recomputes the checkpointed ones one at a time, so the peak is the larger of what is saved
+    when backward starts and the checkpointed inputs plus one recomputed block (whose input is among its own
+    activations); the estimate never grows with N (checkpointing the last block saves nothing)."""
     B, S = batch, shape.img_size
-    if grad_ckpt:
-        blocks = sum(st.depth * B * st.tokens * st.dim * b for st in shape.stacks)
-        blocks += max(block_activation_bytes(B, st, b) for st in shape.stacks)  # the block being recomputed
-    else:
-        blocks = sum(st.depth * block_activation_bytes(B, st, b) for st in shape.stacks)
+    ckpt = checkpointed_blocks(shape, grad_ckpt)
+    inputs = [B * st.tokens * st.dim * b for st in shape.stacks]
+    full = [block_activation_bytes(B, st, b) for st in shape.stacks]
+    saved = sum(n * i + (st.depth - n) * f for st, n, i, f in zip(shape.stacks, ckpt, inputs, full))
+    recompute = sum(n * i for n, i in zip(ckpt, inputs)) + max(
+        [f - i for n, i, f in zip(ckpt, inputs, full) if n > 0], default=0)
+    blocks = max(saved, recompute)
     other = B * shape.in_chans * S * S * (1 + b)  # uint8 batch on the device + the images in compute dtype
     if shape.kind == "mae":
         enc, dec = shape.stacks[0], shape.stacks[-1]
@@ -194,6 +231,8 @@ class Plan:
     activation_detail: dict[str, dict[str, int]]
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ckpt_blocks: int = 0  # blocks recomputed in the "+ckpt" columns (model.grad_checkpointing, or all)
+    blocks: int = 0  # transformer blocks in the model
 
     def row(self, stage: int, offload_optimizer: bool = False, offload_params: bool = False) -> Row:
         for r in self.rows:
@@ -205,16 +244,19 @@ class Plan:
         return asdict(self)
 
 
-def _ds_zero(cfg: Config, overlap_comm: Optional[bool], num_params: int) -> tuple[int, bool, dict]:
-    """Bucket size and overlap from the DeepSpeed config the trainer generates (user overrides included)."""
+def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape) -> tuple[int, bool, dict]:
+    """ZeRO-1/2 bucket size, overlap and the ZeRO-3 settings from the DeepSpeed config the trainer generates
+    (user overrides included)."""
     from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
 
-    zero = dict(build_ds_config(cfg, 1, num_params=num_params).get("zero_optimization", {}))
+    zero = dict(build_ds_config(cfg, 1, num_params=shape.params).get("zero_optimization", {}))
     user = cfg.engine.ds_config.get("zero_optimization", {}) if isinstance(cfg.engine.ds_config, dict) else {}
     bucket = int(zero.get("reduce_bucket_size", DEFAULT_BUCKET))
     if overlap_comm is None:  # plan for a GPU machine: build_ds_config turns overlap on there
         overlap_comm = bool(user.get("overlap_comm", True))
-    return bucket, overlap_comm, {k: int(zero.get(k, v)) for k, v in STAGE3_DEFAULTS.items()}
+    stage3 = stage3_settings(cfg, shape.sizes) if shape.sizes is not None else {**STAGE3_DEFAULTS,
+                                                                               "reduce_bucket_size": bucket}
+    return bucket, overlap_comm, stage3
 
 
 def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
@@ -238,7 +280,7 @@ def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int
         s3 = stage3 or STAGE3_DEFAULTS
         biggest = sorted((st.block_params for st in shape.stacks), reverse=True)
         working = min(P, s3["stage3_prefetch_bucket_size"] + 2 * biggest[0])
-        buffers = bucket * pb + (working + shape.small_params) * pb
+        buffers = s3.get("reduce_bucket_size", bucket) * pb + (working + shape.small_params) * pb
         if opt.offload_params:
             cpu += params
             params = 0
@@ -267,11 +309,16 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     b = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     batch = cfg.data.batch_size
     act = activation_bytes(shape, batch, b, grad_ckpt=False)
-    act_ckpt = activation_bytes(shape, batch, b, grad_ckpt=True)
-    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape.params)
+    # The "+ckpt" columns: the configured number of blocks when model.grad_checkpointing is a number, else all.
+    setting = cfg.model.grad_checkpointing
+    ckpt_setting = setting if not isinstance(setting, bool) else True
+    act_ckpt = activation_bytes(shape, batch, b, grad_ckpt=ckpt_setting)
+    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape)
     plan = Plan(shape.name, shape.params, shape.trainable, world, gpus, batch, cfg.model.img_size,
                 cfg.train.precision, gpu_mem_gb, reserve_gb, bucket, overlap,
                 {"no_ckpt": act, "ckpt": act_ckpt})
+    plan.blocks = sum(st.depth for st in shape.stacks)
+    plan.ckpt_blocks = sum(checkpointed_blocks(shape, ckpt_setting))
     if shape.kind == "vit":  # a classifier (supervised); an MAE has no head
         plan.notes.append(f"classifier head: {classes} classes ({source})")
     if shape.hybrid:
@@ -306,8 +353,9 @@ def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
           f"{plan.precision}; GPU {plan.gpu_mem_gb:g} GB, reserve {plan.reserve_gb:g} GB")
     print(f"DeepSpeed gradient bucket: {plan.bucket_elems:.3g} elements x {2 if plan.overlap_comm else 1} "
           f"(overlap_comm={plan.overlap_comm}); figures in {unit} = 2^{30 if big else 20} bytes per GPU")
-    headers = ["option", "params", "grads", "optim", "buffers", "activ", "total", "fits", "activ+ckpt",
-               "total+ckpt", "fits", "CPU/node"]
+    ck = "ckpt" if plan.ckpt_blocks == plan.blocks else f"ckpt{plan.ckpt_blocks}"  # partial: blocks recomputed
+    headers = ["option", "params", "grads", "optim", "buffers", "activ", "total", "fits", f"activ+{ck}",
+               f"total+{ck}", "fits", "CPU/node"]
     rows = []
     for r in plan.rows:
         mark = "*" if r.current else " "
@@ -315,7 +363,8 @@ def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
                      f(r.total), "yes" if r.fits else "NO", f(r.activations_ckpt), f(r.total_ckpt),
                      "yes" if r.fits_ckpt else "NO", f(r.cpu_per_node)])
     print_table(headers, rows)
-    ckpt = "on" if grad_ckpt_configured else "off"
+    ckpt = "off" if not grad_ckpt_configured else (
+        "on" if plan.ckpt_blocks == plan.blocks else f"the first {plan.ckpt_blocks} of {plan.blocks} blocks")
     print(f"* = the config's engine setting (model.grad_checkpointing is {ckpt}). Model states use the ZeRO "
           "paper's 2+2+12 bytes/param (bf16/fp16) divided by the GPUs per stage; see docs/benchmarks.md.")
     for note in plan.notes:

@@ -5,7 +5,8 @@ Modes (``--what``, comma-separated; default all four):
           the device, AdamW, autocast in the config's precision — and timm's model of the same configuration
           measured the same way in the same run (``--no-timm`` to skip); their ratio is printed.
   engine  the real training step through ``vitscale.distributed.engine`` (DeepSpeed ZeRO as configured) on a
-          synthetic uint8 batch: normalise, cast, objective, ``engine.backward``, ``engine.step``.
+          synthetic uint8 batch: normalise, cast, objective, ``engine.backward``, ``engine.step``; with
+          ``--compile`` its blocks are compiled as ``train.compile`` compiles them in training.
   loader  the WebDataset loader alone (``data.train_shards``), batches as the trainer receives them.
   step    loader + engine together, like the training loop; reports the data-wait fraction.
 Each mode runs ``--warmup`` untimed steps, then ``--rounds`` timed rounds of ``--iters`` steps; the median
@@ -28,6 +29,7 @@ import torch
 from vitscale.bench.common import autocast_dtype, fmt_gb, fmt_num, print_table, sync
 from vitscale.bench.memory import LiveTensorMemory
 from vitscale.config import Config
+from vitscale.distributed import compile as regional
 
 MODES = ("model", "engine", "loader", "step")
 
@@ -135,13 +137,6 @@ def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_c
     return step
 
 
-def _compile_blocks(model: torch.nn.Module) -> None:
-    from vitscale.bench.timm_ref import block_lists
-
-    for blk in block_lists(model):
-        blk.compile()  # in place: parameter names unchanged; the glue outside the blocks stays eager
-
-
 def _loader(cfg: Config, env) -> Any:
     from vitscale.data.pipeline import train_loader_from_config
     from vitscale.data.shards import resolve_shards
@@ -156,13 +151,8 @@ def _workers_rss() -> int:
     return sum(c.memory_info().rss for c in psutil.Process().children(recursive=True))
 
 
-def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3, rounds: int = 3,
-              timm: bool = True, compile_blocks: bool = False, peak_tflops: Optional[float] = None,
-              num_classes: Optional[int] = None) -> dict[str, Any]:
-    """Run the requested modes; returns the JSON-able results (also printed as a table by :func:`print_bench`)."""
-    from vitscale.bench.common import bench_device, device_label, resolve_num_classes
-    from vitscale.logging.metrics import device_peak_flops
-    from vitscale.objectives import build_model, objective_for
+def _check_args(cfg: Config, what: tuple[str, ...], iters: int, warmup: int, rounds: int) -> torch.device:
+    from vitscale.bench.common import bench_device
 
     bad = [w for w in what if w not in MODES]
     if bad or not what:
@@ -174,148 +164,197 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     device = bench_device()
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ValueError("bench: train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return device
+
+
+def _num_classes(cfg: Config, what: tuple[str, ...], num_classes: Optional[int]) -> int:
+    """The head's classes, in the trainer's order (data.num_classes, else the shard manifest) when shards are
+    read anyway; else without touching any data."""
+    from vitscale.bench.common import resolve_num_classes
+
     if "loader" in what or "step" in what:
         from vitscale.data.shards import resolve_shards
 
         shard_classes = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).num_classes
-        # the same order as the trainer: data.num_classes, else the shard manifest
-        classes, _ = resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)
-    else:
-        classes, _ = resolve_num_classes(cfg, num_classes)
-    peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops()
-    B = cfg.data.batch_size
-    out: dict[str, Any] = {"device": device_label(device), "model": cfg.model.name, "objective": cfg.objective.name,
-                           "batch": B, "img_size": cfg.model.img_size, "precision": cfg.train.precision,
-                           "zero_stage": cfg.engine.zero_stage, "grad_checkpointing": cfg.model.grad_checkpointing,
-                           "compile": compile_blocks, "iters": iters, "warmup": warmup, "rounds": rounds,
-                           "peak_flops": peak, "modes": {}, "ratios": {}}
+        return resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)[0]
+    return resolve_num_classes(cfg, num_classes)[0]
 
-    # ----- model (ours and timm) and engine: alternate rounds on CPU, one after another on GPU -------------------
-    with torch.device("meta"):  # configuration, FLOPs and parameter count without memory
-        shape_net = build_model(cfg, classes)
-    flops = objective_for(cfg).flops_per_image(shape_net)
-    out["params"] = sum(p.numel() for p in shape_net.parameters())
-    timed: list[Timed] = []
 
-    def setup_ours():
-        torch.manual_seed(cfg.run.seed)
-        net = build_model(cfg, classes)
-        if compile_blocks:
-            _compile_blocks(net)
-        return _model_step(cfg, net, device, classes, seed=0)
+class _Bench:
+    """What the modes of one ``run_bench`` share: the config, the device, the engine the engine/step/loader
+    modes reuse, and the loader's iterator. Each ``setup_*`` builds one mode's step function for :class:`Timed`."""
 
-    def setup_timm():
+    def __init__(self, cfg: Config, device: torch.device, classes: int, compile_blocks: bool):
+        from vitscale.distributed.env import detect_env
+        from vitscale.objectives import build_model
+
+        self.cfg, self.device, self.classes, self.compile = cfg, device, classes, compile_blocks
+        with torch.device("meta"):  # configuration, FLOPs and parameter count without memory
+            self.shape_net = build_model(cfg, classes)
+        self.world = detect_env().world_size
+        self.engine: Any = None  # vitscale.bench.engine_step.EngineStep, built by setup_engine
+        self.batches: Any = None  # the loader's iterator (step and loader modes)
+        self.waits: list[float] = []  # time the full step waited for each batch
+        self.prefetch = 2 * max(cfg.data.num_workers, 1)  # DataLoader's default prefetch_factor x workers
+        self.step_fn: Optional[Callable[[], Any]] = None
+        self.timm_params: Optional[int] = None
+
+    def setup_ours(self) -> Callable[[], Any]:
+        from vitscale.objectives import build_model
+
+        torch.manual_seed(self.cfg.run.seed)
+        net = build_model(self.cfg, self.classes)
+        if self.compile:
+            regional.compile_blocks(net, self.device)  # as train.compile does inside the engine
+        return _model_step(self.cfg, net, self.device, self.classes, seed=0)
+
+    def setup_timm(self) -> Callable[[], Any]:
         from vitscale.bench.timm_ref import timm_reference
 
-        torch.manual_seed(cfg.run.seed)
-        net = timm_reference(shape_net, cfg.model.drop_path)
-        out["timm_params"] = sum(p.numel() for p in net.parameters())
-        if cfg.model.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
-            net.set_grad_checkpointing(True)
-        if compile_blocks:
-            _compile_blocks(net)
-        return _model_step(cfg, net, device, classes, seed=0)  # the same batch as ours
+        torch.manual_seed(self.cfg.run.seed)
+        net = timm_reference(self.shape_net, self.cfg.model.drop_path)
+        self.timm_params = sum(p.numel() for p in net.parameters())
+        if self.cfg.model.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
+            net.set_grad_checkpointing(True)  # timm has no "first N blocks": with N, timm recomputes all
+        if self.compile:
+            regional.compile_blocks(net, self.device)
+        return _model_step(self.cfg, net, self.device, self.classes, seed=0)  # the same batch as ours
 
-    runner: dict[str, Any] = {}
-
-    def setup_engine():
+    def setup_engine(self) -> Callable[[], Any]:
         from vitscale.bench.engine_step import EngineStep, synthetic_batch
 
-        r = runner["engine"] = EngineStep(cfg, classes)
-        images, labels = synthetic_batch(cfg, classes)
-        return lambda: r.step(images, labels)
+        self.engine = EngineStep(self.cfg, self.classes)  # train.compile set by run_bench when --compile
+        images, labels = synthetic_batch(self.cfg, self.classes)
+        return lambda: self.engine.step(images, labels)
 
-    waits: list[float] = []
-    prefetch = 2 * max(cfg.data.num_workers, 1)  # DataLoader's default prefetch_factor x workers
+    def setup_step(self) -> Callable[[], Any]:
+        self.batches = iter(_loader(self.cfg, self.engine.env))
+        return self.loader_step
 
-    def setup_step():
-        runner["batches"] = iter(_loader(cfg, runner["engine"].env))
+    def loader_step(self) -> None:
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.waits.append(time.perf_counter() - t0)
+        self.engine.step(batch["image"], batch["label"])
 
-        def loader_step():
+    def drain(self) -> None:
+        """Batches prefetched while other modes ran would hide the loader's real cost: drop them, then run a few
+        steps so the workers are busy while the engine computes, as in steady-state training."""
+        for _ in range(self.prefetch):
+            next(self.batches)
+        for _ in range(max(self.cfg.data.num_workers, 1)):
+            self.loader_step()
+        self.waits.clear()
+
+    def timed(self, what: tuple[str, ...], timm: bool) -> list[Timed]:
+        """The Timed modes in order: model, timm, engine (also when only the full step needs it), step."""
+        B, per_step = self.cfg.data.batch_size, self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world
+        out = []
+        if "model" in what:
+            out.append(Timed("model", self.device, self.setup_ours, B))
+            if timm:
+                out.append(Timed("timm", self.device, self.setup_timm, B))
+        if "engine" in what or "step" in what:
+            out.append(Timed("engine", self.device, self.setup_engine, per_step, devices=self.world))
+        if "step" in what:
+            out.append(Timed("step", self.device, self.setup_step, per_step, track=False, pre_round=self.drain,
+                             devices=self.world))
+        return out
+
+    def loader_only(self, iters: int, warmup: int, rounds: int, flops: float, peak: Optional[float]) -> dict:
+        """The loader alone (the full step's iterator, if there was one): batches as the trainer receives them."""
+        from vitscale.distributed.env import detect_env
+
+        if self.batches is None:
+            self.batches = iter(_loader(self.cfg, self.engine.env if self.engine is not None else detect_env()))
+            for _ in range(warmup):
+                next(self.batches)
+        secs = []
+        for _ in range(rounds):
+            for _ in range(self.prefetch):  # what the workers prefetched meanwhile is not the loader's speed
+                next(self.batches)
             t0 = time.perf_counter()
-            batch = next(runner["batches"])
-            waits.append(time.perf_counter() - t0)
-            runner["engine"].step(batch["image"], batch["label"])
-        return loader_step
+            for _ in range(iters):
+                next(self.batches)
+            secs.append(time.perf_counter() - t0)
+        img_s = self.cfg.data.batch_size * iters / statistics.median(secs)
+        return {"img_per_s": img_s, "step_ms": 1000 * statistics.median(secs) / iters,
+                "mfu": flops * img_s / peak if (flops and peak) else None,
+                "peak_mem_bytes": None, "worker_rss_bytes": _workers_rss(), "rounds_s": secs}
 
-    def drain():  # batches prefetched while other modes ran would hide the loader's real cost
-        for _ in range(prefetch):
-            next(runner["batches"])
-        for _ in range(max(cfg.data.num_workers, 1)):
-            runner["step"]()  # back to steady state: workers busy while the engine computes
-        waits.clear()
 
-    from vitscale.distributed.env import detect_env
-
-    world = detect_env().world_size
-    if "model" in what:
-        timed.append(Timed("model", device, setup_ours, B))
-        if timm:
-            timed.append(Timed("timm", device, setup_timm, B))
-    eng_t = None
-    if "engine" in what or "step" in what:
-        eng_t = Timed("engine", device, setup_engine, B * cfg.train.grad_accum * world, devices=world)
-        timed.append(eng_t)
-    if "step" in what:
-        step_t = Timed("step", device, setup_step, B * cfg.train.grad_accum * world, track=False,
-                       pre_round=drain, devices=world)
-        timed.append(step_t)
+def _run_rounds(timed: list[Timed], timed_rounds: list[Timed], bench: _Bench, warmup: int, rounds: int,
+                iters: int) -> list[float]:
+    """Prepare, time and measure every mode; returns the full step's data wait per round. On CPU the rounds of
+    all modes alternate (reversed every other round) so a busy machine slows all alike; on a GPU one mode after
+    another, each freed before the next, so the peak-memory counter sees one model at a time."""
     step_waits: list[float] = []
-    timed_rounds = [t for t in timed if t.name != "engine" or "engine" in what]
-    if device.type == "cpu":
+
+    def one_round(t: Timed) -> None:
+        t.round(iters)
+        if t.name == "step":
+            step_waits.append(sum(bench.waits))
+    if bench.device.type == "cpu":
         for t in timed:
             t.prepare(warmup)
-            if t.name == "step":
-                runner["step"] = t.fn
         for r in range(rounds):
-            for t in (timed_rounds if r % 2 == 0 else timed_rounds[::-1]):  # alternate: no one is always first
-                t.round(iters)
-                if t.name == "step":
-                    step_waits.append(sum(waits))
+            for t in (timed_rounds if r % 2 == 0 else timed_rounds[::-1]):  # no mode is always first
+                one_round(t)
         for t in timed:
             t.measure_memory()
-    else:
-        for t in timed:
-            t.prepare(warmup)
-            if t.name == "step":
-                runner["step"] = t.fn
-            t.measure_memory()
-            if t in timed_rounds:
-                for _ in range(rounds):
-                    t.round(iters)
-                    if t.name == "step":
-                        step_waits.append(sum(waits))
-            if t.name not in ("engine", "step"):
-                t.free()  # the GPU's peak counter sees everything allocated: measure one model at a time
+        return step_waits
+    for t in timed:
+        t.prepare(warmup)
+        t.measure_memory()
+        if t in timed_rounds:
+            for _ in range(rounds):
+                one_round(t)
+        if t.name not in ("engine", "step"):
+            t.free()
+    return step_waits
+
+
+def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3, rounds: int = 3,
+              timm: bool = True, compile_blocks: bool = False, peak_tflops: Optional[float] = None,
+              num_classes: Optional[int] = None) -> dict[str, Any]:
+    """Run the requested modes; returns the JSON-able results (also printed as a table by :func:`print_bench`).
+
+    ``compile_blocks`` (``--compile``) or ``train.compile``: every mode compiles its transformer blocks the way
+    training does (:func:`vitscale.distributed.compile.compile_blocks`; the engine through ``train.compile``)."""
+    import dataclasses
+
+    from vitscale.bench.common import device_label
+    from vitscale.logging.metrics import device_peak_flops
+    from vitscale.objectives import objective_for
+
+    device = _check_args(cfg, what, iters, warmup, rounds)
+    compiled = compile_blocks or cfg.train.compile
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))
+    bench = _Bench(cfg, device, _num_classes(cfg, what, num_classes), compiled)
+    peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops()
+    flops = objective_for(cfg).flops_per_image(bench.shape_net)
+    out: dict[str, Any] = {"device": device_label(device), "model": cfg.model.name, "objective": cfg.objective.name,
+                           "batch": cfg.data.batch_size, "img_size": cfg.model.img_size,
+                           "precision": cfg.train.precision, "zero_stage": cfg.engine.zero_stage,
+                           "grad_checkpointing": cfg.model.grad_checkpointing, "compile": compiled, "iters": iters,
+                           "warmup": warmup, "rounds": rounds, "peak_flops": peak, "modes": {}, "ratios": {},
+                           "params": sum(p.numel() for p in bench.shape_net.parameters())}
+    timed = bench.timed(what, timm)
+    timed_rounds = [t for t in timed if t.name != "engine" or "engine" in what]
+    step_waits = _run_rounds(timed, timed_rounds, bench, warmup, rounds, iters)
     for t in timed_rounds:
         out["modes"][t.name] = t.result(iters, flops, peak)
     if "step" in what:
-        out["modes"]["step"]["peak_mem_bytes"] = eng_t.peak_bytes  # the same engine step, fed by the loader
+        step_t = next(t for t in timed if t.name == "step")
+        out["modes"]["step"]["peak_mem_bytes"] = next(t for t in timed if t.name == "engine").peak_bytes
         out["modes"]["step"]["data_wait_frac"] = sum(step_waits) / sum(step_t.rounds)
     for t in timed:
         if t.name not in ("engine", "step"):
             t.free()
-
-    # ----- loader alone (the same iterator as the full step, if there was one) ----------------------------------
     if "loader" in what:
-        it = runner.get("batches")
-        if it is None:
-            env = runner["engine"].env if "engine" in runner else detect_env()
-            it = runner["batches"] = iter(_loader(cfg, env))
-            for _ in range(warmup):
-                next(it)
-        secs = []
-        for _ in range(rounds):
-            for _ in range(prefetch):  # what the workers prefetched meanwhile is not the loader's speed
-                next(it)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                next(it)
-            secs.append(time.perf_counter() - t0)
-        img_s = B * iters / statistics.median(secs)
-        out["modes"]["loader"] = {"img_per_s": img_s, "step_ms": 1000 * statistics.median(secs) / iters,
-                                  "mfu": flops * img_s / peak if (flops and peak) else None,
-                                  "peak_mem_bytes": None, "worker_rss_bytes": _workers_rss(), "rounds_s": secs}
+        out["modes"]["loader"] = bench.loader_only(iters, warmup, rounds, flops, peak)
+    if bench.timm_params is not None:
+        out["timm_params"] = bench.timm_params
     modes = out["modes"]
     if "timm" in modes:
         base = modes["timm"]["img_per_s"]
@@ -324,7 +363,6 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     out["device"] = device_label(device)  # again: DeepSpeed's CPU accelerator may have changed the thread count
     for t in timed:
         t.free()
-    runner.clear()
     return out
 
 
@@ -338,7 +376,8 @@ def print_bench(res: dict[str, Any]) -> None:
     rows = []
     labels = {"model": "model (ours, eager)" if not res["compile"] else "model (ours, compiled blocks)",
               "timm": "model (timm, eager)" if not res["compile"] else "model (timm, compiled blocks)",
-              "engine": f"engine step (ZeRO-{res['zero_stage']})", "loader": "loader only",
+              "engine": f"engine step (ZeRO-{res['zero_stage']}{', compiled' if res['compile'] else ''})",
+              "loader": "loader only",
               "step": "full step (loader+engine)"}
     for name in ("model", "timm", "engine", "loader", "step"):
         r = res["modes"].get(name)

@@ -126,10 +126,3 @@ def timm_reference(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
                              class_token=enc.has_class_token, drop_path_rate=drop_path,
                              norm_layer=_ln)
 
-
-def block_lists(model: nn.Module) -> list[nn.Module]:
-    """Every transformer block of a vitscale or reference model (what ``--compile`` compiles one by one)."""
-    enc = getattr(model, "encoder", model)
-    blocks = list(enc.blocks)
-    blocks += list(getattr(model, "decoder_blocks", []))
-    return blocks

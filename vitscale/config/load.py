@@ -211,6 +211,9 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(f"train.rollback_lr_factor must be in (0, 1], got {cfg.train.rollback_lr_factor}")
     if cfg.train.max_rollbacks < 0:
         raise ConfigError(f"train.max_rollbacks must be >= 0, got {cfg.train.max_rollbacks}")
+    if not isinstance(cfg.model.grad_checkpointing, bool) and cfg.model.grad_checkpointing < 0:
+        raise ConfigError(f"model.grad_checkpointing must be true, false or a number of blocks >= 0, got "
+                          f"{cfg.model.grad_checkpointing}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.engine.offload_params and cfg.engine.zero_stage != 3:

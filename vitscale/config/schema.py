@@ -6,7 +6,7 @@ anything not declared here is an error naming the closest valid key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -37,8 +37,9 @@ class ModelConfig:
     global_pool: str = "token"
     # Stochastic depth rate at the last block (linearly increasing over depth).
     drop_path: float = 0.0
-    # Recompute each block's activations in backward to save memory.
-    grad_checkpointing: bool = False
+    # Recompute blocks' activations in backward to save memory: true = every block, false = none, an int N = the
+    # first N blocks in forward order (MAE: encoder blocks, then decoder blocks); the dial between memory and speed.
+    grad_checkpointing: Union[bool, int] = False
     # MAE decoder width, depth and heads (None keeps the variant's: 512 x 8 x 16 as in the paper; micro 128 x 2 x 4).
     decoder_embed_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
@@ -168,6 +169,9 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     # Stop with an error instead of rolling back more than this many times.
     max_rollbacks: int = 3
+    # torch.compile each transformer block in place (regional compilation; parameter names unchanged). A compiler
+    # that does not work on this machine costs one warning and the run goes on eagerly.
+    compile: bool = False
 
 
 @dataclass

@@ -136,12 +136,24 @@ class Block(nn.Module):
         return (x, attn) if return_attn else x
 
 
-def run_blocks(blocks: nn.ModuleList | nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """Apply ``blocks`` in order; with ``checkpointing`` (and grad enabled) recompute each in backward."""
-    if checkpointing and torch.is_grad_enabled():
-        for blk in blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-        return x
-    for blk in blocks:
-        x = blk(x)
+def checkpoint_count(setting: Union[bool, int], total: int) -> int:
+    """``model.grad_checkpointing`` -> how many blocks to recompute in backward, counted from the first block in
+    forward order: True = all ``total``, False = none, an int N = the first N (more than ``total`` = all).
+
+    Why the first N: ViT blocks are identical, so which N are recomputed does not change memory or time, and a
+    leading run is simple to state and to plan; the first blocks' activations are also the longest-lived."""
+    if isinstance(setting, bool):
+        return total if setting else 0
+    if int(setting) < 0:
+        raise ValueError(f"grad_checkpointing must be true, false or a number of blocks >= 0, got {setting}")
+    return min(int(setting), total)
+
+
+def run_blocks(blocks: nn.ModuleList | nn.Sequential, x: torch.Tensor,
+               checkpointing: Union[bool, int]) -> torch.Tensor:
+    """Apply ``blocks`` in order; the first ``checkpointing`` blocks (all if True) are recomputed in backward when
+    grad is enabled."""
+    n = checkpoint_count(checkpointing, len(blocks)) if torch.is_grad_enabled() else 0
+    for i, blk in enumerate(blocks):
+        x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if i < n else blk(x)
     return x

@@ -6,12 +6,12 @@ forward_loss). The encoder is a plain ``VisionTransformer`` held as ``self.encod
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from vitscale.models.layers import Block, LayerNorm, Linear, run_blocks
+from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import sincos_2d
 from vitscale.models.vit import VisionTransformer, mlp_hidden
 
@@ -43,6 +43,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_num_heads = decoder_num_heads
         self.decoder_mlp_hidden_dim = mlp_hidden(decoder_embed_dim, decoder_mlp_ratio or mlp_ratio)
         self.grad_checkpointing = False
+        self.decoder_checkpoint_blocks = 0
 
         num_patches = enc.patch_embed.num_patches
         self.decoder_embed = Linear(embed_dim, decoder_embed_dim)
@@ -65,10 +66,13 @@ class MaskedAutoencoderViT(nn.Module):
     def blocks(self) -> nn.Sequential:
         return self.encoder.blocks
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder block in backward (only while training)."""
-        self.grad_checkpointing = bool(enable)
-        self.encoder.set_grad_checkpointing(enable)
+    def set_grad_checkpointing(self, enable: Union[bool, int] = True) -> None:
+        """Recompute blocks in backward (only while training): True = every encoder and decoder block, an int N =
+        the first N blocks in forward order (encoder blocks first, then decoder blocks), False or 0 = none."""
+        n = checkpoint_count(enable, self.encoder.depth + self.decoder_depth)
+        self.encoder.set_grad_checkpointing(min(n, self.encoder.depth))
+        self.decoder_checkpoint_blocks = n - self.encoder.checkpoint_blocks
+        self.grad_checkpointing = n > 0
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder." + n for n in self.encoder.no_weight_decay()} | {"mask_token", "decoder_pos_embed"}
@@ -132,7 +136,7 @@ class MaskedAutoencoderViT(nn.Module):
             cls = enc.cls_token if pos is None else enc.cls_token + pos[:, :npt]
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = enc.pos_drop(x)
-        x = run_blocks(enc.blocks, x, self.grad_checkpointing and self.training)
+        x = run_blocks(enc.blocks, x, enc.checkpoint_blocks if self.training and self.grad_checkpointing else 0)
         return enc.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,8 @@ class MaskedAutoencoderViT(nn.Module):
         x_ = torch.cat([visible, mask_tokens], dim=1)
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # unshuffle
         x = torch.cat([x[:, :npt], x_], dim=1) + self.decoder_pos_embed
-        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing and self.training)
+        x = run_blocks(self.decoder_blocks, x,
+                       self.decoder_checkpoint_blocks if self.training and self.grad_checkpointing else 0)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, npt:]
 

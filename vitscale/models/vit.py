@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitscale.models.embed import PatchEmbed
-from vitscale.models.layers import Block, LayerNorm, Linear, run_blocks
+from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 
 POOLS = ("token", "avg")
@@ -58,6 +58,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.checkpoint_blocks = 0  # leading blocks recomputed in backward (set_grad_checkpointing)
 
         if hybrid_layers:
             from vitscale.models.embed import HybridEmbed
@@ -126,9 +127,11 @@ class VisionTransformer(nn.Module):
         return self.head
 
     # ----- timm API ------------------------------------------------------------------------------------------
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in backward (only while training)."""
-        self.grad_checkpointing = bool(enable)
+    def set_grad_checkpointing(self, enable: Union[bool, int] = True) -> None:
+        """Recompute blocks in backward (only while training): True = every block, an int N = the first N blocks
+        (the dial between memory and speed), False or 0 = none."""
+        self.checkpoint_blocks = checkpoint_count(enable, self.depth)
+        self.grad_checkpointing = self.checkpoint_blocks > 0
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -154,7 +157,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training)
+        x = run_blocks(self.blocks, x, self.checkpoint_blocks if self.training and self.grad_checkpointing else 0)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

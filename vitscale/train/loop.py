@@ -163,9 +163,8 @@ class Trainer:
         """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
         cfg = self.cfg
         with torch.device("meta"):  # the size alone, without memory or init cost
-            num_params = sum(p.numel() for p in self.objective.build_model(num_classes).parameters())
-        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal,
-                                        num_params=num_params)
+            sizes = eng.ModelSizes.of(self.objective.build_model(num_classes))
+        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal, sizes=sizes)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = self.objective.build_model(num_classes)
