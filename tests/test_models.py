@@ -527,3 +527,36 @@ def test_selective_checkpointing_vit_and_bad_value():
     assert ck.call_count == 1
     with pytest.raises(ValueError, match="number of blocks >= 0"):
         m.set_grad_checkpointing(-1)
+
+
+def test_objectives_own_model_flops_metrics_evaluation_and_pictures():
+    """What differs between objectives lives in the objective: metrics come back as 0-d tensors (synced by the
+    loop on log steps only), held-out sums match a direct computation, MAE FLOPs count only visible tokens."""
+    from pathlib import Path
+
+    from vitscale.config import load_config
+    from vitscale.objectives import objective_for
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2"]
+    sup = objective_for(load_config(root / "configs/demo.yaml", tiny))
+    torch.manual_seed(0)
+    model = sup.build_model(10).eval()
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    loss, metrics = sup(model, images, labels)
+    logits = model(images)
+    assert torch.is_tensor(metrics["acc"]) and metrics["acc"].dim() == 0
+    assert metrics["acc"].item() == (logits.argmax(-1) == labels).float().mean().item()
+    sums = sup.eval_sums(model, images, labels)
+    assert sums["acc"] == int((logits.argmax(-1) == labels).sum())
+    assert sums["loss"] == pytest.approx(F.cross_entropy(logits, labels, reduction="sum").item(), rel=1e-6)
+    assert sup.flops_per_image(model) == 3 * forward_flops(model) and not sup.images_due(300, True)
+
+    mae = objective_for(load_config(root / "configs/demo_mae.yaml", [*tiny, "logging.image_every=50"]))
+    net = mae.build_model(0)
+    loss, metrics = mae(net, torch.randn(2, 3, 64, 64))
+    assert metrics["mask_frac"].dim() == 0 and metrics["mask_frac"].item() == 0.75  # 48 of 64 patches
+    assert mae.flops_per_image(net) == 3 * forward_flops(net, mask_ratio=0.75) < 3 * forward_flops(net, mask_ratio=0)
+    assert [s for s in range(1, 121) if mae.images_due(s, s == 120)] == [50, 100, 120]
+    picture = mae.visualize(net, net, torch.randn(2, 3, 64, 64), step=50)
+    assert picture.filename == "mae_step_00000050.png" and tuple(picture.panels.shape) == (2, 4, 3, 64, 64)

@@ -254,3 +254,17 @@ def test_bench_model_mode_mae_vs_timm_block_mae():
     for m in res["modes"].values():
         assert m["img_per_s"] > 0 and m["peak_mem_bytes"] > 16 * res["params"]
     assert res["flops_per_image"] > 0 and res["ratios"]["model/timm"] > 0
+
+
+def test_bench_without_timm_skips_only_the_timm_row(monkeypatch, capsys):
+    """timm is bench's reference, not a dependency: without it the timm row is skipped with one line."""
+    import sys
+
+    from vitscale.bench.cli import _timm_available
+
+    assert _timm_available(True) is True and _timm_available(False) is False  # installed here (test extra)
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an install without timm looks like to find_spec
+    assert _timm_available(False) is False and capsys.readouterr().out == ""  # not asked for: no message
+    assert _timm_available(True) is False
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "bench: timm is not installed, so the timm reference is skipped (pip install timm, or --no-timm)"]
