@@ -3,7 +3,6 @@ number of processes or workers, and real-world shards written by other tools (we
 
 Real images throughout (scikit-learn digits). Each test runs in seconds on 2 CPU cores.
 """
-import gzip
 import io
 import json
 import logging
@@ -20,7 +19,6 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from vitscale.data.order import Order
 from vitscale.data.pipeline import WorkerStream, build_train_loader
 from vitscale.data.shards import ShardSet, check_labels, resolve_shards
 from vitscale.data.tario import iter_shard, read_shard
