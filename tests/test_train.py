@@ -36,7 +36,7 @@ def test_kill_and_resume_continues_exactly(tmp_path, data_cache):
         assert b[step]["loss"] == a[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
         assert b[step]["lr"] == a[step]["lr"]
     assert a[8]["lr"] < a[4]["lr"]  # cosine decay, no second warmup after resume
-    for r in records:  # the objective's metric, synced on log steps: the accuracy of one 16-image batch
+    for r in (r for r in records if "loss" in r):  # the objective's metric, synced on log steps: one 16-image batch
         assert 0 <= r["train/acc"] <= 1 and (r["train/acc"] * 16).is_integer(), r
     assert b[8]["train/acc"] == a[8]["train/acc"]
 
