@@ -28,6 +28,7 @@ from vitscale.models.flops import forward_flops
 from vitscale.objectives import get_objective
 from vitscale.objectives.supervised import count_correct
 from vitscale.optim import lr_at, param_groups, peak_lr
+from vitscale.train import model_init
 from vitscale.train_state import (Preemption, TrainState, Window, apply_global_batch, check_resumable, rng_state,
                                   set_rng_state)
 
@@ -48,7 +49,8 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
                    if getattr(m, k) is not None}
         model = create_model(name, norm_pix_loss=cfg.objective.norm_pix_loss, **kwargs, **decoder)
     else:
-        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **kwargs)
+        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, head_norm=m.head_norm,
+                             **kwargs)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
 
@@ -97,6 +99,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = build_model(cfg, num_classes)
+        model_init.prepare(model, cfg, getattr(self, "init", None), log=self.log)  # model.init, head, freeze
         self.flops_per_image = 3 * forward_flops(model, mask_ratio=cfg.objective.mask_ratio
                                                  if cfg.objective.name == "mae" else None)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
@@ -123,6 +126,7 @@ class Trainer:
                          f"(results in {self.run_dir}); raise train.steps to continue")
                 return {"step": saved["step"], "complete": True, "run_dir": str(self.run_dir)}
         num_classes = self._data()  # missing shards fail here, before the run directory is touched
+        self.init = model_init.plan(cfg, lambda: build_model(cfg, num_classes), path is not None, self.log)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")

@@ -43,6 +43,19 @@ class ModelConfig:
     decoder_embed_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
     decoder_num_heads: Optional[int] = None
+    # Start the weights (not the optimizer or step) from: a run or checkpoint directory (latest complete), a
+    # `vitscale export` file, a timm state dict (.safetensors/.pth/.bin) or an MAE release .pth ("" = random init).
+    # The head starts fresh when the class count differs, an MAE decoder is dropped, pos_embed is resampled to
+    # model.img_size; anything else that does not fit is an error. Ignored when the run resumes from a checkpoint.
+    init: str = ""
+    # Std of the classifier head's initial weights (truncated normal, bias 0) when it starts fresh; MAE uses 2e-5
+    # for fine-tuning, 0.01 for linear probing. null = the layer's default (xavier-uniform).
+    head_init_std: Optional[float] = None
+    # Parameters that do not train: "encoder" (everything but the head: linear probing) or comma-separated
+    # parameter-name prefixes, e.g. "patch_embed,blocks.0" ("" = train everything).
+    freeze: str = ""
+    # A BatchNorm without affine parameters before the head (MAE's linear probe).
+    head_norm: bool = False
 
 
 @dataclass
@@ -121,6 +134,9 @@ class TrainConfig:
     keep_last: int = 2
     # Write a metrics line every this many steps.
     log_every: int = 10
+    # Validate on data.val_shards every this many steps (top-1, top-5, loss to metrics.jsonl and wandb; a checkpoint
+    # at each new best top-1, pointed at by checkpoints/best). 0 = only at the end of the run.
+    eval_every: int = 0
     # "auto" (latest complete checkpoint if any), "never", or a checkpoint directory path.
     resume: str = "auto"
     # Show a tqdm progress bar on rank 0.

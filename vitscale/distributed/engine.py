@@ -127,6 +127,16 @@ def model_init_context(cfg: Config, ds_config: dict):
     return contextlib.nullcontext()
 
 
+def gathered_params(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] = 0):
+    """Whole parameters for the duration of the block. Under ZeRO-3's zero.Init each rank holds a partition: the
+    full tensors are gathered, and what ``modifier_rank`` writes into them is broadcast and re-partitioned on exit
+    (every rank must enter). Plain tensors (ZeRO 0-2, before the engine) need nothing."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    return _ds().zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 class Engine:
     """A thin, explicit surface over DeepSpeedEngine: what the trainer needs and nothing more."""
 
