@@ -1,0 +1,99 @@
+"""Fine-tuning and linear probing as modes of `vitscale train`: model.init from other weights (through the real
+CLI, 1 process and 2 under ZeRO-3), frozen encoders, MAE-style heads, periodic validation."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import deepspeed_cli, run_cli, train_args
+from vitscale.logging.metrics import read_metrics
+
+DIMS = dict(embed_dim=64, depth=2, num_heads=2)
+
+
+def _timm_source(path, num_classes=7):
+    import timm
+
+    torch.manual_seed(1)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              num_classes=num_classes, **DIMS)
+    torch.save({"model": model.state_dict()}, path)
+    return model
+
+
+def _mae_release(path):
+    from vitscale.models import create_model
+
+    torch.manual_seed(2)
+    mae = create_model("mae_vit_micro_patch4", img_size=32, **DIMS)
+    torch.save({"model": {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}}, path)
+    return mae
+
+
+def _export(run_dir, out):
+    r = run_cli(["export", str(run_dir), str(out)], cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return load_file(str(out))
+
+
+def test_mae_release_init_at_another_resolution_then_resume_ignores_it(tmp_path, data_cache):
+    mae = _mae_release(tmp_path / "mae_pretrain.pth")
+    args = train_args(tmp_path, "ft", data_cache, f"model.init={tmp_path / 'mae_pretrain.pth'}", "model.img_size=48",
+                      "model.global_pool=avg", "model.head_init_std=2e-5", "train.ckpt_every=2", "train.steps=2")
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("model.init:"))
+    assert "MAE release format" in line and "pos_embed resampled 8x8 -> 12x12" in line
+    assert "decoder and mask token dropped (32 tensors)" in line and "head initialised (10 classes" in line
+    assert "norm dropped, fc_norm initialised" in line
+    again = run_cli(args[:-1] + ["train.steps=3"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ignored: resuming" in again.stdout and "model.init:" not in again.stdout
+    assert "resumed from" in again.stdout
+
+
+def test_init_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path, data_cache):
+    model = _timm_source(tmp_path / "src.pth")
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.mlp")}
+    torch.save(sd, tmp_path / "short.pth")
+    for source, words in ((tmp_path / "short.pth", "missing blocks.1.mlp.fc1.bias"),
+                          (tmp_path / "nothing.pth", "weights not found")):
+        r = run_cli(train_args(tmp_path, "bad", data_cache, f"model.init={source}", "train.steps=1"), cwd=tmp_path)
+        assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "bad").exists()  # refused before the run directory exists
+    r = run_cli(train_args(tmp_path, "bad", data_cache, "model.freeze=blockz", "train.steps=1"), cwd=tmp_path)
+    assert r.returncode == 2 and "model.freeze: 'blockz' names no parameter" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache):
+    """optim.lr=0: after one step the weights are still the initial ones, so the exported runs show the load.
+    ZeRO-3 with zero.Init on 2 processes (each holds half of every tensor) must equal a 1-process ZeRO-0 load, bit
+    for bit, and equal the source where nothing was changed."""
+    from timm.layers import resample_abs_pos_embed
+
+    source = _timm_source(tmp_path / "timm.pth")
+    common = [f"model.init={tmp_path / 'timm.pth'}", "model.img_size=48", "model.head_init_std=0.01",
+              "optim.lr=0", "train.steps=1", "model.embed_dim=64"]
+    port = 29500 + os.getpid() % 500
+    r = deepspeed_cli(2, port, train_args(tmp_path, "z3", data_cache, "engine.zero_stage=3", *common), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "head re-initialised (10 classes; source had 7)" in r.stdout
+    r = run_cli(train_args(tmp_path, "z0", data_cache, "engine.zero_stage=0", *common), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    z3, z0 = _export(tmp_path / "z3", tmp_path / "z3.safetensors"), _export(tmp_path / "z0", tmp_path / "z0.safetensors")
+    assert z3.keys() == z0.keys()
+    for k in z0:
+        assert torch.equal(z3[k], z0[k]), k
+    src = source.state_dict()
+    for k in z0:
+        if k.startswith("blocks.") or k.startswith("patch_embed") or k in ("cls_token", "norm.weight"):
+            assert torch.equal(z0[k], src[k]), k
+    expect = resample_abs_pos_embed(src["pos_embed"], [12, 12], [8, 8], num_prefix_tokens=1)
+    assert (z0["pos_embed"] - expect).abs().max() <= 1e-6
+    assert 0.001 < z0["head.weight"].std() < 0.02 and torch.all(z0["head.weight"].abs() <= 0.02)  # std 0.01, cut at 2 std
