@@ -79,14 +79,15 @@ def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache)
 
     source = _timm_source(tmp_path / "timm.pth")
     common = [f"model.init={tmp_path / 'timm.pth'}", "model.img_size=48", "model.head_init_std=0.01",
-              "optim.lr=0", "train.steps=1", "model.embed_dim=64"]
+              "optim.lr=0", "train.steps=1", "train.eval_every=1"]
     port = 29500 + os.getpid() % 500
     r = deepspeed_cli(2, port, train_args(tmp_path, "z3", data_cache, "engine.zero_stage=3", *common), cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "head re-initialised (10 classes; source had 7)" in r.stdout
     r = run_cli(train_args(tmp_path, "z0", data_cache, "engine.zero_stage=0", *common), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    z3, z0 = _export(tmp_path / "z3", tmp_path / "z3.safetensors"), _export(tmp_path / "z0", tmp_path / "z0.safetensors")
+    z3, z0 = _export(tmp_path / "z3", tmp_path / "z3.safetensors"), _export(tmp_path / "z0",
+                                                                             tmp_path / "z0.safetensors")
     assert z3.keys() == z0.keys()
     for k in z0:
         assert torch.equal(z3[k], z0[k]), k
@@ -96,4 +97,35 @@ def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache)
             assert torch.equal(z0[k], src[k]), k
     expect = resample_abs_pos_embed(src["pos_embed"], [12, 12], [8, 8], num_prefix_tokens=1)
     assert (z0["pos_embed"] - expect).abs().max() <= 1e-6
-    assert 0.001 < z0["head.weight"].std() < 0.02 and torch.all(z0["head.weight"].abs() <= 0.02)  # std 0.01, cut at 2 std
+    assert 0.001 < z0["head.weight"].std() < 0.02 and torch.all(z0["head.weight"].abs() <= 0.02)  # trunc. at 2 std
+    # validation split over 2 ranks (each reads half the held-out samples) reports what 1 process does
+    v3, v0 = ([r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_top1" in r][0] for name in ("z3", "z0"))
+    assert v3["val_images"] == v0["val_images"] == 297
+    assert v3["val_top1"] == v0["val_top1"] and v3["val_top5"] == v0["val_top5"] and v0["val_top5"] > v0["val_top1"]
+    assert v3["val_loss"] == pytest.approx(v0["val_loss"], rel=1e-5)
+
+
+def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_path, data_cache):
+    """model.freeze=encoder + model.head_norm (MAE's linear probe): the encoder leaves the run exactly as it came
+    from the MAE release file; the head and its BatchNorm statistics move; validation every 2 steps; the best top-1
+    checkpoint survives pruning and checkpoints/best points at it."""
+    mae = _mae_release(tmp_path / "mae.pth")
+    r = run_cli(train_args(tmp_path, "lp", data_cache, f"model.init={tmp_path / 'mae.pth'}", "model.freeze=encoder",
+                           "model.head_norm=true", "model.head_init_std=0.01", "optim.lr=0.05", "optim.weight_decay=0",
+                           "train.steps=6", "train.eval_every=2", "train.ckpt_every=100", "train.keep_last=1"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = _export(tmp_path / "lp", tmp_path / "lp.safetensors")
+    for name, p in mae.encoder.named_parameters():
+        assert torch.equal(sd[name], p.detach()), name
+    assert sd["head_norm.running_var"].ne(1).all() and sd["head_norm.num_batches_tracked"] == 6 * 1
+    assert "head_norm.weight" not in sd  # BatchNorm without affine parameters
+    val = [x for x in read_metrics(tmp_path / "lp" / "metrics.jsonl") if "val_top1" in x]
+    assert [x["step"] for x in val] == [2, 4, 6]
+    assert all(0.0 <= x["val_top1"] <= x["val_top5"] <= 1.0 for x in val)
+    ckpts = tmp_path / "lp" / "checkpoints"
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["val_top1"] == max(x["val_top1"] for x in val)
+    assert best["step"] == next(x["step"] for x in val if x["val_top1"] == best["val_top1"])
+    tag = (ckpts / "best").read_text().strip()
+    assert tag == best["tag"] and (ckpts / tag / "COMPLETE").is_file() and (ckpts / "step_00000006").is_dir()

@@ -17,7 +17,7 @@ from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
 from vitscale.data.shards import resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
-from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.distributed.checkpoint import CheckpointManager, tag_for
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
 from vitscale.logging.images import mae_panels, save_mae_grid
@@ -28,7 +28,7 @@ from vitscale.models.flops import forward_flops
 from vitscale.objectives import get_objective
 from vitscale.objectives.supervised import count_correct
 from vitscale.optim import lr_at, param_groups, peak_lr
-from vitscale.train import model_init
+from vitscale.train import model_init, validation
 from vitscale.train_state import (Preemption, TrainState, Window, apply_global_batch, check_resumable, rng_state,
                                   set_rng_state)
 
@@ -153,6 +153,9 @@ class Trainer:
             run_id=state.tracker_id)
         state.tracker_id = tracker.run_id or state.tracker_id
         self.metrics = metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
+        valid = validation.PeriodicValidation(cfg, self.val_set.urls if self.val_set else None, env.rank,
+                                              env.world_size, self.ckpt.dir,
+                                              lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log)
         preempt = Preemption()
         bar = None
         if env.is_main and cfg.train.progress:
@@ -196,8 +199,10 @@ class Trainer:
             if not cfg.train.skip_nonfinite and (last or state.step % min(cfg.train.log_every,
                                                                           PREEMPT_CHECK_EVERY) == 0):
                 preempted = eng.any_rank(preempt.requested)
-            if last or preempted or state.step % cfg.train.ckpt_every == 0:
+            best = valid.due(state.step, last) and valid.run(self.engine, state.step)  # train.eval_every
+            if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self._save(state, loader)
+                valid.saved(tag_for(state.step), state.step)  # checkpoints/best
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
                 break
