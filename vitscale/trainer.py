@@ -14,6 +14,7 @@ import torch
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, save_config
 from vitscale.data.pipeline import build_eval_loader, train_loader_from_config
+from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.shards import resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
@@ -127,6 +128,7 @@ class Trainer:
                 return {"step": saved["step"], "complete": True, "run_dir": str(self.run_dir)}
         num_classes = self._data()  # missing shards fail here, before the run directory is touched
         self.init = model_init.plan(cfg, lambda: build_model(cfg, num_classes), path is not None, self.log)
+        self.augment = batch_augment_from_config(cfg, num_classes, env.rank)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -237,8 +239,9 @@ class Trainer:
             self.batches_seen += 1
             raw, bad = materialize(batch["image"], self.engine.device)
             self.decode_failures += bad
-            images = normalize(raw).to(self.engine.dtype)
             labels = batch["label"].to(self.engine.device)
+            images, labels = self.augment(normalize(raw), labels, batch.get("stream"))  # erasing, mixup/cutmix
+            images = images.to(self.engine.dtype)
             loss, _ = self.objective(self.engine, images, labels, mask_ratio=cfg.objective.mask_ratio,
                                      label_smoothing=cfg.objective.label_smoothing)
             if faults.poison_loss(rank=rank, batch=self.batches_seen):
@@ -343,7 +346,8 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg
         loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                                   rank=self.env.rank, world_size=self.env.world_size)
+                                   rank=self.env.rank, world_size=self.env.world_size,
+                                   crop_pct=cfg.data.eval_crop_pct)
         self.engine.eval()
         correct, loss_sum, count = 0, 0.0, 0
         for batch in loader:

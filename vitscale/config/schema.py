@@ -98,6 +98,21 @@ class DataConfig:
     # Where training JPEGs are decoded: "worker" (DataLoader workers, CPU) or "device" (workers only read the
     # header and draw the crop; the trainer decodes the batch on its device: nvJPEG on GPUs). Same images either way.
     decode_on: str = "worker"
+    # Fine-tuning augmentation from timm's library (seeded from the data stream: exact resume).
+    # RandAugment config after the crop, e.g. "rand-m9-mstd0.5-inc1" (MAE/DeiT fine-tuning); "" = none.
+    randaug: str = ""
+    # Mixup alpha (0 = off); the labels become soft targets (objective.label_smoothing folded in).
+    mixup: float = 0.0
+    # CutMix alpha (0 = off).
+    cutmix: float = 0.0
+    # Probability that a batch is mixed at all (when mixup or cutmix is on).
+    mixup_prob: float = 1.0
+    # Probability of CutMix instead of Mixup when both are on.
+    mixup_switch_prob: float = 0.5
+    # RandomErasing probability per image (per-pixel random fill, after normalisation; 0 = off).
+    random_erasing: float = 0.0
+    # Held-out images: resize the shorter side to img_size / eval_crop_pct, then centre-crop img_size.
+    eval_crop_pct: float = 0.875
 
 
 @dataclass

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tario import image_and_label, read_shard
 from vitscale.errors import DataError
-from vitscale.data.transforms import (DeferredJpeg, decode, eval_transform, jpeg_size, train_crop,
-                                      train_transform)
+from vitscale.data.transforms import (EVAL_CROP_FRACTION, DeferredJpeg, decode, eval_transform, jpeg_size,
+                                      train_crop, train_transform)
 
 log = logging.getLogger("vitscale.data")
 
@@ -83,6 +83,7 @@ class StreamPlan:
     crop_min_scale: float
     max_bad_fraction: float
     decode_on: str = "worker"  # "device": JPEGs go to the trainer undecoded, with their crop drawn (see transforms)
+    randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
 
 
 # A worker's position: the next sample it would produce, and cumulative counters. ``skipped`` counts every bad
@@ -145,9 +146,11 @@ def iter_worker_samples(plan: StreamPlan, worker: int, position: Optional[dict] 
                         size = jpeg_size(data) if plan.decode_on == "device" else None
                         if size is not None:  # the same draws from g as below: the same crop either way
                             img = DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                               train_crop(*size, plan.img_size, g, plan.crop_min_scale))
+                                               train_crop(*size, plan.img_size, g, plan.crop_min_scale,
+                                                          randaug=plan.randaug))
                         else:
-                            img = train_transform(decode(data), plan.img_size, g, plan.crop_min_scale)
+                            img = train_transform(decode(data), plan.img_size, g, plan.crop_min_scale,
+                                                  randaug=plan.randaug)
                 except Exception as e:
                     skipped += 1
                     log.warning("vitscale.data: skipping bad sample %s in %s: %s", key, url, e)
@@ -285,7 +288,7 @@ class _TrainIterator:
 def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, shuffle: bool = True, crop_min_scale: float = 0.35,
                        state: Optional[dict] = None, max_bad_fraction: float = 0.01,
-                       decode_on: str = "worker") -> TrainLoader:
+                       decode_on: str = "worker", randaug: str = "") -> TrainLoader:
     """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()``."""
     urls = list(urls)
     if not urls:
@@ -298,7 +301,7 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     plan = StreamPlan(urls=tuple(urls), seed=int(seed), rank=rank, world_size=world_size,
                       num_workers=max(num_workers, 1), shuffle=bool(shuffle), batch_size=batch_size,
                       img_size=img_size, crop_min_scale=float(crop_min_scale),
-                      max_bad_fraction=float(max_bad_fraction), decode_on=decode_on)
+                      max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, randaug=randaug)
     return TrainLoader(plan, num_workers, state)
 
 
@@ -309,7 +312,7 @@ def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: in
     return build_train_loader(urls, batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
                               rank=rank, world_size=world_size, num_workers=d.num_workers, shuffle=d.shuffle,
                               crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction, state=state,
-                              decode_on=d.decode_on)
+                              decode_on=d.decode_on, randaug=d.randaug)
 
 
 # ----- evaluation ----------------------------------------------------------------------------------------------
@@ -317,8 +320,8 @@ class _EvalStream(IterableDataset):
     """One pass; sample i of the concatenated shards goes to rank i % world_size, then to that rank's worker
     j % num_workers (j = index among the rank's samples)."""
 
-    def __init__(self, urls, batch_size, img_size, rank, world_size):
-        self.urls, self.batch_size, self.img_size = list(urls), batch_size, img_size
+    def __init__(self, urls, batch_size, img_size, rank, world_size, crop_pct=EVAL_CROP_FRACTION):
+        self.urls, self.batch_size, self.img_size, self.crop_pct = list(urls), batch_size, img_size, crop_pct
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
@@ -340,7 +343,7 @@ class _EvalStream(IterableDataset):
                     continue
                 try:
                     data, label = image_and_label(sample)
-                    img = eval_transform(decode(data), self.img_size)
+                    img = eval_transform(decode(data), self.img_size, self.crop_pct)
                 except Exception as e:
                     log.warning("vitscale.data: skipping bad eval sample %s in %s: %s", sample["__key__"], url, e)
                     continue
@@ -358,12 +361,12 @@ class _EvalStream(IterableDataset):
 
 
 def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, rank: int, world_size: int,
-                      num_workers: int = 0) -> DataLoader:
+                      num_workers: int = 0, crop_pct: float = EVAL_CROP_FRACTION) -> DataLoader:
     """Finite, one pass, eval transform; across ranks every sample is visited exactly once. Batches as in
     training without ``stream`` (the last one may be smaller; a rank may get none)."""
     urls = list(urls)
     if not urls:
         raise ValueError("no evaluation shards")
-    return DataLoader(_EvalStream(urls, batch_size, img_size, rank, world_size), batch_size=None,
+    return DataLoader(_EvalStream(urls, batch_size, img_size, rank, world_size, crop_pct), batch_size=None,
                       num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0))

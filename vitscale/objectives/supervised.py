@@ -10,9 +10,12 @@ import torch.nn.functional as F
 def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor,
                     label_smoothing: float = 0.0, **_) -> tuple[torch.Tensor, dict[str, float]]:
     logits = model(images)
+    if labels.is_floating_point():  # soft targets (data.mixup/cutmix): label smoothing is already in them
+        label_smoothing = 0.0
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     with torch.no_grad():
-        acc = (logits.argmax(-1) == labels).float().mean().item()
+        hard = labels.argmax(-1) if labels.is_floating_point() else labels
+        acc = (logits.argmax(-1) == hard).float().mean().item()
     return loss, {"acc": acc}
 
 

@@ -25,10 +25,11 @@ BEST_INFO = "best.json"  # its step and numbers
 
 
 @torch.no_grad()
-def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int) -> dict:
+def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
+             crop_pct: float = 0.875) -> dict:
     """``{val_top1, val_top5, val_loss, val_images}`` over every held-out sample, the same on every rank."""
     loader = iter(build_eval_loader(urls, batch_size=batch_size, img_size=img_size, rank=rank,
-                                    world_size=world_size))
+                                    world_size=world_size, crop_pct=crop_pct))
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, summed loss, images
     dummy = None
@@ -76,7 +77,7 @@ class PeriodicValidation:
     def run(self, engine: Any, step: int) -> bool:
         """Validate, log, and say whether this step is a new best (then it must be checkpointed)."""
         record = validate(engine, self.urls, self.cfg.data.batch_size, self.cfg.model.img_size, self.rank,
-                          self.world_size)
+                          self.world_size, self.cfg.data.eval_crop_pct)
         self.write({"step": step, **record})
         self.log(f"step {step}: val top-1 {100 * record['val_top1']:.2f}%, top-5 {100 * record['val_top5']:.2f}%, "
                  f"loss {record['val_loss']:.4f}")
