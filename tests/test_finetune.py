@@ -106,12 +106,13 @@ def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache)
 
 
 def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_path, data_cache):
-    """model.freeze=encoder + model.head_norm (MAE's linear probe): the encoder leaves the run exactly as it came
+    """model.freeze=encoder + model.head_norm + LARS (MAE's linear probe): the encoder leaves the run exactly as it came
     from the MAE release file; the head and its BatchNorm statistics move; validation every 2 steps; the best top-1
     checkpoint survives pruning and checkpoints/best points at it."""
     mae = _mae_release(tmp_path / "mae.pth")
     r = run_cli(train_args(tmp_path, "lp", data_cache, f"model.init={tmp_path / 'mae.pth'}", "model.freeze=encoder",
-                           "model.head_norm=true", "model.head_init_std=0.01", "optim.lr=0.05", "optim.weight_decay=0",
+                           "model.head_norm=true", "model.head_init_std=0.01", "optim.name=lars", "engine.zero_stage=0",
+                           "optim.lr=10", "optim.weight_decay=0",
                            "train.steps=6", "train.eval_every=2", "train.ckpt_every=100", "train.keep_last=1"),
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -120,6 +121,13 @@ def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_pa
         assert torch.equal(sd[name], p.detach()), name
     assert sd["head_norm.running_var"].ne(1).all() and sd["head_norm.num_batches_tracked"] == 6 * 1
     assert "head_norm.weight" not in sd  # BatchNorm without affine parameters
+    from vitscale.models import create_model
+    from vitscale.train.model_init import init_head
+
+    start = create_model("vit_micro_patch4", img_size=32, num_classes=10, head_norm=True, **DIMS)
+    init_head(start, 0.01, seed=0)  # the head the run started from (run.seed 0)
+    moved = (sd["head.weight"] - start.head.weight.detach()).abs().max()
+    assert 1e-4 < moved < 1.0, moved  # LARS steps of about lr x 0.001 x |w| each
     val = [x for x in read_metrics(tmp_path / "lp" / "metrics.jsonl") if "val_top1" in x]
     assert [x["step"] for x in val] == [2, 4, 6]
     assert all(0.0 <= x["val_top1"] <= x["val_top5"] <= 1.0 for x in val)
@@ -129,3 +137,40 @@ def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_pa
     assert best["step"] == next(x["step"] for x in val if x["val_top1"] == best["val_top1"])
     tag = (ckpts / "best").read_text().strip()
     assert tag == best["tag"] and (ckpts / tag / "COMPLETE").is_file() and (ckpts / "step_00000006").is_dir()
+
+
+def test_sgd_and_lars_steps_by_hand_with_layer_decay():
+    """One step of each optimizer on a tiny ViT's groups (layer decay 0.5), against the update rules written out:
+    SGD with momentum; LARS as MAE's (trust ratio 0.001 |w| / |g + wd w| for matrices, plain momentum otherwise)."""
+    from types import SimpleNamespace
+
+    from vitscale.models import create_model
+    from vitscale.optim import param_groups
+    from vitscale.optim.optimizers import build_optimizer
+
+    for name in ("sgd", "lars"):
+        torch.manual_seed(0)
+        model = create_model("vit_micro_patch4", img_size=16, num_classes=3, **DIMS)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = SimpleNamespace(optim=SimpleNamespace(name=name, momentum=0.9, weight_decay=0.1))
+        groups = param_groups(model, 0.1, layer_decay=0.5)
+        opt = build_optimizer(groups, cfg)
+        for g in opt.param_groups:
+            g["lr"] = 0.3 * g["lr_scale"]
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        scale = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+        for n, p in model.named_parameters():
+            lr, wd = scale[id(p)]
+            d = grads[n] + wd * before[n]
+            if name == "lars" and p.ndim > 1:
+                d = d * 0.001 * before[n].norm() / d.norm()
+            assert torch.allclose(p.detach(), before[n] - lr * d, atol=1e-7, rtol=1e-5), (name, n)
+        assert opt.param_groups[0]["lr"] < opt.param_groups[-1]["lr"]  # layer decay: the stem learns slowest
+
+
+def test_lars_under_zero_is_a_one_line_config_error(tmp_path, data_cache):
+    r = run_cli(train_args(tmp_path, "bad", data_cache, "optim.name=lars", "engine.zero_stage=2"), cwd=tmp_path)
+    assert r.returncode == 2 and "optim.name=lars needs whole tensors" in r.stderr
+    assert not (tmp_path / "bad").exists()

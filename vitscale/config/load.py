@@ -215,6 +215,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.engine.nvme_path and not (cfg.engine.offload_optimizer or cfg.engine.offload_params):
         raise ConfigError("engine.nvme_path is set but nothing is offloaded: set engine.offload_optimizer "
                           "and/or engine.offload_params")
+    from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
+
+    check_optim(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -117,6 +117,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # "adamw", "sgd" (momentum; the ViT paper's fine-tuning) or "lars" (MAE's linear probe; needs ZeRO-0, fp32).
+    name: str = "adamw"
+    # SGD/LARS momentum.
+    momentum: float = 0.9
     # Absolute peak learning rate; if null, lr = blr * global_batch / 256.
     lr: Optional[float] = None
     # Base learning rate per 256 samples (used when optim.lr is null).
@@ -220,6 +224,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
     return {
         "model.global_pool": ("token", "avg"),
         "data.decode_on": ("worker", "device"),
+        "optim.name": ("adamw", "sgd", "lars"),
         "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
         "engine.zero_stage": (0, 1, 2, 3),

@@ -246,7 +246,11 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
     for FusedAdam on H100's "9.0a" arch string), or, when optimizer states live on the CPU, DeepSpeed's
     vectorised CPU AdamW (built once by JIT and cached; torch's AdamW on CPU tensors would be far slower)."""
     groups = list(param_groups)
-    if cfg.engine.offload_optimizer:
+    if cfg.optim.name != "adamw":  # sgd, lars: vitscale/optim/optimizers.py
+        from vitscale.optim.optimizers import build_optimizer
+
+        optimizer = build_optimizer(groups, cfg)
+    elif cfg.engine.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(groups, lr=0.0, betas=tuple(cfg.optim.betas),
