@@ -43,13 +43,13 @@ def _target(**kw):
     return create_model("vit_micro_patch4", **args).eval()
 
 
-def _fake_run(root, model, step=3):
+def _fake_run(root, model, step=3, **model_cfg):
     """A ZeRO-0 run directory as the trainer writes it (model states, trainer_state.json, COMPLETE, latest)."""
     ck = root / "checkpoints" / f"step_{step:08d}"
     ck.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, ck / "mp_rank_00_model_states.pt")
-    cfg = {"model": {"name": "vit_micro_patch4", "img_size": 32, "patch_size": None, "global_pool": "token", **DIMS},
-           "objective": {"name": "supervised", "norm_pix_loss": True}}
+    cfg = {"model": {"name": "vit_micro_patch4", "img_size": 32, "patch_size": None, "global_pool": "token", **DIMS,
+                     **model_cfg}, "objective": {"name": "supervised", "norm_pix_loss": True}}
     (ck / "trainer_state.json").write_text(json.dumps({"step": step, "config": cfg}))
     files = {p.name: p.stat().st_size for p in ck.iterdir()}
     (ck / "COMPLETE").write_text(json.dumps({"step": step, "files": files}))
@@ -160,3 +160,44 @@ def test_what_does_not_fit_is_one_line_naming_the_keys(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(WeightsError, match="not a readable torch file"):
         read_weights(tmp_path / "junk.pth")
+
+
+def test_timm_export_loads_in_timm_alone(tmp_path):
+    """`vitscale export RUN OUT --timm`: timm builds the model from the folder (local-dir:) or from the file with
+    pretrained_cfg_overlay, without importing vitscale, and computes what our model computes -- here a linear-probe
+    model whose BatchNorm before the head is folded into the head."""
+    import subprocess
+    import sys
+
+    from vitscale.cli import main
+
+    model = _target(global_pool="avg", head_norm=True)
+    model.head_norm.running_mean.uniform_(-1, 1)
+    model.head_norm.running_var.uniform_(0.5, 2)
+    run = _fake_run(tmp_path / "run", model, global_pool="avg", head_norm=True)
+    assert main(["export", str(run), str(tmp_path / "out"), "--timm"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "vit_base_patch16_224" and config["num_classes"] == 10
+    assert config["global_pool"] == "avg" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.randn(3, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "ours.pt")
+    script = f"""
+import sys, timm, torch, json
+out = {str(tmp_path / "out")!r}
+x = torch.load({str(tmp_path / "x.pt")!r})
+a = timm.create_model("local-dir:" + out, pretrained=True).eval()
+args = json.load(open(out + "/config.json"))["model_args"]
+b = timm.create_model("vit_base_patch16_224", pretrained=True,
+                      pretrained_cfg_overlay=dict(file=out + "/model.safetensors", num_classes=10), **args).eval()
+with torch.no_grad():
+    ya, yb = a(x), b(x)
+ours = torch.load({str(tmp_path / "ours.pt")!r})
+assert "vitscale" not in sys.modules
+print((ya - ours).abs().max().item(), (yb - ours).abs().max().item())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = [float(v) for v in r.stdout.split()]
+    assert max(diffs) <= 1e-5, diffs
