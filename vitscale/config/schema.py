@@ -49,7 +49,7 @@ class ModelConfig:
     # model.img_size; anything else that does not fit is an error. Ignored when the run resumes from a checkpoint.
     init: str = ""
     # Std of the classifier head's initial weights (truncated normal, bias 0) when it starts fresh; MAE uses 2e-5
-    # for fine-tuning, 0.01 for linear probing. null = the layer's default (xavier-uniform).
+    # for fine-tuning, 0.01 for linear probing; 0 = zeros (the ViT paper). null = the layer's default (xavier-uniform).
     head_init_std: Optional[float] = None
     # Parameters that do not train: "encoder" (everything but the head: linear probing) or comma-separated
     # parameter-name prefixes, e.g. "patch_embed,blocks.0" ("" = train everything).

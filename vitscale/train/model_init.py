@@ -53,8 +53,9 @@ def init_head(model: nn.Module, std: float, seed: int) -> None:
     if not isinstance(head, nn.Linear):
         return
     shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))
-    weight = torch.empty(shape)
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=torch.Generator().manual_seed(seed))
+    weight = torch.zeros(shape)  # std 0: the ViT paper's zero-initialised head
+    if std > 0:
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=torch.Generator().manual_seed(seed))
     with eng.gathered_params([head.weight, head.bias]):
         head.weight.data.copy_(weight.to(head.weight.device, head.weight.dtype))
         head.bias.data.zero_()
