@@ -10,17 +10,16 @@ Evaluate a pretrained ViT. EVALUATIONS is a comma-separated list of:
   linear      linear probe on frozen features: BatchNorm (no affine) + linear head (MAE recipe)
   knn         weighted k-nearest-neighbour classifier on cosine similarity of frozen features
   fewshot     ridge regression (closed form) on L2-normalised features, --shots per class, --fewshot-seeds seeds
-  finetune    full fine-tuning with layer-wise LR decay, drop-path, label smoothing (--config, key=value)
   robustness  occlusion, patch shuffle, adversarial patch, common corruptions; the ViT and a ResNet-18
               trained on the same data and steps
   probes      = linear,knn,fewshot (features are extracted once and shared);  all = everything
-Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed.
+Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed. Fine-tuning is a training mode:
+  vitscale train --config configs/demo_finetune.yaml model.init=CKPT   (docs/finetune.md)
 Runs on one process as is; for several GPUs or nodes use `accelerate launch -m vitscale eval ...`."""
 
 EPILOG = """\
 examples:
   vitscale eval probes mae.safetensors --data demo:digits --out eval/mae --with-random-init
-  vitscale eval finetune mae.safetensors steps=200 --data demo:digits --config configs/eval/finetune_digits.yaml
   vitscale eval robustness runs/demo --data demo:digits --out eval/robust --baseline-width 64"""
 
 
@@ -47,10 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("evaluations", metavar="EVALUATIONS", help="e.g. linear,knn,fewshot or probes or robustness")
-    e.add_argument("ckpt", metavar="CKPT", help="model.safetensors from `vitscale export` (or finetune's "
-                                                "finetuned.safetensors), a checkpoint dir or a run dir")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="finetune options right after CKPT, e.g. steps=200 layer_decay=0.65 (or use --set)")
+    e.add_argument("ckpt", metavar="CKPT", help="model.safetensors from `vitscale export`, a checkpoint dir or a "
+                                                "run dir (e.g. a fine-tuning run's)")
     g = e.add_argument_group("data and output")
     g.add_argument("--data", default=None, help="training shards (spec as data.train_shards, e.g. demo:digits); "
                                                 "default: the run's own when CKPT is a checkpoint directory")
@@ -83,11 +80,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--shots", type=_ints, default=[1, 5, 10, 25], help="few-shot sizes per class (default 1,5,10,25)")
     f.add_argument("--fewshot-seeds", type=int, default=5, help="random draws of the few-shot sets (default 5)")
     f.add_argument("--ridge-reg", type=float, default=1e-3, help="few-shot ridge L2 regularisation (default 1e-3)")
-    t = e.add_argument_group("fine-tuning")
-    t.add_argument("--config", dest="finetune_config", default=None,
-                   help="YAML of finetune options (e.g. configs/eval/finetune_digits.yaml); KEY=VALUE overrides it")
-    t.add_argument("--set", dest="set_overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="finetune option overrides anywhere on the line, e.g. --set steps=200 drop_path=0.2")
     r = e.add_argument_group("robustness")
     r.add_argument("--curves", type=_names, default=None, help="subset of: occlusion_patches, occlusion_boxes, "
                                                                 "patch_shuffle, adversarial_patch, corruptions")
@@ -133,11 +125,9 @@ def build_options(args: argparse.Namespace):
             setattr(rob, attr, value)
     keys = ("data", "val_data", "cache_dir", "out", "device", "precision", "batch_size", "num_workers", "pool",
             "seed", "random_init", "with_random_init", "model_name", "probe_epochs", "probe_batch_size", "probe_blr",
-            "probe_weight_decay", "k", "temperature", "shots", "fewshot_seeds", "ridge_reg", "finetune_config",
+            "probe_weight_decay", "k", "temperature", "shots", "fewshot_seeds", "ridge_reg",
             "baseline", "baseline_ckpt", "baseline_steps", "baseline_batch_size", "baseline_width", "baseline_lr")
-    return EvalOptions(**{k: getattr(args, k) for k in keys},
-                       finetune_overrides=list(args.overrides) + list(args.set_overrides),
-                       robustness=rob)
+    return EvalOptions(**{k: getattr(args, k) for k in keys}, robustness=rob)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``vitscale eval``: run one or more evaluations of a checkpoint and write ``<name>.json`` + PNGs per evaluation.
 
 Evaluations: ``accuracy`` (the classifier's own top-1), ``linear``, ``knn``, ``fewshot`` (frozen features,
-extracted once and shared), ``finetune`` and ``robustness``; ``probes`` = linear,knn,fewshot. Only the main
+extracted once and shared) and ``robustness`` (fine-tuning is ``vitscale train`` with ``model.init``); ``probes`` = linear,knn,fewshot. Only the main
 process writes files and prints; every process computes (features are gathered, counts summed).
 """
 from __future__ import annotations
@@ -17,7 +17,10 @@ from vitscale.eval.features import (check_labels, data_specs, extract_features, 
                                     num_classes_of, reinit_, resolve_data)
 from vitscale.eval.robustness import RobustnessConfig
 
-EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "finetune", "robustness")
+EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
+# Fine-tuning is a mode of `vitscale train` (one training loop: ZeRO, resume, validation, augmentation).
+FINETUNE_HINT = ("fine-tuning runs through `vitscale train`: vitscale train --config configs/demo_finetune.yaml "
+                 "model.init=CKPT (recipes and options: docs/finetune.md)")
 ALIASES = {"probes": ("linear", "knn", "fewshot"), "all": EVALUATIONS}
 PROBES = ("linear", "knn", "fewshot")
 
@@ -48,8 +51,6 @@ class EvalOptions:
     shots: Sequence[int] = (1, 5, 10, 25)
     fewshot_seeds: int = 5
     ridge_reg: float = 1e-3
-    finetune_config: Optional[str] = None
-    finetune_overrides: Sequence[str] = ()
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     baseline: str = "resnet18"
     baseline_ckpt: Optional[str] = None
@@ -66,6 +67,8 @@ def parse_evaluations(spec: str) -> list[str]:
         name = raw.strip().lower()
         if not name:
             continue
+        if name == "finetune":
+            raise ValueError(FINETUNE_HINT)
         if name in ALIASES:
             names.extend(n for n in ALIASES[name] if n not in names)
         elif name in EVALUATIONS:
@@ -78,7 +81,7 @@ def parse_evaluations(spec: str) -> list[str]:
                              f"or probes / all)")
     if not names:
         raise ValueError("no evaluation named (e.g. linear,knn,fewshot)")
-    return [n for n in EVALUATIONS if n in names]  # a fixed order: finetune changes nothing the others see
+    return [n for n in EVALUATIONS if n in names]  # a fixed order
 
 
 def _model_summary(info: dict) -> dict:
@@ -107,19 +110,11 @@ def format_table(rows: list[list[str]]) -> str:
 def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None) -> dict[str, dict]:
     """Run ``evaluations`` (names or aliases) on ``ckpt``; returns ``{name: the JSON document written}``."""
     names = parse_evaluations(",".join(evaluations) if not isinstance(evaluations, str) else evaluations)
-    if opts.finetune_overrides and "finetune" not in names:
-        raise ValueError(f"key=value overrides {list(opts.finetune_overrides)} only apply to finetune")
     if opts.with_random_init and opts.random_init:
         raise ValueError("--random-init and --with-random-init exclude each other")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     opts.robustness.validate()
-    finetune_cfg = None
-    if "finetune" in names:  # validate before any work
-        from vitscale.eval.finetune import load_finetune_config
-
-        finetune_cfg = load_finetune_config(opts.finetune_config, opts.finetune_overrides)
-
     accelerator = make_accelerator(opts.device, opts.precision)
     say = (log or print) if accelerator.is_main_process else (lambda *a, **k: None)
     model, info = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
@@ -161,23 +156,6 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
         for name, doc in _run_probes(probes, variants, train_set, val_set, num_classes, img_size, accelerator,
                                      opts, info, base, summary, say).items():
             emit(name, doc)
-
-    if "finetune" in names:
-        from vitscale.eval.finetune import finetune, save_finetuned
-        from vitscale.eval.plots import plot_finetune
-
-        ft_model, _ = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
-        ft_model, res = finetune(ft_model, train_set, val_set, num_classes, finetune_cfg, accelerator,
-                                 img_size=img_size, eval_batch_size=opts.batch_size,
-                                 is_mae=info["objective"] == "mae", log=say)
-        if accelerator.is_main_process:
-            res["weights"] = str(save_finetuned(ft_model, info, out / "finetuned.safetensors", finetune_cfg.steps))
-            say(f"wrote {res['weights']}")
-            say("wrote " + str(plot_finetune(res, out / "finetune.png", f"fine-tuning {info['name']} ({label}), "
-                                             f"layer decay {finetune_cfg.layer_decay}, "
-                                             f"drop-path {finetune_cfg.drop_path}")))
-        emit("finetune", {"evaluation": "finetune", **base, "results": {label: res}})
-        summary.append(["finetune", f"top-1 (%) after {finetune_cfg.steps} steps", _pct(res["val_acc"])])
 
     if "robustness" in names:
         from vitscale.eval.robust_run import run_robustness
