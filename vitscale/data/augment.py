@@ -110,9 +110,10 @@ class BatchAugment:
     def active(self) -> bool:
         return self.erase is not None or self.mixup is not None
 
-    def batch_seed(self, stream: dict) -> int:
-        return seed_of("batch-aug", self.seed, self.rank, stream["worker"], stream["epoch"], stream["shard"],
-                       stream["offset"])
+    def batch_seed(self, stream: Optional[dict]) -> int:
+        """From the batch's stream position (synthetic batches, e.g. ``vitscale bench``, have none)."""
+        s = stream or {}
+        return seed_of("batch-aug", self.seed, self.rank, *(s.get(k, 0) for k in ("worker", "epoch", "shard", "offset")))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stream: Optional[dict]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
