@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, train_args
 from vitscale.config import ConfigError, load_config
 from vitscale.data.augment import BatchAugment, batch_augment_from_config, randaug_transform, randaugment, seeded
-from vitscale.data.transforms import IMAGENET_MEAN, train_transform
+from vitscale.data.transforms import train_transform
 from vitscale.logging.metrics import read_metrics
 
 RANDAUG = "rand-m9-mstd0.5-inc1"

@@ -2,7 +2,6 @@
 CLI, 1 process and 2 under ZeRO-3), frozen encoders, MAE-style heads, periodic validation."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +98,8 @@ def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache)
     assert (z0["pos_embed"] - expect).abs().max() <= 1e-6
     assert 0.001 < z0["head.weight"].std() < 0.02 and torch.all(z0["head.weight"].abs() <= 0.02)  # trunc. at 2 std
     # validation split over 2 ranks (each reads half the held-out samples) reports what 1 process does
-    v3, v0 = ([r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_top1" in r][0] for name in ("z3", "z0"))
+    v3, v0 = ([r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_top1" in r][0]
+              for name in ("z3", "z0"))
     assert v3["val_images"] == v0["val_images"] == 297
     assert v3["val_top1"] == v0["val_top1"] and v3["val_top5"] == v0["val_top5"] and v0["val_top5"] > v0["val_top1"]
     assert v3["val_loss"] == pytest.approx(v0["val_loss"], rel=1e-5)

@@ -1,13 +1,11 @@
 """One loader for every weights source (vitscale runs/exports, timm state dicts, the MAE release) and `model.init`:
 fitting a source to a model, the position-table resampling against timm's own, and the report / one-line errors."""
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from conftest import deepspeed_cli, run_cli, train_args
 from vitscale.models import create_model
 from vitscale.weights import WeightsError, load_model, read_weights
 from vitscale.weights.fit import fit_state_dict
@@ -121,7 +119,8 @@ def test_mae_release_format_into_an_avg_pool_classifier(tmp_path):
     assert torch.equal(model.fc_norm.weight, torch.ones(64))  # fresh LayerNorm, as MAE fine-tuning starts it
     # the same file as an MAE model for analysis: the loader maps the release's keys too
     loaded, info = load_model(tmp_path / "mae_pretrain.pth", model_name="mae_vit_micro_patch4")
-    assert info["is_mae"] and torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
+    assert info["is_mae"]
+    assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
 
 
 def test_vitscale_run_dir_and_export_sources(tmp_path):

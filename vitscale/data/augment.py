@@ -113,7 +113,8 @@ class BatchAugment:
     def batch_seed(self, stream: Optional[dict]) -> int:
         """From the batch's stream position (synthetic batches, e.g. ``vitscale bench``, have none)."""
         s = stream or {}
-        return seed_of("batch-aug", self.seed, self.rank, *(s.get(k, 0) for k in ("worker", "epoch", "shard", "offset")))
+        where = (s.get(k, 0) for k in ("worker", "epoch", "shard", "offset"))
+        return seed_of("batch-aug", self.seed, self.rank, *where)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stream: Optional[dict]
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,7 +103,8 @@ class Crop:
 def train_crop(height: int, width: int, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35,
                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, randaug: str = "") -> Crop:
     """Draw RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + flip (+ a RandAugment seed) for an image
-    of this size. Only the size is needed, so the draw can happen where the image is not decoded (``data.decode_on``)."""
+    of this size. Only the size is needed, so the draw can happen where the image is not decoded
+    (``data.decode_on``)."""
     top, left, h, w = random_resized_crop_params(height, width, (crop_min_scale, 1.0), ratio, g)
     flip = hflip and float(torch.rand((), generator=g)) < 0.5
     seed = int(torch.randint(2**62, (), generator=g)) if randaug else 0

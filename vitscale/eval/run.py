@@ -1,8 +1,9 @@
 """``vitscale eval``: run one or more evaluations of a checkpoint and write ``<name>.json`` + PNGs per evaluation.
 
 Evaluations: ``accuracy`` (the classifier's own top-1), ``linear``, ``knn``, ``fewshot`` (frozen features,
-extracted once and shared) and ``robustness`` (fine-tuning is ``vitscale train`` with ``model.init``); ``probes`` = linear,knn,fewshot. Only the main
-process writes files and prints; every process computes (features are gathered, counts summed).
+extracted once and shared) and ``robustness`` (fine-tuning is ``vitscale train`` with ``model.init``);
+``probes`` = linear,knn,fewshot. Only the main process writes files and prints; every process computes (features
+are gathered, counts summed).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ and timm's ``config.json`` (architecture, model_args, num_classes, global_pool, 
 
 Load it with ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` (timm >= 1.0) or, naming the architecture
 and its arguments yourself (config.json's ``architecture`` and ``model_args``), ``timm.create_model(ARCH,
-pretrained=True, pretrained_cfg_overlay=dict(file=OUT_DIR + "/model.safetensors", num_classes=N), **model_args)``. An MAE exports its encoder; a BatchNorm before the head (linear probe) is
-folded into the head, which is exactly equivalent at inference.
+pretrained=True, pretrained_cfg_overlay=dict(file=OUT_DIR + "/model.safetensors", num_classes=N), **model_args)``.
+An MAE exports its encoder; a BatchNorm before the head (linear probe) is folded into the head, which is exactly
+equivalent at inference.
 """
 from __future__ import annotations
 
