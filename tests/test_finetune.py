@@ -180,8 +180,8 @@ def test_lars_under_zero_is_a_one_line_config_error(tmp_path, data_cache):
 def test_demo_chain_mae_init_beats_random_init(tmp_path, data_cache):
     """pretrain (configs/demo_mae.yaml) -> fine-tune (configs/demo_finetune.yaml, model.init = the MAE run dir), at
     test size on the digits, against the same fine-tuning from random init: same data, steps and seed.
-    Measured (297 held-out digits): after 100 fine-tuning steps MAE init 65.3% top-1, random init 54.2% (+11.1
-    points; +14.8 at 150 steps, +5.4 at 50). Asserted at 100 steps: at least +5 points, and the MAE run above 55%."""
+    Measured (297 held-out digits), 100-step runs: MAE init 56.2% top-1, random init 43.8% (+12.4 points); within
+    150-step runs: +14.8 at 150, +11.1 at 100, +5.4 at 50. Asserted: at least +5 points, the MAE run above 50%."""
     import subprocess
     import sys
 
@@ -207,4 +207,4 @@ def test_demo_chain_mae_init_beats_random_init(tmp_path, data_cache):
         assert ("model.init: 28 tensors loaded" in out) == (name == "from_mae"), out[-2000:]
         acc[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_acc" in r][-1]["val_acc"]
     assert acc["from_mae"] >= acc["from_scratch"] + 0.05, acc
-    assert acc["from_mae"] > 0.55, acc
+    assert acc["from_mae"] > 0.5, acc
