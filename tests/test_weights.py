@@ -200,3 +200,19 @@ print((ya - ours).abs().max().item(), (yb - ours).abs().max().item())
     assert r.returncode == 0, r.stderr[-3000:]
     diffs = [float(v) for v in r.stdout.split()]
     assert max(diffs) <= 1e-5, diffs
+
+
+def test_timm_encoder_into_an_mae_starts_the_decoder_fresh():
+    """Continued MAE pretraining from a timm ViT: the encoder loads under `encoder.`, the decoder keeps its own init;
+    the timm head has nowhere to go in an MAE and is dropped."""
+    theirs = _timm_vit(num_classes=10)
+    mae = create_model("mae_vit_micro_patch4", img_size=32, **DIMS)
+    decoder_before = mae.decoder_pred.weight.clone()
+    fit = fit_state_dict(mae, theirs.state_dict())
+    assert fit.notes == ["decoder initialised (not in the source)", "head dropped (the model has none; source had 10 "
+                                                                     "classes)"]
+    from vitscale.weights.fit import to_model_keys
+
+    copy_state(mae, to_model_keys(mae, fit.state_dict))
+    assert torch.equal(mae.encoder.blocks[1].attn.qkv.weight, theirs.blocks[1].attn.qkv.weight)
+    assert torch.equal(mae.decoder_pred.weight, decoder_before)
