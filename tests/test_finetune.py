@@ -141,7 +141,8 @@ def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_pa
 
 def test_sgd_and_lars_steps_by_hand_with_layer_decay():
     """One step of each optimizer on a tiny ViT's groups (layer decay 0.5), against the update rules written out:
-    SGD with momentum; LARS as MAE's (trust ratio 0.001 |w| / |g + wd w| for matrices, plain momentum otherwise)."""
+    SGD with momentum; LARS (trust ratio 0.001 |w| / (|g| + wd |w|) for tensors of more than one dimension, plain
+    momentum otherwise; with weight decay 0, as in MAE's linear probe, exactly MAE's rule)."""
     from types import SimpleNamespace
 
     from vitscale.models import create_model
@@ -164,8 +165,9 @@ def test_sgd_and_lars_steps_by_hand_with_layer_decay():
         for n, p in model.named_parameters():
             lr, wd = scale[id(p)]
             d = grads[n] + wd * before[n]
-            if name == "lars" and p.ndim > 1:
-                d = d * 0.001 * before[n].norm() / d.norm()
+            if name == "lars" and p.ndim > 1:  # the LARS paper's trust ratio (MAE's when weight decay is 0)
+                w = before[n].norm()
+                d = d * 0.001 * w / (grads[n].norm() + wd * w)
             assert torch.allclose(p.detach(), before[n] - lr * d, atol=1e-7, rtol=1e-5), (name, n)
         assert opt.param_groups[0]["lr"] < opt.param_groups[-1]["lr"]  # layer decay: the stem learns slowest
 

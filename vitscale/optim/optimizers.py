@@ -37,8 +37,20 @@ def build_optimizer(groups: Iterable[dict], cfg: Any) -> torch.optim.Optimizer:
     if o.name == "lars":
         from timm.optim import Lars
 
-        # As MAE's LARS: the trust ratio only for weight matrices; biases and norms take plain momentum steps.
-        for group in groups:
-            group["always_adapt"] = all(logical_ndim(p) > 1 for p in group["params"])
-        return Lars(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay, trust_coeff=0.001)
+        return Lars(_split_by_ndim(groups), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coeff=0.001)
     raise ValueError(f"unknown optim.name {o.name!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def _split_by_ndim(groups: list[dict]) -> list[dict]:
+    """As MAE's LARS: the trust ratio for every parameter of more than one dimension (weights, tokens, position
+    table), plain momentum steps for biases and norms. (timm's ratio is the LARS paper's, |w| / (|g| + wd |w|);
+    MAE's is |w| / |g + wd w|: the same at weight decay 0, MAE's linear-probe setting.) timm's LARS decides per group (``always_adapt``), so each
+    group is split in two with the same options."""
+    out = []
+    for group in groups:
+        for adapt in (True, False):
+            params = [p for p in group["params"] if (logical_ndim(p) > 1) == adapt]
+            if params:
+                out.append({**group, "params": params, "always_adapt": adapt})
+    return out
