@@ -200,7 +200,7 @@ def check_png(path):
 
 
 def test_loader_roundtrip_safetensors_and_checkpoint_dir(tmp_path):
-    from vitscale.analysis.load import load_model_for_analysis
+    from vitscale.weights import load_model as load_model_for_analysis
 
     torch.manual_seed(0)
     model = create_model("vit_micro_patch4", img_size=32, num_classes=10).eval()

@@ -139,7 +139,7 @@ def test_deepspeed_two_processes_then_one_then_two_then_timm(tmp_path, data_cach
     import timm.models.vision_transformer as timm_vit
     from safetensors.torch import load_file
 
-    from vitscale.analysis.load import load_model_for_analysis
+    from vitscale.weights import load_model as load_model_for_analysis
 
     out = tmp_path / "ds.safetensors"
     r = run_cli(["export", str(tmp_path / "ds"), str(out)], cwd=tmp_path)

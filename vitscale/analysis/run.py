@@ -20,7 +20,8 @@ from vitscale.analysis.attention import (mean_attention_distance_layer, patch_di
                                          query_attention_to_patches, rollout_step, rollout_to_patches)
 from vitscale.analysis.filters import patch_filter_pca
 from vitscale.analysis.images import load_images
-from vitscale.analysis.load import DEFAULT_NORM_PIX_LOSS, encoder_of, load_model_for_analysis
+from vitscale.weights import encoder_of
+from vitscale.weights.load import DEFAULT_NORM_PIX_LOSS, load_model
 from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
 from vitscale.data.transforms import denormalize, normalize
 from vitscale.logging.images import mae_panels, prediction_to_pixels, save_mae_grid
@@ -161,7 +162,7 @@ def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Pa
              model_name: Optional[str], log: Callable[[str], None]) -> _Run:
     """Load the model and the images (resized to the model's input, normalised as in training)."""
     dev = resolve_device(device)
-    model, info = load_model_for_analysis(path, device=dev, model_name=model_name)
+    model, info = load_model(path, device=dev, model_name=model_name)
     enc = encoder_of(model)
     if not 0 <= head < enc.num_heads:
         raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")

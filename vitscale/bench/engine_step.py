@@ -28,6 +28,7 @@ class EngineStep:
     normalisation, objective, non-finite check, backward and optimizer step) on the batches it is given."""
 
     def __init__(self, cfg: Config, num_classes: int):
+        from vitscale.data.augment import batch_augment_from_config
         from vitscale.distributed import engine as eng
         from vitscale.distributed.env import detect_env
         from vitscale.train import Trainer, TrainState, Window
@@ -36,6 +37,7 @@ class EngineStep:
         eng.setup(self.env)
         self.trainer = Trainer(cfg, self.env)
         self.cfg = self.trainer.cfg  # resolved for this launch (the batch derived from data.global_batch_size)
+        self.trainer.augment = batch_augment_from_config(self.cfg, num_classes, self.env.rank)  # as Trainer.run sets it
         self.trainer.build_engine(num_classes)
         self.engine = self.trainer.engine
         self.flops_per_image = self.trainer.flops_per_image

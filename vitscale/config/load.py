@@ -225,6 +225,9 @@ def check_consistency(cfg: Config) -> None:
                           "and/or engine.offload_params")
     _check_model(cfg)
     _check_ds_config(cfg.engine.ds_config)
+    from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
+
+    check_optim(cfg)
 
 
 def _check_model(cfg: Config) -> None:

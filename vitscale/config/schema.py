@@ -65,6 +65,19 @@ class ModelConfig:
     attn_drop_rate: float = 0.0
     # Dropout after the attention and MLP projections.
     proj_drop_rate: float = 0.0
+    # Start the weights (not the optimizer or step) from: a run or checkpoint directory (latest complete), a
+    # `vitscale export` file, a timm state dict (.safetensors/.pth/.bin) or an MAE release .pth ("" = random init).
+    # The head starts fresh when the class count differs, an MAE decoder is dropped, pos_embed is resampled to
+    # model.img_size; anything else that does not fit is an error. Ignored when the run resumes from a checkpoint.
+    init: str = ""
+    # Std of the classifier head's initial weights (truncated normal, bias 0) when it starts fresh; MAE uses 2e-5
+    # for fine-tuning, 0.01 for linear probing; 0 = zeros (the ViT paper). null = the layer's default (xavier-uniform).
+    head_init_std: Optional[float] = None
+    # Parameters that do not train: "encoder" (everything but the head: linear probing) or comma-separated
+    # parameter-name prefixes, e.g. "patch_embed,blocks.0" ("" = train everything).
+    freeze: str = ""
+    # A BatchNorm without affine parameters before the head (MAE's linear probe).
+    head_norm: bool = False
 
 
 @dataclass
@@ -120,10 +133,29 @@ class DataConfig:
     # Images with more pixels than this (read from the header, before decoding) are skipped and counted; the
     # default is PIL's decompression-bomb limit (~89 Mpx). 0 = no limit.
     max_pixels: int = 89_478_485
+    # Fine-tuning augmentation from timm's library (seeded from the data stream: exact resume).
+    # RandAugment config after the crop, e.g. "rand-m9-mstd0.5-inc1" (MAE/DeiT fine-tuning); "" = none.
+    randaug: str = ""
+    # Mixup alpha (0 = off); the labels become soft targets (objective.label_smoothing folded in).
+    mixup: float = 0.0
+    # CutMix alpha (0 = off).
+    cutmix: float = 0.0
+    # Probability that a batch is mixed at all (when mixup or cutmix is on).
+    mixup_prob: float = 1.0
+    # Probability of CutMix instead of Mixup when both are on.
+    mixup_switch_prob: float = 0.5
+    # RandomErasing probability per image (per-pixel random fill, after normalisation; 0 = off).
+    random_erasing: float = 0.0
+    # Held-out images: resize the shorter side to img_size / eval_crop_pct, then centre-crop img_size.
+    eval_crop_pct: float = 0.875
 
 
 @dataclass
 class OptimConfig:
+    # "adamw", "sgd" (momentum; the ViT paper's fine-tuning) or "lars" (MAE's linear probe; needs ZeRO-0, fp32).
+    name: str = "adamw"
+    # SGD/LARS momentum.
+    momentum: float = 0.9
     # Absolute peak learning rate; if null, lr = blr * global_batch / 256.
     lr: Optional[float] = None
     # Base learning rate per 256 samples (used when optim.lr is null).
@@ -156,6 +188,9 @@ class TrainConfig:
     keep_last: int = 2
     # Write a metrics line every this many steps.
     log_every: int = 10
+    # Validate on data.val_shards every this many steps (top-1, top-5, loss to metrics.jsonl and wandb; a checkpoint
+    # at each new best top-1, pointed at by checkpoints/best). 0 = only at the end of the run.
+    eval_every: int = 0
     # "auto" (latest complete checkpoint if any), "never", or a checkpoint directory path.
     resume: str = "auto"
     # Show a tqdm progress bar on rank 0.
@@ -234,6 +269,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
         "model.global_pool": ("token", "avg"),
         "model.pos_embed": ("learn", "sincos", "none"),
         "data.decode_on": ("worker", "device"),
+        "optim.name": ("adamw", "sgd", "lars"),
         "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
         "engine.zero_stage": (0, 1, 2, 3),

@@ -65,6 +65,7 @@ class StreamPlan:
     label_key: str = "cls"
     num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
     k: int = 1  # shards per block for epochs not in ``plans``
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
 
@@ -139,9 +140,10 @@ class WorkerStream:
         g = generator("aug", p.order.seed, self.epoch, k, block, j)
         size = jpeg_size(data, p.max_pixels) if p.decode_on == "device" else None
         if size is not None:  # the same draws from g as below: the same crop either way
-            crop = train_crop(*size, p.img_size, g, p.crop_min_scale)
+            crop = train_crop(*size, p.img_size, g, p.crop_min_scale, randaug=p.randaug)
             return DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop), label
-        return train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale), label
+        image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug)
+        return image, label
 
     def _label(self, sample: dict) -> int:
         n = self.plan.num_classes
@@ -327,7 +329,7 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
                        state: Union[dict, list, None] = None, max_bad_fraction: float = 0.01,
                        decode_on: str = "worker", shards_in_flight: int = 16, shuffle_buffer: int = 1000,
                        label_key: str = "cls", num_classes: int = 0,
-                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> TrainLoader:
+                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, randaug: str = "") -> TrainLoader:
     """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()`` (or the list of
     every rank's, to resume on another layout)."""
     urls = list(urls)
@@ -348,7 +350,8 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     plan = StreamPlan(urls=tuple(urls), order=order, rank=rank, world_size=world_size, num_workers=workers,
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
-                      num_classes=int(num_classes), max_pixels=max_pixels, k=block_size(order, world_size * workers))
+                      num_classes=int(num_classes), max_pixels=max_pixels, k=block_size(order, world_size * workers),
+                      randaug=randaug)
     return TrainLoader(plan, num_workers, state)
 
 
@@ -363,4 +366,4 @@ def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: in
                               decode_on=d.decode_on, shards_in_flight=d.shards_in_flight,
                               shuffle_buffer=d.shuffle_buffer, label_key=d.label_key,
                               num_classes=num_classes,
-                              max_pixels=d.max_pixels or None)
+                              max_pixels=d.max_pixels or None, randaug=d.randaug)

@@ -254,32 +254,43 @@ class Crop:
     width: int
     flip: bool
     size: int
+    randaug: str = ""  # timm RandAugment config applied after the crop ("" = none; data.randaug)
+    aug_seed: int = 0  # its seed, drawn from the sample's generator right after the crop
 
 
 def train_crop(height: int, width: int, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35,
-               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> Crop:
-    """Draw RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + flip for an image of this size. Only
-    the size is needed, so the draw can happen where the image is not decoded (see ``data.decode_on``)."""
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, randaug: str = "") -> Crop:
+    """Draw RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + flip (+ a RandAugment seed) for an image
+    of this size. Only the size is needed, so the draw can happen where the image is not decoded
+    (``data.decode_on``)."""
     top, left, h, w = random_resized_crop_params(height, width, (crop_min_scale, 1.0), ratio, g)
     flip = hflip and float(torch.rand((), generator=g)) < 0.5
-    return Crop(top, left, h, w, flip, img_size)
+    seed = int(torch.randint(2**62, (), generator=g)) if randaug else 0
+    return Crop(top, left, h, w, flip, img_size, randaug, seed)
 
 
 def apply_crop(img: torch.Tensor, crop: Crop) -> torch.Tensor:
     """Cut, resize and mirror a decoded uint8 (3,H,W) image, on whatever device it is."""
     out = _resize(img[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width], [crop.size, crop.size])
-    return (out.flip(-1) if crop.flip else out).contiguous()
+    out = (out.flip(-1) if crop.flip else out).contiguous()
+    if crop.randaug:
+        from vitscale.data.augment import randaugment
+
+        out = randaugment(out, crop.randaug, crop.aug_seed)
+    return out
 
 
 def train_transform(img: torch.Tensor, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35,
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    """RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + random horizontal flip, uint8 in/out."""
-    return apply_crop(img, train_crop(img.shape[-2], img.shape[-1], img_size, g, crop_min_scale, ratio, hflip))
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, randaug: str = "") -> torch.Tensor:
+    """RandomResizedCrop(img_size, scale=(crop_min_scale, 1), ratio) + random horizontal flip (+ RandAugment),
+    uint8 in/out."""
+    return apply_crop(img, train_crop(img.shape[-2], img.shape[-1], img_size, g, crop_min_scale, ratio, hflip,
+                                      randaug))
 
 
-def eval_transform(img: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Resize the shorter side to img_size / 0.875, then centre-crop img_size x img_size (uint8 in/out)."""
-    short = max(img_size, int(img_size / EVAL_CROP_FRACTION))
+def eval_transform(img: torch.Tensor, img_size: int, crop_pct: float = EVAL_CROP_FRACTION) -> torch.Tensor:
+    """Resize the shorter side to img_size / crop_pct, then centre-crop img_size x img_size (uint8 in/out)."""
+    short = max(img_size, int(img_size / crop_pct))
     h, w = img.shape[-2:]
     if h <= w:
         size = [short, max(short, int(round(w * short / h)))]

@@ -143,7 +143,11 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         complete = [s for s in self.steps() if is_complete(self.dir / tag_for(s))[0]]
+        best = self.dir / "best"  # train.eval_every's best checkpoint is kept whatever its age
+        keep = best.read_text().strip() if best.is_file() else None
         for s in complete[:-self.keep_last]:
+            if tag_for(s) == keep:
+                continue
             shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
 
     def find(self, resume: str) -> Optional[Path]:

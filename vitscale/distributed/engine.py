@@ -160,6 +160,16 @@ def model_init_context(cfg: Config, ds_config: dict):
     return contextlib.nullcontext()
 
 
+def gathered_params(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] = 0):
+    """Whole parameters for the duration of the block. Under ZeRO-3's zero.Init each rank holds a partition: the
+    full tensors are gathered, and what ``modifier_rank`` writes into them is broadcast and re-partitioned on exit
+    (every rank must enter). Plain tensors (ZeRO 0-2, before the engine) need nothing."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    return _ds().zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 class Engine:
     """A thin, explicit surface over DeepSpeedEngine: what the trainer needs and nothing more."""
 
@@ -274,7 +284,11 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
     for FusedAdam on H100's "9.0a" arch string), or, when optimizer states live on the CPU, DeepSpeed's
     vectorised CPU AdamW (built once by JIT and cached; torch's AdamW on CPU tensors would be far slower)."""
     groups = list(param_groups)
-    if cfg.engine.offload_optimizer:
+    if cfg.optim.name != "adamw":  # sgd, lars: vitscale/optim/optimizers.py
+        from vitscale.optim.optimizers import build_optimizer
+
+        optimizer = build_optimizer(groups, cfg)
+    elif cfg.engine.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(groups, lr=0.0, betas=tuple(cfg.optim.betas),

@@ -19,7 +19,7 @@ def require_classifier(model: nn.Module, what: str) -> None:
     """Evaluations of the model's own predictions need a classification head."""
     if getattr(model, "num_classes", 0) in (0, None):
         raise ValueError(f"{what} needs a classifier, but this checkpoint has no head (an MAE encoder?): "
-                         f"fine-tune it first (`vitscale eval finetune` writes finetuned.safetensors)")
+                         f"fine-tune it first (`vitscale train` with model.init: docs/finetune.md)")
 
 
 @torch.no_grad()

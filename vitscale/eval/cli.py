@@ -10,17 +10,16 @@ Evaluate a pretrained ViT. EVALUATIONS is a comma-separated list of:
   linear      linear probe on frozen features: BatchNorm (no affine) + linear head (MAE recipe)
   knn         weighted k-nearest-neighbour classifier on cosine similarity of frozen features
   fewshot     ridge regression (closed form) on L2-normalised features, --shots per class, --fewshot-seeds seeds
-  finetune    full fine-tuning with layer-wise LR decay, drop-path, label smoothing (--config, key=value)
   robustness  occlusion, patch shuffle, adversarial patch, common corruptions; the ViT and a ResNet-18
               of about its parameter count, trained on the same data and steps
   probes      = linear,knn,fewshot (features are extracted once and shared);  all = everything
-Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed.
+Each evaluation writes OUT/<name>.json and PNGs; a summary table is printed. Fine-tuning is a training mode:
+  vitscale train --config configs/demo_finetune.yaml model.init=CKPT   (docs/finetune.md)
 Runs on one process as is; for several GPUs or nodes use `accelerate launch -m vitscale eval ...`."""
 
 EPILOG = """\
 examples:
   vitscale eval probes mae.safetensors --data demo:digits --out eval/mae --with-random-init
-  vitscale eval finetune mae.safetensors steps=200 --data demo:digits --config configs/eval/finetune_digits.yaml
   vitscale eval robustness runs/demo --data demo:digits --out eval/robust"""
 
 
@@ -43,17 +42,14 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    e = subparsers.add_parser("eval", help="linear probe, kNN, few-shot, fine-tuning, robustness (vs a CNN)",
+    e = subparsers.add_parser("eval", help="linear probe, kNN, few-shot, robustness (vs a CNN)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("evaluations", metavar="EVALUATIONS", help="e.g. linear,knn,fewshot or probes or robustness")
-    e.add_argument("ckpt", metavar="CKPT", help="model.safetensors from `vitscale export` (or finetune's "
-                                                "finetuned.safetensors), a checkpoint dir or a run dir")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="finetune options right after CKPT, e.g. steps=200 layer_decay=0.65 (or use --set)")
+    e.add_argument("ckpt", metavar="CKPT", help="model.safetensors from `vitscale export`, a checkpoint dir or a "
+                                                "run dir (e.g. a fine-tuning run's)")
     _data_flags(e.add_argument_group("data and output"))
     _feature_flags(e.add_argument_group("frozen features (linear, knn, fewshot)"))
-    _finetune_flags(e.add_argument_group("fine-tuning"))
     _robustness_flags(e.add_argument_group("robustness"))
     _baseline_flags(e.add_argument_group("robustness: the CNN baseline"))
     e.set_defaults(func=run_eval_command)
@@ -96,13 +92,6 @@ def _feature_flags(f) -> None:
     f.add_argument("--ridge-reg", type=float, default=1e-3, help="few-shot ridge L2 regularisation (default 1e-3)")
 
 
-def _finetune_flags(t) -> None:
-    t.add_argument("--config", dest="finetune_config", default=None,
-                   help="YAML of finetune options (e.g. configs/eval/finetune_digits.yaml); KEY=VALUE overrides it")
-    t.add_argument("--set", dest="set_overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="finetune option overrides anywhere on the line, e.g. --set steps=200 drop_path=0.2")
-
-
 # Robustness flags left unset keep RobustnessConfig's defaults; each flag's dest is the config field it sets.
 ROBUSTNESS_FLAGS = ("curves", "occlusion_fractions", "box_areas", "occlusion_fill", "occlusion_grid", "shuffle_grids",
                     "patch_areas", "corruptions", "repeats", "pgd_steps", "pgd_step_size", "pgd_images")
@@ -141,8 +130,8 @@ def _baseline_flags(b) -> None:
 
 
 def build_options(args: argparse.Namespace):
-    """argparse namespace -> ``EvalOptions``: every flag whose dest is an option field, the finetune overrides
-    from both places, and the robustness flags that were set."""
+    """argparse namespace -> ``EvalOptions``: every flag whose dest is an option field, and the robustness flags
+    that were set."""
     from dataclasses import fields
 
     from vitscale.eval.robustness import RobustnessConfig
@@ -152,10 +141,9 @@ def build_options(args: argparse.Namespace):
     for name in ROBUSTNESS_FLAGS:
         if getattr(args, name) is not None:
             setattr(rob, name, getattr(args, name))
-    flags = [f.name for f in fields(EvalOptions) if f.name not in ("finetune_overrides", "robustness")]
+    flags = [f.name for f in fields(EvalOptions) if f.name != "robustness"]
     values = {name: getattr(args, name) for name in flags if hasattr(args, name)}
-    return EvalOptions(**values, finetune_overrides=list(args.overrides) + list(args.set_overrides),
-                       robustness=rob)
+    return EvalOptions(**values, robustness=rob)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

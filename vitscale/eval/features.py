@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from vitscale.analysis.load import encoder_of, load_model_for_analysis
+from vitscale.weights import encoder_of, load_model
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
 from vitscale.data.transforms import normalize
@@ -65,7 +65,7 @@ def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    model, info = load_model_for_analysis(path, device=device, model_name=model_name)
+    model, info = load_model(path, device=device, model_name=model_name)
     encoder = encoder_of(model)
     if random_init:
         reinit_(encoder, seed)

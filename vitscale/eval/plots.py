@@ -61,31 +61,6 @@ def plot_fewshot(results: dict[str, dict], path: PathLike, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def plot_finetune(result: dict, path: PathLike, title: str) -> Path:
-    fig = new_figure(10, 4, DPI)
-    ax1, ax2 = fig.subplots(1, 2)
-    steps = [h["step"] for h in result["history"]]
-    ax1.plot(steps, [h["loss"] for h in result["history"]], label="training loss (label-smoothed CE)")
-    ax1.set(title="fine-tuning loss", xlabel="step", ylabel="loss")
-    ax2.plot(steps, [h["lr"] for h in result["history"]], label="peak LR (head); block i gets × decay^(L-i)")
-    ax2.set(title="learning rate", xlabel="step", ylabel="lr")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    evals = ", ".join(f"step {e['step']}: {100 * e['val_acc']:.1f}%" for e in result["evals"])
-    fig.suptitle(f"{title}\nheld-out top-1: {evals}")
-    return save_figure(fig, path)
-
-
-_TITLES = {
-    "occlusion_patches": "Occlusion: random patches hidden",
-    "occlusion_boxes": "Occlusion: one random box blanked",
-    "patch_shuffle": "Patch shuffle: image cut into g×g cells, permuted",
-    "adversarial_patch": "Adversarial patch (PGD-optimised, random position)",
-    "corruptions": "Common corruptions (mean over corruption types)",
-}
-
-
 def plot_robustness_curve(models: dict[str, dict], curve: str, path: PathLike, title: str) -> Path:
     """One robustness curve for every model (solid); the adversarial patch also shows its random-noise
     control patch (dashed)."""

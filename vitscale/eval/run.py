@@ -1,7 +1,8 @@
 """``vitscale eval``: run one or more evaluations of a checkpoint and write ``<name>.json`` + PNGs per evaluation.
 
 Evaluations: ``accuracy`` (the classifier's own top-1), ``linear``, ``knn``, ``fewshot`` (frozen features,
-extracted once and shared), ``finetune`` and ``robustness``; ``probes`` = linear,knn,fewshot. Only the main
+extracted once and shared) and ``robustness`` (fine-tuning is ``vitscale train`` with ``model.init``);
+``probes`` = linear,knn,fewshot. Only the main
 process writes files and prints; every process computes (features are gathered, counts summed).
 """
 from __future__ import annotations
@@ -17,7 +18,10 @@ from vitscale.eval.features import (check_labels, data_specs, extract_features, 
                                     num_classes_of, reinit_, resolve_data)
 from vitscale.eval.robustness import RobustnessConfig
 
-EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "finetune", "robustness")
+EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
+# Fine-tuning is a mode of `vitscale train` (one training loop: ZeRO, resume, validation, augmentation).
+FINETUNE_HINT = ("fine-tuning runs through `vitscale train`: vitscale train --config configs/demo_finetune.yaml "
+                 "model.init=CKPT (recipes and options: docs/finetune.md)")
 ALIASES = {"probes": ("linear", "knn", "fewshot"), "all": EVALUATIONS}
 PROBES = ("linear", "knn", "fewshot")
 
@@ -48,8 +52,6 @@ class EvalOptions:
     shots: Sequence[int] = (1, 5, 10, 25)
     fewshot_seeds: int = 5
     ridge_reg: float = 1e-3
-    finetune_config: Optional[str] = None
-    finetune_overrides: Sequence[str] = ()
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     baseline: str = "resnet18"
     baseline_ckpt: Optional[str] = None
@@ -66,6 +68,8 @@ def parse_evaluations(spec: str) -> list[str]:
         name = raw.strip().lower()
         if not name:
             continue
+        if name == "finetune":
+            raise ValueError(FINETUNE_HINT)
         if name in ALIASES:
             names.extend(n for n in ALIASES[name] if n not in names)
         elif name in EVALUATIONS:
@@ -78,7 +82,7 @@ def parse_evaluations(spec: str) -> list[str]:
                              f"or probes / all)")
     if not names:
         raise ValueError("no evaluation named (e.g. linear,knn,fewshot)")
-    return [n for n in EVALUATIONS if n in names]  # a fixed order: finetune changes nothing the others see
+    return [n for n in EVALUATIONS if n in names]  # a fixed order
 
 
 def _model_summary(info: dict) -> dict:
@@ -145,15 +149,13 @@ class _Session:
 def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None) -> dict[str, dict]:
     """Run ``evaluations`` (names or aliases) on ``ckpt``; returns ``{name: the JSON document written}``."""
     names = parse_evaluations(",".join(evaluations) if not isinstance(evaluations, str) else evaluations)
-    finetune_cfg = _check_options(names, ckpt, opts)
+    _check_options(ckpt, opts)
     s = _open_session(ckpt, opts, log)
     if "accuracy" in names:
         _accuracy(s)
     probes = [n for n in names if n in PROBES]
     if probes:
         _probes(s, probes)
-    if "finetune" in names:
-        _finetune(s, finetune_cfg)
     if "robustness" in names:
         from vitscale.eval.robust_run import run_robustness
 
@@ -165,20 +167,13 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
     return s.docs
 
 
-def _check_options(names: list[str], ckpt: str, opts: EvalOptions):
-    """Every option error before any work; returns the finetune config (None without finetune)."""
-    if opts.finetune_overrides and "finetune" not in names:
-        raise ValueError(f"key=value overrides {list(opts.finetune_overrides)} only apply to finetune")
+def _check_options(ckpt: str, opts: EvalOptions) -> None:
+    """Every option error before any work."""
     if opts.with_random_init and opts.random_init:
         raise ValueError("--random-init and --with-random-init exclude each other")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     opts.robustness.validate()
-    if "finetune" not in names:
-        return None
-    from vitscale.eval.finetune import load_finetune_config
-
-    return load_finetune_config(opts.finetune_config, opts.finetune_overrides)
 
 
 def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
@@ -204,25 +199,6 @@ def _accuracy(s: _Session) -> None:
     res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
     s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
     s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_acc"])])
-
-
-def _finetune(s: _Session, finetune_cfg) -> None:
-    from vitscale.eval.finetune import finetune, save_finetuned
-    from vitscale.eval.plots import plot_finetune
-
-    opts, info, accelerator, say = s.opts, s.info, s.accelerator, s.say
-    ft_model, _ = load_encoder(s.ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
-    ft_model, res = finetune(ft_model, s.train_set, s.val_set, s.num_classes, finetune_cfg, accelerator,
-                             img_size=s.img_size, eval_batch_size=opts.batch_size,
-                             is_mae=info["objective"] == "mae", log=say)
-    if accelerator.is_main_process:
-        res["weights"] = str(save_finetuned(ft_model, info, s.out / "finetuned.safetensors", finetune_cfg.steps))
-        say(f"wrote {res['weights']}")
-        say("wrote " + str(plot_finetune(res, s.out / "finetune.png", f"fine-tuning {info['name']} ({s.label}), "
-                                         f"layer decay {finetune_cfg.layer_decay}, "
-                                         f"drop-path {finetune_cfg.drop_path}")))
-    s.emit("finetune", {"evaluation": "finetune", **s.base, "results": {s.label: res}})
-    s.summary.append(["finetune", f"top-1 (%) after {finetune_cfg.steps} steps", _pct(res["val_acc"])])
 
 
 def _print_summary(s: _Session) -> None:

@@ -29,7 +29,8 @@ class VisionTransformer(nn.Module):
     sin-cos table, stored as a frozen parameter so the key still exists) or "none". ``global_pool``: "token"
     ([CLS]) or "avg" (mean of patch tokens; then, as in timm, the final LayerNorm is ``fc_norm`` after pooling
     and ``norm`` is an identity, unless ``fc_norm`` says otherwise). ``init_values`` enables LayerScale.
-    ``hybrid_layers`` swaps the patch embedding for a BiT ResNet stem with those stage depths.
+    ``hybrid_layers`` swaps the patch embedding for a BiT ResNet stem with those stage depths. ``head_norm`` puts
+    a BatchNorm without affine parameters before the head (MAE's linear probe; it folds into the head on export).
     """
 
     def __init__(self, img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -38,7 +39,7 @@ class VisionTransformer(nn.Module):
                  global_pool: str = "token", pos_embed: str = "learn", init_values: Optional[float] = None,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, fc_norm: Optional[bool] = None, dynamic_img_size: bool = False,
-                 hybrid_layers: Optional[Sequence[int]] = None):
+                 hybrid_layers: Optional[Sequence[int]] = None, head_norm: bool = False):
         super().__init__()
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
@@ -85,6 +86,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
         self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        self.head_norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6) if head_norm else nn.Identity()
         self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_tokens()
 
@@ -167,7 +169,7 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

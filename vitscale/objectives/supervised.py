@@ -24,7 +24,8 @@ class Supervised(Objective):
 
     def build_model(self, num_classes: int) -> nn.Module:
         m = self.cfg.model
-        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, **model_kwargs(self.cfg))
+        model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, head_norm=m.head_norm,
+                             **model_kwargs(self.cfg))
         model.set_grad_checkpointing(m.grad_checkpointing)
         return model
 
@@ -43,9 +44,12 @@ class Supervised(Objective):
 def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     logits = model(images)
+    if labels.is_floating_point():  # soft targets (data.mixup/cutmix): label smoothing is already in them
+        label_smoothing = 0.0
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     with torch.no_grad():  # a tensor, not .item(): a host sync per micro-batch would stall the GPU
-        acc = (logits.argmax(-1) == labels).float().mean()
+        hard = labels.argmax(-1) if labels.is_floating_point() else labels
+        acc = (logits.argmax(-1) == hard).float().mean()
     return loss, {"acc": acc}
 
 

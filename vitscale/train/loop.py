@@ -17,18 +17,20 @@ import torch
 
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, resolve, save_config
+from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.pipeline import build_eval_loader, saved_stream_states, train_loader_from_config
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed import runlock, watchdog
-from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.distributed.checkpoint import CheckpointManager, tag_for
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
 from vitscale.logging.trackers import Tracker
 from vitscale.objectives import objective_for
 from vitscale.optim import lr_at, param_groups
+from vitscale.train import model_init, validation
 from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
 from vitscale.train.state import Preemption, StepOutput, TrainState, Window, rng_state
 
@@ -66,6 +68,9 @@ class Trainer:
         self.metrics: Optional[MetricsWriter] = None
         self.bar = None  # tqdm on rank 0 with train.progress
         self.preemption: Optional[Preemption] = None  # signal handlers: installed by run() only
+        self.init: Optional[model_init.InitPlan] = None  # model.init's fitted source (None: random init or resumed)
+        self.augment = None  # data/augment.BatchAugment: random erasing, mixup/cutmix (fine-tuning)
+        self.validation: Optional[validation.PeriodicValidation] = None  # train.eval_every, checkpoints/best
         self.batches_seen = 0  # micro-batches taken from the stream by this process (fault injection counts them)
         self.decode_failures = 0  # JPEGs this rank's device could not decode (data.decode_on=device)
         self.bad_in_a_row = 0
@@ -102,8 +107,10 @@ class Trainer:
             if self.objective.images_due(state.step, last):
                 self.save_picture(out.batch, state.step)
             preempted = self._preempted(out.preempted, state.step, last)
-            if last or preempted or state.step % cfg.train.ckpt_every == 0:
+            best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step)
+            if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self.save(state)
+                self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
                 break
@@ -115,6 +122,10 @@ class Trainer:
         """Data, run directory, engine (resumed from ``point``), data stream, RNG and outputs, in that order."""
         cfg, env = self.cfg, self.env
         self._open_data()  # missing shards fail here, before the run directory is touched
+        # model.init and the augmentation keys are checked here too, before anything is written.
+        self.init = model_init.plan(cfg, lambda: self.objective.build_model(self.num_classes), point is not None,
+                                    self.log)
+        self.augment = batch_augment_from_config(cfg, self.num_classes, env.rank)
         runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +166,10 @@ class Trainer:
         state.tracker_id = self.tracker.run_id or state.tracker_id
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
         self.preemption = Preemption()
+        metrics, tracker = self.metrics, self.tracker
+        self.validation = validation.PeriodicValidation(
+            cfg, self.val_set.urls if self.val_set else None, env.rank, env.world_size, self.ckpt.dir,
+            lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log)
         if env.is_main and cfg.train.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
@@ -168,6 +183,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = self.objective.build_model(num_classes)
+        model_init.prepare(model, cfg, self.init, log=self.log)  # model.init, a fresh head, model.freeze
         self.flops_per_image = self.objective.flops_per_image(model)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         self.engine = eng.initialize(model, groups, cfg, ds_config)
@@ -210,7 +226,10 @@ class Trainer:
         """Decoded (if still JPEG bytes), normalised images in the engine's dtype, and labels, on its device."""
         raw, bad = materialize(batch["image"], self.engine.device)
         self.decode_failures += bad
-        return normalize(raw).to(self.engine.dtype), batch["label"].to(self.engine.device)
+        images, labels = normalize(raw), batch["label"].to(self.engine.device)
+        if self.augment is not None:  # random erasing, mixup/cutmix: seeded from the batch's stream position
+            images, labels = self.augment(images, labels, batch.get("stream"))
+        return images.to(self.engine.dtype), labels
 
     def _lr(self, state: TrainState, step: int) -> float:
         cfg = self.cfg
@@ -354,7 +373,8 @@ class Trainer:
         """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""
         cfg = self.cfg
         loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                                   rank=self.env.rank, world_size=self.env.world_size, label_key=cfg.data.label_key)
+                                   rank=self.env.rank, world_size=self.env.world_size, label_key=cfg.data.label_key,
+                                   crop_pct=cfg.data.eval_crop_pct)
         self.engine.eval()
         sums: dict[str, float] = {"loss": 0.0}
         count = 0

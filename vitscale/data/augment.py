@@ -1,0 +1,140 @@
+"""The fine-tuning recipes' augmentations, from timm's library (not re-implemented): RandAugment per sample,
+RandomErasing and Mixup/CutMix per batch, with the soft targets (label smoothing folded in) the loss then takes.
+
+Every draw is seeded from the data stream, never from the global RNGs: RandAugment from the sample's own augmentation
+generator (the one its crop comes from), Mixup/CutMix and RandomErasing from the batch's stream position (rank,
+worker, epoch, shard, offset). The libraries draw from Python's ``random``, NumPy's and torch's global generators, so
+each call runs with those seeded and afterwards restored: training randomness is untouched and a resumed run
+augments exactly as the uninterrupted one.
+
+Order, as timm's training transform: crop + flip -> RandAugment (uint8 image) -> normalise -> RandomErasing ->
+Mixup/CutMix (batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import struct
+from functools import lru_cache
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vitscale.config import ConfigError
+from vitscale.data.transforms import IMAGENET_MEAN
+
+
+def seed_of(*parts: Any) -> int:
+    """A 63-bit seed mixed from a tag and integers (stable across processes and launches)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else struct.pack("<q", int(p) & 0x7FFFFFFFFFFFFFFF))
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int, devices: tuple = ()):
+    """Python's ``random``, NumPy's and torch's global generators seeded with ``seed`` for the block, then restored."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(devices)):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# ----- per sample: RandAugment ----------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def randaug_transform(config: str, img_size: int):
+    """timm's RandAugment with the hyper-parameters timm's ``create_transform`` gives it for this image size."""
+    from timm.data import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = dict(translate_const=int(img_size * 0.45), interpolation=str_to_pil_interp("bilinear"),
+                   img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
+    return rand_augment_transform(config, hparams)
+
+
+def check_randaug(config: str) -> None:
+    """A bad ``data.randaug`` string is a one-line ConfigError before anything runs."""
+    if not config:
+        return
+    if not config.startswith("rand"):
+        raise ConfigError(f"data.randaug={config!r}: expected a timm RandAugment string such as "
+                          f"'rand-m9-mstd0.5-inc1' (or '' for none)")
+    try:
+        randaug_transform(config, 224)
+    except Exception as e:  # timm raises assorted errors for malformed strings
+        raise ConfigError(f"data.randaug={config!r} is not a valid RandAugment string ({e})") from None
+
+
+def randaugment(img: torch.Tensor, config: str, seed: int) -> torch.Tensor:
+    """RandAugment a uint8 (3,H,W) image (on any device; the library works on PIL images on the CPU)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    pil = TF.to_pil_image(img.cpu())
+    with seeded(seed):
+        out = randaug_transform(config, max(img.shape[-2:]))(pil)
+    return TF.pil_to_tensor(out).to(img.device)
+
+
+# ----- per batch: RandomErasing, Mixup/CutMix ---------------------------------------------------------------------
+class BatchAugment:
+    """RandomErasing and Mixup/CutMix on a normalised batch; labels become soft targets when Mixup/CutMix is on."""
+
+    def __init__(self, data_cfg: Any, num_classes: int, label_smoothing: float, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+        self.erase = self.mixup = None
+        if data_cfg.random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=data_cfg.random_erasing, mode="pixel", max_count=1,
+                                       device="cpu")
+        if data_cfg.mixup > 0 or data_cfg.cutmix > 0:
+            from timm.data import Mixup
+
+            if data_cfg.batch_size % 2:
+                raise ConfigError(f"data.mixup/data.cutmix need an even data.batch_size, got {data_cfg.batch_size}")
+            self.mixup = Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix, prob=data_cfg.mixup_prob,
+                               switch_prob=data_cfg.mixup_switch_prob, mode="batch",
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+
+    @property
+    def active(self) -> bool:
+        return self.erase is not None or self.mixup is not None
+
+    def batch_seed(self, stream: Optional[dict]) -> int:
+        """From the batch's stream position (synthetic batches, e.g. ``vitscale bench``, have none)."""
+        s = stream or {}
+        where = (s.get(k, 0) for k in ("worker", "epoch", "shard", "offset"))
+        return seed_of("batch-aug", self.seed, self.rank, *where)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, stream: Optional[dict]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.active:
+            return images, labels
+        devices = (images.device,) if images.device.type == "cuda" else ()
+        with seeded(self.batch_seed(stream), devices):
+            if self.erase is not None:
+                self.erase.device = images.device
+                images = self.erase(images)
+            if self.mixup is not None:
+                images, labels = self.mixup(images, labels)
+        return images, labels
+
+
+def batch_augment_from_config(cfg: Any, num_classes: int, rank: int) -> BatchAugment:
+    """The run's batch augmentation (checks the keys first: a bad value is one line before anything is written)."""
+    d = cfg.data
+    check_randaug(d.randaug)
+    if (d.mixup > 0 or d.cutmix > 0 or d.random_erasing > 0 or d.randaug) and cfg.objective.name != "supervised":
+        raise ConfigError("data.randaug/mixup/cutmix/random_erasing are fine-tuning augmentations: they need "
+                          "objective.name=supervised")
+    return BatchAugment(d, num_classes, cfg.objective.label_smoothing, cfg.run.seed, rank)

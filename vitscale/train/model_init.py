@@ -1,0 +1,85 @@
+"""The trainer's side of fine-tuning and linear probing: where a fresh run's weights come from (``model.init``),
+how a fresh head starts (``model.head_init_std``) and what does not train (``model.freeze``).
+
+Two calls from the loop: :func:`plan` before the run directory is touched (a source that does not fit is a
+one-line error and nothing is written), :func:`prepare` right after the model is built and before the engine
+wraps it (so ZeRO's fp32 masters and the optimizer groups see the loaded, frozen model).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from vitscale.config import Config, ConfigError
+from vitscale.distributed import engine as eng
+from vitscale.weights.fit import encoder_of
+from vitscale.weights.init import InitPlan, plan_init
+
+HEAD_PARAMS = ("head.", "head_norm.")  # what trains when model.freeze=encoder
+
+
+def plan(cfg: Config, build_model: Callable[[], nn.Module], resuming: bool,
+         log: Callable[[str], None] = print) -> Optional[InitPlan]:
+    """The fitted ``model.init`` source, or None (no init, or a resumed run: its checkpoint wins). Also checks
+    ``model.freeze`` on the meta-device model, so a bad value fails before anything is written."""
+    if cfg.model.freeze:
+        with torch.device("meta"):
+            freeze(build_model(), cfg.model.freeze)
+    if not cfg.model.init:
+        return None
+    if resuming:
+        log(f"model.init={cfg.model.init} ignored: resuming from this run's checkpoint")
+        return None
+    return plan_init(cfg.model.init, build_model)
+
+
+def prepare(model: nn.Module, cfg: Config, init: Optional[InitPlan], log: Callable[[str], None] = print) -> None:
+    """Load ``init`` (once), start a fresh head as configured, freeze what ``model.freeze`` names. Collective
+    under ZeRO-3 (every rank calls it with the same arguments)."""
+    if init is not None:
+        init.apply(model, log)
+    if cfg.model.head_init_std is not None and not (init is not None and init.loads("head.weight")):
+        init_head(model, cfg.model.head_init_std, cfg.run.seed)
+    freeze(model, cfg.model.freeze)
+
+
+@torch.no_grad()
+def init_head(model: nn.Module, std: float, seed: int) -> None:
+    """Truncated-normal head weights with ``std`` and zero bias (MAE: 2e-5 fine-tuning, 0.01 linear probing),
+    drawn from a generator seeded by ``seed``: the same head on every rank and every launch."""
+    head = getattr(encoder_of(model), "head", None)
+    if not isinstance(head, nn.Linear):
+        return
+    shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))
+    weight = torch.zeros(shape)  # std 0: the ViT paper's zero-initialised head
+    if std > 0:
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=torch.Generator().manual_seed(seed))
+    with eng.gathered_params([head.weight, head.bias]):
+        head.weight.data.copy_(weight.to(head.weight.device, head.weight.dtype))
+        head.bias.data.zero_()
+
+
+def freeze(model: nn.Module, spec: str) -> list[str]:
+    """Stop gradients for the parameters ``spec`` names ("encoder" = all but the head); returns their names."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    frozen: set[str] = set()
+    for item in items:
+        if item == "encoder":
+            hit = [n for n in names if not n.startswith(HEAD_PARAMS)]
+        else:
+            hit = [n for n in names if n == item or n.startswith(item.rstrip(".") + ".")]
+        if not hit:
+            raise ConfigError(f"model.freeze: {item!r} names no parameter (use 'encoder' or a prefix such as "
+                              f"'blocks.0' or 'patch_embed')")
+        frozen.update(hit)
+    if len(frozen) == len(names):
+        raise ConfigError(f"model.freeze={spec!r} freezes every parameter: nothing would train")
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return sorted(frozen)

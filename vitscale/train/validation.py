@@ -1,0 +1,108 @@
+"""Periodic validation during training (``train.eval_every``): top-1, top-5 and loss on ``data.val_shards``,
+written to metrics.jsonl and wandb, and ``checkpoints/best`` pointing at the checkpoint with the best top-1.
+
+Every rank reads a disjoint part of the held-out shards (sample i goes to rank i % world size) and the counts and
+summed losses are added over ranks, so 2 processes report what 1 process does. Under ZeRO-3 a forward pass
+gathers parameters collectively, so a rank that ran out of batches keeps stepping with a dummy one until every
+rank is done (one small all-reduce per batch agrees on that).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from vitscale.data.pipeline import build_eval_loader
+from vitscale.data.transforms import normalize
+from vitscale.distributed import engine as eng
+
+BEST = "best"  # checkpoints/best: the tag of the best checkpoint so far (as checkpoints/latest)
+BEST_INFO = "best.json"  # its step and numbers
+
+
+@torch.no_grad()
+def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
+             crop_pct: float = 0.875, label_key: str = "cls") -> dict:
+    """``{val_top1, val_top5, val_loss, val_images}`` over every held-out sample, the same on every rank."""
+    loader = iter(build_eval_loader(urls, batch_size=batch_size, img_size=img_size, rank=rank,
+                                    world_size=world_size, crop_pct=crop_pct, label_key=label_key))
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, summed loss, images
+    dummy = None
+    while True:
+        batch = next(loader, None)
+        if eng.all_reduce_sum([0.0 if batch is None else 1.0])[0] == 0:
+            break
+        if batch is None:  # this rank is done but another is not: keep the collective forward passes in step
+            engine(dummy)
+            continue
+        images = normalize(batch["image"], engine.device).to(engine.dtype)
+        dummy = images[:1]
+        sums += _scores(engine(images).float(), batch["label"].to(engine.device))
+    engine.train()
+    top1, top5, loss, count = eng.all_reduce_sum(sums.tolist())
+    count = max(count, 1.0)
+    return {"val_top1": top1 / count, "val_top5": top5 / count, "val_loss": loss / count, "val_images": int(count)}
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    k = min(5, logits.shape[-1])
+    topk = logits.topk(k, dim=-1).indices
+    hits = topk == labels[:, None]
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return torch.tensor([float(hits[:, 0].sum()), float(hits.any(dim=-1).sum()), float(loss), len(labels)],
+                        dtype=torch.float64)
+
+
+class PeriodicValidation:
+    """What the loop calls: ``due`` -> ``run`` (True on a new best top-1, which needs a checkpoint) -> after the
+    checkpoint is written, ``saved`` moves ``checkpoints/best`` to it."""
+
+    def __init__(self, cfg: Any, val_urls: Optional[list[str]], rank: int, world_size: int, ckpt_dir: Path,
+                 write: Callable[[dict], None], log: Callable[[str], None] = print):
+        self.cfg, self.urls, self.rank, self.world_size = cfg, val_urls, rank, world_size
+        self.dir, self.write, self.log = Path(ckpt_dir), write, log
+        self.pending: Optional[dict] = None
+        info = self.dir / BEST_INFO
+        self.best = json.loads(info.read_text()).get("val_top1", -1.0) if info.is_file() else -1.0
+
+    def due(self, step: int, last: bool) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every and self.urls and self.cfg.objective.name == "supervised" and (step % every == 0 or last))
+
+    def run(self, engine: Any, step: int) -> bool:
+        """Validate, log, and say whether this step is a new best (then it must be checkpointed)."""
+        record = validate(engine, self.urls, self.cfg.data.batch_size, self.cfg.model.img_size, self.rank,
+                          self.world_size, self.cfg.data.eval_crop_pct, self.cfg.data.label_key)
+        self.write({"step": step, **record})
+        self.log(f"step {step}: val top-1 {100 * record['val_top1']:.2f}%, top-5 {100 * record['val_top5']:.2f}%, "
+                 f"loss {record['val_loss']:.4f}")
+        if record["val_top1"] <= self.best:
+            return False
+        self.best, self.pending = record["val_top1"], {"step": step, **record}
+        return True
+
+    def saved(self, tag: str, step: int) -> None:
+        """The checkpoint ``tag`` of ``step`` is complete: point ``best`` at it if it is the pending best."""
+        if self.pending is None or self.pending["step"] != step:
+            return
+        if self.rank == 0:
+            _write_atomic(self.dir / BEST_INFO, json.dumps({"tag": tag, **self.pending}))
+            _write_atomic(self.dir / BEST, tag + "\n")
+        self.pending = None
+
+
+def best_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag ``checkpoints/best`` points at (kept by pruning), or None."""
+    path = Path(ckpt_dir) / BEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

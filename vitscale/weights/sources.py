@@ -1,0 +1,153 @@
+"""Read a state dict, weights only, from every place weights come from.
+
+Sources (``read_weights(path)``):
+  * a vitscale run directory, ``checkpoints/`` directory or checkpoint directory: its latest complete checkpoint,
+    consolidated from the (possibly ZeRO-sharded) DeepSpeed files; the model config comes from trainer_state.json;
+  * a ``vitscale export`` file (``.safetensors`` with vitscale metadata);
+  * a timm state dict: ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``, bare or wrapped in ``{"model": ...}``,
+    ``{"state_dict": ...}``, ``{"module": ...}`` and/or with ``module.`` / ``_orig_mod.`` key prefixes;
+  * the MAE release format: a ``.pth`` holding ``{"model": ...}`` with encoder keys unprefixed plus ``decoder_*`` and
+    ``mask_token`` keys.
+
+Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``); a file that needs
+more is refused with one line.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from vitscale.errors import VitscaleError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+WRAPPERS = ("model", "state_dict", "module")  # container keys around a state dict (MAE, Lightning, DeepSpeed)
+PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed wrappers and torch.compile
+
+
+class WeightsError(VitscaleError, ValueError):
+    """A weights source cannot be read, or does not fit the model it is meant for (one line, names the keys)."""
+
+
+@dataclass
+class Weights:
+    """A state dict with what is known about where it came from."""
+    state_dict: dict[str, torch.Tensor]
+    path: str
+    source: str  # "checkpoint" | "export" | "state_dict"
+    model_cfg: Optional[dict[str, Any]] = None  # the writing run's model config (vitscale sources only)
+    objective: Optional[str] = None  # "supervised" | "mae" (vitscale sources only)
+    part: Optional[str] = None  # "full" | "encoder" (vitscale sources only)
+    step: Optional[int] = None
+    norm_pix_loss: Optional[bool] = None
+    checkpoint: Optional[str] = None  # the checkpoint directory a run/ckpt path resolved to
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes (in any nesting) from every key."""
+    out = {}
+    for key, value in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                        for k, v in obj.items())
+
+
+def unwrap(obj: Any, path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The state dict inside ``obj``: itself, or under one of ``WRAPPERS`` (nested, e.g. {"model": {"module": ..}}).
+    Non-tensor entries beside the tensors (e.g. a step counter) are ignored."""
+    for _ in range(3):
+        if _is_state_dict(obj):
+            return obj
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+            if tensors:
+                return tensors
+            break
+        obj = inner
+    raise WeightsError(f"{path}: no state dict found (expected tensors, or one under "
+                       f"{'/'.join(repr(w) for w in WRAPPERS)})")
+
+
+def torch_load_weights(path: Path) -> Any:
+    """``torch.load`` that runs no pickled code; a file that would need it is one clear line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e).strip()
+        if "Unsupported operand" in text or "invalid load key" in text:  # not a pickle at all
+            raise WeightsError(f"{path}: not a readable torch file (corrupt or another format)") from None
+        why = next((line.strip() for line in text.splitlines() if "Unsupported global" in line),
+                   text.splitlines()[0] if text else type(e).__name__)
+        raise WeightsError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
+                           f"({why})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable torch file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
+def _read_safetensors(path: Path) -> Weights:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    if "vitscale_model" not in meta:
+        return Weights(strip_prefixes(sd), str(path), "state_dict")
+    objective_cfg = json.loads(meta["vitscale_objective_config"]) if "vitscale_objective_config" in meta else {}
+    step = int(meta["step"]) if str(meta.get("step", "")).isdigit() else None
+    return Weights(strip_prefixes(sd), str(path), "export", model_cfg=json.loads(meta["vitscale_model"]),
+                   objective=meta.get("vitscale_objective"), part=meta.get("vitscale_part"), step=step,
+                   norm_pix_loss=objective_cfg.get("norm_pix_loss"))
+
+
+def _read_checkpoint(path: Path) -> Weights:
+    from vitscale.distributed.checkpoint import resolve_checkpoint
+    from vitscale.distributed.engine import consolidated_state_dict
+
+    try:
+        ckpt = resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise WeightsError(str(e)) from None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    cfg = state.get("config", {})
+    sd = strip_prefixes(consolidated_state_dict(ckpt))
+    return Weights(sd, str(path), "checkpoint", model_cfg=cfg.get("model"),
+                   objective=cfg.get("objective", {}).get("name", "supervised"), part="full", step=state.get("step"),
+                   norm_pix_loss=cfg.get("objective", {}).get("norm_pix_loss"), checkpoint=str(ckpt),
+                   extra={"config": cfg})
+
+
+def read_weights(path: Union[str, Path]) -> Weights:
+    """Read any supported source (see the module docstring) into :class:`Weights`."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path}")
+    if path.is_dir():
+        return _read_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return Weights(strip_prefixes(unwrap(torch_load_weights(path), path)), str(path), "state_dict")
+    raise WeightsError(f"{path}: unknown weights format (expected a run or checkpoint directory, .safetensors, "
+                       f"{', '.join(TORCH_SUFFIXES)})")
