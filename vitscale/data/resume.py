@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from vitscale.distributed.safeload import safe_load
+
 from vitscale.data.order import Order, elastic_plans, plans_from_json, slot_index
 
 # A worker's position: the next entry it would read, and cumulative counters. ``skipped`` counts every bad
@@ -60,7 +62,7 @@ def saved_stream_states(ckpt_path) -> Optional[list]:
     """Every rank's saved data-stream state in a checkpoint directory (``rank_*.pt``), for an elastic resume."""
     states = []
     for f in sorted(Path(ckpt_path).glob("rank_*.pt")):
-        data = torch.load(f, map_location="cpu", weights_only=True).get("data")
+        data = safe_load(f).get("data")  # another rank's file: tensors and plain values only
         if data is not None:
             states.append(data)
     return states or None

@@ -61,6 +61,15 @@ def plot_fewshot(results: dict[str, dict], path: PathLike, title: str) -> Path:
     return save_figure(fig, path)
 
 
+_TITLES = {
+    "occlusion_patches": "Occlusion: random patches hidden",
+    "occlusion_boxes": "Occlusion: one random box blanked",
+    "patch_shuffle": "Patch shuffle: image cut into g×g cells, permuted",
+    "adversarial_patch": "Adversarial patch (PGD-optimised, random position)",
+    "corruptions": "Common corruptions (mean over corruption types)",
+}
+
+
 def plot_robustness_curve(models: dict[str, dict], curve: str, path: PathLike, title: str) -> Path:
     """One robustness curve for every model (solid); the adversarial patch also shows its random-noise
     control patch (dashed)."""

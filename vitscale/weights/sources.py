@@ -15,7 +15,6 @@ more is refused with one line.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -87,17 +86,18 @@ def unwrap(obj: Any, path: Union[str, Path]) -> dict[str, torch.Tensor]:
 
 
 def torch_load_weights(path: Path) -> Any:
-    """``torch.load`` that runs no pickled code; a file that would need it is one clear line."""
+    """``torch.load`` that runs no pickled code (:func:`vitscale.distributed.safeload.safe_load`); a file that
+    would need it, or that is not a torch file at all, is one clear line."""
+    from vitscale.distributed.safeload import safe_load
+    from vitscale.errors import CheckpointReadError
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e).strip()
+        return safe_load(path)
+    except CheckpointReadError as e:
+        text = str(e)
         if "Unsupported operand" in text or "invalid load key" in text:  # not a pickle at all
             raise WeightsError(f"{path}: not a readable torch file (corrupt or another format)") from None
-        why = next((line.strip() for line in text.splitlines() if "Unsupported global" in line),
-                   text.splitlines()[0] if text else type(e).__name__)
-        raise WeightsError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
-                           f"({why})") from None
+        raise WeightsError(text) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightsError(f"{path}: not a readable torch file ({str(e).splitlines()[0] if str(e) else e!r})") from None
 
