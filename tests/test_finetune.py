@@ -176,37 +176,3 @@ def test_lars_under_zero_is_a_one_line_config_error(tmp_path, data_cache):
     r = run_cli(train_args(tmp_path, "bad", data_cache, "optim.name=lars", "engine.zero_stage=2"), cwd=tmp_path)
     assert r.returncode == 2 and "optim.name=lars needs whole tensors" in r.stderr
     assert not (tmp_path / "bad").exists()
-
-
-@pytest.mark.slow
-def test_demo_chain_mae_init_beats_random_init(tmp_path, data_cache):
-    """pretrain (configs/demo_mae.yaml) -> fine-tune (configs/demo_finetune.yaml, model.init = the MAE run dir), at
-    test size on the digits, against the same fine-tuning from random init: same data, steps and seed.
-    Measured (297 held-out digits), 100-step runs: MAE init 56.2% top-1, random init 43.8% (+12.4 points); within
-    150-step runs: +14.8 at 150, +11.1 at 100, +5.4 at 50. Asserted: at least +5 points, the MAE run above 50%."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, TINY
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    common = [f"run.dir={tmp_path}", f"data.cache_dir={data_cache}", "model.name=vit_micro_patch4",
-              "model.img_size=32", *TINY, "data.batch_size=32", "optim.warmup_steps=20", "train.ckpt_every=1000",
-              "train.log_every=50"]
-    mae = run_cli(["train", "--config", str(ROOT / "configs" / "demo_mae.yaml"), "run.name=mae",
-                   "data.train_shards=demo:digits", "data.val_shards=demo:digits:val", "train.steps=300", *common],
-                  cwd=tmp_path, timeout=1200)
-    assert mae.returncode == 0, mae.stderr[-3000:]
-    ft = ["-m", "vitscale", "train", "--config", str(ROOT / "configs" / "demo_finetune.yaml"), *common,
-          "train.steps=100", "train.eval_every=0"]
-    procs = {name: subprocess.Popen([sys.executable, *ft, f"run.name={name}", f"model.init={init}"], cwd=tmp_path,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, init in (("from_mae", tmp_path / "mae"), ("from_scratch", ""))}  # both cores at once
-    acc = {}
-    for name, p in procs.items():
-        out, err = p.communicate(timeout=1200)
-        assert p.returncode == 0, err[-3000:]
-        assert ("model.init: 28 tensors loaded" in out) == (name == "from_mae"), out[-2000:]
-        acc[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "val_acc" in r][-1]["val_acc"]
-    assert acc["from_mae"] >= acc["from_scratch"] + 0.05, acc
-    assert acc["from_mae"] > 0.5, acc
