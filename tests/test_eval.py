@@ -102,6 +102,11 @@ class Pipeline:
                                        "train.eval_every=50"], self.root)
         self._started_mae = True
 
+    def finetuned(self, name: str) -> str:
+        """The output of the demo chain's fine-tuning run ``name`` (from_mae | from_scratch)."""
+        self._start_mae_evals()
+        return self.wait(name)
+
     def wait(self, name: str) -> str:
         if name not in self.outputs:
             self.outputs[name] = _wait(self.procs[name])
@@ -163,7 +168,7 @@ def test_demo_chain_mae_init_beats_random_init(pipeline):
 
     curves = {}
     for name in ("from_mae", "from_scratch"):
-        out = pipeline.wait(name)
+        out = pipeline.finetuned(name)
         assert ("model.init: 28 tensors loaded" in out) == (name == "from_mae"), out[-2000:]
         curves[name] = {r["step"]: r["val_top1"] for r in read_metrics(pipeline.root / name / "metrics.jsonl")
                         if "val_top1" in r}
