@@ -8,6 +8,8 @@ Objectives know models, not engines, ranks or files.
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,7 +44,7 @@ class Picture:
     draw: Callable[[torch.Tensor, Path, str], Path]
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class; subclasses set ``name`` and implement the hooks. ``cfg`` is the whole run config."""
     name = ""
 
@@ -56,21 +58,22 @@ class Objective:
         """How many classes a sample's label must fall in (0: labels are not used, any sample serves)."""
         return 0
 
+    @abc.abstractmethod
     def build_model(self, num_classes: int) -> nn.Module:
-        raise NotImplementedError
+        """The model this objective trains, from ``cfg.model`` (the one factory: see ``objectives.build_model``)."""
 
+    @abc.abstractmethod
     def flops_per_image(self, model: nn.Module) -> float:
         """Training FLOPs per image (forward + backward = 3 x forward) of ``model``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics): metrics are 0-d tensors, not synced to the host (the loop reads them on log steps)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Held-out sums over the batch, e.g. {"loss": summed loss}; the loop reports val_<key> = sum / images."""
-        raise NotImplementedError
 
     def images_due(self, step: int, last: bool) -> bool:
         """Whether :meth:`visualize` should run after ``step``."""
