@@ -76,3 +76,41 @@ def test_sweep_runs_grid_resumes_and_reports_a_failing_cell(tmp_path, data_cache
     assert again.returncode == 1 and "4 of 8 cells already finished, running 4" in again.stdout
     assert {p: p.read_text() for p in metrics} == before
     assert json.loads((out / "sweep.json").read_text())["rows"] == doc["rows"]
+
+
+def test_finetune_eval_needs_a_loadable_config_and_owns_init(tmp_path):
+    from vitscale.sweep.run import SweepOptions, plan_sweep
+
+    def plan(**kw):
+        return plan_sweep(SweepOptions(config=DEMO, grid=["model.depth=1,2"], out=str(tmp_path), **kw))
+
+    with pytest.raises(SweepError, match="--eval finetune needs --finetune-config"):
+        plan(evals=["linear", "finetune"])
+    with pytest.raises(SweepError, match="model.nope"):
+        plan(evals=["finetune"], finetune_config=DEMO, finetune_overrides=["model.nope=1"])
+    with pytest.raises(SweepError, match="--finetune-set model.init=x: the sweep sets"):
+        plan(evals=["finetune"], finetune_config=DEMO, finetune_overrides=["model.init=x"])
+    with pytest.raises(SweepError, match="only with --eval"):
+        plan(evals=["linear"], finetune_config=DEMO)
+    cells, p = plan(evals=["finetune"], finetune_config=DEMO, finetune_overrides=["train.steps=3"])
+    assert len(cells) == 2 and p.finetune_config == DEMO and p.finetune_overrides == ["train.steps=3"]
+
+
+@pytest.mark.slow
+def test_sweep_finetunes_each_cell_from_its_own_run(tmp_path, data_cache):
+    out = tmp_path / "sw"
+    common = [f"data.cache_dir={data_cache}", *TINY, "train.ckpt_every=4"]
+    ft = [f"--finetune-set={o}" for o in [*common, "train.steps=4", "train.eval_every=2", "optim.lr=1e-4"]]
+    r = run_cli(["sweep", "--config", DEMO, *common, "train.steps=4", "--eval", "finetune", "--finetune-config", DEMO,
+                 *ft, "--out", str(out)], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cell = next((out / "cells").iterdir())
+    log = (cell / "finetune.log").read_text()
+    assert f"model.init={cell}" in log and "run.name=finetune" in log
+    assert f"tensors loaded from {cell} (vitscale checkpoint" in log  # the cell's own pretrained weights
+    records = [json.loads(x) for x in (cell / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "val_top1" in x] == [2, 4]  # train.eval_every=2 over 4 steps
+    val = [x["val_acc"] for x in records if "val_acc" in x]
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["rows"][0]["n"] == 1 and doc["rows"][0]["finetune/val_acc"]["mean"] == pytest.approx(val[-1])
+    assert {"val_acc", "finetune/val_acc"} <= set(doc["metrics"])  # the pretraining's own held-out numbers stay too

@@ -7,7 +7,8 @@ EPILOG = """\
 examples:
   vitscale sweep --config configs/demo.yaml model.pos_embed=learn,sincos,none --seeds 3 --out sweeps/pos
   vitscale sweep --config configs/demo_mae.yaml objective.mask_ratio=0.25,0.5,0.75,0.9 train.steps=300 \\
-      --seeds 2 --eval linear,knn --eval-data demo:digits --out sweeps/mask --jobs 2
+      --seeds 2 --eval linear,knn,finetune --eval-data demo:digits \\
+      --finetune-config configs/demo_finetune.yaml --finetune-set train.steps=200 --out sweeps/mask --jobs 2
 A KEY with one value is applied to every cell; a KEY with several (comma-separated) is an axis of the grid.
 Run the same command again to resume: finished cells are kept, failed or unfinished ones run (again).
 --shard K/N runs every N-th cell (for N machines or processes sharing OUT); any of them can print the table."""
@@ -35,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--eval", default="", help="evaluations after each training, as for `vitscale eval` "
                                               "(e.g. linear,knn,finetune)")
     s.add_argument("--eval-data", default=None, help="--data for the evaluations (default: the run's own data)")
+    s.add_argument("--finetune-config", default=None,
+                   help="with --eval ...,finetune: the fine-tuning config, run with model.init=<each cell's run>")
+    s.add_argument("--finetune-set", action="append", default=[], metavar="KEY=V",
+                   help="an override for the fine-tuning runs (repeatable), e.g. train.steps=200")
     s.add_argument("--jobs", "-j", type=int, default=1, help="cells trained at the same time (default 1)")
     s.add_argument("--shard", type=_shard, default=(0, 1), help="K/N: run only cells K, K+N, ... (default 0/1)")
     s.add_argument("--timeout", type=float, default=None, help="seconds a cell may take before it counts as failed")
@@ -48,6 +53,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     opts = SweepOptions(config=args.config, grid=args.grid, seeds=args.seeds, out=args.out,
                         evals=[e for e in args.eval.split(",") if e.strip()], eval_data=args.eval_data,
-                        jobs=args.jobs, shard=args.shard, timeout_s=args.timeout, dry_run=args.dry_run)
+                        finetune_config=args.finetune_config, finetune_overrides=args.finetune_set, jobs=args.jobs,
+                        shard=args.shard, timeout_s=args.timeout, dry_run=args.dry_run)
     summary = sweep(opts)
     return 1 if summary.get("failed") else 0

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import summarize, write_report
-from vitscale.sweep.runner import SweepPlan, load_result, run_cells, train_overrides
+from vitscale.sweep.runner import FINETUNE, SweepPlan, finetune_overrides, load_result, run_cells, train_overrides
 
 OWNED_KEYS = ("run.dir", "run.name", "run.seed")  # the sweep sets these for each cell
 
@@ -20,6 +20,8 @@ class SweepOptions:
     out: Optional[str] = None
     evals: Sequence[str] = ()
     eval_data: Optional[str] = None
+    finetune_config: Optional[str] = None
+    finetune_overrides: Sequence[str] = ()
     jobs: int = 1
     shard: tuple[int, int] = (0, 1)
     timeout_s: Optional[float] = None
@@ -36,6 +38,9 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
         for c in mine:
             note = f"  INVALID: {invalid[c.name]}" if c.name in invalid else ""
             log(f"{c.name}: {' '.join(train_overrides(plan, c))}{note}")
+            if FINETUNE in plan.evals:
+                folder = plan.cells_dir / c.name
+                log(f"  then: train --config {plan.finetune_config} {' '.join(finetune_overrides(plan, folder, c.seed))}")
         return {"cells": len(mine), "failed": []}
     plan.out.mkdir(parents=True, exist_ok=True)
     log(f"sweep: {len(cells)} cells ({len(cells) // opts.seeds} grid points x {opts.seeds} seeds) in {plan.out}")
@@ -67,9 +72,33 @@ def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
     base = load_config(opts.config, fixed)  # a bad shared override fails here, once
     seeds = [base.run.seed + i for i in range(opts.seeds)]
     out = Path(opts.out) if opts.out else Path(base.run.dir) / f"sweep-{Path(opts.config).stem}"
-    plan = SweepPlan(config=opts.config, out=out, evals=opts.evals, eval_data=opts.eval_data, jobs=opts.jobs,
-                     timeout_s=opts.timeout_s, extra_env=dict(opts.extra_env))
+    check_finetune(opts)
+    plan = SweepPlan(config=opts.config, out=out, evals=opts.evals, eval_data=opts.eval_data,
+                     finetune_config=opts.finetune_config, finetune_overrides=list(opts.finetune_overrides),
+                     jobs=opts.jobs, timeout_s=opts.timeout_s, extra_env=dict(opts.extra_env))
     return expand_grid(axes, fixed, seeds), plan
+
+
+def check_finetune(opts: SweepOptions) -> None:
+    """``--eval finetune`` needs a fine-tuning config, and that config must load (before any cell trains)."""
+    from vitscale.config import load_config
+    from vitscale.errors import VitscaleError
+
+    if FINETUNE not in opts.evals:
+        if opts.finetune_config or opts.finetune_overrides:
+            raise SweepError("--finetune-config/--finetune-set are used only with --eval ...,finetune")
+        return
+    if not opts.finetune_config:
+        raise SweepError("--eval finetune needs --finetune-config (e.g. configs/demo_finetune.yaml): the fine-tuning "
+                         "run starts from each cell's model (model.init)")
+    try:  # model.init is each cell's run dir; validate everything else now, with a placeholder init
+        load_config(opts.finetune_config, [*opts.finetune_overrides, "model.init="])
+    except (VitscaleError, ValueError) as e:
+        raise SweepError(f"--finetune-config {opts.finetune_config}: {str(e).splitlines()[0]}") from None
+    owned = [o for o in opts.finetune_overrides if o.partition("=")[0] in (*OWNED_KEYS, "model.init")]
+    if owned:
+        raise SweepError(f"--finetune-set {owned[0]}: the sweep sets run.dir, run.name, run.seed and model.init "
+                         "of each fine-tuning run")
 
 
 def validate_cells(plan: SweepPlan, cells: Sequence[Cell]) -> dict[str, str]:

@@ -3,6 +3,10 @@
 A cell's folder is its run directory (`OUT/cells/<name>/`: config.yaml, metrics.jsonl, checkpoints) plus
 `sweep_cell.json` (status and metrics) and `train.log`. A cell whose `sweep_cell.json` says ok is not run
 again; a failed or interrupted one is (its training resumes from its own checkpoints).
+
+The ``finetune`` evaluation is a second `vitscale train` (fine-tuning is a mode of training, not of eval): the
+``finetune_config`` initialised from the cell's run (``model.init``), in ``<cell>/finetune/``, same seed; its
+held-out metrics join the cell's as ``finetune/val_*``.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class SweepPlan:
     out: Path
     evals: Sequence[str] = ()
     eval_data: Optional[str] = None
+    finetune_config: Optional[str] = None
+    finetune_overrides: Sequence[str] = ()
     jobs: int = 1
     timeout_s: Optional[float] = None
     extra_env: dict = field(default_factory=dict)
@@ -88,7 +94,7 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
         result["metrics"].update(training_metrics(folder / "metrics.jsonl"))
         if plan.evals:
             log(f"sweep: {cell.name}: evaluating {','.join(plan.evals)}")
-            error = _evaluate(plan, folder, result["metrics"])
+            error = _evaluate(plan, folder, result["metrics"], cell.seed)
     if error is not None:
         result.update(status="failed", error=error)
         log(f"sweep: {cell.name}: FAILED: {error}")
@@ -97,14 +103,36 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
     return result
 
 
-def _evaluate(plan: SweepPlan, folder: Path, metrics: dict) -> Optional[str]:
-    args = ["eval", ",".join(plan.evals), str(folder), "--out", str(folder / "eval")]
-    if plan.eval_data:
-        args += ["--data", plan.eval_data]
-    error = _child(plan, args, folder / "eval.log")
-    if error is None:
+FINETUNE = "finetune"
+
+
+def _evaluate(plan: SweepPlan, folder: Path, metrics: dict, seed: int) -> Optional[str]:
+    evals = [e for e in plan.evals if e != FINETUNE]
+    if evals:
+        args = ["eval", ",".join(evals), str(folder), "--out", str(folder / "eval")]
+        if plan.eval_data:
+            args += ["--data", plan.eval_data]
+        error = _child(plan, args, folder / "eval.log")
+        if error is not None:
+            return error
         for path in sorted((folder / "eval").glob("*.json")):
             metrics.update(eval_metrics(json.loads(path.read_text())))
+    if FINETUNE in plan.evals:
+        return _finetune(plan, folder, metrics, seed)
+    return None
+
+
+def finetune_overrides(plan: SweepPlan, folder: Path, seed: int) -> list[str]:
+    return [*plan.finetune_overrides, f"model.init={folder}", f"run.dir={folder}", f"run.name={FINETUNE}",
+            f"run.seed={seed}"]
+
+
+def _finetune(plan: SweepPlan, folder: Path, metrics: dict, seed: int) -> Optional[str]:
+    args = ["train", "--config", str(plan.finetune_config), *finetune_overrides(plan, folder, seed)]
+    error = _child(plan, args, folder / "finetune.log")
+    if error is None:
+        done = training_metrics(folder / FINETUNE / "metrics.jsonl")
+        metrics.update({f"{FINETUNE}/{k}": v for k, v in done.items() if k.startswith("val_")})
     return error
 
 
