@@ -174,9 +174,20 @@ class WorkerStream:
                             f"(more than data.max_bad_fraction={frac}); check the shards (vitscale check-shards)")
 
 
+def _stack(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, straight into shared memory in a DataLoader worker: handing the batch to the trainer then
+    moves no bytes (stacking into private memory would be copied once more into shared memory on the way)."""
+    out = None
+    if get_worker_info() is not None:
+        first = imgs[0]
+        storage = first.untyped_storage()._new_shared(len(imgs) * first.numel() * first.element_size())
+        out = first.new_empty((0,)).set_(storage, 0, (len(imgs), *first.shape))
+    return torch.stack(imgs, out=out)
+
+
 def _collate(items: list, worker: int) -> dict:
     keys, imgs, labels, pos = zip(*items)
-    images = torch.stack(imgs) if all(torch.is_tensor(x) for x in imgs) else list(imgs)  # list: see materialize
+    images = _stack(imgs) if all(torch.is_tensor(x) for x in imgs) else list(imgs)  # list: see materialize
     return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
             "stream": {"worker": worker, **pos[-1]}}
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
+
+from vitscale.data.tarstream import tar_members
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 LABEL_EXTS = ("cls", "txt", "json")
@@ -72,21 +73,18 @@ def _ext(name: str) -> tuple[str, str]:
 def _members(stream: _Stream, url: str, wanted: frozenset) -> Iterator[dict]:
     """Samples grouped from consecutive members with the same key; raises on damage or a duplicate member."""
     cur: Optional[dict] = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = _ext(info.name)
-            if cur is not None and key != cur["__key__"]:
-                yield cur
-                cur = None
-            if ext not in wanted:
-                continue
-            if cur is None:
-                cur = {"__key__": key, "__url__": url}
-            if ext in cur:
-                raise ValueError(f"duplicate member {info.name}")
-            cur[ext] = tar.extractfile(info).read()
+    for member in tar_members(stream):
+        key, ext = _ext(member.name)
+        if cur is not None and key != cur["__key__"]:
+            yield cur  # complete: the next member has another key (even if its bytes turn out to be cut short)
+            cur = None
+        if ext not in wanted:
+            continue
+        if cur is None:
+            cur = {"__key__": key, "__url__": url}
+        if ext in cur:
+            raise ValueError(f"duplicate member {member.name}")
+        cur[ext] = member.read()
     while stream.read(1 << 16):  # the rest: end-of-archive blocks and record padding
         pass
     if stream.tail != bytes(_END_MARKER):
@@ -99,8 +97,8 @@ def iter_shard(url: str, label_ext: str = "cls") -> Iterator[Union[dict, ShardEr
     """The samples of one shard as webdataset-style dicts (``__key__``, ``__url__``, raw bytes per extension), in
     tar order, then a :class:`ShardError` if the shard could not be read to its end (or holds no sample).
 
-    Python's tarfile silently stops at a file cut at a header boundary, so a shard also counts as truncated when
-    its stream does not end with the tar end-of-archive marker; the sample in progress then is not yielded."""
+    A shard also counts as truncated when its stream does not end with the tar end-of-archive marker (a copy cut
+    at a header boundary looks like a complete archive otherwise); the sample in progress then is not yielded."""
     wanted = frozenset(IMAGE_EXTS) | {label_ext}
     count = 0
     try:
