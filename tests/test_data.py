@@ -423,3 +423,28 @@ def test_make_shards_resumes_an_interrupted_conversion(tmp_path, digits_png, mon
     assert not (tmp_path / "out" / ".progress.json").exists()
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in clean["shards"]]
     assert resumed["skipped"] == clean["skipped"]
+
+
+def test_worker_batch_buffers_are_reused_only_once_released(demo):
+    """Workers stack into a ring of shared buffers; a slot is reused only after the consumer dropped its batch.
+    A consumer that keeps every batch gets intact batches (fresh memory); one that drops them gets the same
+    batches from reused buffers."""
+    train, _ = demo
+    kw = dict(batch_size=8, img_size=16, seed=0, rank=0, world_size=1, num_workers=2)
+
+    def shm_inode(t):
+        return os.fstat(t.untyped_storage()._share_fd_cpu_()[0]).st_ino
+
+    kept = _take(build_train_loader(train.urls, **kw), 24)
+    expected = [b["image"].clone() for b in kept]
+    assert len({shm_inode(b["image"]) for b in kept}) == 24  # all held: nothing reused
+    assert all(torch.equal(b["image"], e) for b, e in zip(kept, expected))  # and nothing overwritten later
+    it = iter(build_train_loader(train.urls, **kw))
+    inodes = set()
+    for i in range(24):
+        batch = next(it)
+        assert torch.equal(batch["image"], expected[i]), f"batch {i}"
+        inodes.add(shm_inode(batch["image"]))
+        del batch
+    assert len(inodes) < 12  # dropped: each worker's 4 slots come round again
+    assert int(it.releases.table.max()) >= 8  # released batches were told to the workers

@@ -9,6 +9,8 @@ with an RNG seeded from ``(seed, epoch, block, j)``: the same pixels on any numb
 
 Memory. A worker holds its open shards' current sample and the buffer, never a whole shard: tar members are
 streamed (plain or gzip), and only image and label members are read (others, e.g. pickles, are skipped unread).
+Batches reach the trainer through a small ring of shared-memory buffers per worker, reused once the trainer has
+dropped a batch (:mod:`vitscale.data.batch_ring`).
 
 Position. A worker's position is ``(epoch, item, offset)`` = the next entry it would read, plus cumulative
 ``seen``/``skipped``/``bad_shards`` counters. Every batch carries its worker's position after its last sample;
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale import faults
 from vitscale.data import worker_death
+from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
 from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
                                  plans_to_json, slot_index)
@@ -174,43 +177,40 @@ class WorkerStream:
                             f"(more than data.max_bad_fraction={frac}); check the shards (vitscale check-shards)")
 
 
-def _stack(imgs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``, straight into shared memory in a DataLoader worker: handing the batch to the trainer then
-    moves no bytes (stacking into private memory would be copied once more into shared memory on the way)."""
-    out = None
-    if get_worker_info() is not None:
-        first = imgs[0]
-        storage = first.untyped_storage()._new_shared(len(imgs) * first.numel() * first.element_size())
-        out = first.new_empty((0,)).set_(storage, 0, (len(imgs), *first.shape))
-    return torch.stack(imgs, out=out)
-
-
-def _collate(items: list, worker: int) -> dict:
+def _collate(items: list, worker: int, ring: Optional[Ring] = None) -> dict:
     keys, imgs, labels, pos = zip(*items)
-    images = _stack(imgs) if all(torch.is_tensor(x) for x in imgs) else list(imgs)  # list: see materialize
-    return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
-            "stream": {"worker": worker, **pos[-1]}}
+    stream = {"worker": worker, **pos[-1]}
+    if not all(torch.is_tensor(x) for x in imgs):
+        images = list(imgs)  # deferred JPEGs: see materialize
+    elif ring is not None:  # a DataLoader worker: straight into (reused) shared memory
+        images, stream["seq"] = ring.stack(imgs)
+    else:
+        images = torch.stack(imgs)
+    return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys), "stream": stream}
 
 
-def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] = None) -> Iterator[dict]:
+def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] = None,
+                        ring: Optional[Ring] = None) -> Iterator[dict]:
     buf = []
     for item in WorkerStream(plan, worker, position):
         buf.append(item)
         if len(buf) == plan.batch_size:
-            yield _collate(buf, worker)
+            yield _collate(buf, worker, ring)
             buf = []
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, plan: StreamPlan, positions: list[dict], consumed: int):
-        self.plan, self.positions, self.consumed = plan, positions, consumed
+    def __init__(self, plan: StreamPlan, positions: list[dict], consumed: int, released: torch.Tensor):
+        self.plan, self.positions, self.consumed, self.released = plan, positions, consumed, released
 
     def __iter__(self):
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        worker = (physical + self.consumed) % self.plan.num_workers
-        batches = iter_worker_batches(self.plan, worker, self.positions[worker])
-        return batches if info is None else _fault_point(batches, self.plan.rank, physical)
+        if info is None:
+            return iter_worker_batches(self.plan, self.consumed % self.plan.num_workers,
+                                       self.positions[self.consumed % self.plan.num_workers])
+        worker = (info.id + self.consumed) % self.plan.num_workers
+        batches = iter_worker_batches(self.plan, worker, self.positions[worker], Ring(self.released, worker))
+        return _fault_point(batches, self.plan.rank, info.id)
 
 
 def _fault_point(batches: Iterator[dict], rank: int, worker: int) -> Iterator[dict]:
@@ -298,7 +298,8 @@ class TrainLoader:
 class _TrainIterator:
     def __init__(self, loader: TrainLoader):
         self.loader = loader
-        dataset = _TrainStream(loader.plan, copy.deepcopy(loader.positions), loader.batches)
+        self.releases = Releases(loader.plan.num_workers)
+        dataset = _TrainStream(loader.plan, copy.deepcopy(loader.positions), loader.batches, self.releases.table)
         # Building the DataLoader iterator now (not lazily) and giving it its own generator keeps the global
         # torch RNG untouched, so the trainer's RNG state is the same on every launch.
         dl = DataLoader(dataset, batch_size=None, num_workers=loader.num_workers, persistent_workers=False,
@@ -325,6 +326,8 @@ class _TrainIterator:
                                f"{s['worker']}, expected {expected}")
         loader.positions[s["worker"]] = _position(s)
         loader.batches += 1
+        if "seq" in s:
+            self.releases.handed_out(s["worker"], s["seq"], batch["image"])
         return batch
 
 
