@@ -15,16 +15,10 @@ from vitscale.logging.metrics import read_metrics
 RANDAUG = "rand-m9-mstd0.5-inc1"
 
 
-def _image(seed=0, size=40):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, size, size + 8), generator=g, dtype=torch.uint8)
-
-
 def test_randaugment_is_timms_for_the_same_seed_and_leaves_global_rngs_alone():
     from timm.data import create_transform
     from torchvision.transforms.v2 import functional as TF
 
-    img = _image()
     # timm's own training transform for this size carries the RandAugment we call (same hyper-parameters)
     theirs_tf = next(t for t in create_transform(32, is_training=True, auto_augment=RANDAUG).transforms
                      if type(t).__name__ == "RandAugment")
@@ -86,10 +80,10 @@ def test_mixup_cutmix_and_erasing_are_timms_for_the_same_seed(switch):
 def test_bad_augmentation_keys_are_one_line():
     cfg = load_config(None, ["data.randaug=rand-m9-q3", "objective.name=supervised"])
     with pytest.raises(ConfigError, match="data.randaug=.rand-m9-q3. is not a valid RandAugment string"):
-        batch_augment_from_config(cfg, 10, 0)
+        batch_augment_from_config(cfg, 10, 0, classifier=True)
     cfg = load_config(None, ["data.mixup=0.8", "data.batch_size=7"])
     with pytest.raises(ConfigError, match="even data.batch_size"):
-        batch_augment_from_config(cfg, 10, 0)
+        batch_augment_from_config(cfg, 10, 0, classifier=True)
 
 
 AUG = ["data.randaug=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=0.25",

@@ -39,7 +39,7 @@ def _export(run_dir, out):
 
 
 def test_mae_release_init_at_another_resolution_then_resume_ignores_it(tmp_path, data_cache):
-    mae = _mae_release(tmp_path / "mae_pretrain.pth")
+    _mae_release(tmp_path / "mae_pretrain.pth")
     args = train_args(tmp_path, "ft", data_cache, f"model.init={tmp_path / 'mae_pretrain.pth'}", "model.img_size=48",
                       "model.global_pool=avg", "model.head_init_std=2e-5", "train.ckpt_every=2", "train.steps=2")
     r = run_cli(args, cwd=tmp_path)

@@ -5,7 +5,7 @@ import statistics
 import pytest
 
 from conftest import DEMO, TINY, run_cli
-from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
+from vitscale.sweep.grid import SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import markdown, summarize
 
 

@@ -37,7 +37,8 @@ class EngineStep:
         eng.setup(self.env)
         self.trainer = Trainer(cfg, self.env)
         self.cfg = self.trainer.cfg  # resolved for this launch (the batch derived from data.global_batch_size)
-        self.trainer.augment = batch_augment_from_config(self.cfg, num_classes, self.env.rank)  # as Trainer.run sets it
+        self.trainer.augment = batch_augment_from_config(self.cfg, num_classes, self.env.rank,  # as Trainer.run does
+                                                         self.trainer.objective.classifies)
         self.trainer.build_engine(num_classes)
         self.engine = self.trainer.engine
         self.flops_per_image = self.trainer.flops_per_image

@@ -130,11 +130,12 @@ class BatchAugment:
         return images, labels
 
 
-def batch_augment_from_config(cfg: Any, num_classes: int, rank: int) -> BatchAugment:
-    """The run's batch augmentation (checks the keys first: a bad value is one line before anything is written)."""
+def batch_augment_from_config(cfg: Any, num_classes: int, rank: int, classifier: bool) -> BatchAugment:
+    """The run's batch augmentation (checks the keys first: a bad value is one line before anything is written);
+    ``classifier``: the objective trains a classifier (``Objective.classifies``)."""
     d = cfg.data
     check_randaug(d.randaug)
-    if (d.mixup > 0 or d.cutmix > 0 or d.random_erasing > 0 or d.randaug) and cfg.objective.name != "supervised":
+    if (d.mixup > 0 or d.cutmix > 0 or d.random_erasing > 0 or d.randaug) and not classifier:
         raise ConfigError("data.randaug/mixup/cutmix/random_erasing are fine-tuning augmentations: they need "
                           "objective.name=supervised")
     return BatchAugment(d, num_classes, cfg.objective.label_smoothing, cfg.run.seed, rank)

@@ -38,7 +38,8 @@ from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
 from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
                                  plans_to_json, slot_index)
-from vitscale.data.resume import POSITION_KEYS, saved_stream_states  # noqa: F401 (callers import them here)
+from vitscale.data.resume import (POSITION_KEYS, resume_stream_state,  # noqa: F401 (callers import them here)
+                                  saved_stream_states)
 from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -179,14 +180,15 @@ class WorkerStream:
 
 def _collate(items: list, worker: int, ring: Optional[Ring] = None) -> dict:
     keys, imgs, labels, pos = zip(*items)
-    stream = {"worker": worker, **pos[-1]}
+    batch = {"label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
+             "stream": {"worker": worker, **pos[-1]}}
     if not all(torch.is_tensor(x) for x in imgs):
-        images = list(imgs)  # deferred JPEGs: see materialize
+        batch["image"] = list(imgs)  # deferred JPEGs: see materialize
     elif ring is not None:  # a DataLoader worker: straight into (reused) shared memory
-        images, stream["seq"] = ring.stack(imgs)
+        batch["image"], batch["ring_seq"] = ring.stack(imgs)
     else:
-        images = torch.stack(imgs)
-    return {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": list(keys), "stream": stream}
+        batch["image"] = torch.stack(imgs)
+    return batch
 
 
 def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] = None,
@@ -326,8 +328,8 @@ class _TrainIterator:
                                f"{s['worker']}, expected {expected}")
         loader.positions[s["worker"]] = _position(s)
         loader.batches += 1
-        if "seq" in s:
-            self.releases.handed_out(s["worker"], s["seq"], batch["image"])
+        if "ring_seq" in batch:
+            self.releases.handed_out(s["worker"], batch.pop("ring_seq"), batch["image"])
         return batch
 
 

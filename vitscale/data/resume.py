@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from vitscale.distributed.safeload import safe_load
 
 from vitscale.data.order import Order, elastic_plans, plans_from_json, slot_index
@@ -56,6 +54,14 @@ def merge_states(states: list[dict], order: Order) -> tuple[int, dict, dict]:
                 totals[c] += pos[c]
     first, plans = elastic_plans(order, int(states[0]["k"]), old_plans, positions)
     return first, plans, totals
+
+
+def resume_stream_state(ckpt_path, own: Optional[dict], world_size: int, num_workers: int):
+    """What a rank resumes its data stream from: its own saved state when the layout (processes x workers) is
+    unchanged, an exact resume that reads no other rank's file; else every rank's (an elastic resume)."""
+    if own and own.get("world_size") == world_size and own.get("num_workers") == max(num_workers, 1):
+        return own
+    return saved_stream_states(ckpt_path)
 
 
 def saved_stream_states(ckpt_path) -> Optional[list]:

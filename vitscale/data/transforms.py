@@ -157,7 +157,7 @@ def _pil_header(data: bytes) -> Header:
     return Header(fmt, mode, w, h, orientation, False)
 
 
-def _pil_rgb(im) -> "np.ndarray":
+def _pil_rgb(im) -> "numpy.ndarray":  # noqa: F821 (numpy is imported lazily)
     """Any PIL mode and bit depth -> RGB uint8 (H,W,3): 16/32-bit integer images are scaled, not clipped."""
     import numpy as np
 

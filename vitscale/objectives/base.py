@@ -47,6 +47,7 @@ class Picture:
 class Objective(abc.ABC):
     """Base class; subclasses set ``name`` and implement the hooks. ``cfg`` is the whole run config."""
     name = ""
+    classifies = False  # trains a classifier on labels (fine-tuning augmentation and periodic validation need one)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -71,9 +72,13 @@ class Objective(abc.ABC):
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics): metrics are 0-d tensors, not synced to the host (the loop reads them on log steps)."""
 
+    # The keys eval_sums returns, in a fixed order: every rank adds them up in one all-reduce.
+    eval_keys: tuple[str, ...] = ("loss",)
+
     @abc.abstractmethod
     def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Held-out sums over the batch, e.g. {"loss": summed loss}; the loop reports val_<key> = sum / images."""
+        """Held-out sums over the batch, one per :attr:`eval_keys` (e.g. {"loss": summed loss}); the loop reports
+        val_<key> = sum / images."""
 
     def images_due(self, step: int, last: bool) -> bool:
         """Whether :meth:`visualize` should run after ``step``."""

@@ -14,6 +14,7 @@ from vitscale.objectives.base import Objective, model_kwargs
 
 class Supervised(Objective):
     name = "supervised"
+    classifies = True
 
     def check_data(self, num_classes: int) -> None:
         if num_classes < 2:
@@ -35,6 +36,8 @@ class Supervised(Objective):
     def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return supervised_step(model, images, labels, label_smoothing=self.cfg.objective.label_smoothing)
+
+    eval_keys = ("acc", "loss")
 
     def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         correct, loss_sum = count_correct(model, images, labels)

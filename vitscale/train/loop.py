@@ -18,7 +18,7 @@ import torch
 from vitscale import faults
 from vitscale.config import Config, config_to_dict, resolve, save_config
 from vitscale.data.augment import batch_augment_from_config
-from vitscale.data.pipeline import build_eval_loader, saved_stream_states, train_loader_from_config
+from vitscale.data.pipeline import resume_stream_state, train_loader_from_config
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize, normalize
 from vitscale.distributed import engine as eng
@@ -125,7 +125,7 @@ class Trainer:
         # model.init and the augmentation keys are checked here too, before anything is written.
         self.init = model_init.plan(cfg, lambda: self.objective.build_model(self.num_classes), point is not None,
                                     self.log)
-        self.augment = batch_augment_from_config(cfg, self.num_classes, env.rank)
+        self.augment = batch_augment_from_config(cfg, self.num_classes, env.rank, self.objective.classifies)
         runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +137,9 @@ class Trainer:
         if point is not None:
             self.log(f"resumed from {point.path} at step {state.step}")
         state.history.append([state.step, env.world_size])
-        self.loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size,
-                                               state=saved_stream_states(point.path) if point else None,
+        stream = resume_stream_state(point.path, (rank_state or {}).get("data"), env.world_size,
+                                     cfg.data.num_workers) if point else None
+        self.loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size, state=stream,
                                                num_classes=self.objective.label_classes(self.num_classes))
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         self.batches = iter(self.loader)
@@ -169,7 +170,7 @@ class Trainer:
         metrics, tracker = self.metrics, self.tracker
         self.validation = validation.PeriodicValidation(
             cfg, self.val_set.urls if self.val_set else None, env.rank, env.world_size, self.ckpt.dir,
-            lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log)
+            lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log, self.objective.classifies)
         if env.is_main and cfg.train.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
@@ -368,26 +369,14 @@ class Trainer:
                  f"(results in {self.run_dir}); raise train.steps to continue")
         return {"step": point.step, "complete": True, "run_dir": str(self.run_dir)}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""
         cfg = self.cfg
-        loader = build_eval_loader(self.val_set.urls, batch_size=cfg.data.batch_size, img_size=cfg.model.img_size,
-                                   rank=self.env.rank, world_size=self.env.world_size, label_key=cfg.data.label_key,
-                                   crop_pct=cfg.data.eval_crop_pct)
-        self.engine.eval()
-        sums: dict[str, float] = {"loss": 0.0}
-        count = 0
-        for batch in loader:
-            images = normalize(batch["image"], self.engine.device).to(self.engine.dtype)
-            labels = batch["label"].to(self.engine.device)
-            for key, value in self.objective.eval_sums(self.engine, images, labels).items():
-                sums[key] = sums.get(key, 0.0) + value
-            count += len(labels)
-        self.engine.train()
-        keys = list(sums)
-        *totals, count = eng.all_reduce_sum([*(sums[k] for k in keys), count])
-        return {"val_images": int(count), **{f"val_{k}": t / max(count, 1) for k, t in zip(keys, totals)}}
+        sums, count = validation.held_out_sums(
+            self.engine, self.val_set.urls, cfg.data.batch_size, cfg.model.img_size, self.env.rank,
+            self.env.world_size, self.objective.eval_sums, self.objective.eval_keys, cfg.data.eval_crop_pct,
+            cfg.data.label_key)
+        return {"val_images": count, **{f"val_{k}": v / max(count, 1) for k, v in sums.items()}}
 
     def _report(self, summary: dict) -> None:
         if "val_acc" in summary:

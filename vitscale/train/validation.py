@@ -4,14 +4,15 @@ written to metrics.jsonl and wandb, and ``checkpoints/best`` pointing at the che
 Every rank reads a disjoint part of the held-out shards (sample i goes to rank i % world size) and the counts and
 summed losses are added over ranks, so 2 processes report what 1 process does. Under ZeRO-3 a forward pass
 gathers parameters collectively, so a rank that ran out of batches keeps stepping with a dummy one until every
-rank is done (one small all-reduce per batch agrees on that).
+rank is done (one small all-reduce per batch agrees on that). :func:`held_out_sums` is that loop; the end-of-run
+evaluation (the objective's ``eval_sums``) uses it too.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,37 +26,54 @@ BEST_INFO = "best.json"  # its step and numbers
 
 
 @torch.no_grad()
+def held_out_sums(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
+                  sums_of: Callable[[Any, torch.Tensor, torch.Tensor], dict], keys: Sequence[str],
+                  crop_pct: float = 0.875, label_key: str = "cls") -> tuple[dict[str, float], int]:
+    """``({key: sum over every held-out image}, images)``, the same on every rank: ``sums_of(engine, images,
+    labels)`` gives each batch's sums. A rank out of batches runs ``sums_of`` on a dummy image (and discards it)
+    while another rank still has some: under ZeRO-3 each forward gathers parameters collectively."""
+    loader = iter(build_eval_loader(urls, batch_size=batch_size, img_size=img_size, rank=rank,
+                                    world_size=world_size, crop_pct=crop_pct, label_key=label_key))
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the keys, then the image count
+    dummy = (torch.zeros(1, 3, img_size, img_size, device=engine.device, dtype=engine.dtype),
+             torch.zeros(1, dtype=torch.int64, device=engine.device))  # for a rank that gets no batch at all
+    engine.eval()
+    try:
+        while True:
+            batch = next(loader, None)
+            if eng.all_reduce_sum([0.0 if batch is None else 1.0])[0] == 0:
+                break
+            if batch is None:  # this rank is done but another is not: keep the collective forward passes in step
+                sums_of(engine, *dummy)
+                continue
+            images = normalize(batch["image"], engine.device).to(engine.dtype)
+            labels = batch["label"].to(engine.device)
+            dummy = (images[:1], labels[:1])
+            got = sums_of(engine, images, labels)
+            sums += torch.tensor([float(got[k]) for k in keys] + [len(labels)], dtype=torch.float64)
+    finally:
+        engine.train()
+    *totals, count = eng.all_reduce_sum(sums.tolist())
+    return dict(zip(keys, totals)), int(count)
+
+
 def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
              crop_pct: float = 0.875, label_key: str = "cls") -> dict:
     """``{val_top1, val_top5, val_loss, val_images}`` over every held-out sample, the same on every rank."""
-    loader = iter(build_eval_loader(urls, batch_size=batch_size, img_size=img_size, rank=rank,
-                                    world_size=world_size, crop_pct=crop_pct, label_key=label_key))
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, summed loss, images
-    dummy = None
-    while True:
-        batch = next(loader, None)
-        if eng.all_reduce_sum([0.0 if batch is None else 1.0])[0] == 0:
-            break
-        if batch is None:  # this rank is done but another is not: keep the collective forward passes in step
-            engine(dummy)
-            continue
-        images = normalize(batch["image"], engine.device).to(engine.dtype)
-        dummy = images[:1]
-        sums += _scores(engine(images).float(), batch["label"].to(engine.device))
-    engine.train()
-    top1, top5, loss, count = eng.all_reduce_sum(sums.tolist())
-    count = max(count, 1.0)
-    return {"val_top1": top1 / count, "val_top5": top5 / count, "val_loss": loss / count, "val_images": int(count)}
+    sums, count = held_out_sums(engine, urls, batch_size, img_size, rank, world_size, _scores, SCORES, crop_pct,
+                                label_key)
+    return {**{f"val_{k}": v / max(count, 1) for k, v in sums.items()}, "val_images": count}
 
 
-def _scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    k = min(5, logits.shape[-1])
-    topk = logits.topk(k, dim=-1).indices
+SCORES = ("top1", "top5", "loss")
+
+
+def _scores(engine: Any, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    logits = engine(images).float()
+    topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = topk == labels[:, None]
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    return torch.tensor([float(hits[:, 0].sum()), float(hits.any(dim=-1).sum()), float(loss), len(labels)],
-                        dtype=torch.float64)
+    return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=-1).sum()),
+            "loss": float(F.cross_entropy(logits, labels, reduction="sum"))}
 
 
 class PeriodicValidation:
@@ -63,8 +81,9 @@ class PeriodicValidation:
     checkpoint is written, ``saved`` moves ``checkpoints/best`` to it."""
 
     def __init__(self, cfg: Any, val_urls: Optional[list[str]], rank: int, world_size: int, ckpt_dir: Path,
-                 write: Callable[[dict], None], log: Callable[[str], None] = print):
+                 write: Callable[[dict], None], log: Callable[[str], None] = print, classifier: bool = True):
         self.cfg, self.urls, self.rank, self.world_size = cfg, val_urls, rank, world_size
+        self.classifier = classifier  # top-1/top-5 need a classifier (Objective.classifies)
         self.dir, self.write, self.log = Path(ckpt_dir), write, log
         self.pending: Optional[dict] = None
         info = self.dir / BEST_INFO
@@ -72,7 +91,7 @@ class PeriodicValidation:
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.train.eval_every
-        return bool(every and self.urls and self.cfg.objective.name == "supervised" and (step % every == 0 or last))
+        return bool(every and self.urls and self.classifier and (step % every == 0 or last))
 
     def run(self, engine: Any, step: int) -> bool:
         """Validate, log, and say whether this step is a new best (then it must be checkpointed)."""
