@@ -114,3 +114,18 @@ def test_sweep_finetunes_each_cell_from_its_own_run(tmp_path, data_cache):
     doc = json.loads((out / "sweep.json").read_text())
     assert doc["rows"][0]["n"] == 1 and doc["rows"][0]["finetune/val_acc"]["mean"] == pytest.approx(val[-1])
     assert {"val_acc", "finetune/val_acc"} <= set(doc["metrics"])  # the pretraining's own held-out numbers stay too
+
+
+def test_eval_results_become_metrics_without_their_settings():
+    from vitscale.sweep.runner import eval_metrics
+
+    fewshot = {"evaluation": "fewshot", "results": {"trained": {
+        "shots": [1, 5, 10], "mean": [0.5, 0.8, 0.9], "std": [0.1, 0.05, 0.01], "per_seed": [[0.4, 0.6]] * 3,
+        "seeds": 5, "reg": 0.001}}}
+    assert eval_metrics(fewshot) == {"fewshot/1-shot": 0.5, "fewshot/5-shot": 0.8, "fewshot/10-shot": 0.9}
+    linear = {"evaluation": "linear", "results": {"trained": {"val_acc": 0.93, "train_acc": 0.96, "epochs": 100,
+                                                              "lr": 0.1, "seed": 0, "history": [{"epoch": 1}]}}}
+    assert eval_metrics(linear) == {"linear/val_acc": 0.93, "linear/train_acc": 0.96}
+    rows = summarize([{"name": "a", "group": "g", "params": {}, "seed": 0, "status": "ok",
+                       "metrics": eval_metrics(fewshot)}])
+    assert rows["metrics"] == ["fewshot/1-shot", "fewshot/5-shot", "fewshot/10-shot"]  # in numeric order

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Sequence
@@ -11,10 +12,15 @@ PREFERRED = ("val_acc", "val_top1", "val_loss", "train_loss")
 HIDDEN = ("steps", "val_images")
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts fewshot/5-shot before fewshot/10-shot."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def summarize(results: Sequence[dict]) -> dict:
     """``{"metrics": [...], "rows": [{group, params, n, seeds, <metric>: {mean, std, n}}], "failed": [...]}``."""
     ok = [r for r in results if r.get("status") == "ok"]
-    names = sorted({k for r in ok for k in r["metrics"] if k not in HIDDEN})
+    names = sorted({k for r in ok for k in r["metrics"] if k not in HIDDEN}, key=_natural)
     metrics = [m for m in PREFERRED if m in names] + [m for m in names if m not in PREFERRED]
     rows: dict[str, dict] = {}
     for r in results:  # grid order: rows come out in the order the grid defines

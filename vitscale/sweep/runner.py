@@ -71,7 +71,8 @@ def run_cells(plan: SweepPlan, cells: Sequence[Cell], log: Callable[[str], None]
     for cell in cells:
         done = load_result(plan, cell)
         if done is not None and done.get("status") == "ok":
-            results[cell.name] = done
+            # the table is what the files say now (a newer vitscale may read more out of them)
+            results[cell.name] = {**done, "metrics": cell_metrics(plan, cell_dir(plan, cell))}
         else:
             todo.append(cell)
     if len(todo) < len(cells):
@@ -90,11 +91,10 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
               "status": "ok", "metrics": {}}
     log(f"sweep: {cell.name}: training")
     error = _child(plan, ["train", "--config", plan.config, *train_overrides(plan, cell)], folder / "train.log")
-    if error is None:
-        result["metrics"].update(training_metrics(folder / "metrics.jsonl"))
-        if plan.evals:
-            log(f"sweep: {cell.name}: evaluating {','.join(plan.evals)}")
-            error = _evaluate(plan, folder, result["metrics"], cell.seed)
+    if error is None and plan.evals:
+        log(f"sweep: {cell.name}: evaluating {','.join(plan.evals)}")
+        error = _evaluate(plan, folder, cell.seed)
+    result["metrics"] = cell_metrics(plan, folder)
     if error is not None:
         result.update(status="failed", error=error)
         log(f"sweep: {cell.name}: FAILED: {error}")
@@ -104,9 +104,23 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
 
 
 FINETUNE = "finetune"
+FINETUNE_METRICS = ("val_acc", "val_loss")  # of the fine-tuned model's end-of-run held-out evaluation
 
 
-def _evaluate(plan: SweepPlan, folder: Path, metrics: dict, seed: int) -> Optional[str]:
+def cell_metrics(plan: SweepPlan, folder: Path) -> dict:
+    """A cell's numbers from its files: the training's final ones, each requested evaluation's, the fine-tuning's."""
+    metrics = training_metrics(folder / "metrics.jsonl")
+    for name in plan.evals:
+        path = folder / "eval" / f"{name}.json"
+        if name != FINETUNE and path.is_file():
+            metrics.update(eval_metrics(json.loads(path.read_text())))
+    if FINETUNE in plan.evals:
+        done = training_metrics(folder / FINETUNE / "metrics.jsonl")
+        metrics.update({f"{FINETUNE}/{k}": v for k, v in done.items() if k in FINETUNE_METRICS})
+    return metrics
+
+
+def _evaluate(plan: SweepPlan, folder: Path, seed: int) -> Optional[str]:
     evals = [e for e in plan.evals if e != FINETUNE]
     if evals:
         args = ["eval", ",".join(evals), str(folder), "--out", str(folder / "eval")]
@@ -115,25 +129,15 @@ def _evaluate(plan: SweepPlan, folder: Path, metrics: dict, seed: int) -> Option
         error = _child(plan, args, folder / "eval.log")
         if error is not None:
             return error
-        for path in sorted((folder / "eval").glob("*.json")):
-            metrics.update(eval_metrics(json.loads(path.read_text())))
     if FINETUNE in plan.evals:
-        return _finetune(plan, folder, metrics, seed)
+        args = ["train", "--config", str(plan.finetune_config), *finetune_overrides(plan, folder, seed)]
+        return _child(plan, args, folder / "finetune.log")
     return None
 
 
 def finetune_overrides(plan: SweepPlan, folder: Path, seed: int) -> list[str]:
     return [*plan.finetune_overrides, f"model.init={folder}", f"run.dir={folder}", f"run.name={FINETUNE}",
             f"run.seed={seed}"]
-
-
-def _finetune(plan: SweepPlan, folder: Path, metrics: dict, seed: int) -> Optional[str]:
-    args = ["train", "--config", str(plan.finetune_config), *finetune_overrides(plan, folder, seed)]
-    error = _child(plan, args, folder / "finetune.log")
-    if error is None:
-        done = training_metrics(folder / FINETUNE / "metrics.jsonl")
-        metrics.update({f"{FINETUNE}/{k}": v for k, v in done.items() if k.startswith("val_")})
-    return error
 
 
 def _child(plan: SweepPlan, args: list[str], log_path: Path) -> Optional[str]:
@@ -178,8 +182,14 @@ def training_metrics(path: Path) -> dict:
     return out
 
 
+# Numbers in an eval result that are settings, not results (they would be columns of +-0 in the table).
+SETTINGS = frozenset(("epochs", "batch_size", "lr", "blr", "weight_decay", "seed", "seeds", "reg", "k", "temperature",
+                      "repeats", "steps", "params"))
+
+
 def eval_metrics(doc: dict) -> dict:
-    """Numeric leaves of a ``vitscale eval`` result (the trained model's), as ``<evaluation>/<path>``."""
+    """The results of a ``vitscale eval`` file (the trained model's) as ``<evaluation>/<path>``: numeric leaves
+    other than settings; a few-shot curve (``shots`` with ``mean``) as ``<evaluation>/<n>-shot``."""
     results = doc.get("results") or {}
     trained = results.get("trained", next(iter(results.values()), {})) if isinstance(results, dict) else {}
     flat: dict = {}
@@ -191,8 +201,15 @@ def _flatten(value, prefix: str, out: dict, depth: int) -> None:
     if _is_number(value):
         out[prefix] = value
     elif isinstance(value, dict) and depth < 3:
+        shots, means = value.get("shots"), value.get("mean")
+        if isinstance(shots, list) and isinstance(means, list) and len(shots) == len(means):
+            for n, m in zip(shots, means):
+                if _is_number(m):
+                    out[f"{prefix}/{n}-shot"] = m
+            return
         for k, v in value.items():
-            _flatten(v, f"{prefix}/{k}", out, depth + 1)
+            if k not in SETTINGS:
+                _flatten(v, f"{prefix}/{k}", out, depth + 1)
 
 
 def _is_number(v) -> bool:
