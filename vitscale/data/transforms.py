@@ -304,17 +304,16 @@ def normalize(images: torch.Tensor, device=None, mean=IMAGENET_MEAN, std=IMAGENE
     if device is not None:
         images = images.to(device, non_blocking=True)
     x = images.float().div_(255.0)
-    shape = (3, 1, 1)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    m, s = imagenet_stats(x, mean, std)
     return x.sub_(m).div_(s)
 
 
-def imagenet_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as (3, 1, 1) tensors in ``x``'s dtype and device (they broadcast over (B, 3, H, W))."""
+def imagenet_stats(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet (or the given) mean and std as (3, 1, 1) tensors in ``x``'s dtype and device (they broadcast over
+    (B, 3, H, W))."""
     shape = (3, 1, 1)
-    return (torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape),
-            torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape))
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape),
+            torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
 
 
 def normalize_unit(x: torch.Tensor) -> torch.Tensor:
