@@ -80,6 +80,13 @@ def _pax_records(data: bytes) -> dict:
     return out
 
 
+def _pax_size(pax: dict, offset: int) -> int:
+    try:
+        return int(pax["size"])
+    except ValueError:
+        raise TarError(f"bad tar header at byte {offset}: pax size {pax['size'][:20]!r}") from None
+
+
 def _name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0]
     if header[257:263] == b"ustar\0":  # POSIX ustar: a long path is split into prefix / name
@@ -123,7 +130,7 @@ def tar_members(stream) -> Iterator[Member]:
             return  # end of archive (the caller checks the second zero block and the padding)
         _checked(header, offset)
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136], offset)
+        size = _pax_size(pax, offset) if "size" in pax else _number(header[124:136], offset)
         if size < 0:
             raise TarError(f"bad tar header at byte {offset}: negative size")
         padded = -(-size // BLOCK) * BLOCK
