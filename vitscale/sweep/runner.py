@@ -52,8 +52,15 @@ def cell_dir(plan: SweepPlan, cell: Cell) -> Path:
     return plan.cells_dir / cell.name
 
 
+def _quiet(overrides: Sequence[str]) -> list[str]:
+    """A child's output goes to a log file: no progress bar there unless asked for (train.progress=true)."""
+    asked = any(o.partition("=")[0] == "train.progress" for o in overrides)
+    return [] if asked else ["train.progress=false"]
+
+
 def train_overrides(plan: SweepPlan, cell: Cell) -> list[str]:
-    return [*cell.overrides(), f"run.dir={plan.cells_dir}", f"run.name={cell.name}"]
+    overrides = cell.overrides()
+    return [*_quiet(overrides), *overrides, f"run.dir={plan.cells_dir}", f"run.name={cell.name}"]
 
 
 def load_result(plan: SweepPlan, cell: Cell) -> Optional[dict]:
@@ -136,7 +143,7 @@ def _evaluate(plan: SweepPlan, folder: Path, seed: int) -> Optional[str]:
 
 
 def finetune_overrides(plan: SweepPlan, folder: Path, seed: int) -> list[str]:
-    return [*plan.finetune_overrides, f"model.init={folder}", f"run.dir={folder}", f"run.name={FINETUNE}",
+    return [*_quiet(plan.finetune_overrides), *plan.finetune_overrides, f"model.init={folder}", f"run.dir={folder}", f"run.name={FINETUNE}",
             f"run.seed={seed}"]
 
 
