@@ -43,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--jobs", "-j", type=int, default=1, help="cells trained at the same time (default 1)")
     s.add_argument("--shard", type=_shard, default=(0, 1), help="K/N: run only cells K, K+N, ... (default 0/1)")
     s.add_argument("--timeout", type=float, default=None, help="seconds a cell may take before it counts as failed")
+    s.add_argument("--plot", default="", metavar="M1,M2",
+                   help="metrics to draw in sweep.png (default: the table's first four), e.g. fewshot/5-shot")
     s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
     s.set_defaults(func=run_sweep_command)
     return s
@@ -54,6 +56,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     opts = SweepOptions(config=args.config, grid=args.grid, seeds=args.seeds, out=args.out,
                         evals=[e for e in args.eval.split(",") if e.strip()], eval_data=args.eval_data,
                         finetune_config=args.finetune_config, finetune_overrides=args.finetune_set, jobs=args.jobs,
-                        shard=args.shard, timeout_s=args.timeout, dry_run=args.dry_run)
+                        shard=args.shard, timeout_s=args.timeout, dry_run=args.dry_run,
+                        plot_metrics=[m for m in args.plot.split(",") if m.strip()])
     summary = sweep(opts)
     return 1 if summary.get("failed") else 0

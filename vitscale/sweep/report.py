@@ -61,9 +61,10 @@ def markdown(summary: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path, title: str, max_metrics: int = 4) -> Path | None:
-    """One bar chart per metric (up to ``max_metrics``), error bars = std over seeds."""
-    metrics = summary["metrics"][:max_metrics]
+def plot(summary: dict, path: Path, title: str, metrics: Sequence[str] = (), max_metrics: int = 4) -> Path | None:
+    """One bar chart per metric (``metrics`` that the table has, else its first ``max_metrics``), error bars =
+    std over seeds."""
+    metrics = [m for m in metrics if m in summary["metrics"]] or summary["metrics"][:max_metrics]
     rows = [r for r in summary["rows"] if r["n"]]
     if not metrics or not rows:
         return None
@@ -87,12 +88,12 @@ def plot(summary: dict, path: Path, title: str, max_metrics: int = 4) -> Path | 
     return path
 
 
-def write_report(summary: dict, out: Path, header: dict) -> list[Path]:
-    """``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out``; returns the paths written."""
+def write_report(summary: dict, out: Path, header: dict, plot_metrics: Sequence[str] = ()) -> list[Path]:
+    """``sweep.json``, ``sweep.md`` and ``sweep.png`` (of ``plot_metrics``) in ``out``; returns the paths written."""
     title = f"sweep of {header.get('config', '?')}"
     json_path, md_path = out / "sweep.json", out / "sweep.md"
     json_path.write_text(json.dumps({**header, **summary}, indent=1) + "\n")
     md_path.write_text(markdown(summary, title))
     written = [json_path, md_path]
-    png = plot(summary, out / "sweep.png", title)
+    png = plot(summary, out / "sweep.png", title, plot_metrics)
     return written + ([png] if png else [])

@@ -26,6 +26,7 @@ class SweepOptions:
     shard: tuple[int, int] = (0, 1)
     timeout_s: Optional[float] = None
     dry_run: bool = False
+    plot_metrics: Sequence[str] = ()
     extra_env: dict = field(default_factory=dict)
 
 
@@ -51,7 +52,10 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
     summary = summarize(collect(plan, cells, results))
     header = {"config": opts.config, "grid": opts.grid, "seeds": opts.seeds, "evals": list(opts.evals),
               "cells": len(cells)}
-    for path in write_report(summary, plan.out, header):
+    missing = [m for m in opts.plot_metrics if m not in summary["metrics"]]
+    if missing and summary["metrics"]:
+        log(f"sweep: --plot {','.join(missing)}: not in the table (it has {', '.join(summary['metrics'])})")
+    for path in write_report(summary, plan.out, header, opts.plot_metrics):
         log(f"wrote {path}")
     log((plan.out / "sweep.md").read_text())
     return summary
