@@ -414,3 +414,16 @@ def test_baseline_width_is_sized_to_a_parameter_count():
     assert vit == 809354 and width_for_params(vit, 10) == 17
     with pytest.raises(ValueError, match="cannot size"):
         width_for_params(0, 10)
+
+
+def test_other_data_is_scored_on_its_own_held_out_split():
+    """--data other than the run's: held out from that data set, never the run's own val shards."""
+    from vitscale.eval.features import data_specs
+
+    run = {"data_config": {"train_shards": "demo:photos", "val_shards": "demo:photos:val"}}
+    assert data_specs(None, None, run) == ("demo:photos", "demo:photos:val")
+    assert data_specs("demo:photos", None, run) == ("demo:photos", "demo:photos:val")
+    assert data_specs("demo:digits", None, run) == ("demo:digits", "demo:digits:val")
+    assert data_specs("demo:digits", "/v/x.tar", run) == ("demo:digits", "/v/x.tar")
+    with pytest.raises(ValueError, match="pass --val-data"):
+        data_specs("/data/train-{0..9}.tar", None, run)

@@ -98,12 +98,15 @@ def val_spec_for(train_spec: str) -> str:
 
 def data_specs(train_spec: Optional[str], val_spec: Optional[str], info: Optional[dict] = None
                ) -> tuple[str, str]:
-    """(train, val) shard specs: as given, else a checkpoint directory's own data config, else demo:X:val."""
+    """(train, val) shard specs: as given, else a checkpoint directory's own data config, else demo:X:val. The run's
+    own held-out shards go only with the run's own training shards: with other ``--data`` they would be another
+    data set, with other labels (measured: a probe trained on digits and scored on photos, 5% "accuracy")."""
     run_cfg = (info or {}).get("data_config") or {}
+    own_data = not train_spec or train_spec == run_cfg.get("train_shards")
     train_spec = train_spec or run_cfg.get("train_shards")
     if not train_spec:
         raise ValueError("no training shards: pass --data (e.g. demo:digits)")
-    val_spec = val_spec or run_cfg.get("val_shards") or val_spec_for(train_spec)
+    val_spec = val_spec or (run_cfg.get("val_shards") if own_data else None) or val_spec_for(train_spec)
     return train_spec, val_spec
 
 

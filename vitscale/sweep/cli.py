@@ -36,6 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--eval", default="", help="evaluations after each training, as for `vitscale eval` "
                                               "(e.g. linear,knn,finetune)")
     s.add_argument("--eval-data", default=None, help="--data for the evaluations (default: the run's own data)")
+    s.add_argument("--eval-val-data", default=None,
+                   help="--val-data for the evaluations (default: demo:X:val for demo:X, else the run's own)")
     s.add_argument("--finetune-config", default=None,
                    help="with --eval ...,finetune: the fine-tuning config, run with model.init=<each cell's run>")
     s.add_argument("--finetune-set", action="append", default=[], metavar="KEY=V",
@@ -55,7 +57,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     opts = SweepOptions(config=args.config, grid=args.grid, seeds=args.seeds, out=args.out,
                         evals=[e for e in args.eval.split(",") if e.strip()], eval_data=args.eval_data,
-                        finetune_config=args.finetune_config, finetune_overrides=args.finetune_set, jobs=args.jobs,
+                        eval_val_data=args.eval_val_data, finetune_config=args.finetune_config,
+                        finetune_overrides=args.finetune_set, jobs=args.jobs,
                         shard=args.shard, timeout_s=args.timeout, dry_run=args.dry_run,
                         plot_metrics=[m for m in args.plot.split(",") if m.strip()])
     summary = sweep(opts)

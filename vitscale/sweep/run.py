@@ -20,6 +20,7 @@ class SweepOptions:
     out: Optional[str] = None
     evals: Sequence[str] = ()
     eval_data: Optional[str] = None
+    eval_val_data: Optional[str] = None
     finetune_config: Optional[str] = None
     finetune_overrides: Sequence[str] = ()
     jobs: int = 1
@@ -78,6 +79,7 @@ def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
     out = Path(opts.out) if opts.out else Path(base.run.dir) / f"sweep-{Path(opts.config).stem}"
     check_finetune(opts)
     plan = SweepPlan(config=opts.config, out=out, evals=opts.evals, eval_data=opts.eval_data,
+                     eval_val_data=opts.eval_val_data,
                      finetune_config=opts.finetune_config, finetune_overrides=list(opts.finetune_overrides),
                      jobs=opts.jobs, timeout_s=opts.timeout_s, extra_env=dict(opts.extra_env))
     return expand_grid(axes, fixed, seeds), plan

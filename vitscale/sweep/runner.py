@@ -37,6 +37,7 @@ class SweepPlan:
     out: Path
     evals: Sequence[str] = ()
     eval_data: Optional[str] = None
+    eval_val_data: Optional[str] = None
     finetune_config: Optional[str] = None
     finetune_overrides: Sequence[str] = ()
     jobs: int = 1
@@ -133,6 +134,8 @@ def _evaluate(plan: SweepPlan, folder: Path, seed: int) -> Optional[str]:
         args = ["eval", ",".join(evals), str(folder), "--out", str(folder / "eval")]
         if plan.eval_data:
             args += ["--data", plan.eval_data]
+        if plan.eval_val_data:
+            args += ["--val-data", plan.eval_val_data]
         error = _child(plan, args, folder / "eval.log")
         if error is not None:
             return error
