@@ -129,3 +129,15 @@ def test_eval_results_become_metrics_without_their_settings():
     rows = summarize([{"name": "a", "group": "g", "params": {}, "seed": 0, "status": "ok",
                        "metrics": eval_metrics(fewshot)}])
     assert rows["metrics"] == ["fewshot/1-shot", "fewshot/5-shot", "fewshot/10-shot"]  # in numeric order
+
+
+def test_parallel_cells_share_the_cores():
+    import os
+
+    from vitscale.sweep.runner import child_threads
+
+    cores = os.cpu_count() or 1
+    assert child_threads(1, {}) == {}
+    assert child_threads(2, {}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
+    assert child_threads(cores * 4, {}) == {"OMP_NUM_THREADS": "1"}
+    assert child_threads(2, {"OMP_NUM_THREADS": "3"}) == {}  # the caller's choice stands

@@ -42,7 +42,8 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
             log(f"{c.name}: {' '.join(train_overrides(plan, c))}{note}")
             if FINETUNE in plan.evals:
                 folder = plan.cells_dir / c.name
-                log(f"  then: train --config {plan.finetune_config} {' '.join(finetune_overrides(plan, folder, c.seed))}")
+                then = " ".join(finetune_overrides(plan, folder, c.seed))
+                log(f"  then: train --config {plan.finetune_config} {then}")
         return {"cells": len(mine), "failed": []}
     plan.out.mkdir(parents=True, exist_ok=True)
     log(f"sweep: {len(cells)} cells ({len(cells) // opts.seeds} grid points x {opts.seeds} seeds) in {plan.out}")
