@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     resolve(cfg, detect_env(local_rank_arg=args.local_rank).world_size)  # and what this launch derives from it
     from vitscale.train import train
 
-    train(cfg, local_rank_arg=args.local_rank)
+    train(cfg, local_rank_arg=args.local_rank, end_group=True)
     return 0
 
 

@@ -176,6 +176,7 @@ def main() -> int:
             Path(f"{args.out}.rank{rank}").write_text(json.dumps(mode_memory(rank, world)))
     if rank == 0:
         Path(args.out).write_text(json.dumps(result))
+    eng.teardown()
     return 0
 
 

@@ -58,7 +58,7 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
 
 # Re-exported: callers use them as engine.device(), engine.all_reduce_sum(), ...
 from vitscale.distributed.collectives import (all_reduce_sum, any_rank, barrier, device,  # noqa: E402,F401
-                                             first_failure)
+                                             first_failure, teardown)
 
 
 def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,

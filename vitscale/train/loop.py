@@ -41,12 +41,16 @@ class Rollback(Exception):
     """Too many non-finite losses in a row: reload the last checkpoint and go on with a lower LR."""
 
 
-def train(cfg: Config, local_rank_arg: Optional[int] = None) -> dict:
-    """Run (or resume) the configured training; returns a summary dict."""
+def train(cfg: Config, local_rank_arg: Optional[int] = None, end_group: bool = False) -> dict:
+    """Run (or resume) the configured training; returns a summary dict. ``end_group``: end the process group
+    afterwards (the CLI does, so that a finished run exits 0 under every launcher: see ``engine.teardown``)."""
     env = detect_env(local_rank_arg=local_rank_arg)
     eng.setup(env, timeout_s=cfg.engine.timeout_s)
-    with watchdog.watch(env, cfg.engine.timeout_s):
-        return Trainer(cfg, env).run()
+    with watchdog.watch(env, cfg.engine.timeout_s):  # the final barrier is watched too
+        summary = Trainer(cfg, env).run()
+        if end_group:
+            eng.teardown()
+    return summary
 
 
 class Trainer:
