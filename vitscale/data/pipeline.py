@@ -207,12 +207,12 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        if info is None:
-            return iter_worker_batches(self.plan, self.consumed % self.plan.num_workers,
-                                       self.positions[self.consumed % self.plan.num_workers])
-        worker = (info.id + self.consumed) % self.plan.num_workers
+        physical = info.id if info is not None else 0
+        worker = (physical + self.consumed) % self.plan.num_workers
+        if info is None:  # in the trainer's process: nothing to hand over through shared memory
+            return iter_worker_batches(self.plan, worker, self.positions[worker])
         batches = iter_worker_batches(self.plan, worker, self.positions[worker], Ring(self.released, worker))
-        return _fault_point(batches, self.plan.rank, info.id)
+        return _fault_point(batches, self.plan.rank, physical)
 
 
 def _fault_point(batches: Iterator[dict], rank: int, worker: int) -> Iterator[dict]:

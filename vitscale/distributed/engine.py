@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
 import os
 from pathlib import Path
@@ -390,14 +391,6 @@ def deepspeed_file_loads():
     return weights_only_loads(_deepspeed_file_types())
 
 
-@contextlib.contextmanager
 def _quiet_stdout():
-    # zero_to_fp32 prints a line per parameter group; keep the CLI output readable.
-    import io
-    import sys
-
-    saved, sys.stdout = sys.stdout, io.StringIO()
-    try:
-        yield
-    finally:
-        sys.stdout = saved
+    """DeepSpeed prints a line per process at init and zero_to_fp32 one per parameter group: keep the CLI readable."""
+    return contextlib.redirect_stdout(io.StringIO())

@@ -23,6 +23,7 @@ from vitscale.distributed import engine as eng
 
 BEST = "best"  # checkpoints/best: the tag of the best checkpoint so far (as checkpoints/latest)
 BEST_INFO = "best.json"  # its step and numbers
+SCORES = ("top1", "top5", "loss")  # what periodic validation sums per batch (see _scores)
 
 
 @torch.no_grad()
@@ -63,9 +64,6 @@ def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank:
     sums, count = held_out_sums(engine, urls, batch_size, img_size, rank, world_size, _scores, SCORES, crop_pct,
                                 label_key)
     return {**{f"val_{k}": v / max(count, 1) for k, v in sums.items()}, "val_images": count}
-
-
-SCORES = ("top1", "top5", "loss")
 
 
 def _scores(engine: Any, images: torch.Tensor, labels: torch.Tensor) -> dict:
