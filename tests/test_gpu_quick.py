@@ -25,7 +25,7 @@ def test_gpu_quick_rehearsal_on_cpu(tmp_path, data_cache):
     assert res["cpu_rehearsal"] and (tmp_path / "gpu_quick.log").is_file()
     rows = {row["row"]: row for row in res["rows"]}
     assert list(rows) == ["ViT-L/16 timm eager", "ViT-L/16 ours eager", "ViT-L/16 engine ZeRO-2 eager",
-                          "ViT-L/16 engine ZeRO-3 compiled", "loader step, decode on device"]
+                          "loader step, decode on device", "ViT-L/16 engine ZeRO-3 compiled"]
     for label, row in rows.items():
         assert row["status"] == "ok" and row["error"] == "", row  # compiled for real: no fallback warning
         assert row["img_per_s"] > 0 and row["mfu"] is None, row  # no peak FLOP/s known for a CPU
