@@ -104,6 +104,52 @@ def test_rollout_matches_hand_computed_product():
     assert torch.equal(q[0], torch.tensor([[0.0, 0], [1, 0]]))
 
 
+def _strip(a, keep):
+    """The map over tokens ``keep`` only, rows renormalised: what a model without the other tokens would show."""
+    a = a[..., keep, :][..., keep]
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def test_register_tokens_are_skipped_by_rollout_distance_and_queries():
+    """[CLS] + 3 registers that soak up most of the attention (as registers do): the patch maps and distances equal
+    those of the same map with the register rows and columns removed."""
+    torch.manual_seed(0)
+    grid, regs = (3, 3), 3
+    n = 1 + regs + 9
+    a = torch.rand(2, 4, n, n)
+    a[..., 1:1 + regs] *= 20.0  # registers take ~85% of every row
+    a = a / a.sum(dim=-1, keepdim=True)
+    no_regs = _strip(a, [0] + list(range(1 + regs, n)))
+    # one layer of rollout, one head (the head mean would mix per-head normalisations): the [CLS] row over the
+    # patches is A[0, patches] (the identity adds nothing there), renormalised either way
+    got = rollout_to_patches(attention_rollout([a[:, :1]], 1 + regs), 1 + regs, grid, has_cls=True)
+    want = rollout_to_patches(attention_rollout([no_regs[:, :1]], 1), 1, grid)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)  # both are distributions over 9 patches: values ~0.1
+    d = mean_attention_distance([a], grid, 16, 1 + regs)
+    assert torch.allclose(d, mean_attention_distance([no_regs], grid, 16, 1), atol=1e-4, rtol=0)  # pixels ~20
+    q = query_attention_to_patches(a, 1 + regs, grid, has_cls=True)
+    assert torch.allclose(q, a.mean(dim=1)[:, 0, 1 + regs:].reshape(2, 3, 3))
+    assert float(q.sum(dim=(1, 2)).max()) < 0.5  # raw weights: the registers took the rest
+    # no [CLS], registers only: the query is the mean over the patch rows, never register 0's row
+    no_cls = a[..., 1:, 1:] / a[..., 1:, 1:].sum(dim=-1, keepdim=True)
+    q = query_attention_to_patches(no_cls, regs, grid, has_cls=False)
+    assert torch.allclose(q, no_cls.mean(dim=1)[:, regs:, regs:].mean(dim=1).reshape(2, 3, 3))
+
+
+def test_analysis_of_a_model_with_registers_uses_cls_and_patches_only():
+    from vitscale.analysis.run import attention_pass
+
+    torch.manual_seed(0)
+    enc = create_model("vit_micro_patch8", img_size=32, reg_tokens=4, qk_norm=True, global_pool="avg",
+                       class_token=False).eval()
+    out = attention_pass(enc, torch.randn(2, 3, 32, 32), head=0)
+    assert out["rollout"].shape == (2, 4, 4) and out["layer_maps"].shape == (4, 2, 4, 4)
+    assert torch.allclose(out["rollout"].sum(dim=(1, 2)), torch.ones(2))  # a distribution over the 16 patches
+    with torch.no_grad():
+        maps = enc.get_attention_maps(torch.randn(1, 3, 32, 32))
+    assert maps[0].shape[-1] == 4 + 16
+
+
 # ----- position embeddings ----------------------------------------------------------------------------------------
 def test_pos_embed_similarity_learned_and_sincos():
     torch.manual_seed(0)

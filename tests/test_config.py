@@ -130,6 +130,17 @@ def test_class_token_and_other_model_keys_reach_the_model():
     assert m.head.out_features == 10 and m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_qk_norm_and_register_keys_reach_vit_and_mae():
+    import torch
+
+    vit = _meta_model("configs/demo.yaml", ["model.qk_norm=true", "model.reg_tokens=4"])
+    assert vit.num_prefix_tokens == 5 and isinstance(vit.blocks[0].attn.q_norm, torch.nn.LayerNorm)
+    mae = _meta_model("configs/demo_mae.yaml", ["model.qk_norm=true", "model.reg_tokens=2"], 0)
+    assert mae.encoder.reg_token.shape[1] == 2 and mae.num_prefix_tokens == 3
+    assert isinstance(mae.encoder.blocks[0].attn.k_norm, torch.nn.LayerNorm)
+    assert isinstance(mae.decoder_blocks[0].attn.k_norm, torch.nn.Identity)  # the decoder stays the paper's
+
+
 def test_mae_model_keys_reach_encoder_and_decoder():
     m = _meta_model("configs/demo_mae.yaml", ["model.pos_embed=learn", "model.class_token=false",
                                               "model.decoder_mlp_ratio=2", "objective.mask_ratio=0.5"], 0)
@@ -144,6 +155,7 @@ def test_mae_model_keys_reach_encoder_and_decoder():
     (["model.class_token=false"], ["model.class_token=false", "model.global_pool=avg"]),
     (["model.mlp_ratio=0"], ["model.mlp_ratio", "> 0"]),
     (["model.attn_drop_rate=1.0"], ["model.attn_drop_rate", "[0, 1)"]),
+    (["model.reg_tokens=-1"], ["model.reg_tokens", ">= 0"]),
     (["engine.ds_config.gradient_accumulation_steps=4"], ["engine.ds_config.gradient_accumulation_steps",
                                                           "use train.grad_accum"]),
     (["engine.ds_config.zero_optimization.stage=3"], ["zero_optimization.stage", "use engine.zero_stage"]),
@@ -189,7 +201,7 @@ def test_old_checkpoints_without_the_new_model_keys_still_resume(tmp_path):
 
     cfg = load_config(ROOT / "configs/demo.yaml")
     saved = config_to_dict(cfg)
-    for key in ("pos_embed", "class_token", "mlp_ratio", "qkv_bias", "init_values", "fc_norm"):
+    for key in ("pos_embed", "class_token", "mlp_ratio", "qkv_bias", "init_values", "fc_norm", "qk_norm", "reg_tokens"):
         del saved["model"][key]  # written before these keys existed: their defaults were the only behaviour
     check_resumable(saved, cfg, tmp_path)
     with pytest.raises(ConfigError, match=r"model.pos_embed=None there, 'sincos' here"):

@@ -61,6 +61,79 @@ def test_timm_parity_both_directions(cfg):
     assert out.shape == ((2, 7) if cfg["num_classes"] else (2, 64))
 
 
+@pytest.mark.parametrize("cfg", [dict(qk_norm=True, reg_tokens=4),
+                                 dict(global_pool="avg", class_token=False, reg_tokens=2, qk_norm=True)],
+                         ids=["cls-reg4-qknorm", "avg-nocls-reg2-qknorm"])
+def test_qk_norm_and_registers_match_timm_both_ways(cfg):
+    """Same keys and shapes as timm's ViT (reg_token, attn.q_norm/k_norm, one pos_embed row per prefix token), and
+    the same outputs both ways. Every tensor is perturbed first: registers start at std 1e-6 and the q/k norms at
+    identity, where a register or norm that is ignored or misplaced would still agree."""
+    cfg = {**TINY, "img_size": 32, "patch_size": 8, "num_classes": 7, **cfg}
+    torch.manual_seed(0)
+    ours = VisionTransformer(**cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    theirs = timm_vit.VisionTransformer(**cfg).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert ours.reg_token.shape == (1, cfg["reg_tokens"], 64)
+    assert ours.pos_embed.shape[1] == 16 + ours.num_prefix_tokens == 16 + theirs.num_prefix_tokens
+    x = torch.randn(2, 3, 32, 32)
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # ours -> timm
+    with torch.no_grad():
+        # outputs are O(1) after the perturbation; 1e-5 is float32 rounding through two blocks, far below the
+        # O(0.1) change a dropped register or q/k norm makes (checked below)
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+        assert (ours.forward_features(x) - theirs.forward_features(x)).abs().max() <= 1e-5
+        without_regs = ours(x)
+        ours.reg_token.zero_()
+        assert (ours(x) - without_regs).abs().max() > 1e-2  # the registers take part
+    torch.manual_seed(1)
+    theirs = timm_vit.VisionTransformer(**cfg).eval()  # timm -> ours
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+        assert (ours.forward_head(ours.forward_features(x), pre_logits=True)
+                - theirs.forward_head(theirs.forward_features(x), pre_logits=True)).abs().max() <= 1e-5
+        assert ours.get_attention_maps(x)[0].shape[-2:] == (16 + ours.num_prefix_tokens,) * 2
+    assert {"reg_token", "cls_token", "pos_embed"} <= ours.no_weight_decay()
+
+
+def test_create_model_takes_qk_norm_and_registers():
+    m = create_model("vit_micro_patch8", img_size=32, qk_norm=True, reg_tokens=4)
+    assert m.num_prefix_tokens == 5 and m.num_reg_tokens == 4
+    assert isinstance(m.blocks[0].attn.q_norm, torch.nn.LayerNorm) and m.blocks[0].attn.q_norm.eps == 1e-6
+    plain = create_model("vit_micro_patch8", img_size=32)
+    assert plain.reg_token is None and isinstance(plain.blocks[0].attn.k_norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="reg_tokens must be >= 0"):
+        create_model("vit_micro_patch8", img_size=32, reg_tokens=-1)
+
+
+def test_mae_never_masks_register_tokens():
+    """The encoder sees [CLS] + all 4 registers + the visible patches; at mask ratio 0 its prefix outputs equal the
+    plain encoder's (registers carry their own position rows), and the decoder predicts patches only."""
+    torch.manual_seed(0)
+    m = create_model("mae_vit_micro_patch8", img_size=32, reg_tokens=4, qk_norm=True, **TINY).eval()
+    with torch.no_grad():
+        m.encoder.reg_token.normal_()  # far from the near-zero init, so a dropped register would show
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        latent, mask, ids_restore = m.forward_encoder(x, 0.75)
+        assert latent.shape[1] == 1 + 4 + 4 and mask.shape == (3, 16)  # 16 patches, 4 kept, 5 prefix tokens
+        assert torch.equal(mask.sum(dim=1), torch.full((3,), 12.0))  # only patches are masked: 12 of 16
+        loss, pred, mask = m(x)
+        assert pred.shape == (3, 16, 8 * 8 * 3) and torch.isfinite(loss)
+        latent, mask, ids_restore = m.forward_encoder(x, 0.0)
+        full = m.encoder.forward_features(x)
+    # fp32 through two blocks on O(1) values: 1e-5 is rounding, far below any difference in which tokens attend
+    assert (latent[:, :5] - full[:, :5]).abs().max() <= 1e-5
+    unshuffled = torch.gather(latent[:, 5:], 1, ids_restore[..., None].expand(-1, -1, 64))
+    assert (unshuffled - full[:, 5:]).abs().max() <= 1e-5
+
+
 def test_fc_norm_rule_follows_timm():
     tok = VisionTransformer(img_size=32, patch_size=8, **TINY)
     avg = VisionTransformer(img_size=32, patch_size=8, global_pool="avg", **TINY)

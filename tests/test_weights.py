@@ -202,6 +202,31 @@ print((ya - ours).abs().max().item(), (yb - ours).abs().max().item())
     assert max(diffs) <= 1e-5, diffs
 
 
+def test_registers_and_qk_norm_export_to_timm_and_load_from_timm(tmp_path):
+    """`export --timm`'s model_args rebuild the same network in timm; a timm state dict with registers and q/k norms
+    (no vitscale metadata) loads with its sizes, registers and norms inferred from the tensors."""
+    import timm.models.vision_transformer as timm_vit
+
+    from vitscale.weights.timm_export import timm_model_args
+
+    ours = _target(qk_norm=True, reg_tokens=4)
+    with torch.no_grad():
+        ours.reg_token.normal_()  # not the near-zero init, so a lost register shows in the outputs
+    args = timm_model_args(ours)
+    assert args["qk_norm"] is True and args["reg_tokens"] == 4
+    theirs = timm_vit.VisionTransformer(**args).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (theirs(x) - ours(x)).abs().max() <= 1e-5  # fp32 rounding through 2 blocks on O(1) logits
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(path))
+    model, info = load_model(path, model_name="vit_micro_patch4")
+    assert info["num_prefix_tokens"] == 5 and info["model_cfg"]["reg_tokens"] == 4
+    with torch.no_grad():
+        assert (model(x) - ours(x)).abs().max() <= 1e-5
+
+
 def test_timm_encoder_into_an_mae_starts_the_decoder_fresh():
     """Continued MAE pretraining from a timm ViT: the encoder loads under `encoder.`, the decoder keeps its own init;
     the timm head has nowhere to go in an MAE and is dropped."""

@@ -1,8 +1,9 @@
 """Attention analysis, numbers only (no plotting): attention rollout and mean attention distance.
 
 Attention maps are softmax probabilities ``(B, heads, N, N)`` (rows = queries, each row sums to 1), one per
-block, with the ``num_prefix_tokens`` prefix tokens ([CLS]) first and the patch tokens in row-major order,
-as returned by ``VisionTransformer.get_attention_maps``.
+block, with the ``num_prefix_tokens`` prefix tokens first ([CLS] at index 0 when the model has one, then any
+register tokens) and the patch tokens in row-major order, as returned by ``VisionTransformer.get_attention_maps``.
+Every measure here is about the patches: register tokens, like [CLS], are never a target of a map or a distance.
 """
 from __future__ import annotations
 
@@ -69,18 +70,25 @@ def attention_rollout(attn_maps: Sequence[torch.Tensor], num_prefix_tokens: int 
     return rollout
 
 
-def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize) -> torch.Tensor:
+def _query_row(a: torch.Tensor, num_prefix_tokens: int, has_cls: Optional[bool]) -> torch.Tensor:
+    """(B, N, N) -> (B, patches): the [CLS] row over the patch columns or, without [CLS], the mean of the patch rows
+    (register rows and columns left out). ``has_cls`` None: [CLS] exists iff there is a prefix token."""
+    p = num_prefix_tokens
+    if p > 0 if has_cls is None else has_cls:
+        return a[:, 0, p:]
+    return a[:, p:, p:].mean(dim=1)
+
+
+def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize,
+                       has_cls: Optional[bool] = None) -> torch.Tensor:
     """The [CLS] row of a rollout restricted to the patches, renormalised to sum 1, as (B, gh, gw).
 
-    Models without a prefix token (global average pooling) use the mean of the patch rows instead. If no
-    mass reaches the patches (e.g. identity attention: [CLS] only ever attends to itself), every patch is
-    equally (un)important and the map is uniform.
+    Models without [CLS] (global average pooling) use the mean of the patch rows instead. Register tokens
+    (prefix tokens after [CLS]) are left out like [CLS] itself. If no mass reaches the patches (e.g. identity
+    attention: [CLS] only ever attends to itself), every patch is equally (un)important and the map is uniform.
     """
     gh, gw = to_2tuple(grid_size)
-    if num_prefix_tokens > 0:
-        row = rollout[:, 0, num_prefix_tokens:]
-    else:
-        row = rollout.mean(dim=1)
+    row = _query_row(rollout, num_prefix_tokens, has_cls)
     if row.shape[-1] != gh * gw:
         raise ValueError(f"{row.shape[-1]} patch tokens do not match grid {(gh, gw)}")
     total = row.sum(dim=-1, keepdim=True)
@@ -90,13 +98,13 @@ def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size:
 
 
 def query_attention_to_patches(attn: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize,
-                               head: Optional[int] = None) -> torch.Tensor:
-    """Raw attention of [CLS] (or, without prefix tokens, the mean over patch queries) to every patch:
+                               head: Optional[int] = None, has_cls: Optional[bool] = None) -> torch.Tensor:
+    """Raw attention of [CLS] (or, without [CLS], the mean over patch queries) to every patch:
     (B, gh, gw) for one ``head`` (None = mean over heads). Not renormalised: the values are the softmax
-    weights, so the map sums to less than 1 when [CLS] also attends to prefix tokens."""
+    weights, so the map sums to less than 1 when the query also attends to prefix tokens (registers)."""
     gh, gw = to_2tuple(grid_size)
     a = attn.float().mean(dim=1) if head is None else attn[:, head].float()
-    row = a[:, 0, num_prefix_tokens:] if num_prefix_tokens > 0 else a.mean(dim=1)
+    row = _query_row(a, num_prefix_tokens, has_cls)
     return row.reshape(-1, gh, gw)
 
 

@@ -74,10 +74,10 @@ def attention_pass(enc: VisionTransformer, x: torch.Tensor, head: Optional[int],
         tokens, attn = blk(tokens, return_attn=True)
         rollout = rollout_step(rollout, attn, npt, discard_ratio)
         dist.append(mean_attention_distance_layer(attn, distances, npt).float().cpu())
-        layer_maps.append(query_attention_to_patches(attn, npt, grid, head).cpu())
+        layer_maps.append(query_attention_to_patches(attn, npt, grid, head, has_cls=enc.has_class_token).cpu())
         del attn
-    return {"rollout": rollout_to_patches(rollout, npt, grid).cpu(), "distance": torch.stack(dist),
-            "layer_maps": torch.stack(layer_maps)}
+    return {"rollout": rollout_to_patches(rollout, npt, grid, has_cls=enc.has_class_token).cpu(),
+            "distance": torch.stack(dist), "layer_maps": torch.stack(layer_maps)}
 
 
 @torch.no_grad()
@@ -194,7 +194,7 @@ def _rollout(run: _Run, passes: list[dict]) -> dict[str, Any]:
 
 
 def _layer_maps(run: _Run, passes: list[dict], head: int) -> dict[str, Any]:
-    who = "[CLS]" if run.enc.num_prefix_tokens else "mean query"
+    who = "[CLS]" if run.enc.has_class_token else "mean query"
     for i, name in enumerate(run.names):
         maps = [m[0].numpy() for m in passes[i]["layer_maps"]]
         run.wrote(plots.plot_layer_attention(run.shown[i], maps, run.out / f"attention_layers_head{head}_{name}.png",
@@ -297,7 +297,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     run = _prepare(path, images, out, device, head, model_name, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},
                            "model_config": run.info["model_cfg"], "device": str(run.device), "images": run.names}
-    if run.enc.num_prefix_tokens == 0:
+    if not run.enc.has_class_token:
         run.note(NO_CLS_NOTE)
     if todo & {"rollout", "layers", "distance"}:
         doc["attention"] = _attention(run, todo, head, discard_ratio)

@@ -124,5 +124,7 @@ def timm_reference(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
                              global_pool=enc.global_pool, embed_dim=enc.embed_dim, depth=enc.depth,
                              num_heads=enc.num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                              class_token=enc.has_class_token, drop_path_rate=drop_path,
+                             reg_tokens=enc.num_reg_tokens,
+                             qk_norm=not isinstance(enc.blocks[0].attn.q_norm, nn.Identity),
                              norm_layer=_ln)
 

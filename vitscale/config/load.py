@@ -238,6 +238,8 @@ def _check_model(cfg: Config) -> None:
         value = getattr(m, key)
         if value is not None and value <= 0:
             raise ConfigError(f"model.{key} must be > 0 (or null), got {value}")
+    if m.reg_tokens < 0:
+        raise ConfigError(f"model.reg_tokens must be >= 0 (0 = no register tokens), got {m.reg_tokens}")
     for key in ("drop_path", "drop_rate", "attn_drop_rate", "proj_drop_rate"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(m, key)}")

@@ -55,6 +55,11 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None
     # Bias on the attention's qkv projection.
     qkv_bias: bool = True
+    # Per-head LayerNorm on attention queries and keys (timm's qk_norm; ViT-22B's fix for exploding logits).
+    qk_norm: bool = False
+    # Learned register tokens after [CLS] (Darcet et al.; timm's reg_tokens; 0 = none). They get position rows like
+    # [CLS] (timm's default layout), are never masked by MAE, and pooling, probes and attention analysis skip them.
+    reg_tokens: int = 0
     # LayerScale: initial value of the per-channel residual scales (None = no LayerScale; CaiT uses 1e-5..0.1).
     init_values: Optional[float] = None
     # Final LayerNorm after pooling (fc_norm) instead of before it; None = after when global_pool=avg (timm).

@@ -30,10 +30,12 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one fused ``qkv`` projection, then ``proj``."""
+    """Multi-head self-attention: one fused ``qkv`` projection, then ``proj``. ``qk_norm`` normalises each head's
+    queries and keys (LayerNorm over the head width, timm's ``q_norm``/``k_norm``), which keeps attention logits
+    bounded in long or large-LR runs (Dehghani et al., ViT-22B)."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
@@ -41,6 +43,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -49,6 +53,7 @@ class Attention(nn.Module):
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         attn = None
         if return_attn:
             # Explicit softmax so the probabilities can be returned (B, heads, N, N).
@@ -114,10 +119,11 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  init_values: Optional[float] = None, drop_path: float = 0.0, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, mlp_hidden_dim: Optional[int] = None):
+                 attn_drop: float = 0.0, mlp_hidden_dim: Optional[int] = None, qk_norm: bool = False):
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                              qk_norm=qk_norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)

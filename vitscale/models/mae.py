@@ -17,7 +17,7 @@ from vitscale.models.vit import VisionTransformer, mlp_hidden
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """MAE: the encoder sees only the visible patches (+[CLS]); a light decoder reconstructs all patches."""
+    """MAE: the encoder sees only the visible patches (+[CLS] and registers, never masked); a light decoder reconstructs all patches."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, decoder_embed_dim: int = 512,
@@ -131,10 +131,10 @@ class MaskedAutoencoderViT(nn.Module):
         pos = enc.pos_embed
         if pos is not None:
             x = x + pos[:, npt:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        if enc.cls_token is not None:
-            cls = enc.cls_token if pos is None else enc.cls_token + pos[:, :npt]
-            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)  # patches only: [CLS] and registers always stay
+        prefix = enc.prefix_tokens(x.shape[0])
+        if prefix is not None:
+            x = torch.cat([prefix if pos is None else prefix + pos[:, :npt], x], dim=1)
         x = enc.pos_drop(x)
         x = run_blocks(enc.blocks, x, enc.checkpoint_blocks if self.training and self.grad_checkpointing else 0)
         return enc.norm(x), mask, ids_restore

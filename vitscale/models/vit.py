@@ -31,6 +31,11 @@ class VisionTransformer(nn.Module):
     and ``norm`` is an identity, unless ``fc_norm`` says otherwise). ``init_values`` enables LayerScale.
     ``hybrid_layers`` swaps the patch embedding for a BiT ResNet stem with those stage depths. ``head_norm`` puts
     a BatchNorm without affine parameters before the head (MAE's linear probe; it folds into the head on export).
+    ``qk_norm`` adds timm's per-head LayerNorm on queries and keys. ``reg_tokens`` prepends that many learned
+    register tokens (Darcet et al., "Vision Transformers Need Registers") after [CLS]; as in timm's default
+    (``no_embed_class=False``) the position table has a row for every prefix token, [CLS] and registers included.
+    Prefix tokens are ``[CLS], reg_1..reg_R`` then the patches; ``num_prefix_tokens`` counts them all, so pooling,
+    masking and analysis that skip the prefix skip the registers too.
     """
 
     def __init__(self, img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -39,7 +44,8 @@ class VisionTransformer(nn.Module):
                  global_pool: str = "token", pos_embed: str = "learn", init_values: Optional[float] = None,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, fc_norm: Optional[bool] = None, dynamic_img_size: bool = False,
-                 hybrid_layers: Optional[Sequence[int]] = None, head_norm: bool = False):
+                 hybrid_layers: Optional[Sequence[int]] = None, head_norm: bool = False, qk_norm: bool = False,
+                 reg_tokens: int = 0):
         super().__init__()
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
@@ -47,6 +53,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg')")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -54,7 +62,8 @@ class VisionTransformer(nn.Module):
         self.depth = depth
         self.num_heads = num_heads
         self.mlp_hidden_dim = mlp_hidden(embed_dim, mlp_ratio)
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.has_class_token = class_token
         self.pos_embed_type = pos_embed
         self.dynamic_img_size = dynamic_img_size
@@ -71,6 +80,7 @@ class VisionTransformer(nn.Module):
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim)) if reg_tokens else None
         if pos_embed == "none":
             self.pos_embed = None
         else:
@@ -80,7 +90,8 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear in depth
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values, drop_path=dpr[i],
-                  proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, mlp_hidden_dim=self.mlp_hidden_dim)
+                  proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, mlp_hidden_dim=self.mlp_hidden_dim,
+                  qk_norm=qk_norm)
             for i in range(depth)])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
@@ -102,6 +113,8 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm's choice: registers start near zero
 
     @torch.no_grad()
     def set_input_size(self, img_size: Union[int, tuple[int, int]]) -> None:
@@ -136,20 +149,26 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = self.checkpoint_blocks > 0
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Regexes grouping parameters into stem / blocks / final norm (timm's layer-decay interface)."""
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+        return dict(stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed",
                     blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
+    def prefix_tokens(self, batch: int) -> Optional[torch.Tensor]:
+        """[CLS] and the register tokens, (batch, num_prefix_tokens, D), without position rows; None if neither."""
+        parts = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        return torch.cat(parts, dim=1) if parts else None
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens + [CLS] + position table: (B, prefix + N, D)."""
+        """Patch tokens + [CLS] + registers + position table: (B, prefix + N, D)."""
         h, w = x.shape[-2:]
         x = self.patch_embed(x)
         grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = self.prefix_tokens(x.shape[0])
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)
         if self.pos_embed is not None:
             pos = self.pos_embed
             if grid != self.patch_embed.grid_size:  # only reachable with dynamic_img_size
@@ -178,7 +197,7 @@ class VisionTransformer(nn.Module):
     def get_attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Softmax attention probabilities of every block: a list of ``depth`` tensors (B, heads, N, N).
 
-        N includes the prefix ([CLS]) token at index 0. Wrap in ``torch.no_grad()`` for analysis.
+        N includes the prefix tokens first ([CLS] at index 0 when the model has one, then the registers). Wrap in ``torch.no_grad()`` for analysis.
         """
         x = self._embed(x)
         maps = []

@@ -26,6 +26,7 @@ MODEL_KWARGS = {
     "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias", "class_token": "class_token",
     "pos_embed": "pos_embed", "fc_norm": "fc_norm", "init_values": "init_values", "drop_path": "drop_path_rate",
     "drop_rate": "drop_rate", "attn_drop_rate": "attn_drop_rate", "proj_drop_rate": "proj_drop_rate",
+    "qk_norm": "qk_norm", "reg_tokens": "reg_tokens",
 }
 
 

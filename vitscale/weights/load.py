@@ -42,12 +42,19 @@ def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) 
         cfg["depth"] = depth
     pos = sd.get(prefix + "pos_embed")
     patch = cfg.get("patch_size", named["patch_size"])
+    reg = sd.get(prefix + "reg_token")
+    if reg is not None:
+        cfg["reg_tokens"] = reg.shape[1]
     if pos is not None:
-        n = pos.shape[1] - (1 if prefix + "cls_token" in sd else 0)
+        n = pos.shape[1] - (1 if prefix + "cls_token" in sd else 0) - cfg.get("reg_tokens", 0)
         side = math.isqrt(n)
         if side * side == n:
             cfg["img_size"] = side * patch
-    if cfg.get("embed_dim") and cfg["embed_dim"] != named["embed_dim"]:
+    q_norm = sd.get(prefix + "blocks.0.attn.q_norm.weight")
+    if q_norm is not None:  # qk-norm: the norm's width is the head width, so the head count is known exactly
+        cfg["qk_norm"] = True
+        cfg["num_heads"] = cfg.get("embed_dim", named["embed_dim"]) // q_norm.shape[0]
+    elif cfg.get("embed_dim") and cfg["embed_dim"] != named["embed_dim"]:
         cfg["num_heads"] = max(1, cfg["embed_dim"] // 64)  # the usual 64-wide heads
     return cfg
 

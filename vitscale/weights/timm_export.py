@@ -51,6 +51,7 @@ def timm_model_args(enc: Any) -> dict[str, Any]:
                 mlp_ratio=enc.mlp_hidden_dim / enc.embed_dim, qkv_bias=first.attn.qkv.bias is not None,
                 class_token=enc.has_class_token, global_pool=enc.global_pool,
                 fc_norm=not isinstance(enc.fc_norm, torch.nn.Identity), num_classes=enc.num_classes,
+                qk_norm=not isinstance(first.attn.q_norm, torch.nn.Identity), reg_tokens=enc.num_reg_tokens,
                 **({"init_values": float(first.ls1.init_values)} if hasattr(first, "ls1") and
                    hasattr(first.ls1, "init_values") else {}))
 
