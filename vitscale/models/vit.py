@@ -149,7 +149,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = self.checkpoint_blocks > 0
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "reg_token"}
+        return {"pos_embed", "cls_token"} | ({"reg_token"} if self.reg_token is not None else set())
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Regexes grouping parameters into stem / blocks / final norm (timm's layer-decay interface)."""
