@@ -63,3 +63,18 @@ def test_plan_uses_the_sized_zero3_settings():
     row = plan_memory(cfg, gpus=1).row(3)
     # one reduce bucket (2 blocks) + the working set (prefetch 2 blocks + 2 blocks) + persistent params, bf16
     assert row.buffers == (2 * block + 4 * block + small) * 2
+
+
+def test_buckets_are_aligned_for_odd_sized_models():
+    """A model with an odd parameter count (a 5-class head on a 1M+-parameter ViT) once gave DeepSpeed an odd
+    ZeRO-2 bucket, and initialize stopped on its NCCL alignment assert (the first GPU run's loader rows)."""
+    sizes = _sizes("vit_small_patch16", img_size=64, depth=2, num_classes=5)
+    assert sizes.params % 2 == 1 and sizes.params > 1e6
+    for stage in (1, 2, 3):
+        cfg = load_config(DEMO, [f"engine.zero_stage={stage}"])
+        for kw in ({"sizes": sizes}, {"num_params": sizes.params}):
+            zero = build_ds_config(cfg, 2, **kw)["zero_optimization"]
+            buckets = [v for k, v in zero.items() if k.endswith("bucket_size")]
+            assert buckets and all(b % 2 == 0 for b in buckets), (stage, zero)
+            if stage < 3:  # ZeRO-1/2: one bucket holds the whole (small) model
+                assert zero["reduce_bucket_size"] == sizes.params + 1

@@ -19,7 +19,7 @@ from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.safeload import safe_load, weights_only_loads
-from vitscale.distributed.zero_tuning import ModelSizes, zero3_settings
+from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, zero3_settings
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
 
@@ -76,7 +76,7 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
     num_params = sizes.params if sizes is not None else num_params
     if cfg.engine.zero_stage >= 1:
-        bucket = int(5e8) if num_params is None else int(min(5e8, max(1e6, num_params)))
+        bucket = bucket_elems(5e8 if num_params is None else min(5e8, max(1e6, num_params)))
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available(),
                     reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if cfg.engine.zero_stage == 3 and sizes is not None:

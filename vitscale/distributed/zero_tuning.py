@@ -58,8 +58,18 @@ def _width(block: nn.Module) -> int:
     return min((int(p.shape[-1]) for p in block.parameters() if p.dim() == 2), default=0)
 
 
+BUCKET_ALIGN = 2  # DeepSpeed asserts a ZeRO-1/2 bucket is a multiple of 2 elements (4-byte NCCL alignment)
+
+
+def bucket_elems(n: float) -> int:
+    """A bucket of about ``n`` elements, rounded up to a multiple of BUCKET_ALIGN. A bucket sized from a model's
+    parameter count is odd for an odd head (e.g. 5 classes): DeepSpeed's ZeRO-1/2 then stops at initialize with
+    'allgather_bucket_size must be a multiple of nccl_start_alignment_factor' (seen on the first GPU run)."""
+    return -(-int(n) // BUCKET_ALIGN) * BUCKET_ALIGN
+
+
 def _clamp(n: float, params: int) -> int:
-    return int(min(MAX_BUCKET, max(MIN_BUCKET, min(n, max(params, MIN_BUCKET)))))
+    return bucket_elems(min(MAX_BUCKET, max(MIN_BUCKET, min(n, max(params, MIN_BUCKET)))))
 
 
 def zero3_settings(sizes: ModelSizes) -> dict[str, int]:
