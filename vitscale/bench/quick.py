@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: the runs name its co
 VIT = ["--config", "configs/sup_vit_l16.yaml", "model.grad_checkpointing=false", "model.drop_path=0.0",
        "data.batch_size=128"]
 MAE = ["--config", "configs/mae_vit_l16.yaml", "model.grad_checkpointing=false", "data.batch_size=256"]
-LOADER = [*VIT, "data.train_shards=demo:photos", "data.num_workers=12", "--what", "step", "--no-timm"]
+# demo:photos has 8 shards, one per reader: 8 workers (12 stopped with "8 shards cannot feed 12 readers")
+LOADER = [*VIT, "data.train_shards=demo:photos", "data.num_workers=8", "--what", "step", "--no-timm"]
 GPU_STEPS = ["--iters", "10", "--warmup", "3", "--rounds", "2"]
 # QUICK_CPU=1: the same runs with a tiny model (the rehearsal); appended after each run's own overrides.
 CPU_TINY = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.img_size=32", "data.batch_size=8",
