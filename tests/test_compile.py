@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, train_args
+from conftest import ROOT, assert_curves_close, run_cli, train_args
 from vitscale.distributed import compile as regional
 from vitscale.logging.metrics import read_metrics
 from vitscale.models import create_model
@@ -40,8 +40,8 @@ def test_compiled_engine_losses_equal_eager_at_every_zero_stage(tmp_path):
         assert case["compiled_at_end"] and case["keys_equal"], name  # really compiled; names unchanged
         assert compiled == pytest.approx(eager, abs=1e-5, rel=0), name  # measured: <= 2.4e-7
         assert eager[-1] < 0.8 * eager[0], name  # it trains
-    # ZeRO-3 gathering whole blocks computes what plain data parallelism computes (test_engine.py's tolerance)
-    assert res["vit_zero3"]["eager"] == pytest.approx(res["vit_zero0"]["eager"], rel=2e-6)
+    # ZeRO-3 gathering whole blocks computes what plain data parallelism computes, up to summation order
+    assert_curves_close(res["vit_zero3"]["eager"], res["vit_zero0"]["eager"], what="ZeRO-3 vs ZeRO-0")
 
 
 def test_compile_in_place_keeps_names_and_matches_eager():

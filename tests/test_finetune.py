@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import deepspeed_cli, run_cli, train_args
+from conftest import deepspeed_cli, f32_approx, run_cli, train_args
 from vitscale.logging.metrics import read_metrics
 
 DIMS = dict(embed_dim=64, depth=2, num_heads=2)
@@ -102,7 +102,8 @@ def test_zero3_two_processes_load_exactly_what_zero0_loads(tmp_path, data_cache)
               for name in ("z3", "z0"))
     assert v3["val_images"] == v0["val_images"] == 297
     assert v3["val_top1"] == v0["val_top1"] and v3["val_top5"] == v0["val_top5"] and v0["val_top5"] > v0["val_top1"]
-    assert v3["val_loss"] == pytest.approx(v0["val_loss"], rel=1e-5)
+    # the mean of 297 per-image losses summed in two halves instead of one pass: float32 summation order
+    assert v3["val_loss"] == f32_approx(v0["val_loss"], scale=v0["val_loss"], terms=297)
 
 
 def test_linear_probe_trains_the_head_alone_and_keeps_the_best_checkpoint(tmp_path, data_cache):
