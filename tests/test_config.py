@@ -195,6 +195,50 @@ def test_resolve_derives_the_batch_once_without_changing_the_config():
         resolve(cfg, 5)
 
 
+def test_epochs_become_steps_from_the_sample_count_once():
+    from vitscale.config import resolve
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.steps=null", "train.epochs=2.5", "optim.warmup_steps=null",
+                                                   "optim.warmup_epochs=0.5", "data.global_batch_size=128"])
+    r = resolve(cfg, 2, train_samples=1000)
+    # ceil(2.5 x 1000 / 128) = ceil(19.53) = 20; ceil(0.5 x 1000 / 128) = ceil(3.9) = 4
+    assert (r.cfg.train.steps, r.cfg.optim.warmup_steps) == (20, 4)
+    assert r.cfg.train.epochs is None and r.cfg.optim.warmup_epochs is None  # the saved config reloads as it ran
+    assert "train.steps=20 (train.epochs=2.5 x 1000 samples / global batch 128)" in r.length_note
+    assert cfg.train.steps is None and cfg.train.epochs == 2.5  # the caller's config is left alone
+    resaved = load_config(None, [f"{k}={v}" for k, v in (("train.steps", 20), ("optim.warmup_steps", 4))])
+    assert resolve(resaved, 2).cfg.train.steps == 20
+    # exact arithmetic: 0.1 epoch of 1000 samples at 100 per step is 1 step (float: 1.0000000000000002 -> 2)
+    tenth = load_config(None, ["train.epochs=0.1", "data.global_batch_size=100"])
+    assert resolve(tenth, 1, train_samples=1000).cfg.train.steps == 1
+    assert resolve(tenth, 1, need_length=False).cfg.train.steps is None  # plan/bench: no data read
+    plain = resolve(load_config(None), 1)  # neither given: the defaults
+    assert (plain.cfg.train.steps, plain.cfg.optim.warmup_steps, plain.length_note) == (1000, 100, "")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.epochs=90"], ["train.steps=300", "train.epochs=90", "both set"]),  # demo.yaml gives train.steps
+    (["optim.warmup_epochs=5"], ["optim.warmup_steps=30", "optim.warmup_epochs=5", "both set"]),
+    (["train.steps=null", "train.epochs=0"], ["train.epochs", "> 0"]),
+    (["optim.warmup_steps=null", "optim.warmup_epochs=-1"], ["optim.warmup_epochs", ">= 0"]),
+])
+def test_bad_length_keys_are_one_line(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_epochs_of_data_without_a_sample_count_is_one_line():
+    from vitscale.config import resolve
+
+    cfg = load_config(None, ["train.epochs=3", "data.train_shards=s3://bucket/train-{0000..0099}.tar"])
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg, 1, train_samples=None)
+    msg = str(e.value)
+    assert "\n" not in msg and "train.epochs" in msg and "s3://bucket/train-{0000..0099}.tar" in msg, msg
+
+
 def test_old_checkpoints_without_the_new_model_keys_still_resume(tmp_path):
     from vitscale.config import config_to_dict
     from vitscale.train import check_resumable

@@ -179,3 +179,23 @@ print("ok", losses)
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "WANDB_MODE": "disabled"})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_recipe_in_epochs_trains_the_derived_steps_and_saves_them(tmp_path, data_cache):
+    """train.epochs / optim.warmup_epochs on the demo digits (its manifest counts the samples): the derived steps
+    are printed, trained and written to config.yaml (which reloads as it ran); the metrics end at that step."""
+    from vitscale.config import load_config
+
+    r = run_cli(train_args(tmp_path, "ep", data_cache, "train.steps=null", "train.epochs=0.05",
+                           "optim.warmup_steps=null", "optim.warmup_epochs=0.02", "train.ckpt_every=1000"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from vitscale.data.demo import ensure_demo_shards
+
+    n = json.loads(open(ensure_demo_shards("digits", str(data_cache))["train"]).read())["num_samples"]
+    steps, warmup = -(-n * 5 // (100 * 16)), -(-n * 2 // (100 * 16))  # ceil(epochs x samples / batch 16)
+    assert f"train.steps={steps} (train.epochs=0.05 x {n} samples / global batch 16)" in r.stdout
+    saved = load_config(tmp_path / "ep" / "config.yaml")
+    assert (saved.train.steps, saved.train.epochs, saved.optim.warmup_steps) == (steps, None, warmup)
+    assert "# train.steps=" in (tmp_path / "ep" / "config.yaml").read_text()
+    assert [m["step"] for m in read_metrics(tmp_path / "ep" / "metrics.jsonl") if "loss" in m][-1] == steps

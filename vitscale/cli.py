@@ -15,7 +15,8 @@ def _train(args: argparse.Namespace) -> int:
     from vitscale.distributed.env import detect_env
 
     cfg = load_config(args.config, args.overrides)  # validates fully before anything is written
-    resolve(cfg, detect_env(local_rank_arg=args.local_rank).world_size)  # and what this launch derives from it
+    # and what this launch derives from it (a length in epochs is derived by the trainer, once it has read the data)
+    resolve(cfg, detect_env(local_rank_arg=args.local_rank).world_size, need_length=False)
     from vitscale.train import train
 
     train(cfg, local_rank_arg=args.local_rank, end_group=True)

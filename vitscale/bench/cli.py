@@ -108,7 +108,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         from vitscale.distributed.env import detect_env
 
         cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported
-        cfg = resolve(cfg, detect_env().world_size).cfg  # this launch's batch, as training derives it
+        cfg = resolve(cfg, detect_env().world_size, need_length=False).cfg  # this launch's batch, as in training
         res = run_bench(cfg, what, iters=args.iters, warmup=args.warmup, rounds=args.rounds,
                         timm=not args.no_timm and _timm_available("model" in what),
                         compile_blocks=args.compile, peak_tflops=args.peak_tflops, num_classes=args.num_classes)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from vitscale.config import Config
+from vitscale.config.resolve import DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
 
 
 def synthetic_batch(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +44,12 @@ class EngineStep:
         self.engine = self.trainer.engine
         self.flops_per_image = self.trainer.flops_per_image
         self.params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
-        # A state a tenth into the schedule: a real, nonzero LR, so AdamW does the training's arithmetic.
+        # A state a tenth into the schedule: a real, nonzero LR, so AdamW does the training's arithmetic. A recipe in
+        # epochs has no step count until the data is read; a step costs the same at any length, so bench takes the
+        # default length.
+        self.cfg.train.steps = self.cfg.train.steps or DEFAULT_STEPS
+        self.cfg.optim.warmup_steps = DEFAULT_WARMUP_STEPS if self.cfg.optim.warmup_steps is None else \
+            self.cfg.optim.warmup_steps
         self.state = TrainState(step=self.cfg.train.steps // 10)
         self.window = Window()
         self.engine.train()

@@ -305,7 +305,7 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     classes, source = resolve_num_classes(cfg, num_classes)
     shape = shape or model_shape(cfg, classes)
     world = gpus * nodes
-    cfg = resolve(cfg, world).cfg  # data.global_batch_size -> the per-GPU batch at this world size, as in training
+    cfg = resolve(cfg, world, need_length=False).cfg  # data.global_batch_size -> the per-GPU batch at this world size
     b = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     batch = cfg.data.batch_size
     act = activation_bytes(shape, batch, b, grad_ckpt=False)

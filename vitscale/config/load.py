@@ -194,7 +194,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
 
 def check_consistency(cfg: Config) -> None:
     """Cross-key checks that a type system cannot express."""
-    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps or 1,
                 "train.grad_accum": cfg.train.grad_accum, "train.ckpt_every": cfg.train.ckpt_every,
                 "train.log_every": cfg.train.log_every, "model.img_size": cfg.model.img_size,
                 "train.rollback_after": cfg.train.rollback_after, "data.global_batch_size": cfg.data.global_batch_size
@@ -202,6 +202,7 @@ def check_consistency(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    _check_length(cfg)
     patch = cfg.model.patch_size
     if patch is not None and cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size={cfg.model.img_size} is not divisible by model.patch_size={patch}")
@@ -228,6 +229,22 @@ def check_consistency(cfg: Config) -> None:
     from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
 
     check_optim(cfg)
+
+
+def _check_length(cfg: Config) -> None:
+    """A length in steps or in epochs, never both (resolve.run_length derives the steps from the epochs)."""
+    for steps_key, steps, epochs_key, epochs in (
+            ("train.steps", cfg.train.steps, "train.epochs", cfg.train.epochs),
+            ("optim.warmup_steps", cfg.optim.warmup_steps, "optim.warmup_epochs", cfg.optim.warmup_epochs)):
+        if steps is not None and epochs is not None:
+            raise ConfigError(f"{steps_key}={steps} and {epochs_key}={epochs} are both set: give the length in one "
+                              f"of them ({steps_key}=null to count in epochs)")
+    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
+        raise ConfigError(f"train.epochs must be > 0, got {cfg.train.epochs}")
+    if cfg.optim.warmup_epochs is not None and not cfg.optim.warmup_epochs >= 0:
+        raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
+    if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
 
 
 def _check_model(cfg: Config) -> None:
@@ -278,5 +295,7 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: Path, comment: str = "") -> None:
+    """The config as YAML; ``comment`` (e.g. how train.steps was derived from train.epochs) heads it as # lines."""
+    head = "".join(f"# {line}\n" for line in comment.split("; ")) if comment else ""
+    path.write_text(head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

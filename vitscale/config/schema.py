@@ -169,8 +169,11 @@ class OptimConfig:
     weight_decay: float = 0.05
     # AdamW betas.
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    # Linear warmup steps from 0 to the peak LR.
-    warmup_steps: int = 100
+    # Linear warmup steps from 0 to the peak LR (null: from optim.warmup_epochs, or 100 when that is null too).
+    warmup_steps: Optional[int] = None
+    # Warmup in passes over the training data, the recipe's unit: optim.warmup_steps = ceil(epochs x samples / global
+    # batch), the samples from the shard manifest. Set this or optim.warmup_steps, not both.
+    warmup_epochs: Optional[float] = None
     # Cosine decay ends at this LR.
     min_lr: float = 0.0
     # Layer-wise LR decay factor (1.0 = off); earlier blocks get lr * layer_decay^(depth - i).
@@ -181,8 +184,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    # Total optimizer steps of the run.
-    steps: int = 1000
+    # Total optimizer steps of the run (null: from train.epochs, or 1000 when that is null too).
+    steps: Optional[int] = None
+    # Length in passes over the training data, as recipes are published: train.steps = ceil(epochs x samples / global
+    # batch), the samples from the shard manifest (printed at start and saved as train.steps in the run's config.yaml).
+    # Set this or train.steps, not both.
+    epochs: Optional[float] = None
     # Micro-batches accumulated per optimizer step.
     grad_accum: int = 1
     # Numerics: "bf16", "fp16" (dynamic loss scaling) or "fp32".

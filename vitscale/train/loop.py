@@ -56,7 +56,9 @@ def train(cfg: Config, local_rank_arg: Optional[int] = None, end_group: bool = F
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         # Every attribute is created here; setup() and build_engine() fill in the ones that start as None.
-        self.settings = resolve(cfg, env.world_size)  # the launch's batch sizes and LR, derived once
+        # The launch's batch sizes and LR, derived once; a length in epochs waits for the data's size (_open_data).
+        self.settings = resolve(cfg, env.world_size, need_length=False)
+        self.given_cfg = cfg
         self.cfg, self.env = self.settings.cfg, env
         self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, self.cfg.train.keep_last)
@@ -85,6 +87,7 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        self._open_data()  # missing shards fail here, before anything is written; their size fixes train.epochs
         cfg = self.cfg
         point = find_resume(self.ckpt, cfg)  # a checkpoint of another model is refused before anything is written
         if point is not None and point.step >= cfg.train.steps:  # a finished run costs nothing
@@ -123,9 +126,9 @@ class Trainer:
 
     # ----- setup -------------------------------------------------------------------------------------------
     def setup(self, point: Optional[ResumePoint]) -> TrainState:
-        """Data, run directory, engine (resumed from ``point``), data stream, RNG and outputs, in that order."""
+        """Run directory, engine (resumed from ``point``), data stream, RNG and outputs, in that order (the data was
+        opened by :meth:`run`)."""
         cfg, env = self.cfg, self.env
-        self._open_data()  # missing shards fail here, before the run directory is touched
         # model.init and the augmentation keys are checked here too, before anything is written.
         self.init = model_init.plan(cfg, lambda: self.objective.build_model(self.num_classes), point is not None,
                                     self.log)
@@ -133,7 +136,7 @@ class Trainer:
         runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / "config.yaml", comment=self.settings.length_note)
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
@@ -155,6 +158,11 @@ class Trainer:
     def _open_data(self) -> None:
         cfg = self.cfg
         self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+        self.settings = resolve(self.given_cfg, self.env.world_size, self.train_set.num_samples)
+        self.cfg = cfg = self.settings.cfg
+        self.objective = objective_for(cfg)
+        if self.settings.length_note:
+            self.log(f"run length from epochs: {self.settings.length_note}")
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
         self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         self.objective.check_data(self.num_classes)
