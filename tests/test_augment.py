@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli, train_args
-from vitscale.config import ConfigError, load_config
+from vitscale.config import load_config
+from vitscale.errors import ConfigError
 from vitscale.data.augment import BatchAugment, batch_augment_from_config, randaug_transform, randaugment, seeded
 from vitscale.data.transforms import train_transform
 from vitscale.logging.metrics import read_metrics

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from vitscale.config import ConfigError, load_config
+from vitscale.config import load_config
+from vitscale.errors import ConfigError
 from vitscale.config.load import all_keys
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.order import Order, block_shards
 from vitscale.data.pipeline import build_eval_loader, build_train_loader
 from vitscale.data.shards import resolve_shards, write_shards
-from vitscale.data.transforms import (DecodeError, DeferredJpeg, decode, eval_transform, materialize, normalize,
-                                      train_transform)
+from vitscale.data.transforms import DecodeError, DeferredJpeg, decode, eval_transform, materialize, train_transform
+from vitscale.pixels import normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 

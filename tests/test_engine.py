@@ -88,7 +88,7 @@ def test_zero3_holds_only_its_share_of_a_model(parity):
 
 
 def test_engine_config_rules():
-    from vitscale.config import ConfigError
+    from vitscale.errors import ConfigError
     from vitscale.distributed.engine import build_ds_config
 
     cfg = load_config(None, ["engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true",

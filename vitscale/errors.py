@@ -5,6 +5,10 @@ class VitscaleError(Exception):
     """Base class: a problem with the user's input or environment, explained in one line."""
 
 
+class ConfigError(VitscaleError, ValueError):
+    """A config file or override is invalid; the message is one line naming the key."""
+
+
 class DataError(VitscaleError, RuntimeError):
     """The training data cannot go on (e.g. more bad samples than data.max_bad_fraction allows)."""
 

@@ -23,7 +23,7 @@ from vitscale.analysis.images import load_images
 from vitscale.weights import encoder_of
 from vitscale.weights.load import DEFAULT_NORM_PIX_LOSS, load_model
 from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
-from vitscale.data.transforms import denormalize, normalize
+from vitscale.pixels import denormalize, normalize
 from vitscale.logging.images import mae_panels, prediction_to_pixels, save_mae_grid
 from vitscale.models.vit import VisionTransformer
 

@@ -158,7 +158,7 @@ def imagefolder_iterator(root: Path, batch: int, workers: int, img_size: int, cr
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    from vitscale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 
     tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), antialias=True),
                      v2.RandomHorizontalFlip(), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
@@ -218,7 +218,8 @@ def _decode_draft(data: bytes, img_size: int, g: torch.Generator, crop_min_scale
 def per_image_costs(files: list[Path], img_size: int, crop_min_scale: float, passes: int = 3) -> dict[str, float]:
     """Single-core milliseconds per image for each stage, on up to 128 of the files: image by image as a worker
     does (so freed buffers are reused, as in the loader), the best of ``passes`` passes."""
-    from vitscale.data.transforms import _decode_pil, decode, normalize, train_transform
+    from vitscale.data.transforms import _decode_pil, decode, train_transform
+    from vitscale.pixels import normalize
 
     blobs = [f.read_bytes() for f in files[:128]]
     stages = ("read", "decode", "transform", "normalize", "decode_pil", "draft_decode_transform")
@@ -290,7 +291,7 @@ def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: 
                   crop_min_scale: float, batches: int, rounds: int, warmup: int) -> dict[str, Round]:
     """Start the three loaders (their processes before any timing), then time them in alternating rounds, each
     while the others' processes are idle. The loaders' workers end when this returns."""
-    from vitscale.data.transforms import normalize
+    from vitscale.pixels import normalize
 
     procs = max(workers, 1)
     recs = {"vitscale": Round(), "imagefolder": Round(), "decode_only": Round()}

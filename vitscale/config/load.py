@@ -14,11 +14,8 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from vitscale.config.schema import Config, choices
-from vitscale.errors import VitscaleError
-
-
-class ConfigError(VitscaleError, ValueError):
-    """A config file or override is invalid; the message is one line naming the key."""
+from vitscale.errors import ConfigError
+from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
 
 
 def key_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
@@ -226,8 +223,6 @@ def check_consistency(cfg: Config) -> None:
                           "and/or engine.offload_params")
     _check_model(cfg)
     _check_ds_config(cfg.engine.ds_config)
-    from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
-
     check_optim(cfg)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
-from vitscale.config.load import ConfigError
+from vitscale.errors import ConfigError
 from vitscale.config.schema import Config
 
 

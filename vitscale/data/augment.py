@@ -22,8 +22,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vitscale.config import ConfigError
-from vitscale.data.transforms import IMAGENET_MEAN
+from vitscale.errors import ConfigError
+from vitscale.pixels import IMAGENET_MEAN
 
 
 def seed_of(*parts: Any) -> int:

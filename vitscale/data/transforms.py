@@ -1,7 +1,7 @@
 """Decode and augment images as uint8 tensors. All randomness comes from an explicit ``torch.Generator``.
 
 Batches stay uint8 (B,3,H,W) through the DataLoader (4x less inter-process traffic than float); the trainer calls
-:func:`normalize` on the device.
+:func:`vitscale.pixels.normalize` on the device.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitscale.data.augment import randaugment
+
 EVAL_CROP_FRACTION = 0.875
 
 
@@ -269,8 +269,6 @@ def apply_crop(img: torch.Tensor, crop: Crop) -> torch.Tensor:
     out = _resize(img[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width], [crop.size, crop.size])
     out = out.flip(-1) if crop.flip else out
     if crop.randaug:
-        from vitscale.data.augment import randaugment
-
         out = randaugment(out.contiguous(), crop.randaug, crop.aug_seed)
     # Decoded JPEGs are channels-last views and stay so through crop and resize (torch's fast uint8 kernel); no
     # .contiguous() here: the batch's torch.stack does that layout change once, straight into the batch.
@@ -296,37 +294,6 @@ def eval_transform(img: torch.Tensor, img_size: int, crop_pct: float = EVAL_CROP
     img = _resize(img, size)
     top, left = (size[0] - img_size) // 2, (size[1] - img_size) // 2
     return img[:, top:top + img_size, left:left + img_size].contiguous()
-
-
-def normalize(images: torch.Tensor, device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B,3,H,W) or (3,H,W) -> float32 normalised with ImageNet mean/std, moved to ``device`` first
-    (so the 4x larger float tensor is only made there)."""
-    if device is not None:
-        images = images.to(device, non_blocking=True)
-    x = images.float().div_(255.0)
-    m, s = imagenet_stats(x, mean, std)
-    return x.sub_(m).div_(s)
-
-
-def imagenet_stats(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet (or the given) mean and std as (3, 1, 1) tensors in ``x``'s dtype and device (they broadcast over
-    (B, 3, H, W))."""
-    shape = (3, 1, 1)
-    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape),
-            torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
-
-
-def normalize_unit(x: torch.Tensor) -> torch.Tensor:
-    """Float pixels in [0, 1] -> normalised, as a new tensor (the robustness suite perturbs in [0, 1] first)."""
-    m, s = imagenet_stats(x)
-    return x.sub(m).div(s)
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Normalised (..., 3, H, W) -> float32 in [0, 1], clamped: what pictures of model inputs show."""
-    x = x.float()
-    m, s = imagenet_stats(x)
-    return (x * s + m).clamp(0, 1)
 
 
 def jpeg_size(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[tuple[int, int]]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import ShardSet
-from vitscale.data.transforms import normalize
+from vitscale.pixels import normalize
 from vitscale.distributed.safeload import safe_load
 from vitscale.optim import lr_at, param_groups
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet
-from vitscale.data.transforms import normalize
+from vitscale.pixels import normalize
 from vitscale.eval.features import check_labels
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from vitscale.weights import encoder_of, load_model
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
-from vitscale.data.transforms import normalize
+from vitscale.pixels import normalize
 from vitscale.models.vit import VisionTransformer
 
 POOLS = ("model", "token", "avg")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscale.data.transforms import IMAGENET_MEAN, normalize_unit
+from vitscale.pixels import IMAGENET_MEAN, normalize_unit
 from vitscale.eval.corruptions import CORRUPTIONS, SEVERITIES, check_corruptions, corrupt
 
 Perturb = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

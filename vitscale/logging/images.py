@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vitscale.data.transforms import denormalize
+from vitscale.pixels import denormalize
 from vitscale.logging.figures import new_figure, save_figure
 
 COLUMNS = ("original", "masked", "prediction", "prediction + visible")

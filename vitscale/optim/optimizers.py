@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
+from vitscale.errors import ConfigError
 from vitscale.optim import logical_ndim
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -15,8 +16,6 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 def check_optim(cfg: Any) -> None:
     """Cross-key rules for ``optim.name`` (called by the config checks: one line, nothing written)."""
-    from vitscale.config.load import ConfigError
-
     name = cfg.optim.name
     if name != "adamw" and cfg.engine.offload_optimizer:
         raise ConfigError(f"engine.offload_optimizer runs DeepSpeed's CPU AdamW: it needs optim.name=adamw, "

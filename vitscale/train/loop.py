@@ -20,7 +20,8 @@ from vitscale.config import Config, config_to_dict, resolve, save_config
 from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.pipeline import resume_stream_state, train_loader_from_config
 from vitscale.data.shards import check_labels, resolve_shards
-from vitscale.data.transforms import materialize, normalize
+from vitscale.data.transforms import materialize
+from vitscale.pixels import normalize
 from vitscale.distributed import engine as eng
 from vitscale.distributed import runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager, tag_for

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from vitscale.config import Config, ConfigError
+from vitscale.config import Config
+from vitscale.errors import ConfigError
 from vitscale.distributed import engine as eng
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.init import InitPlan, plan_init

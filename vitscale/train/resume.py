@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import torch
 
-from vitscale.config import Config, ConfigError, config_to_dict
+from vitscale.config import Config, config_to_dict
+from vitscale.errors import ConfigError
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.train.state import TrainState, set_rng_state
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vitscale.data.pipeline import build_eval_loader
-from vitscale.data.transforms import normalize
+from vitscale.pixels import normalize
 from vitscale.distributed import engine as eng
 
 BEST = "best"  # checkpoints/best: the tag of the best checkpoint so far (as checkpoints/latest)

@@ -15,7 +15,8 @@ from typing import Any, Union
 
 import torch
 
-from vitscale.data.transforms import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
+from vitscale.data.transforms import EVAL_CROP_FRACTION
+from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 from vitscale.models.embed import HybridEmbed
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.load import load_model
