@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import run_cli, train_args
-from vitscale.config import load_config
-from vitscale.errors import ConfigError
+from vitscale.config.load import load_config
 from vitscale.data.augment import BatchAugment, batch_augment_from_config, randaug_transform, randaugment, seeded
 from vitscale.data.transforms import train_transform
+from vitscale.errors import ConfigError
 from vitscale.logging.metrics import read_metrics
 
 RANDAUG = "rand-m9-mstd0.5-inc1"

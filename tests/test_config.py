@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from vitscale.config import load_config
+from vitscale.config.load import all_keys, load_config
 from vitscale.errors import ConfigError
-from vitscale.config.load import all_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +178,7 @@ def test_ds_config_keys_no_schema_key_sets_are_allowed():
 
 
 def test_resolve_derives_the_batch_once_without_changing_the_config():
-    from vitscale.config import resolve
+    from vitscale.config.resolve import resolve
     from vitscale.distributed.engine import build_ds_config
 
     cfg = load_config(ROOT / "configs/demo.yaml", ["data.global_batch_size=96", "train.grad_accum=2",
@@ -241,7 +240,7 @@ def test_epochs_of_data_without_a_sample_count_is_one_line():
 
 
 def test_old_checkpoints_without_the_new_model_keys_still_resume(tmp_path):
-    from vitscale.config import config_to_dict
+    from vitscale.config.load import config_to_dict
     from vitscale.train import check_resumable
 
     cfg = load_config(ROOT / "configs/demo.yaml")

@@ -348,7 +348,7 @@ def test_make_shards_shuffles_globally_and_refuses_a_non_empty_out(tmp_path, dig
 
 
 def test_val_shards_null_is_accepted():
-    from vitscale.config import load_config
+    from vitscale.config.load import load_config
 
     assert load_config(None, ["data.val_shards=null"]).data.val_shards is None
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_curves_close, deepspeed_cli
-from vitscale.config import load_config
+from vitscale.config.load import load_config
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "tests" / "scripts" / "engine_parity.py"

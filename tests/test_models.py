@@ -608,7 +608,7 @@ def test_objectives_own_model_flops_metrics_evaluation_and_pictures():
     loop on log steps only), held-out sums match a direct computation, MAE FLOPs count only visible tokens."""
     from pathlib import Path
 
-    from vitscale.config import load_config
+    from vitscale.config.load import load_config
     from vitscale.objectives import objective_for
 
     root = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from conftest import DEMO, TINY, copy_run, run_cli
 from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.plan import activation_bytes, model_shape, plan_memory
 from vitscale.bench.plot import plot_run
-from vitscale.config import load_config
+from vitscale.config.load import load_config
 from vitscale.models.flops import count_params
 
 TITLES = ["loss", "learning rate", "throughput", "MFU", "data wait"]

@@ -161,7 +161,7 @@ def test_bench_step_runs_the_trainers_step_without_touching_signal_handlers(tmp_
 import signal, sys, torch
 sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import DEMO, TINY
-from vitscale.config import load_config
+from vitscale.config.load import load_config
 from vitscale.bench.engine_step import EngineStep, synthetic_batch
 before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
 cfg = load_config(DEMO, [*TINY, "data.cache_dir={data_cache}", "data.global_batch_size=32", "train.grad_accum=2"])

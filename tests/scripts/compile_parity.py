@@ -11,12 +11,12 @@ import sys
 
 import torch
 
-from vitscale.config import load_config
+from vitscale.config.load import load_config
 from vitscale.distributed import engine as eng
 from vitscale.distributed.compile import is_compiled
 from vitscale.distributed.env import detect_env
-from vitscale.optim import param_groups
 from vitscale.objectives import build_model
+from vitscale.optim import param_groups
 
 STEPS, BATCH = 20, 8
 TINY = ["model.name=vit_micro_patch8", "model.img_size=32", "model.embed_dim=32", "model.depth=2",

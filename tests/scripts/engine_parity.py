@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from vitscale.config import load_config
+from vitscale.config.load import load_config
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import CheckpointManager
 from vitscale.distributed.env import detect_env
-from vitscale.optim import param_groups
 from vitscale.objectives import build_model
+from vitscale.optim import param_groups
 
 GLOBAL_BATCH, STEPS = 8, 3
 TINY = ["model.name=vit_micro_patch8", "model.img_size=32", "model.embed_dim=32", "model.depth=2",

@@ -1,7 +1,7 @@
 """Interpretability: attention rollout, mean attention distance, position-embedding similarity, patch-filter
 PCA and MAE reconstructions. Numbers in attention/pos_embed/filters, figures in plots, orchestration in run."""
 from vitscale.analysis.attention import (attention_rollout, mean_attention_distance, patch_distance_matrix,
-                                         rollout_to_patches)
+    rollout_to_patches)
 from vitscale.analysis.filters import patch_filter_pca
 from vitscale.analysis.pos_embed import pos_embed_similarity
 
@@ -9,7 +9,7 @@ __all__ = ["attention_rollout", "mean_attention_distance", "patch_distance_matri
            "patch_filter_pca", "pos_embed_similarity", "load_model_for_analysis", "analyze"]
 
 
-def __getattr__(name):  # heavy imports (matplotlib, models) only when used
+def __getattr__(name):  # matplotlib and the models only when used: `import vitscale.analysis` stays torch-light
     if name == "load_model_for_analysis":
         from vitscale.analysis.load import load_model_for_analysis
         return load_model_for_analysis

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from vitscale.config import Config
+from vitscale.config.schema import Config
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
 DEMO_CLASSES = {"digits": 10, "photos": 7}  # vitscale.data.demo: 10 digits; up to 7 skimage photos

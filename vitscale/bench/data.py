@@ -27,6 +27,10 @@ import numpy as np
 import torch
 
 from vitscale.bench.common import print_table
+from vitscale.data.pipeline import build_train_loader
+from vitscale.data.shards import write_shards
+from vitscale.data.transforms import _decode_pil, _resize, decode, random_resized_crop_params, train_transform
+from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, seed: int = 0) -> list[Path]:
@@ -65,8 +69,6 @@ def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, se
 
 def write_bench_shards(files: list[Path], out: Path, num_shards: int) -> list[str]:
     """The same JPEG bytes as WebDataset shards (label = photo index in sorted order)."""
-    from vitscale.data.shards import write_shards
-
     classes = sorted({f.parent.name for f in files})
     samples = ((f"img{i:06d}", f.read_bytes(), "jpg", classes.index(f.parent.name)) for i, f in enumerate(files))
     manifest = write_shards(samples, out, "bench", maxcount=-(-len(files) // num_shards), class_names=classes)
@@ -141,8 +143,6 @@ def _timed_batches(it, batch: int, warmup: int, batches: int, rec: Round, pids: 
 
 
 def ours_iterator(urls: list[str], batch: int, workers: int, img_size: int, crop_min_scale: float):
-    from vitscale.data.pipeline import build_train_loader
-
     loader = build_train_loader(urls, batch_size=batch, img_size=img_size, seed=0, rank=0, world_size=1,
                                 num_workers=workers, crop_min_scale=crop_min_scale)
     return iter(loader)
@@ -157,8 +157,6 @@ def imagefolder_iterator(root: Path, batch: int, workers: int, img_size: int, cr
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
-
-    from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 
     tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), antialias=True),
                      v2.RandomHorizontalFlip(), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
@@ -175,8 +173,6 @@ def _one_thread(_worker_id: int = 0) -> None:
 
 
 def _decode_files(paths: list[str]) -> int:
-    from vitscale.data.transforms import decode
-
     for p in paths:
         with open(p, "rb") as f:
             decode(f.read())
@@ -197,8 +193,6 @@ def _decode_draft(data: bytes, img_size: int, g: torch.Generator, crop_min_scale
     ``draft()`` while the crop still covers ``img_size`` pixels, then crop + resize + flip as usual."""
     from PIL import Image
 
-    from vitscale.data.transforms import _resize, random_resized_crop_params
-
     with Image.open(io.BytesIO(data)) as im:
         W, H = im.size
         top, left, h, w = random_resized_crop_params(H, W, (crop_min_scale, 1.0), (3 / 4, 4 / 3), g)
@@ -218,9 +212,6 @@ def _decode_draft(data: bytes, img_size: int, g: torch.Generator, crop_min_scale
 def per_image_costs(files: list[Path], img_size: int, crop_min_scale: float, passes: int = 3) -> dict[str, float]:
     """Single-core milliseconds per image for each stage, on up to 128 of the files: image by image as a worker
     does (so freed buffers are reused, as in the loader), the best of ``passes`` passes."""
-    from vitscale.data.transforms import _decode_pil, decode, train_transform
-    from vitscale.pixels import normalize
-
     blobs = [f.read_bytes() for f in files[:128]]
     stages = ("read", "decode", "transform", "normalize", "decode_pil", "draft_decode_transform")
     best = {k: float("inf") for k in stages}
@@ -291,8 +282,6 @@ def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: 
                   crop_min_scale: float, batches: int, rounds: int, warmup: int) -> dict[str, Round]:
     """Start the three loaders (their processes before any timing), then time them in alternating rounds, each
     while the others' processes are idle. The loaders' workers end when this returns."""
-    from vitscale.pixels import normalize
-
     procs = max(workers, 1)
     recs = {"vitscale": Round(), "imagefolder": Round(), "decode_only": Round()}
     base = _children()

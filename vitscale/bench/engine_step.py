@@ -6,13 +6,19 @@ DeepSpeed's CPU accelerator and gloo on a machine without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Optional
 
 import torch
 
-from vitscale.config import Config
+from vitscale.bench.memory import LiveTensorMemory
 from vitscale.config.resolve import DEFAULT_STEPS, DEFAULT_WARMUP_STEPS
+from vitscale.config.schema import Config
+from vitscale.data.augment import batch_augment_from_config
+from vitscale.distributed import engine as eng
+from vitscale.distributed.env import detect_env
+from vitscale.train import TrainState, Trainer, Window
 
 
 def synthetic_batch(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,11 +35,6 @@ class EngineStep:
     normalisation, objective, non-finite check, backward and optimizer step) on the batches it is given."""
 
     def __init__(self, cfg: Config, num_classes: int):
-        from vitscale.data.augment import batch_augment_from_config
-        from vitscale.distributed import engine as eng
-        from vitscale.distributed.env import detect_env
-        from vitscale.train import Trainer, TrainState, Window
-
         self.env = detect_env()
         eng.setup(self.env)
         self.trainer = Trainer(cfg, self.env)
@@ -70,10 +71,6 @@ def measure_step_memory(cfg: Config, num_classes: int, steps: int = 3) -> dict[s
     GPU: ``torch.cuda.max_memory_allocated``. CPU: live tensor bytes tracked by
     :class:`vitscale.bench.memory.LiveTensorMemory`, entered before the model is built so that parameters,
     DeepSpeed's flat buffers and optimizer states are all counted."""
-    import contextlib
-
-    from vitscale.bench.memory import LiveTensorMemory
-
     if steps < 2:
         raise ValueError("measure at least 2 steps: the first one creates the optimizer states")
     cuda = torch.cuda.is_available()

@@ -33,14 +33,19 @@ live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vits
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 
-from vitscale.config import Config, resolve
+from vitscale.bench.common import GB, print_table, resolve_num_classes
+from vitscale.config.resolve import resolve
+from vitscale.config.schema import Config
 from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models.layers import checkpoint_count
+from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
+from vitscale.objectives import build_model  # the one model factory: same model as training
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
@@ -79,10 +84,6 @@ class ModelShape:
 def stage3_settings(cfg: Config, sizes: ModelSizes) -> dict[str, int]:
     """The ZeRO-3 settings training would use for this model (sized from it, user overrides applied), whatever
     engine.zero_stage the config has: the plan prints a ZeRO-3 row either way."""
-    import dataclasses
-
-    from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
-
     cfg3 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
     zero = build_ds_config(cfg3, 1, sizes=sizes)["zero_optimization"]
     return {k: int(zero.get(k, v)) for k, v in {**STAGE3_DEFAULTS, "reduce_bucket_size": DEFAULT_BUCKET}.items()}
@@ -90,8 +91,6 @@ def stage3_settings(cfg: Config, sizes: ModelSizes) -> dict[str, int]:
 
 def model_shape(cfg: Config, num_classes: int) -> ModelShape:
     """Dimensions and parameter counts of the configured model, built on the meta device (no memory)."""
-    from vitscale.objectives import build_model  # the one model factory: same model as training
-
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
     sizes = ModelSizes.of(model)
@@ -247,8 +246,6 @@ class Plan:
 def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape) -> tuple[int, bool, dict]:
     """ZeRO-1/2 bucket size, overlap and the ZeRO-3 settings from the DeepSpeed config the trainer generates
     (user overrides included)."""
-    from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
-
     zero = dict(build_ds_config(cfg, 1, num_params=shape.params).get("zero_optimization", {}))
     user = cfg.engine.ds_config.get("zero_optimization", {}) if isinstance(cfg.engine.ds_config, dict) else {}
     bucket = int(zero.get("reduce_bucket_size", DEFAULT_BUCKET))
@@ -296,8 +293,6 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
 
     ``gpus`` is GPUs per node (like ``deepspeed --num_gpus``), so the data-parallel world is gpus x nodes.
     ``overlap_comm=None`` plans for a GPU machine (two gradient buckets); pass False for what a CPU run does."""
-    from vitscale.bench.common import GB, resolve_num_classes
-
     if gpus < 1 or nodes < 1:
         raise ValueError(f"--gpus and --nodes must be >= 1, got gpus={gpus}, nodes={nodes}")
     if gpu_mem_gb <= 0 or reserve_gb < 0:
@@ -339,8 +334,6 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
 
 
 def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
-    from vitscale.bench.common import GB, print_table
-
     # GB for real models; MB (2^20 bytes) when even the largest figure is below 1 GB (CPU test models)
     big = max(max(r.total, r.total_ckpt, r.cpu_per_node) for r in plan.rows) >= GB
     unit, scale = ("GB", GB) if big else ("MB", 2 ** 20)

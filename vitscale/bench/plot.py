@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
+from vitscale.logging.figures import new_figure, save_figure
 
 PANELS = [  # (metrics key, panel title, y label, scale)
     ("loss", "loss", "loss", 1.0),
@@ -59,8 +60,6 @@ def _finite(v: Any) -> Optional[float]:
 
 def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     """Write the figure (default ``RUN_DIR/metrics.png``); returns ``{path, titles, steps, unavailable}``."""
-    from vitscale.logging.figures import new_figure, save_figure
-
     path = _find_metrics(run)
     records, evals = load_steps(path)
     out = Path(out) if out is not None else path.parent / "metrics.png"

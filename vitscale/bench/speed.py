@@ -19,6 +19,7 @@ MFU = 3 x analytic forward FLOPs x img/s / peak FLOP/s (``--peak-tflops`` or the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import statistics
 import time
@@ -26,10 +27,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from vitscale.bench.common import autocast_dtype, fmt_gb, fmt_num, print_table, sync
+from vitscale.bench.common import (autocast_dtype, bench_device, device_label, fmt_gb, fmt_num, print_table,
+    resolve_num_classes, sync)
+from vitscale.bench.engine_step import EngineStep, synthetic_batch
 from vitscale.bench.memory import LiveTensorMemory
-from vitscale.config import Config
+from vitscale.bench.timm_ref import timm_reference
+from vitscale.config.schema import Config
+from vitscale.data.pipeline import train_loader_from_config
+from vitscale.data.shards import resolve_shards
 from vitscale.distributed import compile as regional
+from vitscale.distributed.env import detect_env
+from vitscale.logging.metrics import device_peak_flops
+from vitscale.objectives import build_model, objective_for
+from vitscale.optim import param_groups
 
 MODES = ("model", "engine", "loader", "step")
 
@@ -102,9 +112,6 @@ class Timed:
 
 def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_classes: int, seed: int):
     """Plain-PyTorch training step closure: autocast forward + objective, backward, (clip), AdamW step."""
-    from vitscale.objectives import objective_for
-    from vitscale.optim import param_groups
-
     model.to(device).train()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), lr=1e-5,
@@ -138,9 +145,6 @@ def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_c
 
 
 def _loader(cfg: Config, env) -> Any:
-    from vitscale.data.pipeline import train_loader_from_config
-    from vitscale.data.shards import resolve_shards
-
     urls = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).urls
     return train_loader_from_config(cfg, urls, env.rank, env.world_size)
 
@@ -152,8 +156,6 @@ def _workers_rss() -> int:
 
 
 def _check_args(cfg: Config, what: tuple[str, ...], iters: int, warmup: int, rounds: int) -> torch.device:
-    from vitscale.bench.common import bench_device
-
     bad = [w for w in what if w not in MODES]
     if bad or not what:
         raise ValueError(f"bench: unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)}"
@@ -170,11 +172,7 @@ def _check_args(cfg: Config, what: tuple[str, ...], iters: int, warmup: int, rou
 def _num_classes(cfg: Config, what: tuple[str, ...], num_classes: Optional[int]) -> int:
     """The head's classes, in the trainer's order (data.num_classes, else the shard manifest) when shards are
     read anyway; else without touching any data."""
-    from vitscale.bench.common import resolve_num_classes
-
     if "loader" in what or "step" in what:
-        from vitscale.data.shards import resolve_shards
-
         shard_classes = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).num_classes
         return resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)[0]
     return resolve_num_classes(cfg, num_classes)[0]
@@ -185,9 +183,6 @@ class _Bench:
     modes reuse, and the loader's iterator. Each ``setup_*`` builds one mode's step function for :class:`Timed`."""
 
     def __init__(self, cfg: Config, device: torch.device, classes: int, compile_blocks: bool):
-        from vitscale.distributed.env import detect_env
-        from vitscale.objectives import build_model
-
         self.cfg, self.device, self.classes, self.compile = cfg, device, classes, compile_blocks
         with torch.device("meta"):  # configuration, FLOPs and parameter count without memory
             self.shape_net = build_model(cfg, classes)
@@ -200,8 +195,6 @@ class _Bench:
         self.timm_params: Optional[int] = None
 
     def setup_ours(self) -> Callable[[], Any]:
-        from vitscale.objectives import build_model
-
         torch.manual_seed(self.cfg.run.seed)
         net = build_model(self.cfg, self.classes)
         if self.compile:
@@ -209,8 +202,6 @@ class _Bench:
         return _model_step(self.cfg, net, self.device, self.classes, seed=0)
 
     def setup_timm(self) -> Callable[[], Any]:
-        from vitscale.bench.timm_ref import timm_reference
-
         torch.manual_seed(self.cfg.run.seed)
         net = timm_reference(self.shape_net, self.cfg.model.drop_path)
         self.timm_params = sum(p.numel() for p in net.parameters())
@@ -221,8 +212,6 @@ class _Bench:
         return _model_step(self.cfg, net, self.device, self.classes, seed=0)  # the same batch as ours
 
     def setup_engine(self) -> Callable[[], Any]:
-        from vitscale.bench.engine_step import EngineStep, synthetic_batch
-
         self.engine = EngineStep(self.cfg, self.classes)  # train.compile set by run_bench when --compile
         images, labels = synthetic_batch(self.cfg, self.classes)
         return lambda: self.engine.step(images, labels)
@@ -263,8 +252,6 @@ class _Bench:
 
     def loader_only(self, iters: int, warmup: int, rounds: int, flops: float, peak: Optional[float]) -> dict:
         """The loader alone (the full step's iterator, if there was one): batches as the trainer receives them."""
-        from vitscale.distributed.env import detect_env
-
         if self.batches is None:
             self.batches = iter(_loader(self.cfg, self.engine.env if self.engine is not None else detect_env()))
             for _ in range(warmup):
@@ -321,12 +308,6 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
 
     ``compile_blocks`` (``--compile``) or ``train.compile``: every mode compiles its transformer blocks the way
     training does (:func:`vitscale.distributed.compile.compile_blocks`; the engine through ``train.compile``)."""
-    import dataclasses
-
-    from vitscale.bench.common import device_label
-    from vitscale.logging.metrics import device_peak_flops
-    from vitscale.objectives import objective_for
-
     device = _check_args(cfg, what, iters, warmup, rounds)
     compiled = compile_blocks or cfg.train.compile
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))

@@ -1,5 +1,3 @@
-from vitscale.config.load import load_config, save_config, config_to_dict
-from vitscale.config.resolve import Resolved, resolve
-from vitscale.config.schema import Config
-
-__all__ = ["Config", "Resolved", "load_config", "resolve", "save_config", "config_to_dict"]
+"""Configuration: ``schema`` (the only list of options), ``load`` (YAML + overrides -> a checked Config; each owner's
+cross-key rules are called from there), ``resolve`` (what a launch derives). Import from those modules: this package
+file stays empty so that reading the schema never loads the checks."""

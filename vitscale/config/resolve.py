@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
-from vitscale.errors import ConfigError
 from vitscale.config.schema import Config
+from vitscale.errors import ConfigError
+from vitscale.optim import peak_lr  # the LR rule's one home
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -94,8 +95,6 @@ def resolve(cfg: Config, world_size: int, train_samples: Optional[int] = None, n
             raise ConfigError(f"data.global_batch_size={total} is not divisible by {world_size} process(es) x "
                               f"train.grad_accum={cfg.train.grad_accum} = {per_step}")
         cfg.data.batch_size = total // per_step
-    from vitscale.optim import peak_lr  # the LR rule's one home (imported here: config stays free of torch)
-
     batch = global_batch(cfg, world_size)
     length = run_length(cfg, batch, train_samples, need_length)
     if length.steps is not None:

@@ -15,7 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from vitscale.data.shards import resolve_shards
 from vitscale.data.tario import ShardError, iter_shard, label_ext, sample_image, sample_label
+from vitscale.data.transforms import DEFAULT_MAX_PIXELS, TooLarge, decode, read_header
 
 MAX_LISTED = 10  # bad samples named per shard in the report
 
@@ -34,8 +36,6 @@ class ShardReport:
 
 
 def _check_sample(sample: dict, rep: ShardReport, label_key: str, max_pixels, decode_all: bool) -> None:
-    from vitscale.data.transforms import TooLarge, decode, read_header
-
     key = sample["__key__"]
     try:
         label = sample_label(sample, label_key)
@@ -137,9 +137,6 @@ def summarize(reports: list[ShardReport], num_classes: int = 0) -> dict:
 def check_shards(spec: str, *, cache_dir: str = "data_cache", label_key: str = "cls", num_classes: int = 0,
                  max_pixels: Optional[int] = None, decode_all: bool = False, workers: Optional[int] = None) -> dict:
     """Read every shard of ``spec`` in ``workers`` processes and return :func:`summarize`'s report."""
-    from vitscale.data.shards import resolve_shards
-    from vitscale.data.transforms import DEFAULT_MAX_PIXELS
-
     urls = resolve_shards(spec, cache_dir).urls
     label_ext(label_key)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from vitscale.data.demo import ensure_demo_shards
+from vitscale.data.tario import label_ext
 from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -32,8 +33,6 @@ def check_labels(shard_sets: Union[ShardSet, Sequence[Optional[ShardSet]]], num_
     """Before training: a one-line error for a bad ``data.label_key``, or when a manifest already shows labels a
     supervised run (``num_classes`` > 0) cannot use (train or val shards). Without a manifest, the training
     loader skips and counts such samples."""
-    from vitscale.data.tario import label_ext
-
     label_ext(label_key)
     for shard_set in [shard_sets] if isinstance(shard_sets, ShardSet) else shard_sets:
         info = (shard_set.labels if shard_set is not None else None) or {}

@@ -5,21 +5,26 @@ so model code stays plain PyTorch, the way torchtitan keeps model and parallelis
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import io
 import logging
 import os
 from pathlib import Path
+import sys
 from typing import Any, Iterable, Optional
 
 import torch
 
+from vitscale import faults
 from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
+from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, zero3_settings
+from vitscale.optim.optimizers import build_optimizer
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
 
@@ -250,7 +255,6 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
     vectorised CPU AdamW (built once by JIT and cached; torch's AdamW on CPU tensors would be far slower)."""
     groups = list(param_groups)
     if cfg.optim.name != "adamw":  # sgd, lars: vitscale/optim/optimizers.py
-        from vitscale.optim.optimizers import build_optimizer
 
         optimizer = build_optimizer(groups, cfg)
     elif cfg.engine.offload_optimizer:
@@ -278,8 +282,6 @@ def _gather_per_block(model: torch.nn.Module) -> None:
     12.6M, 25 MB in bf16), which the prefetch bucket holds anyway."""
     from deepspeed.utils import set_z3_leaf_module
 
-    from vitscale.distributed.compile import transformer_blocks
-
     for blk in transformer_blocks(model):
         set_z3_leaf_module(blk, True)
 
@@ -287,16 +289,12 @@ def _gather_per_block(model: torch.nn.Module) -> None:
 def _compile_blocks(ds_engine: Any) -> None:
     """train.compile: each transformer block's forward compiled in place (vitscale.distributed.compile); ZeRO-3's
     per-block hooks run eagerly around it. A compiler failure: one warning (rank 0), then eager."""
-    from vitscale.distributed.compile import compile_blocks
-
     _ds().utils.nvtx.enable_nvtx = False  # as DeepSpeed's own engine.compile(): NVTX ranges break graphs
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     compile_blocks(ds_engine.module, ds_engine.device, warn=_warn if rank0 else (lambda message: None))
 
 
 def _warn(message: str) -> None:
-    import sys
-
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -321,8 +319,6 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     independent of world size and stage), so it can be resumed on another number of processes.
 
     Runs DeepSpeed's own converter (ds_to_universal) in this process; call it on one rank only."""
-    import argparse
-
     from deepspeed.checkpoint import ds_to_universal
 
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -340,8 +336,6 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
 def _writes_recorded(ds_engine: Any, step: int):
     """Inside: DeepSpeed's file writes (its checkpoint engine's save/makedirs, the recovery-script copy) record an
     OSError in the yielded list instead of raising it, and remove the partial file."""
-    from vitscale import faults
-
     failed: list[OSError] = []
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

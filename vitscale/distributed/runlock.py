@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from vitscale.distributed import engine as eng
 from vitscale.distributed.env import DistEnv
 from vitscale.errors import VitscaleError
 
@@ -158,8 +159,6 @@ atexit.register(release_all)
 def acquire(run_dir: Path, env: DistEnv) -> Optional[RunLock]:
     """Rank 0 takes the run directory's lock; every rank learns the outcome (collective), so either all go on or
     all stop with the same line. Returns the lock on rank 0, None elsewhere."""
-    from vitscale.distributed import engine as eng
-
     lock, error = None, ""
     if env.is_main:
         try:

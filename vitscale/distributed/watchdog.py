@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Iterator, Optional
 
+from vitscale.distributed import runlock
 from vitscale.distributed.env import DistEnv
 from vitscale.errors import VitscaleError
 
@@ -126,7 +127,6 @@ class Watchdog:
         """Say which rank failed and end this process now (see the module docstring for why os._exit)."""
         sys.stdout.flush()
         with contextlib.suppress(Exception):  # os._exit skips atexit: hand the run directory back now
-            from vitscale.distributed import runlock
 
             runlock.release_all()
         print(f"vitscale: error: {culprit}; stopping rank {self.env.rank} too (timeout {self.timeout_s:g} s, "

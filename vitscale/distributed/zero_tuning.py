@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from vitscale.distributed.compile import transformer_blocks
 
 MIN_BUCKET = int(1e6)  # below this, per-call overhead dominates any collective
 MAX_BUCKET = int(5e8)  # DeepSpeed's default, the ceiling
@@ -40,8 +41,6 @@ class ModelSizes:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelSizes":
-        from vitscale.distributed.compile import transformer_blocks
-
         params = sum(p.numel() for p in model.parameters())
         blocks = transformer_blocks(model)
         if not blocks:  # not a transformer (e.g. a baseline CNN): size from the whole model

@@ -9,17 +9,18 @@ rank then holds the same full feature matrix and computes the same probe, in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from vitscale.weights import encoder_of, load_model
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
-from vitscale.pixels import normalize
 from vitscale.models.vit import VisionTransformer
+from vitscale.pixels import normalize
+from vitscale.weights import encoder_of, load_model
 
 POOLS = ("model", "token", "avg")
 
@@ -76,8 +77,6 @@ def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 
 def _run_data_config(info: dict) -> dict:
     """A checkpoint directory records the run's data config (an exported file does not)."""
-    import json
-
     ckpt = info.get("checkpoint")
     if not ckpt:
         return {}

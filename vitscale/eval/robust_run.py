@@ -7,9 +7,10 @@ from pathlib import Path
 from torch import nn
 
 from vitscale.eval.baseline import (BASELINE_FILE, BaselineConfig, count_params, forward_flops, load_baseline,
-                                   resnet18_params, save_baseline, train_baseline, width_for_params)
+    resnet18_params, save_baseline, train_baseline, width_for_params)
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import check_labels, load_images
+from vitscale.eval.plots import plot_corruptions, plot_robustness_curve
 from vitscale.eval.robustness import CURVES, config_dict, robustness_curves
 
 
@@ -120,8 +121,6 @@ def _models(vit: nn.Module, info: dict, train_set, num_classes: int, img_size: i
 
 
 def _plots(results: dict, cfg, grid: int, data: dict, out: Path, say) -> None:
-    from vitscale.eval.plots import plot_corruptions, plot_robustness_curve
-
     title = f"{int(data['images'].shape[0])} held-out images"
     detail = {"occlusion_patches": f", {grid}×{grid} cells, {cfg.occlusion_fill} fill",
               "occlusion_boxes": f", {cfg.occlusion_fill} fill",

@@ -14,8 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from vitscale.eval import plots
+from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
-                                    num_classes_of, reinit_, resolve_data)
+    num_classes_of, reinit_, resolve_data)
+from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
+from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
 
 EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
@@ -157,8 +161,6 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
     if probes:
         _probes(s, probes)
     if "robustness" in names:
-        from vitscale.eval.robust_run import run_robustness
-
         s.emit("robustness", run_robustness(s.model, s.info, s.train_set, s.val_set, s.num_classes, s.img_size,
                                             s.accelerator, opts, s.base, s.tables, s.say))
     if s.accelerator.is_main_process:
@@ -193,8 +195,6 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
 
 
 def _accuracy(s: _Session) -> None:
-    from vitscale.eval.classify import evaluate_classifier, require_classifier
-
     require_classifier(s.model, "accuracy")
     res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
     s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
@@ -235,8 +235,6 @@ def _probes(s: _Session, probes: list[str]) -> None:
                    "results": results[p]})
         s.summary.extend(_probe_rows(p, results[p], s.opts))
         if s.accelerator.is_main_process:
-            from vitscale.eval import plots
-
             plot = {"linear": plots.plot_linear, "knn": plots.plot_knn, "fewshot": plots.plot_fewshot}[p]
             s.say(f"wrote {plot(results[p], s.out / f'{p}.png', f'{p}: {title}')}")
 
@@ -251,8 +249,6 @@ def _features(s: _Session, model, pool: str) -> dict:
 
 
 def _probe(s: _Session, probe: str, feats: dict) -> dict:
-    from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
-
     opts, train, val = s.opts, feats["train"], feats["val"]
     if probe == "linear":
         return linear_probe(train, val, s.num_classes, epochs=opts.probe_epochs, batch_size=opts.probe_batch_size,

@@ -13,6 +13,7 @@ from torch import nn
 
 from vitscale.models.mae import MaskedAutoencoderViT
 from vitscale.models.pos_embed import to_2tuple
+from vitscale.models.registry import create_model
 from vitscale.models.vit import VisionTransformer
 
 
@@ -85,7 +86,6 @@ def forward_flops(model: nn.Module, img_size: Union[int, tuple[int, int], None] 
 
 def count_params(name: str, trainable_only: bool = False, **kwargs: Any) -> int:
     """Parameter count of a registered model, built on the meta device (no memory, no init cost)."""
-    from vitscale.models.registry import create_model
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from vitscale.models.embed import PatchEmbed
+from vitscale.models.embed import HybridEmbed, PatchEmbed
 from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 
@@ -71,7 +71,6 @@ class VisionTransformer(nn.Module):
         self.checkpoint_blocks = 0  # leading blocks recomputed in backward (set_grad_checkpointing)
 
         if hybrid_layers:
-            from vitscale.models.embed import HybridEmbed
             self.patch_embed = HybridEmbed(img_size, patch_size, in_chans, embed_dim, layers=tuple(hybrid_layers),
                                            strict_img_size=not dynamic_img_size)
         else:

@@ -12,8 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from vitscale.config import Config
-from vitscale.config.schema import ModelConfig
+from vitscale.config.schema import Config, ModelConfig
 from vitscale.objectives.base import MODEL_KWARGS, Objective, Picture, model_kwargs
 from vitscale.objectives.mae import MAE
 from vitscale.objectives.supervised import Supervised

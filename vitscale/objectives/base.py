@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from vitscale.config import Config
+from vitscale.config.schema import Config
 
 # model.<key> -> keyword of ``vitscale.models.create_model`` (None values keep the variant's default). A new model
 # option is one line here plus its field in config/schema.py.

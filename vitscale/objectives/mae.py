@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from vitscale.logging.images import mae_panels, save_mae_grid
 from vitscale.models import create_model
 from vitscale.models.flops import forward_flops
 from vitscale.objectives.base import Objective, Picture, model_kwargs
@@ -43,8 +44,6 @@ class MAE(Objective):
 
     @torch.no_grad()
     def visualize(self, model: Callable, module: nn.Module, images: torch.Tensor, step: int) -> Optional[Picture]:
-        from vitscale.logging.images import mae_panels, save_mae_grid
-
         ratio = self.cfg.objective.mask_ratio
         _, pred, mask = model(images, mask_ratio=ratio)
         return Picture(key="mae_reconstruction", filename=f"mae_step_{step:08d}.png",

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from vitscale.config.load import load_config
+from vitscale.errors import VitscaleError
 from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import summarize, write_report
 from vitscale.sweep.runner import FINETUNE, SweepPlan, finetune_overrides, load_result, run_cells, train_overrides
@@ -64,8 +66,6 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
 
 
 def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
-    from vitscale.config import load_config
-
     if opts.seeds < 1:
         raise SweepError(f"--seeds must be >= 1, got {opts.seeds}")
     if opts.jobs < 1:
@@ -88,9 +88,6 @@ def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
 
 def check_finetune(opts: SweepOptions) -> None:
     """``--eval finetune`` needs a fine-tuning config, and that config must load (before any cell trains)."""
-    from vitscale.config import load_config
-    from vitscale.errors import VitscaleError
-
     if FINETUNE not in opts.evals:
         if opts.finetune_config or opts.finetune_overrides:
             raise SweepError("--finetune-config/--finetune-set are used only with --eval ...,finetune")
@@ -110,9 +107,6 @@ def check_finetune(opts: SweepOptions) -> None:
 
 def validate_cells(plan: SweepPlan, cells: Sequence[Cell]) -> dict[str, str]:
     """``{cell name: one-line error}`` for cells whose config does not validate; all invalid is an error."""
-    from vitscale.config import load_config
-    from vitscale.errors import VitscaleError
-
     invalid: dict[str, str] = {}
     for cell in cells:
         try:

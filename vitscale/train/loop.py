@@ -16,14 +16,14 @@ from typing import Any, Iterator, Optional
 import torch
 
 from vitscale import faults
-from vitscale.config import Config, config_to_dict, resolve, save_config
+from vitscale.config.load import config_to_dict, save_config
+from vitscale.config.resolve import resolve
+from vitscale.config.schema import Config
 from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.pipeline import resume_stream_state, train_loader_from_config
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize
-from vitscale.pixels import normalize
-from vitscale.distributed import engine as eng
-from vitscale.distributed import runlock, watchdog
+from vitscale.distributed import engine as eng, runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager, tag_for
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
@@ -31,6 +31,7 @@ from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memo
 from vitscale.logging.trackers import Tracker
 from vitscale.objectives import objective_for
 from vitscale.optim import lr_at, param_groups
+from vitscale.pixels import normalize
 from vitscale.train import model_init, validation
 from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
 from vitscale.train.state import Preemption, StepOutput, TrainState, Window, rng_state

@@ -12,9 +12,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from vitscale.config import Config
-from vitscale.errors import ConfigError
+from vitscale.config.schema import Config
 from vitscale.distributed import engine as eng
+from vitscale.errors import ConfigError
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.init import InitPlan, plan_init
 

@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 import torch
 
-from vitscale.config import Config, config_to_dict
-from vitscale.errors import ConfigError
+from vitscale.config.load import config_to_dict
+from vitscale.config.schema import Config
 from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.errors import ConfigError
 from vitscale.train.state import TrainState, set_rng_state
 
 # Keys that change the model's architecture or what it learns: a checkpoint written under other values cannot

@@ -15,10 +15,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from vitscale.objectives import build_saved_model
 from vitscale.models.embed import HybridEmbed
 from vitscale.models.mae import MaskedAutoencoderViT
+from vitscale.models.registry import parse_name
 from vitscale.models.vit import VisionTransformer
+from vitscale.objectives import build_saved_model
 from vitscale.weights.fit import DECODER_RE
 from vitscale.weights.sources import WeightsError, read_weights
 
@@ -28,8 +29,6 @@ DEFAULT_NORM_PIX_LOSS = True
 
 def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) -> dict[str, Any]:
     """Sizes of a timm-style ViT from its tensor shapes (no metadata)."""
-    from vitscale.models.registry import parse_name
-
     _, _, named = parse_name(model_name)
     cfg: dict[str, Any] = {"name": model_name}
     w = sd.get(prefix + "patch_embed.proj.weight")

@@ -21,7 +21,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from vitscale.errors import VitscaleError
+from vitscale.distributed.checkpoint import resolve_checkpoint
+from vitscale.distributed.engine import consolidated_state_dict
+from vitscale.distributed.safeload import safe_load
+from vitscale.errors import CheckpointReadError, VitscaleError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPERS = ("model", "state_dict", "module")  # container keys around a state dict (MAE, Lightning, DeepSpeed)
@@ -88,9 +91,6 @@ def unwrap(obj: Any, path: Union[str, Path]) -> dict[str, torch.Tensor]:
 def torch_load_weights(path: Path) -> Any:
     """``torch.load`` that runs no pickled code (:func:`vitscale.distributed.safeload.safe_load`); a file that
     would need it, or that is not a torch file at all, is one clear line."""
-    from vitscale.distributed.safeload import safe_load
-    from vitscale.errors import CheckpointReadError
-
     try:
         return safe_load(path)
     except CheckpointReadError as e:
@@ -122,9 +122,6 @@ def _read_safetensors(path: Path) -> Weights:
 
 
 def _read_checkpoint(path: Path) -> Weights:
-    from vitscale.distributed.checkpoint import resolve_checkpoint
-    from vitscale.distributed.engine import consolidated_state_dict
-
     try:
         ckpt = resolve_checkpoint(path)
     except FileNotFoundError as e:
