@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from vitscale.bench.common import resolve_num_classes  # noqa: E402
 from vitscale.bench.engine_step import EngineStep, synthetic_batch  # noqa: E402
-from vitscale.config import load_config, resolve  # noqa: E402
+from vitscale.config.load import load_config  # noqa: E402
+from vitscale.config.resolve import resolve  # noqa: E402
 from vitscale.distributed.env import detect_env  # noqa: E402
 
 

@@ -196,7 +196,7 @@ def test_resolve_derives_the_batch_once_without_changing_the_config():
 
 
 def test_epochs_become_steps_from_the_sample_count_once():
-    from vitscale.config import resolve
+    from vitscale.config.resolve import resolve
 
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.steps=null", "train.epochs=2.5", "optim.warmup_steps=null",
                                                    "optim.warmup_epochs=0.5", "data.global_batch_size=128"])
@@ -230,7 +230,7 @@ def test_bad_length_keys_are_one_line(overrides, words):
 
 
 def test_epochs_of_data_without_a_sample_count_is_one_line():
-    from vitscale.config import resolve
+    from vitscale.config.resolve import resolve
 
     cfg = load_config(None, ["train.epochs=3", "data.train_shards=s3://bucket/train-{0000..0099}.tar"])
     with pytest.raises(ConfigError) as e:

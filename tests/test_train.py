@@ -184,7 +184,7 @@ print("ok", losses)
 def test_a_recipe_in_epochs_trains_the_derived_steps_and_saves_them(tmp_path, data_cache):
     """train.epochs / optim.warmup_epochs on the demo digits (its manifest counts the samples): the derived steps
     are printed, trained and written to config.yaml (which reloads as it ran); the metrics end at that step."""
-    from vitscale.config import load_config
+    from vitscale.config.load import load_config
 
     r = run_cli(train_args(tmp_path, "ep", data_cache, "train.steps=null", "train.epochs=0.05",
                            "optim.warmup_steps=null", "optim.warmup_epochs=0.02", "train.ckpt_every=1000"),
