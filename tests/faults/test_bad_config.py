@@ -7,7 +7,7 @@ from conftest import DEMO, copy_run, run_cli, train_args
 
 @pytest.mark.parametrize("overrides, expected", [
     (["data.batchsize=8"], "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)"),
-    (["train.steps=abc"], "config key 'train.steps' got 'abc' (str), expected int"),
+    (["train.steps=abc"], "config key 'train.steps' got 'abc' (str), expected int or null"),
     (["data.global_batch_size=100", "train.grad_accum=3"],
      "data.global_batch_size=100 is not divisible by 1 process(es) x train.grad_accum=3 = 3"),
     (["data.train_shards=/no/such/dir/train-{000000..000007}.tar"],

@@ -85,7 +85,7 @@ def _coerce_type(key: str, value: Any, tp: Any) -> Any:
                 return _coerce_type(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}' got {value!r}, expected {_type_name(tp)}")
+        raise ConfigError(f"config key '{key}' got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
     ok = False
     if tp is bool:
         ok = isinstance(value, bool)
