@@ -41,13 +41,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.timm:  # a folder timm.create_model("local-dir:OUT") loads: model.safetensors + config.json
         from vitscale.weights.timm_export import export_timm
 
-        info = export_timm(args.ckpt, args.out)
+        info = export_timm(args.ckpt, args.out, ema=args.ema)
         print(f"wrote {info['path']}/model.safetensors + config.json: {info['tensors']} tensors, "
               f"{info['params'] / 1e6:.2f}M parameters ({info['architecture']}, step {info['step']})")
         return 0
     from vitscale.distributed.checkpoint import export_weights
 
-    info = export_weights(args.ckpt, args.out, full=args.full)
+    info = export_weights(args.ckpt, args.out, full=args.full, ema=args.ema)
     print(f"wrote {info['path']}: {info['tensors']} tensors, {info['params'] / 1e6:.2f}M parameters "
           f"({info['vitscale_part']}, step {info['step']})")
     return 0
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_00001000), or a run dir for its latest")
     e.add_argument("out", help="output .safetensors path (with --timm: a folder)")
     e.add_argument("--full", action="store_true", help="MAE: keep the decoder too (default: encoder only)")
+    e.add_argument("--ema", action="store_true", help="the model EMA's weights (train.ema_decay) instead of the "
+                                                      "trained weights")
     e.add_argument("--timm", action="store_true", help="write OUT as a folder timm loads without vitscale "
                                                        "(model.safetensors + config.json; local-dir:OUT)")
     e.set_defaults(func=_export)

@@ -257,15 +257,17 @@ def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape) -> tu
 
 
 def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
-                      overlap_comm: bool, stage3: Optional[dict] = None) -> dict[str, int]:
-    """Per-rank bytes of params, grads, optimizer states and DeepSpeed buffers for one option."""
+                      overlap_comm: bool, stage3: Optional[dict] = None, ema: bool = False) -> dict[str, int]:
+    """Per-rank bytes of params, grads, optimizer states and DeepSpeed buffers for one option. ``ema``
+    (train.ema_decay > 0): the model EMA, fp32 beside each rank's fp32 master part (4 bytes per trained parameter,
+    divided by the ranks from ZeRO-1 on), is counted with the optimizer states."""
     mixed = precision in ("bf16", "fp16")
     pb = 2 if mixed else 4
     P, T, N = shape.params, shape.trainable, world
     optim_pp = 12 if mixed else 8 + (4 if opt.stage >= 1 else 0)
     params = P * pb / N if opt.stage == 3 else P * pb
     grads = T * pb / N if opt.stage >= 2 else T * pb
-    optim = T * optim_pp / N if opt.stage >= 1 else T * optim_pp
+    optim = (T * optim_pp + (4 * T if ema else 0)) / (N if opt.stage >= 1 else 1)
     cpu = 0.0
     if opt.offload_optimizer:
         cpu += optim + 4 * T / N  # states + DeepSpeed's fp32 gradient copy live in host memory
@@ -320,7 +322,8 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
         plan.notes.append("hybrid ResNet stem: its activations are not modelled (the plan is low)")
     usable = (gpu_mem_gb - reserve_gb) * GB
     for opt in OPTIONS:
-        s = model_state_bytes(shape, opt, cfg.train.precision, world, bucket, overlap, stage3)
+        s = model_state_bytes(shape, opt, cfg.train.precision, world, bucket, overlap, stage3,
+                              ema=cfg.train.ema_decay > 0)
         states = s["params"] + s["grads"] + s["optimizer"] + s["buffers"]
         a, ac = sum(act.values()), sum(act_ckpt.values())
         total = max(states + a, states + s["step_extra"])

@@ -200,6 +200,7 @@ def check_consistency(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     _check_length(cfg)
+    _check_ema(cfg)
     patch = cfg.model.patch_size
     if patch is not None and cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size={cfg.model.img_size} is not divisible by model.patch_size={patch}")
@@ -240,6 +241,16 @@ def _check_length(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+
+
+def _check_ema(cfg: Config) -> None:
+    t = cfg.train
+    if not (t.ema_decay == 0 or 0 < t.ema_decay < 1):
+        raise ConfigError(f"train.ema_decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
+    if t.ema_every < 1:
+        raise ConfigError(f"train.ema_every must be >= 1, got {t.ema_every}")
+    if t.best_metric == "val_top1_ema" and t.ema_decay == 0:
+        raise ConfigError("train.best_metric=val_top1_ema needs an EMA: set train.ema_decay (e.g. 0.9999)")
 
 
 def _check_model(cfg: Config) -> None:

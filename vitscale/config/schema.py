@@ -205,6 +205,16 @@ class TrainConfig:
     eval_every: int = 0
     # "auto" (latest complete checkpoint if any), "never", or a checkpoint directory path.
     resume: str = "auto"
+    # Model EMA: an fp32 exponential moving average of the weights with this decay per update (0 = off; e.g.
+    # 0.9999). Each rank averages only the part of the weights it holds (ZeRO-3: its partition), saved in the
+    # checkpoint; periodic validation also reports it (val_top1_ema) and `vitscale export --ema` writes it.
+    ema_decay: float = 0.0
+    # EMA warmup as timm's ModelEmaV3: the decay at step t is min(ema_decay, 1 - t^(-2/3)), so early weights fade fast.
+    ema_warmup: bool = False
+    # Update the EMA every this many optimizer steps (the decay applies per update, as in timm).
+    ema_every: int = 1
+    # The periodic-validation number that picks checkpoints/best: "val_top1" (the weights) or "val_top1_ema".
+    best_metric: str = "val_top1"
     # Show a tqdm progress bar on rank 0.
     progress: bool = True
     # Check every micro-batch's loss on every rank (one tiny all-reduce); a NaN/Inf loss skips that micro-batch
@@ -284,6 +294,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
         "optim.name": ("adamw", "sgd", "lars"),
         "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
+        "train.best_metric": ("val_top1", "val_top1_ema"),
         "engine.zero_stage": (0, 1, 2, 3),
         "logging.wandb.mode": ("auto", "online", "offline", "disabled"),
     }

@@ -27,6 +27,7 @@ import torch
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
+from vitscale.distributed.ema import consolidated_ema
 from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
@@ -244,8 +245,9 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def export_weights(ckpt: Path, out: Path, full: bool = False) -> dict:
-    """Consolidate sharded weights into one fp32 safetensors file with timm-compatible keys.
+def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False) -> dict:
+    """Consolidate sharded weights into one fp32 safetensors file with timm-compatible keys (``ema``: the model
+    EMA's weights for every trained parameter, see :mod:`vitscale.distributed.ema`).
 
     MAE checkpoints export the encoder alone by default (what downstream use needs); `full` keeps the decoder.
     The run's model/objective config travels in the file's metadata so eval/analyze can rebuild the model.
@@ -255,6 +257,8 @@ def export_weights(ckpt: Path, out: Path, full: bool = False) -> dict:
     path = resolve_checkpoint(ckpt)
     state = json.loads((path / "trainer_state.json").read_text())
     sd = eng.consolidated_state_dict(path)
+    if ema:
+        sd.update({k: v.view(sd[k].shape) for k, v in consolidated_ema(path).items()})
     objective = state["config"]["objective"]["name"]
     if objective == "mae" and not full:
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import logging
@@ -247,6 +248,41 @@ class Engine:
                         entry[key] = moment
             out[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
         return out
+
+
+@dataclasses.dataclass
+class Fragment:
+    """This rank's part of one trainable parameter's fp32 master: elements [start, start + value.numel()) of the
+    flattened parameter (``numel`` elements in all). ``value`` may be DeepSpeed's own storage: read, never write."""
+    name: str
+    start: int
+    value: torch.Tensor
+    numel: int
+
+
+def fp32_fragments(engine: Engine) -> tuple[list[Fragment], bool]:
+    """``(fragments, replicated)``: the parts of the fp32 master weights this rank holds, with no communication.
+    ZeRO-3: each parameter's partition (rank r holds [r x part, (r + 1) x part)); ZeRO-1/2 and DeepSpeed's bf16
+    optimizer: the fragments of the flat fp32 partition (a parameter may be split between ranks or absent here);
+    otherwise (ZeRO-0 in fp32) the parameters themselves, whole on every rank (``replicated``)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out, partitioned = [], False
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        if hasattr(p, "ds_id"):
+            partitioned, part = True, p.ds_tensor.ds_numel
+            local = _ds().utils.safe_get_local_fp32_param(p).view(-1)
+            out.append(Fragment(name, rank * part, local[:max(0, min(part, numel - rank * part))], numel))
+        elif hasattr(p, "_hp_mapping"):
+            partitioned = True
+            if p._hp_mapping is not None:
+                out.append(Fragment(name, p._hp_mapping.lp_fragment_address.start,
+                                    p._hp_mapping.get_hp_fragment().view(-1), numel))
+        else:
+            out.append(Fragment(name, 0, p.detach().view(-1), numel))
+    return out, not partitioned
 
 
 def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config, ds_config: dict) -> Engine:

@@ -25,6 +25,7 @@ from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager, tag_for
+from vitscale.distributed.ema import ModelEma
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
@@ -82,6 +83,7 @@ class Trainer:
         self.batches_seen = 0  # micro-batches taken from the stream by this process (fault injection counts them)
         self.decode_failures = 0  # JPEGs this rank's device could not decode (data.decode_on=device)
         self.bad_in_a_row = 0
+        self.ema = ModelEma.from_config(self.cfg)  # train.ema_decay (a no-op when 0)
 
     def warn(self, message: str) -> None:
         if self.env.is_main:
@@ -106,6 +108,7 @@ class Trainer:
                 continue
             state.step += 1
             state.samples += self.settings.global_batch
+            self.ema.update(self.engine, state.step)
             window.steps += 1
             last = state.step == cfg.train.steps
             record = None
@@ -116,7 +119,7 @@ class Trainer:
             if self.objective.images_due(state.step, last):
                 self.save_picture(out.batch, state.step)
             preempted = self._preempted(out.preempted, state.step, last)
-            best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step)
+            best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step, self.ema)
             if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self.save(state)
                 self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
@@ -145,6 +148,9 @@ class Trainer:
         state, rank_state = load_state(self.ckpt, self.engine, point, universal)
         if point is not None:
             self.log(f"resumed from {point.path} at step {state.step}")
+        ema_note = self.ema.start(self.engine, point.path if point else None)
+        if ema_note:
+            self.log(ema_note)
         state.history.append([state.step, env.world_size])
         stream = resume_stream_state(point.path, (rank_state or {}).get("data"), env.world_size,
                                      cfg.data.num_workers) if point else None
@@ -278,6 +284,7 @@ class Trainer:
         gc.collect()
         self.build_engine(self.num_classes, load_universal=universal)
         saved, _ = self.ckpt.load(self.engine, path, universal=universal)
+        self.ema.start(self.engine, path)
         self.engine.train()
         state.step, state.samples = saved["step"], saved["samples"]
         state.lr_scale *= cfg.train.rollback_lr_factor
@@ -359,7 +366,8 @@ class Trainer:
     def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
                          "config": config_to_dict(self.cfg)}
-        rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures}
+        rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures,
+                      **self.ema.state_dict()}
         self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
 
     # ----- the end -----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Periodic validation during training (``train.eval_every``): top-1, top-5 and loss on ``data.val_shards``,
-written to metrics.jsonl and wandb, and ``checkpoints/best`` pointing at the checkpoint with the best top-1.
+written to metrics.jsonl and wandb, and ``checkpoints/best`` pointing at the checkpoint with the best top-1
+(``train.best_metric``: the weights' ``val_top1``, or ``val_top1_ema`` of the model EMA, which is validated too).
 
 Every rank reads a disjoint part of the held-out shards (sample i goes to rank i % world size) and the counts and
 summed losses are added over ranks, so 2 processes report what 1 process does. Under ZeRO-3 a forward pass
@@ -85,22 +86,30 @@ class PeriodicValidation:
         self.dir, self.write, self.log = Path(ckpt_dir), write, log
         self.pending: Optional[dict] = None
         info = self.dir / BEST_INFO
-        self.best = json.loads(info.read_text()).get("val_top1", -1.0) if info.is_file() else -1.0
+        self.metric = cfg.train.best_metric
+        self.best = json.loads(info.read_text()).get(self.metric, -1.0) if info.is_file() else -1.0
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.train.eval_every
         return bool(every and self.urls and self.classifier and (step % every == 0 or last))
 
-    def run(self, engine: Any, step: int) -> bool:
-        """Validate, log, and say whether this step is a new best (then it must be checkpointed)."""
-        record = validate(engine, self.urls, self.cfg.data.batch_size, self.cfg.model.img_size, self.rank,
-                          self.world_size, self.cfg.data.eval_crop_pct, self.cfg.data.label_key)
+    def run(self, engine: Any, step: int, ema: Any = None) -> bool:
+        """Validate (and the model EMA ``ema``, when enabled: val_*_ema), log, and say whether this step is a new best
+        by ``train.best_metric`` (then it must be checkpointed)."""
+        args = (self.urls, self.cfg.data.batch_size, self.cfg.model.img_size, self.rank, self.world_size,
+                self.cfg.data.eval_crop_pct, self.cfg.data.label_key)
+        record = validate(engine, *args)
+        line = f"val top-1 {100 * record['val_top1']:.2f}%, top-5 {100 * record['val_top5']:.2f}%, " \
+               f"loss {record['val_loss']:.4f}"
+        if ema is not None and ema.enabled:
+            with ema.swapped_in(engine):
+                record.update({f"{k}_ema": v for k, v in validate(engine, *args).items() if k != "val_images"})
+            line += f"; EMA top-1 {100 * record['val_top1_ema']:.2f}%"
         self.write({"step": step, **record})
-        self.log(f"step {step}: val top-1 {100 * record['val_top1']:.2f}%, top-5 {100 * record['val_top5']:.2f}%, "
-                 f"loss {record['val_loss']:.4f}")
-        if record["val_top1"] <= self.best:
+        self.log(f"step {step}: {line}")
+        if record[self.metric] <= self.best:
             return False
-        self.best, self.pending = record["val_top1"], {"step": step, **record}
+        self.best, self.pending = record[self.metric], {"step": step, **record}
         return True
 
     def saved(self, tag: str, step: int) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Union
 import torch
 
 from vitscale.data.transforms import EVAL_CROP_FRACTION
+from vitscale.distributed.checkpoint import resolve_checkpoint
+from vitscale.distributed.ema import consolidated_ema
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 from vitscale.models.embed import HybridEmbed
 from vitscale.weights.fit import encoder_of
@@ -78,11 +80,17 @@ def timm_config(enc: Any, crop_pct: float = EVAL_CROP_FRACTION) -> dict[str, Any
                                "license": "as the training data's"}}
 
 
-def export_timm(ckpt: Union[str, Path], out_dir: Union[str, Path]) -> dict[str, Any]:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns a summary."""
+def export_timm(ckpt: Union[str, Path], out_dir: Union[str, Path], ema: bool = False) -> dict[str, Any]:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (``ema``: the model EMA's weights);
+    returns a summary."""
     from safetensors.torch import save_file
 
     model, info = load_model(ckpt)
+    if ema:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in consolidated_ema(resolve_checkpoint(ckpt)).items():
+                params[name].copy_(value.view(params[name].shape))
     enc = encoder_of(model)
     config = timm_config(enc)
     eps = enc.head_norm.eps if isinstance(enc.head_norm, torch.nn.BatchNorm1d) else 0.0
