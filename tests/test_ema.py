@@ -133,7 +133,11 @@ def test_ema_is_exact_across_kill_and_resume_and_exports(tmp_path, data_cache):
         r = run_cli(["export", str(tmp_path / "straight"), str(tmp_path / name), *([flag] if flag else [])],
                     cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["export", str(tmp_path / "straight"), str(tmp_path / "timm"), "--timm", "--ema"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
     ema, plain = load_file(str(tmp_path / "ema.safetensors")), load_file(str(tmp_path / "plain.safetensors"))
+    timm_ema = load_file(str(tmp_path / "timm" / "model.safetensors"))  # the folder timm loads (local-dir:)
+    assert set(timm_ema) == set(ema) and all(torch.equal(timm_ema[k], ema[k]) for k in ema)
     assert set(ema) == set(plain) and torch.equal(ema["head.weight"].view(-1), a["head.weight"])
     assert not torch.equal(ema["head.weight"], plain["head.weight"])  # the EMA lags the weights
 
@@ -149,3 +153,27 @@ def test_plan_counts_the_ema_with_each_ranks_master_part():
     for stage, per_rank in ((0, 4 * T), (1, 4 * T // 8), (2, 4 * T // 8), (3, 4 * T // 8)):
         assert on.row(stage).optimizer - off.row(stage).optimizer in (per_rank, per_rank + 1), stage
     assert on.row(2, True).cpu_per_node - off.row(2, True).cpu_per_node == pytest.approx(4 * 4 * T / 8, abs=4)
+
+
+@pytest.mark.slow
+def test_validation_reports_the_ema_picks_best_by_it_and_restores_the_weights(tmp_path, data_cache):
+    """ZeRO-3 on 2 processes with periodic validation: each evaluation reports val_top1_ema beside val_top1,
+    checkpoints/best follows val_top1_ema (train.best_metric), and the EMA swapped in for its evaluation is swapped
+    out again: the run's final evaluation of the weights equals the last periodic val_top1."""
+    import json
+
+    from vitscale.logging.metrics import read_metrics
+
+    r = deepspeed_cli(2, 29100 + os.getpid() % 400, train_args(
+        tmp_path, "v", data_cache, "engine.zero_stage=3", "train.steps=4", "train.eval_every=2", "train.ckpt_every=4",
+        "train.keep_last=0", "train.best_metric=val_top1_ema", *EMA), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    records = read_metrics(tmp_path / "v" / "metrics.jsonl")
+    periodic = [x for x in records if "val_top1_ema" in x]
+    assert [x["step"] for x in periodic] == [2, 4]
+    assert all(0 <= x["val_top1_ema"] <= 1 and x["val_images"] > 0 for x in periodic)
+    best = json.loads((tmp_path / "v" / "checkpoints" / "best.json").read_text())
+    assert best["val_top1_ema"] == max(x["val_top1_ema"] for x in periodic)
+    final = [x for x in records if "val_acc" in x][-1]
+    # the same images through the same (restored) weights: the same count of correct answers
+    assert final["val_acc"] == pytest.approx(periodic[-1]["val_top1"], abs=0.5 / final["val_images"])
