@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import deepspeed_cli, run_cli, train_args
-from vitscale.config import ConfigError, load_config
+from vitscale.config.load import load_config
+from vitscale.errors import ConfigError
 from vitscale.distributed.ema import consolidated_ema, ema_decay_at
 
 EMA = ["train.ema_decay=0.6", "train.ema_warmup=true", "train.precision=fp32", "data.global_batch_size=32"]
