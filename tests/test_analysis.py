@@ -256,7 +256,7 @@ def test_loader_roundtrip_safetensors_and_checkpoint_dir(tmp_path):
     assert torch.allclose(loaded(x), ref, atol=1e-5)
     assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
     assert info["num_classes"] == 10 and info["grid_size"] == [8, 8] and info["step"] == 7
-    assert info["pos_embed_type"] == "learn" and not info["is_mae"] and not info["is_hybrid"]
+    assert info["pos_embed_type"] == "learn" and info["objective"] == "supervised" and not info["is_hybrid"]
     # a (ZeRO-0 layout) run directory: model states + trainer_state.json + COMPLETE + latest
     ck = tmp_path / "run" / "checkpoints" / "step_00000003"
     ck.mkdir(parents=True)
@@ -272,7 +272,7 @@ def test_loader_roundtrip_safetensors_and_checkpoint_dir(tmp_path):
     # MAE encoder-only export -> plain ViT with sin-cos table and no head
     mae = create_model("mae_vit_micro_patch4", img_size=32).eval()
     enc, info3 = load_model_for_analysis(save_export(mae.encoder, tmp_path / "e.safetensors", "mae", "encoder"))
-    assert info3["pos_embed_type"] == "sincos" and info3["num_classes"] == 0 and not info3["is_mae"]
+    assert info3["pos_embed_type"] == "sincos" and info3["num_classes"] == 0 and info3["part"] == "encoder"
     assert torch.allclose(enc.forward_features(x), mae.encoder.forward_features(x), atol=1e-5)
 
 

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import f32_approx
 from vitscale.models import MaskedAutoencoderViT, VisionTransformer, create_model, list_models
-from vitscale.models.flops import count_params, forward_flops
+from vitscale.models.flops import forward_flops
+from vitscale.models.registry import count_params
 from vitscale.models.layers import Attention, DropPath
 from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 

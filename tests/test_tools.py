@@ -11,7 +11,7 @@ from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.plan import activation_bytes, model_shape, plan_memory
 from vitscale.bench.plot import plot_run
 from vitscale.config.load import load_config
-from vitscale.models.flops import count_params
+from vitscale.models.registry import count_params
 
 TITLES = ["loss", "learning rate", "throughput", "MFU", "data wait"]
 

@@ -119,7 +119,7 @@ def test_mae_release_format_into_an_avg_pool_classifier(tmp_path):
     assert torch.equal(model.fc_norm.weight, torch.ones(64))  # fresh LayerNorm, as MAE fine-tuning starts it
     # the same file as an MAE model for analysis: the loader maps the release's keys too
     loaded, info = load_model(tmp_path / "mae_pretrain.pth", model_name="mae_vit_micro_patch4")
-    assert info["is_mae"]
+    assert info["objective"] == "mae" and info["part"] == "full"  # adopted as the MAE it is, decoder included
     assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
 
 

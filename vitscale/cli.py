@@ -11,11 +11,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from vitscale.config.load import load_config
 from vitscale.errors import VitscaleError
 
 
 def _train(args: argparse.Namespace) -> int:
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+        # What follows imports PyTorch, DeepSpeed and the model code: ~10 s, and 60-70 s on the first run after an
+        # install (bytecode compiled, DeepSpeed's op builders probed); without this line the wait is silent.
+        print(f"vitscale train: checking {args.config} and loading PyTorch and DeepSpeed (up to a minute on the "
+              f"first run after an install)", flush=True)
+    from vitscale.config.load import load_config
     from vitscale.config.resolve import resolve
     from vitscale.distributed.env import detect_env
 
@@ -107,8 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interleaved(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """argparse fills a ``nargs="*"`` positional (key=value overrides, a sweep's grid) from one run of arguments
+    only: ``sweep --config C a=1 --seeds 2 b=2`` leaves ``b=2`` over. Such leftovers join that positional, in
+    order; what remains (unknown options) is returned."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subparsers.choices[args.command]
+    rest = [a for a in sub._actions if not a.option_strings and a.nargs == "*"]
+    if not rest:
+        return extra
+    values = getattr(args, rest[0].dest)
+    values.extend(x for x in extra if not x.startswith("-"))
+    return [x for x in extra if x.startswith("-")]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    extra = _interleaved(parser, args, extra)
     # Launchers may also append --local_rank after the subcommand; accept it there too.
     for item in list(extra):
         if item.startswith(("--local_rank", "--local-rank")):

@@ -6,13 +6,10 @@ from vitscale.analysis.filters import patch_filter_pca
 from vitscale.analysis.pos_embed import pos_embed_similarity
 
 __all__ = ["attention_rollout", "mean_attention_distance", "patch_distance_matrix", "rollout_to_patches",
-           "patch_filter_pca", "pos_embed_similarity", "load_model_for_analysis", "analyze"]
+           "patch_filter_pca", "pos_embed_similarity", "analyze"]
 
 
 def __getattr__(name):  # matplotlib and the models only when used: `import vitscale.analysis` stays torch-light
-    if name == "load_model_for_analysis":
-        from vitscale.analysis.load import load_model_for_analysis
-        return load_model_for_analysis
     if name == "analyze":
         from vitscale.analysis.run import analyze
         return analyze

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--head", type=int, default=0, help="head for the per-layer raw attention maps (default 0)")
     a.add_argument("--discard-ratio", type=float, default=0.0,
                    help="rollout: drop this fraction of the weakest attention weights per layer (default 0)")
-    a.add_argument("--mask-ratio", type=float, default=0.75, help="MAE reconstructions: fraction of patches hidden")
+    a.add_argument("--mask-ratio", type=float, default=None,
+                   help="masked-image reconstructions: fraction of patches hidden (default: the run's own)")
     a.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="MAE: whether the model predicts per-patch normalised pixels (default: from the checkpoint)")
     a.add_argument("--num-filters", type=int, default=28, help="principal components of the patch filters to draw")

@@ -20,11 +20,10 @@ from vitscale.analysis.attention import (mean_attention_distance_layer, patch_di
                                          query_attention_to_patches, rollout_step, rollout_to_patches)
 from vitscale.analysis.filters import patch_filter_pca
 from vitscale.analysis.images import load_images
-from vitscale.weights import encoder_of
-from vitscale.weights.load import DEFAULT_NORM_PIX_LOSS, load_model
+from vitscale.weights.load import load_model
 from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
 from vitscale.pixels import denormalize, normalize
-from vitscale.logging.images import mae_panels, prediction_to_pixels, save_mae_grid
+from vitscale.objectives import OBJECTIVES, objective_class
 from vitscale.models.vit import VisionTransformer
 
 HYBRID_FILTERS_NOTE = ("not applicable to hybrid models: the first layer is the ResNet stem's 7x7 stride-2 "
@@ -34,7 +33,9 @@ HYBRID_DISTANCE_NOTE = ("hybrid model: distances are between token centres on th
                         "one token every {stride} pixels (the stem's effective stride); each token already sees a "
                         "receptive field much larger than {stride} pixels, so these distances understate the "
                         "spatial reach of attention")
-SECTIONS = ("rollout", "layers", "distance", "pos_embed", "filters", "mae")
+# What analyze computes for every ViT, then what the objectives add (each objective's ``analysis_section``).
+SECTIONS = ("rollout", "layers", "distance", "pos_embed", "filters") + tuple(
+    cls.analysis_section for cls in OBJECTIVES.values() if cls.analysis_section)
 NO_CLS_NOTE = "the model has no [CLS] token: maps show the mean over all patch queries instead of the [CLS] row"
 
 
@@ -78,23 +79,6 @@ def attention_pass(enc: VisionTransformer, x: torch.Tensor, head: Optional[int],
         del attn
     return {"rollout": rollout_to_patches(rollout, npt, grid, has_cls=enc.has_class_token).cpu(),
             "distance": torch.stack(dist), "layer_maps": torch.stack(layer_maps)}
-
-
-@torch.no_grad()
-def mae_reconstruct(model, x: torch.Tensor, mask_ratio: float, norm_pix_loss: bool, seed: int = 0
-                    ) -> dict[str, torch.Tensor]:
-    """Mask and reconstruct normalised images ``x``. Returns the four ``panels`` per image (B, 4, 3, H, W) in
-    [0, 1] (original, masked with hidden patches grey, prediction, prediction + visible), per-image ``mse`` on the
-    hidden patches (normalised pixel units) and the model's own ``loss``. The norm-pix un-normalisation and the
-    panels are the trainer's (:mod:`vitscale.logging.images`)."""
-    torch.manual_seed(seed)
-    if x.is_cuda:
-        torch.cuda.manual_seed(seed)
-    loss, pred, mask = model(x, mask_ratio=mask_ratio)
-    pixels = prediction_to_pixels(model, x, pred, norm_pix_loss)
-    per_patch = ((pixels - model.patchify(x)) ** 2).mean(dim=-1)
-    mse = (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return {"panels": mae_panels(model, x, pred, mask, norm_pix_loss, hidden_fill=0.5), "mse": mse, "loss": loss}
 
 
 def _grid_summary(m: torch.Tensor) -> dict[str, Any]:
@@ -163,7 +147,7 @@ def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Pa
     """Load the model and the images (resized to the model's input, normalised as in training)."""
     dev = resolve_device(device)
     model, info = load_model(path, device=dev, model_name=model_name)
-    enc = encoder_of(model)
+    enc = objective_class(info["objective"]).encoder(model)
     if not 0 <= head < enc.num_heads:
         raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")
     imgs_u8, names = load_images(list(images), tuple(enc.patch_embed.img_size))
@@ -255,40 +239,15 @@ def _filters(run: _Run, num_filters: int) -> dict[str, Any]:
             "cumulative_ratio": pca.explained_variance_ratio.cumsum(0).tolist()}
 
 
-# ----- MAE reconstructions ------------------------------------------------------------------------------------
-def _mae(run: _Run, mask_ratio: float, seed: int, norm_pix_loss: Optional[bool]) -> Optional[dict[str, Any]]:
-    """Reconstructions of an MAE with its decoder; a note for an encoder-only MAE export; None otherwise."""
-    info = run.info
-    if not info["is_mae"]:
-        if info["objective"] != "mae":
-            return None
-        res = {"skipped": "encoder-only export: the decoder is needed (export with --full, or pass the "
-                          "checkpoint directory)"}
-        run.note("MAE reconstruction skipped: " + res["skipped"])
-        return res
-    npl = norm_pix_loss if norm_pix_loss is not None else info["norm_pix_loss"]
-    if npl is None:
-        npl = DEFAULT_NORM_PIX_LOSS
-        run.note(f"the file does not record objective.norm_pix_loss; assuming {npl} (override with "
-                 f"--norm-pix-loss/--no-norm-pix-loss)")
-    rec = mae_reconstruct(run.model, run.x, mask_ratio, npl, seed)
-    mse = [float(v) for v in rec["mse"]]
-    how = "per-patch mean/var of the original restored" if npl else "pixels predicted directly"
-    run.wrote(save_mae_grid(rec["panels"], run.out / "mae_reconstruction.png",
-                            f"MAE reconstruction, mask ratio {mask_ratio} (seed {seed}; {how})\n{run.label}",
-                            names=run.names, mse=mse, mask_ratio=mask_ratio))
-    return {"mask_ratio": mask_ratio, "seed": seed, "norm_pix_loss": bool(npl),
-            "masked_mse": dict(zip(run.names, mse)), "model_loss": float(rec["loss"])}
-
-
 def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out: Union[str, Path] = "analysis",
-            head: int = 0, discard_ratio: float = 0.0, mask_ratio: float = 0.75, device: str = "auto",
+            head: int = 0, discard_ratio: float = 0.0, mask_ratio: Optional[float] = None, device: str = "auto",
             seed: int = 0, model_name: Optional[str] = None, num_filters: int = 28,
             norm_pix_loss: Optional[bool] = None, only: Optional[Sequence[str]] = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every analysis that applies to the model at ``path``; write PNGs and ``analysis.json`` to ``out``.
 
-    ``only``: a subset of ``SECTIONS`` (rollout, layers, distance, pos_embed, filters, mae); default all.
+    ``only``: a subset of ``SECTIONS`` (rollout, layers, distance, pos_embed, filters, and the objectives' own
+    sections, e.g. MAE reconstructions); default all. ``mask_ratio`` None: the run's own.
     Returns the JSON document (also written). ``log`` gets one line per file written and per note.
     """
     todo = _sections(only)
@@ -305,9 +264,11 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
         doc["pos_embed"] = _pos_embed(run)
     if "filters" in todo:
         doc["filters"] = _filters(run, num_filters)
-    mae = _mae(run, mask_ratio, seed, norm_pix_loss) if "mae" in todo else None
-    if mae is not None:
-        doc["mae"] = mae
+    objective = objective_class(run.info["objective"])
+    if objective.analysis_section and objective.analysis_section in todo:
+        section = objective.analyze(run, mask_ratio, seed, norm_pix_loss)
+        if section is not None:
+            doc[objective.analysis_section] = section
     doc["notes"] = run.notes
     doc["files"] = [Path(f).name for f in run.files]
     (out / "analysis.json").write_text(json.dumps(doc, indent=1))

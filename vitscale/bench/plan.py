@@ -45,7 +45,7 @@ from vitscale.config.schema import Config
 from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models.layers import checkpoint_count
 from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
-from vitscale.objectives import build_model  # the one model factory: same model as training
+from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
@@ -66,17 +66,17 @@ class Stack:
 @dataclass
 class ModelShape:
     name: str
-    kind: str  # "vit" | "mae"
+    objective: str  # objective.name: what the step computes around the blocks
     params: int  # every parameter (frozen ones included: they are cast and stored too)
     trainable: int  # parameters with gradients and optimizer state
     small_params: int  # parameters in tensors below ZeRO-3's persistence threshold
     stacks: list[Stack]
     img_size: int
     in_chans: int
-    patches: int
-    patch_dim: int  # p * p * channels (MAE targets)
-    num_classes: int
-    global_pool: str
+    num_classes: int  # of the head (0: the objective trains no classifier)
+    # Activation bytes one image keeps outside the blocks (the objective's loss, norms, head), by bytes per
+    # element of the compute dtype (2 or 4): Objective.outside_blocks_bytes, which is linear in the batch.
+    outside_bytes: dict[int, int] = field(default_factory=dict)
     hybrid: bool = False
     sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
 
@@ -99,9 +99,8 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
     common = dict(sizes=sizes, params=sum(p.numel() for p in ps),
                   trainable=sum(p.numel() for p in ps if p.requires_grad),
                   small_params=sum(p.numel() for p in ps if p.numel() < threshold), img_size=cfg.model.img_size)
-    enc = getattr(model, "encoder", model)
-    patches = enc.patch_embed.num_patches
-    npt = enc.num_prefix_tokens
+    objective = objective_for(cfg)
+    enc = objective.encoder(model)
     hybrid = hasattr(enc.patch_embed, "backbone")  # HybridEmbed: a ResNet stem before the projection
 
     def stack(name, blocks, tokens):
@@ -109,17 +108,10 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
         return Stack(name, len(blocks), tokens, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
                      blk.attn.num_heads, sum(p.numel() for p in blk.parameters()))
 
-    if hasattr(model, "decoder_blocks"):
-        keep = int(patches * (1 - cfg.objective.mask_ratio))
-        stacks = [stack("encoder", enc.blocks, keep + npt)]
-        if len(model.decoder_blocks):
-            stacks.append(stack("decoder", model.decoder_blocks, patches + npt))
-        pd = model.patch_size ** 2 * model.in_chans
-        return ModelShape(cfg.model.name, "mae", stacks=stacks, in_chans=model.in_chans, patches=patches,
-                          patch_dim=pd, num_classes=0, global_pool="token", hybrid=hybrid, **common)
-    return ModelShape(cfg.model.name, "vit", stacks=[stack("blocks", model.blocks, patches + npt)],
-                      in_chans=model.in_chans, patches=patches, patch_dim=0, num_classes=model.num_classes,
-                      global_pool=model.global_pool, hybrid=hybrid, **common)
+    stacks = [stack(*spec) for spec in objective.block_stacks(model)]
+    outside = {b: objective.outside_blocks_bytes(model, stacks, 1, b) for b in (2, 4)}
+    return ModelShape(cfg.model.name, cfg.objective.name, stacks=stacks, in_chans=enc.in_chans,
+                      num_classes=getattr(model, "num_classes", 0), outside_bytes=outside, hybrid=hybrid, **common)
 
 
 # ----- activations ---------------------------------------------------------------------------------------------
@@ -156,20 +148,7 @@ def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: Union[boo
         [f - i for n, i, f in zip(ckpt, inputs, full) if n > 0], default=0)
     blocks = max(saved, recompute)
     other = B * shape.in_chans * S * S * (1 + b)  # uint8 batch on the device + the images in compute dtype
-    if shape.kind == "mae":
-        enc, dec = shape.stacks[0], shape.stacks[-1]
-        other += 2 * B * enc.tokens * enc.dim * b  # encoder norm: input and output (decoder_embed's input)
-        if len(shape.stacks) > 1:
-            other += 2 * B * dec.tokens * dec.dim * b  # decoder norm: input and output (decoder_pred's input)
-        other += 8 * B * shape.patches * shape.patch_dim  # fp32 target and fp32 (pred - target) of the loss
-        other += 24 * B * shape.patches  # ids_shuffle/ids_restore (int64), mask (fp32, twice)
-    else:
-        st = shape.stacks[0]
-        if shape.global_pool == "token":
-            other += 2 * B * st.tokens * st.dim * b  # final norm: its input, and its output kept by the [CLS] view
-        else:
-            other += 2 * B * st.dim * b  # pooled features and fc_norm output
-        other += B * shape.num_classes * (b + 4)  # logits and the fp32 log-softmax of the loss
+    other += B * shape.outside_bytes[b]  # the objective's: loss, final norms, head
     transient = max(B * st.tokens * st.mlp * b for st in shape.stacks)
     return {"blocks": int(blocks), "other": int(other), "transient": int(transient)}
 
@@ -316,8 +295,9 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
                 {"no_ckpt": act, "ckpt": act_ckpt})
     plan.blocks = sum(st.depth for st in shape.stacks)
     plan.ckpt_blocks = sum(checkpointed_blocks(shape, ckpt_setting))
-    if shape.kind == "vit":  # a classifier (supervised); an MAE has no head
-        plan.notes.append(f"classifier head: {classes} classes ({source})")
+    if shape.num_classes:  # a classifier head
+        fixed = shape.num_classes != classes  # the objective sets its own head (not the data's classes)
+        plan.notes.append(f"classifier head: {shape.num_classes} classes ({'the objective' if fixed else source})")
     if shape.hybrid:
         plan.notes.append("hybrid ResNet stem: its activations are not modelled (the plan is low)")
     usable = (gpu_mem_gb - reserve_gb) * GB

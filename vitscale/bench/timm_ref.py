@@ -13,6 +13,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vitscale.models.mae import tokens_kept
+
 
 _ln = partial(nn.LayerNorm, eps=1e-6)  # timm passes device/dtype keywords to its norm layer
 
@@ -68,7 +70,7 @@ class TimmBlockMAE(nn.Module):
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float):
         N, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
+        len_keep = tokens_kept(L, mask_ratio)
         noise = torch.rand(N, L, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)

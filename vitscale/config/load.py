@@ -15,6 +15,7 @@ import yaml
 
 from vitscale.config.schema import Config, choices
 from vitscale.errors import ConfigError
+from vitscale.objectives import objective_class
 from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
 
 
@@ -225,6 +226,7 @@ def check_consistency(cfg: Config) -> None:
     _check_model(cfg)
     _check_ds_config(cfg.engine.ds_config)
     check_optim(cfg)
+    objective_class(cfg.objective.name).check_config(cfg)  # the objective's own rules (and whether it exists)
 
 
 def _check_length(cfg: Config) -> None:
@@ -255,8 +257,6 @@ def _check_ema(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
-    if not m.class_token and m.global_pool == "token" and cfg.objective.name == "supervised":
-        raise ConfigError("model.class_token=false leaves no [CLS] token to classify from: set model.global_pool=avg")
     for key in ("mlp_ratio", "decoder_mlp_ratio", "init_values"):
         value = getattr(m, key)
         if value is not None and value <= 0:

@@ -87,7 +87,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # "supervised" (classification with labels) or "mae" (masked autoencoder).
+    # "supervised" (classification with labels) or "mae" (masked autoencoder): a name in
+    # vitscale.objectives.OBJECTIVES, or the import path of an Objective subclass ("package.module:Class").
     name: str = "supervised"
     # MAE: fraction of patches hidden from the encoder.
     mask_ratio: float = 0.75
@@ -292,7 +293,6 @@ def choices() -> dict[str, tuple[Any, ...]]:
         "model.pos_embed": ("learn", "sincos", "none"),
         "data.decode_on": ("worker", "device"),
         "optim.name": ("adamw", "sgd", "lars"),
-        "objective.name": ("supervised", "mae"),
         "train.precision": ("bf16", "fp16", "fp32"),
         "train.best_metric": ("val_top1", "val_top1_ema"),
         "engine.zero_stage": (0, 1, 2, 3),

@@ -30,6 +30,7 @@ from vitscale.distributed import engine as eng
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
+from vitscale.objectives import objective_class
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -249,8 +250,9 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     """Consolidate sharded weights into one fp32 safetensors file with timm-compatible keys (``ema``: the model
     EMA's weights for every trained parameter, see :mod:`vitscale.distributed.ema`).
 
-    MAE checkpoints export the encoder alone by default (what downstream use needs); `full` keeps the decoder.
-    The run's model/objective config travels in the file's metadata so eval/analyze can rebuild the model.
+    The objective decides which part is written (``Objective.export_part``: an MAE its encoder alone, what
+    downstream use needs, unless ``full``). The run's model and objective config travel in the file's metadata
+    so eval/analyze can rebuild the model.
     """
     from safetensors.torch import save_file
 
@@ -259,11 +261,10 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     sd = eng.consolidated_state_dict(path)
     if ema:
         sd.update({k: v.view(sd[k].shape) for k, v in consolidated_ema(path).items()})
-    objective = state["config"]["objective"]["name"]
-    if objective == "mae" and not full:
-        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective,
-            "vitscale_part": "full" if (full or objective != "mae") else "encoder", "step": str(state["step"])}
+    objective = state["config"]["objective"]
+    sd, part = objective_class(objective["name"]).export_part(sd, full)
+    meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective["name"],
+            "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"])}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out), metadata=meta)

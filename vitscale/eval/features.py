@@ -20,7 +20,8 @@ from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
 from vitscale.models.vit import VisionTransformer
 from vitscale.pixels import normalize
-from vitscale.weights import encoder_of, load_model
+from vitscale.objectives import objective_class
+from vitscale.weights import load_model
 
 POOLS = ("model", "token", "avg")
 
@@ -67,7 +68,7 @@ def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     model, info = load_model(path, device=device, model_name=model_name)
-    encoder = encoder_of(model)
+    encoder = objective_class(info["objective"]).encoder(model)
     if random_init:
         reinit_(encoder, seed)
     info = {**info, "init": "random" if random_init else "trained", "init_seed": seed if random_init else None,

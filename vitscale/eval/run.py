@@ -21,6 +21,7 @@ from vitscale.eval.features import (check_labels, data_specs, extract_features, 
 from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
+from vitscale.objectives import objective_class
 
 EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
 # Fine-tuning is a mode of `vitscale train` (one training loop: ZeRO, resume, validation, augmentation).
@@ -219,7 +220,7 @@ def _probes(s: _Session, probes: list[str]) -> None:
     variants = {s.label: s.model}
     if s.opts.with_random_init:
         variants["random init"] = reinit_(copy.deepcopy(s.model), s.opts.seed)
-    pool = s.opts.pool if s.opts.pool != "auto" else ("avg" if s.info["objective"] == "mae" else "model")
+    pool = s.opts.pool if s.opts.pool != "auto" else objective_class(s.info["objective"]).probe_pool
     results: dict[str, dict[str, Any]] = {p: {} for p in probes}
     sizes: dict[str, int] = {}
     for variant, model in variants.items():

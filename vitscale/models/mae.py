@@ -11,9 +11,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from vitscale.models.flops import blocks_flops, linear_flops, num_patches, vit_flops
 from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import sincos_2d
 from vitscale.models.vit import VisionTransformer, mlp_hidden
+
+
+def tokens_kept(num_patches: int, mask_ratio: float) -> int:
+    """Patches the encoder sees per image: the one formula (the masking, FLOPs, the planner, the benchmarks)."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -111,7 +117,7 @@ class MaskedAutoencoderViT(nn.Module):
         The noise comes from ``torch.rand`` on x's device, so the global RNG drives it.
         """
         B, L, D = x.shape
-        len_keep = int(L * (1 - mask_ratio))
+        len_keep = tokens_kept(L, mask_ratio)
         noise = torch.rand(B, L, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -173,3 +179,18 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+    # ----- cost ----------------------------------------------------------------------------------------------
+    def forward_flops(self, img_size: Optional[tuple[int, int]] = None, mask_ratio: Optional[float] = None) -> int:
+        """Forward FLOPs per image: the encoder on the kept patches (+ prefix tokens), the decoder on all of them;
+        ``mask_ratio`` defaults to the model's own."""
+        enc = self.encoder
+        size = img_size or enc.patch_embed.img_size
+        n = num_patches(enc, size)
+        keep = tokens_kept(n, self.mask_ratio if mask_ratio is None else mask_ratio)
+        npt, dd = self.num_prefix_tokens, self.decoder_embed_dim
+        total = vit_flops(enc, size, visible=keep, with_head=False)
+        total += linear_flops(keep + npt, enc.embed_dim, dd)  # decoder_embed
+        total += blocks_flops(n + npt, dd, self.decoder_num_heads, self.decoder_mlp_hidden_dim, self.decoder_depth)
+        p = enc.patch_embed.patch_size
+        return int(total + linear_flops(n + npt, dd, p[0] * p[1] * self.in_chans))  # decoder_pred

@@ -14,6 +14,7 @@ import fnmatch
 import re
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from vitscale.models.mae import MaskedAutoencoderViT
@@ -100,3 +101,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         return VisionTransformer(**{**args, **overrides})
     mae_args = {**MAE_DECODER, **MAE_DECODER_OVERRIDES.get(size, {})}
     return MaskedAutoencoderViT(**{**args, **mae_args, **overrides})
+
+
+def count_params(name: str, trainable_only: bool = False, **kwargs: Any) -> int:
+    """Parameter count of a registered model, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

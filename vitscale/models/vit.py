@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vitscale.models.embed import HybridEmbed, PatchEmbed
+from vitscale.models.flops import vit_flops
 from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import resize_pos_embed, sincos_2d
 
@@ -204,3 +205,10 @@ class VisionTransformer(nn.Module):
             x, attn = blk(x, return_attn=True)
             maps.append(attn)
         return maps
+
+    # ----- cost ----------------------------------------------------------------------------------------------
+    def forward_flops(self, img_size: Optional[tuple[int, int]] = None, mask_ratio: Optional[float] = None) -> int:
+        """Analytic forward FLOPs per image at ``img_size`` (default: the model's); see :mod:`vitscale.models.flops`."""
+        if mask_ratio is not None:
+            raise ValueError("mask_ratio applies to MAE models only")
+        return int(vit_flops(self, img_size or self.patch_embed.img_size))

@@ -1,5 +1,5 @@
-"""Objectives: each owns what differs between MAE and supervised training (model, FLOPs, loss and metrics,
-held-out evaluation, pictures); see :mod:`vitscale.objectives.base`. They know models, not engines or ranks.
+"""Objectives: each owns what differs between MAE and supervised training (config rules, model, FLOPs, loss and
+metrics, held-out evaluation, pictures, export, rebuilding from weights, probes, planning); see :mod:`vitscale.objectives.base`. They know models, not engines or ranks.
 
     objective = objective_for(cfg)
     model = objective.build_model(num_classes)       # or build_model(cfg, num_classes)
@@ -8,21 +8,60 @@ held-out evaluation, pictures); see :mod:`vitscale.objectives.base`. They know m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import importlib
+from typing import Any, Optional
 
 from torch import nn
 
 from vitscale.config.schema import Config, ModelConfig
+from vitscale.errors import ConfigError
 from vitscale.objectives.base import MODEL_KWARGS, Objective, Picture, model_kwargs
 from vitscale.objectives.mae import MAE
 from vitscale.objectives.supervised import Supervised
 
+# The built-in objectives by ``objective.name``. A new objective is one file: its class (an ``Objective`` subclass)
+# is either added here, registered at run time (:func:`register`), or named by import path in the config
+# (``objective.name: my_package.my_module:MyObjective``), which also reaches every process a launcher starts.
 OBJECTIVES: dict[str, type[Objective]] = {"supervised": Supervised, "mae": MAE}
+# What a weights file without vitscale metadata (a timm state dict) is trained for, unless an objective adopts it.
+DEFAULT_OBJECTIVE = "supervised"
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Make ``cls`` available as ``objective.name: <cls.name>`` in this process (usable as a class decorator)."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The class ``objective.name`` names: a registered name or ``package.module:Class`` (one-line ConfigError)."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"objective.name={name!r} cannot be imported ({e})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise ConfigError(f"objective.name={name!r} is not a vitscale.objectives.Objective subclass")
+        return cls
+    raise ConfigError(f"config key 'objective.name' got {name!r}, expected one of {', '.join(OBJECTIVES)} "
+                      f"(or an import path package.module:Class)")
 
 
 def objective_for(cfg: Config) -> Objective:
     """The objective named by ``objective.name``, configured by ``cfg``."""
-    return OBJECTIVES[cfg.objective.name](cfg)
+    return objective_class(cfg.objective.name)(cfg)
+
+
+def objective_of_weights(state_dict: dict[str, Any]) -> tuple[type[Objective], dict[str, Any]]:
+    """(objective class, state dict in its key layout) for weights that do not say what trained them."""
+    for cls in OBJECTIVES.values():
+        adopted = cls.adopt(state_dict)
+        if adopted is not None:
+            return cls, adopted
+    return OBJECTIVES[DEFAULT_OBJECTIVE], state_dict
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -35,17 +74,18 @@ TRAINING_ONLY = {"drop_path": 0.0, "drop_rate": 0.0, "attn_drop_rate": 0.0, "pro
                  "grad_checkpointing": False}
 
 
-def build_saved_model(model_cfg: dict[str, Any], objective: str = "supervised", num_classes: int = 0,
-                      norm_pix_loss: bool = True) -> nn.Module:
+def build_saved_model(model_cfg: dict[str, Any], objective: str = DEFAULT_OBJECTIVE, num_classes: int = 0,
+                      objective_cfg: Optional[dict[str, Any]] = None) -> nn.Module:
     """:func:`build_model` for a saved ``model`` config section (a checkpoint's trainer_state.json, an exported
-    file's metadata). Keys this version does not know are ignored, missing ones take their defaults, and the
-    training-only regularisers are off (:data:`TRAINING_ONLY`)."""
+    file's metadata) and its saved ``objective`` section. Keys this version does not know are ignored, missing ones
+    take their defaults, and the training-only regularisers are off (:data:`TRAINING_ONLY`)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = ModelConfig(**{k: v for k, v in model_cfg.items() if k in known})
     cfg = Config(model=dataclasses.replace(model, **TRAINING_ONLY))
-    cfg.objective.name, cfg.objective.norm_pix_loss = objective, norm_pix_loss
+    saved = {k: v for k, v in (objective_cfg or {}).items() if v is not None and k != "name" and hasattr(cfg.objective, k)}
+    cfg.objective = dataclasses.replace(cfg.objective, **saved, name=objective)
     return build_model(cfg, num_classes)
 
 
-__all__ = ["MODEL_KWARGS", "OBJECTIVES", "Objective", "Picture", "build_model", "build_saved_model", "model_kwargs",
-           "objective_for"]
+__all__ = ["DEFAULT_OBJECTIVE", "MODEL_KWARGS", "OBJECTIVES", "Objective", "Picture", "build_model", "build_saved_model",
+           "model_kwargs", "objective_class", "objective_for", "objective_of_weights", "register"]

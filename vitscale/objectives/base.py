@@ -50,8 +50,72 @@ class Objective(abc.ABC):
     name = ""
     classifies = False  # trains a classifier on labels (fine-tuning augmentation and periodic validation need one)
 
+    # Features a frozen-feature probe (``vitscale eval``, ``--pool auto``) reads: "model" (the model's own
+    # pre-logits: [CLS] or mean, then its norm) or "avg" (mean of the final normalised patch tokens).
+    probe_pool = "model"
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    # ----- the config (called by config.load.load_config: one line, before anything is written) ---------------
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError if ``cfg`` cannot train this objective (cross-key rules only it knows)."""
+
+    # ----- a trained model outside its run: export, rebuilding from weights, pictures for analysis -------------
+    @classmethod
+    def export_part(cls, state_dict: dict[str, torch.Tensor], full: bool) -> tuple[dict[str, torch.Tensor], str]:
+        """(tensors, part name) that ``vitscale export`` writes: the whole model unless the objective trains
+        parts that downstream use does not need (``full`` keeps everything)."""
+        return state_dict, "full"
+
+    @classmethod
+    def adopt(cls, state_dict: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+        """For weights without vitscale metadata: the state dict in this objective's key layout if they are this
+        objective's model (e.g. a released checkpoint of it), else None."""
+        return None
+
+    @classmethod
+    def rebuild(cls, build: Callable[[int], nn.Module], state_dict: dict[str, torch.Tensor], part: str
+                ) -> nn.Module:
+        """The model ``state_dict`` (this objective's ``part``) loads into. ``build(num_classes)`` makes the
+        run's model from its saved config (on the meta device); by default a classifier sized by its head."""
+        head = state_dict.get("head.weight")
+        return build(int(head.shape[0]) if head is not None else 0)
+
+    @staticmethod
+    def encoder(model: nn.Module) -> nn.Module:
+        """The ViT that sees the images (what probes, attention maps and robustness read)."""
+        return model
+
+    # The section ``vitscale analyze`` adds for this objective's models ("": none) and its options' defaults.
+    analysis_section = ""
+
+    @classmethod
+    def analyze(cls, run: Any, mask_ratio: Optional[float], seed: int, norm_pix_loss: Optional[bool]
+                ) -> Optional[dict[str, Any]]:
+        """The :attr:`analysis_section` of analysis.json. ``run`` is the analysis in progress: ``model``,
+        ``info`` (from ``vitscale.weights.load_model``), ``x`` (normalised images on the model's device),
+        ``names``, ``out``, ``label``, ``note(text)`` and ``wrote(path)``. None: nothing applies."""
+        return None
+
+    # ----- planning: how the transformer blocks see tokens, and what the step keeps outside them ---------------
+    def block_stacks(self, model: nn.Module) -> list[tuple[str, Any, int]]:
+        """(name, blocks, tokens per image) for each stack of transformer blocks one training step runs."""
+        enc = self.encoder(model)
+        return [("blocks", enc.blocks, enc.patch_embed.num_patches + enc.num_prefix_tokens)]
+
+    def outside_blocks_bytes(self, model: nn.Module, stacks: list, batch: int, b: int) -> int:
+        """Activation bytes a micro-batch of ``batch`` keeps outside the blocks (besides the input images) for
+        backward; ``stacks`` are the planner's (``.tokens``, ``.dim``), ``b`` bytes per compute element.
+        By default a classifier: the final norm (all tokens for [CLS] pooling, else the pooled features) and
+        the logits with their fp32 log-softmax."""
+        st = stacks[0]
+        if getattr(model, "global_pool", "token") == "token":
+            out = 2 * batch * st.tokens * st.dim * b  # final norm: its input, and its output kept by the [CLS] view
+        else:
+            out = 2 * batch * st.dim * b  # pooled features and fc_norm output
+        return out + batch * getattr(model, "num_classes", 0) * (b + 4)
 
     def check_data(self, num_classes: int) -> None:
         """Raise if the training data cannot serve this objective (called before anything is written)."""

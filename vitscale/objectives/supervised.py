@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitscale.config.schema import Config
+from vitscale.errors import ConfigError
 from vitscale.models import create_model
 from vitscale.models.flops import forward_flops
 from vitscale.objectives.base import Objective, model_kwargs
@@ -15,6 +17,13 @@ from vitscale.objectives.base import Objective, model_kwargs
 class Supervised(Objective):
     name = "supervised"
     classifies = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        m = cfg.model
+        if not m.class_token and m.global_pool == "token":
+            raise ConfigError("model.class_token=false leaves no [CLS] token to classify from: set "
+                              "model.global_pool=avg")
 
     def check_data(self, num_classes: int) -> None:
         if num_classes < 2:

@@ -16,15 +16,9 @@ import torch
 from torch import nn
 
 from vitscale.models.embed import HybridEmbed
-from vitscale.models.mae import MaskedAutoencoderViT
 from vitscale.models.registry import parse_name
-from vitscale.models.vit import VisionTransformer
-from vitscale.objectives import build_saved_model
-from vitscale.weights.fit import DECODER_RE
+from vitscale.objectives import build_saved_model, objective_class, objective_of_weights
 from vitscale.weights.sources import WeightsError, read_weights
-
-# Schema default of objective.norm_pix_loss (used when the source does not say).
-DEFAULT_NORM_PIX_LOSS = True
 
 
 def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) -> dict[str, Any]:
@@ -62,69 +56,62 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained model (eval mode, fp32, on ``device``) and describe it.
 
-    Returns ``(model, info)``. ``model`` is a ``VisionTransformer`` (supervised, or an MAE encoder exported
-    alone) or a ``MaskedAutoencoderViT`` (MAE checkpoint or ``export --full``). ``info`` has: ``path``,
-    ``source`` ("safetensors" | "checkpoint"), ``name`` (model name), ``objective``, ``part``, ``step``,
-    ``is_mae``, ``is_hybrid``, ``img_size``, ``patch_size`` (pixel stride between tokens), ``grid_size``,
-    ``num_prefix_tokens``, ``num_classes``, ``pos_embed_type`` ("learn" | "sincos" | "none"),
-    ``norm_pix_loss`` (MAE; None when unknown), ``params``, ``model_cfg``.
+    Returns ``(model, info)``. ``model`` is what the objective that trained it rebuilds for these weights
+    (:meth:`vitscale.objectives.Objective.rebuild`: a classifier, an MAE, or an MAE encoder exported alone).
+    ``info`` has: ``path``, ``source`` ("safetensors" | "checkpoint"), ``name`` (model name), ``objective``,
+    ``objective_cfg`` (the run's objective section; {} when unknown), ``part``, ``step``, ``is_hybrid``,
+    ``img_size``, ``patch_size`` (pixel stride between tokens), ``grid_size``, ``num_prefix_tokens``,
+    ``num_classes``, ``pos_embed_type`` ("learn" | "sincos" | "none"), ``params``, ``model_cfg``.
     ``model_name`` is only needed for safetensors files without vitscale metadata.
     """
     path = Path(path)
     w = read_weights(path)
     sd = w.state_dict
-    if any(DECODER_RE.match(k) for k in sd) and not any(k.startswith("encoder.") for k in sd):  # MAE release
-        sd = {k if DECODER_RE.match(k) else "encoder." + k: v for k, v in sd.items()}
-    src = {"source": "safetensors" if w.source == "export" else w.source, "checkpoint": w.checkpoint,
-           "model_cfg": w.model_cfg, "objective": w.objective, "part": w.part, "step": w.step,
-           "norm_pix_loss": w.norm_pix_loss}
-    is_full_mae = any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder_") for k in sd)
-    objective = src["objective"] or ("mae" if is_full_mae else "supervised")
-    part = src["part"] or ("full" if is_full_mae or objective != "mae" else "encoder")
-    m = src["model_cfg"]
+    if w.objective is not None:
+        objective = objective_class(w.objective)
+    else:  # a state dict that does not say what trained it: the objective that recognises it, else a classifier
+        objective, sd = objective_of_weights(sd)
+    part = w.part or "full"
+    m = w.model_cfg
     if m is None:
         if model_name is None:
             raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
                                f"vit_base_patch16)")
-        m = _infer_model_cfg(sd, model_name, "encoder." if is_full_mae else "")
+        m = _infer_model_cfg(sd, model_name, "encoder." if any(k.startswith("encoder.") for k in sd) else "")
     elif model_name is not None:
         m = {**m, "name": model_name}
-    base = m["name"][4:] if m["name"].startswith("mae_") else m["name"]
-    m_base = {**m, "name": base}
 
-    with torch.device("meta"):  # the one model factory (vitscale.objectives), as in training
-        if objective == "mae":
-            model = build_saved_model(m_base, "mae", norm_pix_loss=bool(src["norm_pix_loss"]))
-            if part != "full":
-                model = model.encoder  # an exported MAE encoder: sin-cos table, [CLS] pooling, no head
-        else:
-            head = sd.get("head.weight")
-            model = build_saved_model(m_base, "supervised", num_classes=int(head.shape[0]) if head is not None else 0)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise WeightsError(f"{path}: weights do not match model {m['name']!r} "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if meta_left:
-        raise WeightsError(f"{path}: no weights for {meta_left[:5]}")
+    def build(num_classes: int) -> nn.Module:  # the one model factory (vitscale.objectives), as in training
+        return build_saved_model(m, w.objective or objective.name, num_classes, w.objective_cfg)
+
+    with torch.device("meta"):
+        model = objective.rebuild(build, sd, part)
+    _assign(model, sd, path, m["name"])
     model = model.to(device=device, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
-    enc: VisionTransformer = model.encoder if isinstance(model, MaskedAutoencoderViT) else model
+    enc = objective.encoder(model)
     info = {
-        "path": str(path), "source": src["source"], "checkpoint": src.get("checkpoint"), "name": m["name"],
-        "objective": objective, "part": part, "step": src["step"],
-        "is_mae": isinstance(model, MaskedAutoencoderViT),
+        "path": str(path), "source": "safetensors" if w.source == "export" else w.source,
+        "checkpoint": w.checkpoint, "name": m["name"], "objective": w.objective or objective.name,
+        "objective_cfg": dict(w.objective_cfg), "part": part, "step": w.step,
         "is_hybrid": isinstance(enc.patch_embed, HybridEmbed),
         "img_size": list(enc.patch_embed.img_size), "patch_size": list(enc.patch_embed.patch_size),
         "grid_size": list(enc.patch_embed.grid_size), "num_prefix_tokens": enc.num_prefix_tokens,
         "num_classes": enc.num_classes, "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
         "pos_embed_type": enc.pos_embed_type if enc.pos_embed is not None else "none",
-        "norm_pix_loss": src["norm_pix_loss"] if objective == "mae" else None,
         "params": sum(p.numel() for p in model.parameters()), "model_cfg": m,
     }
     return model, info
 
 
-load_model_for_analysis = load_model  # the name analysis and eval used before this module existed
+def _assign(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Load ``sd`` into the meta-device ``model`` by assignment; every tensor must match and none be left."""
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise WeightsError(f"{path}: weights do not match model {name!r} "
+                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta_left:
+        raise WeightsError(f"{path}: no weights for {meta_left[:5]}")

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from vitscale.config.schema import ObjectiveConfig
 from vitscale.distributed.checkpoint import resolve_checkpoint
 from vitscale.distributed.engine import consolidated_state_dict
 from vitscale.distributed.safeload import safe_load
@@ -42,10 +43,10 @@ class Weights:
     path: str
     source: str  # "checkpoint" | "export" | "state_dict"
     model_cfg: Optional[dict[str, Any]] = None  # the writing run's model config (vitscale sources only)
-    objective: Optional[str] = None  # "supervised" | "mae" (vitscale sources only)
+    objective: Optional[str] = None  # the writing run's objective.name (vitscale sources only)
     part: Optional[str] = None  # "full" | "encoder" (vitscale sources only)
     step: Optional[int] = None
-    norm_pix_loss: Optional[bool] = None
+    objective_cfg: dict[str, Any] = field(default_factory=dict)  # the writing run's objective section, if known
     checkpoint: Optional[str] = None  # the checkpoint directory a run/ckpt path resolved to
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -118,7 +119,7 @@ def _read_safetensors(path: Path) -> Weights:
     step = int(meta["step"]) if str(meta.get("step", "")).isdigit() else None
     return Weights(strip_prefixes(sd), str(path), "export", model_cfg=json.loads(meta["vitscale_model"]),
                    objective=meta.get("vitscale_objective"), part=meta.get("vitscale_part"), step=step,
-                   norm_pix_loss=objective_cfg.get("norm_pix_loss"))
+                   objective_cfg=objective_cfg)
 
 
 def _read_checkpoint(path: Path) -> Weights:
@@ -130,8 +131,8 @@ def _read_checkpoint(path: Path) -> Weights:
     cfg = state.get("config", {})
     sd = strip_prefixes(consolidated_state_dict(ckpt))
     return Weights(sd, str(path), "checkpoint", model_cfg=cfg.get("model"),
-                   objective=cfg.get("objective", {}).get("name", "supervised"), part="full", step=state.get("step"),
-                   norm_pix_loss=cfg.get("objective", {}).get("norm_pix_loss"), checkpoint=str(ckpt),
+                   objective=cfg.get("objective", {}).get("name", ObjectiveConfig.name), part="full",
+                   step=state.get("step"), objective_cfg=cfg.get("objective", {}), checkpoint=str(ckpt),
                    extra={"config": cfg})
 
 
