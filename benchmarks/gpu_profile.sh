@@ -11,7 +11,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/gpu_profile}; mkdir -p "$OUT"
 QUICK_ONLY=${QUICK_ONLY:-loader_device,loader_worker} QUICK_BUDGET=${QUICK_BUDGET:-200} \
-  python3 -m vitscale.bench.quick --out "$OUT"
+  python3 benchmarks/quick.py --out "$OUT"
 VIT=(--config configs/sup_vit_l16.yaml model.grad_checkpointing=false model.drop_path=0.0 data.batch_size=128)
 MAE=(--config configs/mae_vit_l16.yaml model.grad_checkpointing=false data.batch_size=256)
 timeout 120 python3 benchmarks/profile_step.py "${VIT[@]}" --json "$OUT/prof_zero2.json" > "$OUT/prof_zero2.txt" 2>&1

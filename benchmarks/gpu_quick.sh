@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_quick.sh                  # from the repository root; OUT=dir also writes gpu_quick.json
 #   QUICK_CPU=1 bash benchmarks/gpu_quick.sh      # the CPU rehearsal: same commands, tiny model (tests run it)
-#   QUICK_ONLY=vit_eager,vit_zero3 bash ...       # some runs only (names: python3 -m vitscale.bench.quick --help)
+#   QUICK_ONLY=vit_eager,vit_zero3 bash ...       # some runs only (names: python3 benchmarks/quick.py --help)
 #   QUICK_BUDGET=300                              # seconds for all measurements together (default 300)
 #   QUICK_DATA=/tmp/vitscale_quick_data           # where demo:photos shards are built on first use
 #
@@ -35,7 +35,7 @@ if [[ -z "${QUICK_CPU:-}" || "${QUICK_CPU}" == 0 ]]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # this checkout's vitscale (no console script needed)
 OUT=${OUT:-}
-python3 -m vitscale.bench.quick ${OUT:+--out "$OUT"}
+python3 benchmarks/quick.py ${OUT:+--out "$OUT"}
 rc=$?
 echo "gpu_quick: $(( $(date +%s) - T0 )) s in all (exit $rc: 0 = every row measured)"
 exit $rc

@@ -364,7 +364,7 @@ def test_mae_learns_a_real_image(norm_pix_loss):
 
 
 def test_mae_loss_only_on_masked_patches():
-    m = _tiny_mae()
+    m = _tiny_mae(norm_pix_loss=False)  # raw pixel targets: the loss below is in pixel units
     imgs = torch.randn(1, 3, 32, 32)
     target = m.patchify(imgs)
     mask = torch.zeros(1, 16)

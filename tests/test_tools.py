@@ -9,7 +9,7 @@ import torch
 from conftest import DEMO, TINY, copy_run, run_cli
 from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.plan import activation_bytes, model_shape, plan_memory
-from vitscale.bench.plot import plot_run
+from vitscale.logging.plot import plot_run
 from vitscale.config.load import load_config
 from vitscale.models.registry import count_params
 

@@ -89,8 +89,11 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if what == ("data",):
         from vitscale.bench.data import print_data_bench, run_data_bench
+        from vitscale.config.resolve import resolve
 
         cfg = load_config(args.config, args.overrides) if args.config else None
+        if cfg is not None:  # one process: its batch as training derives it (data.global_batch_size)
+            cfg = resolve(cfg, 1, need_length=False).cfg
 
         def pick(flag, from_config, default):  # an explicit flag, else the config's value, else the default
             return flag if flag is not None else (from_config() if cfg is not None else default)
@@ -171,7 +174,7 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
 
 
 def run_plot_cmd(args: argparse.Namespace) -> int:
-    from vitscale.bench.plot import plot_run
+    from vitscale.logging.plot import plot_run
 
     res = plot_run(args.run_dir, args.out)
     missing = f" ({', '.join(res['unavailable'])}: n/a)" if res["unavailable"] else ""

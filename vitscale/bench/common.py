@@ -9,9 +9,9 @@ from typing import Any, Optional
 import torch
 
 from vitscale.config.schema import Config
+from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
-DEMO_CLASSES = {"digits": 10, "photos": 7}  # vitscale.data.demo: 10 digits; up to 7 skimage photos
 
 
 def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[int, str]:
@@ -26,8 +26,8 @@ def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[in
     spec = cfg.data.train_shards
     if spec.startswith("demo:"):
         name = spec.split(":")[1]
-        if name in DEMO_CLASSES:
-            return DEMO_CLASSES[name], f"demo data {name}"
+        if name in DEMO_NUM_CLASSES:
+            return DEMO_NUM_CLASSES[name], f"demo data {name}"
     p = Path(spec)
     manifest = p if p.name == "manifest.json" else p / "manifest.json"
     if manifest.is_file():

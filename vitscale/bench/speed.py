@@ -32,6 +32,7 @@ from vitscale.bench.common import (autocast_dtype, bench_device, device_label, f
 from vitscale.bench.engine_step import EngineStep, synthetic_batch
 from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.timm_ref import timm_reference
+from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.data.pipeline import train_loader_from_config
 from vitscale.data.shards import resolve_shards
@@ -237,7 +238,7 @@ class _Bench:
 
     def timed(self, what: tuple[str, ...], timm: bool) -> list[Timed]:
         """The Timed modes in order: model, timm, engine (also when only the full step needs it), step."""
-        B, per_step = self.cfg.data.batch_size, self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world
+        B, per_step = self.cfg.data.batch_size, global_batch(self.cfg, self.world)
         out = []
         if "model" in what:
             out.append(Timed("model", self.device, self.setup_ours, B))

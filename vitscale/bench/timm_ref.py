@@ -8,6 +8,7 @@ encoder and decoder sizes. Position tables are zeros (frozen): their values do n
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -24,7 +25,7 @@ class TimmBlockMAE(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int,
-                 decoder_mlp_ratio: float, norm_pix_loss: bool):
+                 decoder_mlp_ratio: float, norm_pix_loss: bool, mask_ratio: float = 0.75):
         super().__init__()
         from timm.layers import PatchEmbed
         from timm.models.vision_transformer import Block
@@ -32,6 +33,7 @@ class TimmBlockMAE(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         n = self.patch_embed.num_patches
         self.patch_size, self.in_chans, self.norm_pix_loss = patch_size, in_chans, norm_pix_loss
+        self.mask_ratio = mask_ratio  # as ours: stored once, used when a call gives none
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_ln)
@@ -102,8 +104,8 @@ class TimmBlockMAE(nn.Module):
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+    def forward(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
@@ -119,7 +121,7 @@ def timm_reference(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
     if hasattr(ours, "decoder_blocks"):
         return TimmBlockMAE(img, patch, ours.in_chans, enc.embed_dim, enc.depth, enc.num_heads, mlp_ratio,
                             ours.decoder_embed_dim, ours.decoder_depth, ours.decoder_num_heads,
-                            ours.decoder_mlp_hidden_dim / ours.decoder_embed_dim, ours.norm_pix_loss)
+                            ours.decoder_mlp_hidden_dim / ours.decoder_embed_dim, ours.norm_pix_loss, ours.mask_ratio)
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=img, patch_size=patch, in_chans=enc.in_chans, num_classes=enc.num_classes,

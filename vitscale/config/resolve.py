@@ -101,5 +101,12 @@ def resolve(cfg: Config, world_size: int, train_samples: Optional[int] = None, n
         cfg.train.steps, cfg.train.epochs = length.steps, None
     if length.warmup_steps is not None:
         cfg.optim.warmup_steps, cfg.optim.warmup_epochs = length.warmup_steps, None
+    cfg.resolved_world_size = world_size  # not a schema field: never saved, so a reloaded config is raw again
     return Resolved(cfg=cfg, world_size=world_size, global_batch=batch,
                     peak_lr=peak_lr(cfg.optim.lr, cfg.optim.blr, batch), length_note=length.note)
+
+
+def resolved_world_size(cfg: Config) -> Optional[int]:
+    """The world size ``cfg`` was resolved for (its batch, length and LR are a launch's), or None for a config as
+    loaded: a consumer that needs the launch's numbers asks this instead of re-deriving them."""
+    return getattr(cfg, "resolved_world_size", None)

@@ -13,26 +13,16 @@ Mixup/CutMix (batch).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
-import struct
 from functools import lru_cache
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from vitscale.data.order import seed_of  # the one seed mixer (the stream's order uses it too)
 from vitscale.errors import ConfigError
 from vitscale.pixels import IMAGENET_MEAN
-
-
-def seed_of(*parts: Any) -> int:
-    """A 63-bit seed mixed from a tag and integers (stable across processes and launches)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(p.encode() if isinstance(p, str) else struct.pack("<q", int(p) & 0x7FFFFFFFFFFFFFFF))
-        h.update(b"|")
-    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from vitscale.data.writer import MANIFEST, write_shards
 VERSION = 1
 SEED = 0
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+NUM_CLASSES = {"digits": 10, "photos": len(PHOTOS)}  # what each demo set's manifest will say, known before it is built
 
 
 def _png(rgb: np.ndarray) -> bytes:

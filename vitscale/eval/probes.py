@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscale.eval.features import FeatureSet
-from vitscale.optim import lr_at
+from vitscale.optim import lr_at, peak_lr
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,7 +51,7 @@ def linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, *, epochs
     x_train, y_train = train.features.to(device), train.labels.to(device)
     x_val, y_val = val.features.to(device), val.labels.to(device)
     batch_size = min(batch_size, len(train))
-    lr = blr * batch_size / 256
+    lr = peak_lr(None, blr, batch_size)  # the one LR rule: blr x batch / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train) // batch_size)  # drop the ragged last batch: BatchNorm needs > 1 sample
     total = epochs * steps_per_epoch
@@ -153,7 +153,8 @@ def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots:
                  seeds: int = 5, reg: float = 1.0) -> dict:
     """Few-shot linear evaluation: for each shot count and seed, fit ridge regression (targets +1 for the class,
     -1 otherwise, as big_vision's few-shot evaluator) on ``shots`` L2-normalised training features per class,
-    then classify the whole validation split by the largest output. Reports mean and std over seeds."""
+    then classify the whole validation split by the largest output. Reports mean and sample std over the ``seeds``
+    draws (n = ``seeds``)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if any(s < 1 for s in shots):
@@ -169,7 +170,8 @@ def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots:
             w = ridge_fit(x_train[idx], targets, reg)
             accs.append(_accuracy(ridge_predict(w, x_val), val.labels))
         mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
+        # the project's one convention (as sweep tables): sample std over the n = seeds draws, 0 for one draw
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         results[n] = {"mean": mean, "std": std, "per_seed": accs}
     return {"shots": list(results), "mean": [r["mean"] for r in results.values()],
             "std": [r["std"] for r in results.values()], "per_seed": [r["per_seed"] for r in results.values()],

@@ -28,7 +28,7 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, decoder_embed_dim: int = 512,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, decoder_mlp_ratio: Optional[float] = None,
-                 norm_pix_loss: bool = False, mask_ratio: float = 0.75, **encoder_kwargs: Any):
+                 norm_pix_loss: bool = True, mask_ratio: float = 0.75, **encoder_kwargs: Any):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")

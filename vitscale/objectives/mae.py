@@ -117,11 +117,11 @@ class MAE(Objective):
         return model
 
     def flops_per_image(self, model: nn.Module) -> float:
-        return 3 * forward_flops(model, mask_ratio=self.cfg.objective.mask_ratio)
+        return 3 * forward_flops(model)  # at the model's own mask ratio (objective.mask_ratio, set at build)
 
     def __call__(self, model: Callable, images: torch.Tensor, labels: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return mae_step(model, images, mask_ratio=self.cfg.objective.mask_ratio)
+        return mae_step(model, images)
 
     def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         loss, _ = self(model, images, labels)
@@ -133,16 +133,17 @@ class MAE(Objective):
 
     @torch.no_grad()
     def visualize(self, model: Callable, module: nn.Module, images: torch.Tensor, step: int) -> Optional[Picture]:
-        ratio = self.cfg.objective.mask_ratio
-        _, pred, mask = model(images, mask_ratio=ratio)
+        ratio = module.mask_ratio
+        _, pred, mask = model(images)
         return Picture(key="mae_reconstruction", filename=f"mae_step_{step:08d}.png",
                        title=f"{self.cfg.run.name}: step {step}, mask ratio {ratio}",
                        panels=mae_panels(module, images, pred, mask), draw=save_mae_grid)
 
 
-def mae_step(model: Callable, images: torch.Tensor, labels: Optional[torch.Tensor] = None, mask_ratio: float = 0.75
+def mae_step(model: Callable, images: torch.Tensor, labels: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, _pred, mask = model(images, mask_ratio=mask_ratio)
+    """One MAE step at the model's own mask ratio (``objective.mask_ratio`` is stored in the model, once)."""
+    loss, _pred, mask = model(images)
     return loss.float(), {"mask_frac": mask.detach().float().mean()}  # a tensor: no host sync per micro-batch
 
 

@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from vitscale.logging.figures import new_figure, save_figure
+
 # Shown first, in this order, when present; every other metric follows alphabetically.
 PREFERRED = ("val_acc", "val_top1", "val_loss", "train_loss")
 HIDDEN = ("steps", "val_images")
@@ -68,12 +70,8 @@ def plot(summary: dict, path: Path, title: str, metrics: Sequence[str] = (), max
     rows = [r for r in summary["rows"] if r["n"]]
     if not metrics or not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6), squeeze=False)
+    fig = new_figure(3.2 * len(metrics) + 1, 3.6, dpi=110)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     labels = [r["group"].replace(", ", "\n") for r in rows]
     for ax, m in zip(axes[0], metrics):
         means = [r[m]["mean"] if m in r else float("nan") for r in rows]
@@ -82,10 +80,7 @@ def plot(summary: dict, path: Path, title: str, metrics: Sequence[str] = (), max
         ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
         ax.set_title(m, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(summary: dict, out: Path, header: dict, plot_metrics: Sequence[str] = ()) -> list[Path]:

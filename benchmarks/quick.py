@@ -9,7 +9,7 @@ eager and compiled; the MAE ViT-L/16 engine step at batch 256; the real loader s
 ``QUICK_CPU=1`` (the rehearsal the tests run) uses the same configs, commands and table with a tiny model, one
 step per round and generous timeouts, so the script cannot break unseen before a GPU window.
 
-    python -m vitscale.bench.quick [--out DIR] [--budget SECONDS] [--only NAME,...]
+    python3 benchmarks/quick.py [--out DIR] [--budget SECONDS] [--only NAME,...]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: the runs name its configs/ by relative path
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the runs name its configs/ by relative path
 VIT = ["--config", "configs/sup_vit_l16.yaml", "model.grad_checkpointing=false", "model.drop_path=0.0",
        "data.batch_size=128"]
 MAE = ["--config", "configs/mae_vit_l16.yaml", "model.grad_checkpointing=false", "data.batch_size=256"]
@@ -183,7 +183,7 @@ def _versions() -> dict[str, str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitscale.bench.quick", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 benchmarks/quick.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_quick.json and the log")
     ap.add_argument("--work", default=None, help="folder for each run's JSON (default: OUT or a temp folder)")
     ap.add_argument("--budget", type=float, default=float(os.environ.get("QUICK_BUDGET", 300)),

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
+
 from vitscale.logging.figures import new_figure, save_figure
 
 PANELS = [  # (metrics key, panel title, y label, scale)
