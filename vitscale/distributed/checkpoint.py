@@ -41,6 +41,15 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+TRAINER_STATE = "trainer_state.json"
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint directory's ``trainer_state.json`` (step, samples, the run's resolved config, ...): the one
+    reader, for resume, export, weights loading and evaluation alike."""
+    return json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -102,7 +111,7 @@ class CheckpointManager:
         self._agree(error, path)  # every rank has written its shards
         if self.rank == 0:
             try:
-                (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, default=str))
+                (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, default=str))
                 files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
                 _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files}))
                 _write_atomic(self.dir / "latest", tag + "\n")
@@ -176,7 +185,7 @@ class CheckpointManager:
         world size or ZeRO stage. If so, rank 0 converts it once into ``path/universal/`` (kept for later resumes,
         pruned with the checkpoint). Collective: every rank calls it before the engine is built, because DeepSpeed
         reads the universal layout only when its config says so."""
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_trainer_state(path)
         old_world = int(state.get("world_size", world_size))
         old_stage = int(state.get("config", {}).get("engine", {}).get("zero_stage", zero_stage))
         if (old_world, old_stage) == (world_size, zero_stage) or old_stage == zero_stage == 0:
@@ -214,7 +223,7 @@ class CheckpointManager:
             engine.load(path, UNIVERSAL)
         else:
             engine.load(path.parent, path.name)
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        trainer_state = read_trainer_state(path)
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state: Optional[dict[str, Any]] = None
         if rank_file.is_file():
@@ -257,7 +266,7 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     from safetensors.torch import save_file
 
     path = resolve_checkpoint(ckpt)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     sd = eng.consolidated_state_dict(path)
     if ema:
         sd.update({k: v.view(sd[k].shape) for k, v in consolidated_ema(path).items()})

@@ -9,7 +9,6 @@ rank then holds the same full feature matrix and computes the same probe, in the
 from __future__ import annotations
 
 from dataclasses import dataclass
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
+from vitscale.distributed.checkpoint import read_trainer_state
 from vitscale.models.vit import VisionTransformer
 from vitscale.pixels import normalize
 from vitscale.objectives import objective_class
@@ -82,7 +82,7 @@ def _run_data_config(info: dict) -> dict:
     if not ckpt:
         return {}
     try:
-        return json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("config", {}).get("data", {})
+        return read_trainer_state(Path(ckpt)).get("config", {}).get("data", {})
     except (OSError, ValueError):
         return {}
 

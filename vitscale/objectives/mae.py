@@ -82,6 +82,7 @@ class MAE(Objective):
             npl = defaults.norm_pix_loss
             run.note(f"the file does not record objective.norm_pix_loss; assuming {npl} (override with "
                      f"--norm-pix-loss/--no-norm-pix-loss)")
+        run.model.norm_pix_loss = bool(npl)  # the model's own loss in the same target space as the pictures
         rec = reconstruct(run.model, run.x, mask_ratio, npl, seed)
         mse = [float(v) for v in rec["mse"]]
         how = "per-patch mean/var of the original restored" if npl else "pixels predicted directly"

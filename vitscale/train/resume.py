@@ -11,7 +11,7 @@ import torch
 
 from vitscale.config.load import config_to_dict
 from vitscale.config.schema import Config
-from vitscale.distributed.checkpoint import CheckpointManager
+from vitscale.distributed.checkpoint import CheckpointManager, read_trainer_state
 from vitscale.errors import ConfigError
 from vitscale.train.state import TrainState, set_rng_state
 
@@ -43,7 +43,7 @@ def find_resume(ckpt: CheckpointManager, cfg: Config) -> Optional[ResumePoint]:
     path = ckpt.find(cfg.train.resume)
     if path is None:
         return None
-    saved = json.loads((path / "trainer_state.json").read_text())
+    saved = read_trainer_state(path)
     check_resumable(saved.get("config", {}), cfg, path)
     return ResumePoint(path, saved)
 

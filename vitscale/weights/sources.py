@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 
 from vitscale.config.schema import ObjectiveConfig
-from vitscale.distributed.checkpoint import resolve_checkpoint
+from vitscale.distributed.checkpoint import read_trainer_state, resolve_checkpoint
 from vitscale.distributed.engine import consolidated_state_dict
 from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, VitscaleError
@@ -127,7 +127,7 @@ def _read_checkpoint(path: Path) -> Weights:
         ckpt = resolve_checkpoint(path)
     except FileNotFoundError as e:
         raise WeightsError(str(e)) from None
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = read_trainer_state(ckpt)
     cfg = state.get("config", {})
     sd = strip_prefixes(consolidated_state_dict(ckpt))
     return Weights(sd, str(path), "checkpoint", model_cfg=cfg.get("model"),
