@@ -310,6 +310,25 @@ def test_analyze_command_end_to_end(tmp_path, photos, capsys):
         run_command(["analyze", str(ckpt), photos[0], "--out", str(out), "--head", "4"])
 
 
+def test_analyze_uses_the_runs_own_mask_ratio(tmp_path, photos):
+    # an export records its run's objective section: analyze masks at that ratio unless told otherwise
+    from safetensors.torch import save_file
+
+    from vitscale.analysis.run import analyze
+
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_micro_patch4", img_size=32, mask_ratio=0.6)
+    sd = {k: v.detach().float().contiguous() for k, v in mae.state_dict().items()}
+    objective = {"name": "mae", "mask_ratio": 0.6, "norm_pix_loss": False}
+    save_file(sd, str(tmp_path / "m.safetensors"), metadata={
+        "vitscale_model": json.dumps(MODEL_CFG), "vitscale_objective": "mae", "vitscale_part": "full",
+        "vitscale_objective_config": json.dumps(objective), "step": "3"})
+    doc = analyze(tmp_path / "m.safetensors", photos[:1], tmp_path / "out", only=["mae"], log=lambda s: None)
+    assert doc["mae"]["mask_ratio"] == 0.6 and doc["mae"]["norm_pix_loss"] is False
+    assert analyze(tmp_path / "m.safetensors", photos[:1], tmp_path / "out2", mask_ratio=0.25, only=["mae"],
+                   log=lambda s: None)["mae"]["mask_ratio"] == 0.25
+
+
 def test_analyze_mae_reconstruction_and_hybrid_notes(tmp_path, photos):
     from vitscale.analysis.run import analyze
 
