@@ -32,8 +32,24 @@ class MetricsWriter:
             self._f = None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, strict: bool = True) -> list[dict]:
+    """A run's ``metrics.jsonl`` records in order: the one reader (plot, sweep tables, tests). ``strict``: a line
+    that is not a JSON object is a ValueError naming ``path:line``; else it is skipped (the last line of a run
+    killed while writing it)."""
+    records = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if strict:
+                raise ValueError(f"{path}:{i} is not valid JSON")
+            continue
+        records.append(record)
+    return records
 
 
 def peak_memory_gb() -> float:

@@ -6,12 +6,12 @@ Headless: a matplotlib ``Figure`` on the Agg canvas, no pyplot state.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from vitscale.logging.figures import new_figure, save_figure
+from vitscale.logging.metrics import read_metrics
 
 PANELS = [  # (metrics key, panel title, y label, scale)
     ("loss", "loss", "loss", 1.0),
@@ -37,15 +37,9 @@ def load_steps(path: Path) -> tuple[list[dict], dict]:
     """Training log lines (one per step, sorted, last one wins) and the merged evaluation values."""
     steps: dict[int, dict] = {}
     evals: dict[str, Any] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{path}:{i} is not valid JSON") from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise ValueError(f"{path}:{i} has no 'step'")
+    for rec in read_metrics(path):
+        if "step" not in rec:
+            raise ValueError(f"{path}: a line has no 'step'")
         if "loss" in rec:
             steps[int(rec["step"])] = rec
         else:

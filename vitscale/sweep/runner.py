@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from vitscale.logging.metrics import read_metrics
 from vitscale.sweep.grid import Cell
 
 RESULT = "sweep_cell.json"
@@ -189,11 +190,7 @@ def training_metrics(path: Path) -> dict:
     out: dict = {}
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in read_metrics(path, strict=False):
         if "loss" in record:
             out["train_loss"] = record["loss"]
             out["steps"] = record.get("step")
