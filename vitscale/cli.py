@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="checkpoint -> one consolidated fp32 safetensors file (timm keys)")
     e.add_argument("ckpt", help="checkpoint dir (runs/x/checkpoints/step_00001000), or a run dir for its latest")
     e.add_argument("out", help="output .safetensors path (with --timm: a folder)")
-    e.add_argument("--full", action="store_true", help="MAE: keep the decoder too (default: encoder only)")
+    e.add_argument("--full", action="store_true", help="keep every part the objective trained (default: the part "
+                                                      "it exports, e.g. an MAE's encoder without the decoder)")
     e.add_argument("--ema", action="store_true", help="the model EMA's weights (train.ema_decay) instead of the "
                                                       "trained weights")
     e.add_argument("--timm", action="store_true", help="write OUT as a folder timm loads without vitscale "
