@@ -204,7 +204,7 @@ class _Bench:
 
     def setup_timm(self) -> Callable[[], Any]:
         torch.manual_seed(self.cfg.run.seed)
-        net = timm_reference(self.shape_net, self.cfg.model.drop_path)
+        net = timm_reference(self.shape_net, objective_for(self.cfg), self.cfg.model.drop_path)
         self.timm_params = sum(p.numel() for p in net.parameters())
         if self.cfg.model.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
             net.set_grad_checkpointing(True)  # timm has no "first N blocks": with N, timm recomputes all

@@ -7,8 +7,9 @@ encoder and decoder sizes. Position tables are zeros (frozen): their values do n
 """
 from __future__ import annotations
 
+import importlib
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -110,25 +111,34 @@ class TimmBlockMAE(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-def timm_reference(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
-    """A timm model with ``ours``' configuration (a vitscale VisionTransformer or MaskedAutoencoderViT)."""
-    enc = getattr(ours, "encoder", ours)
-    if hasattr(enc.patch_embed, "backbone"):
+def timm_reference(ours: nn.Module, objective: Any, drop_path: float = 0.0) -> nn.Module:
+    """A timm model with ``ours``' configuration: the builder ``objective.timm_reference`` names (an import path,
+    so an objective chooses its reference without importing the benchmarks)."""
+    module, _, attr = objective.timm_reference.partition(":")
+    if hasattr(objective.encoder(ours).patch_embed, "backbone"):
         raise ValueError("bench: no timm reference for hybrid (ResNet-stem) models; use --no-timm")
-    patch = enc.patch_embed.patch_size[0]
-    img = enc.patch_embed.img_size[0]
-    mlp_ratio = enc.mlp_hidden_dim / enc.embed_dim
-    if hasattr(ours, "decoder_blocks"):
-        return TimmBlockMAE(img, patch, ours.in_chans, enc.embed_dim, enc.depth, enc.num_heads, mlp_ratio,
-                            ours.decoder_embed_dim, ours.decoder_depth, ours.decoder_num_heads,
-                            ours.decoder_mlp_hidden_dim / ours.decoder_embed_dim, ours.norm_pix_loss, ours.mask_ratio)
+    return getattr(importlib.import_module(module), attr)(ours, drop_path)
+
+
+def timm_block_mae(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
+    """The MAE paper's code built from timm blocks, sized as ``ours`` (a vitscale MAE)."""
+    enc = ours.encoder
+    return TimmBlockMAE(enc.patch_embed.img_size[0], enc.patch_embed.patch_size[0], ours.in_chans, enc.embed_dim,
+                        enc.depth, enc.num_heads, enc.mlp_hidden_dim / enc.embed_dim, ours.decoder_embed_dim,
+                        ours.decoder_depth, ours.decoder_num_heads,
+                        ours.decoder_mlp_hidden_dim / ours.decoder_embed_dim, ours.norm_pix_loss, ours.mask_ratio)
+
+
+def timm_vit(ours: nn.Module, drop_path: float = 0.0) -> nn.Module:
+    """timm's VisionTransformer sized as ``ours`` (a vitscale VisionTransformer)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=img, patch_size=patch, in_chans=enc.in_chans, num_classes=enc.num_classes,
+    enc = ours
+    return VisionTransformer(img_size=enc.patch_embed.img_size[0], patch_size=enc.patch_embed.patch_size[0],
+                             in_chans=enc.in_chans, num_classes=enc.num_classes,
                              global_pool=enc.global_pool, embed_dim=enc.embed_dim, depth=enc.depth,
-                             num_heads=enc.num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                             num_heads=enc.num_heads, mlp_ratio=enc.mlp_hidden_dim / enc.embed_dim, qkv_bias=True,
                              class_token=enc.has_class_token, drop_path_rate=drop_path,
                              reg_tokens=enc.num_reg_tokens,
                              qk_norm=not isinstance(enc.blocks[0].attn.q_norm, nn.Identity),
                              norm_layer=_ln)
-

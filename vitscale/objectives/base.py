@@ -88,6 +88,10 @@ class Objective(abc.ABC):
         """The ViT that sees the images (what probes, attention maps and robustness read)."""
         return model
 
+    # ``vitscale bench``'s timm reference for this objective's model: "module:function(model, drop_path)", an import
+    # path so that objectives need not import the benchmarks.
+    timm_reference = "vitscale.bench.timm_ref:timm_vit"
+
     # The section ``vitscale analyze`` adds for this objective's models ("": none) and its options' defaults.
     analysis_section = ""
 

@@ -36,6 +36,7 @@ DECODER_RE = re.compile(r"^(decoder_|mask_token$)")
 class MAE(Objective):
     name = "mae"
     probe_pool = "avg"  # the MAE paper probes mean-pooled patch tokens of the encoder
+    timm_reference = "vitscale.bench.timm_ref:timm_block_mae"  # the paper's code on timm blocks
 
     @classmethod
     def export_part(cls, state_dict: dict[str, torch.Tensor], full: bool) -> tuple[dict[str, torch.Tensor], str]:
