@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -42,6 +43,24 @@ MAE_DECODER_OVERRIDES = {"micro": dict(decoder_embed_dim=128, decoder_depth=2, d
 MAE_KWARGS = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio", "norm_pix_loss",
               "mask_ratio")
 
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a name prefix builds: ``cls`` with ``defaults(size)`` on top of the encoder's sizes; ``options`` are the
+    keywords only this family takes."""
+    cls: type
+    defaults: Callable[[str], dict[str, Any]]
+    options: tuple[str, ...] = ()
+
+
+# Model families by name prefix, most specific first ("" = a plain ViT). A new family is one entry here.
+FAMILIES = {
+    "mae_": Family(MaskedAutoencoderViT, lambda size: {**MAE_DECODER, **MAE_DECODER_OVERRIDES.get(size, {})},
+                   MAE_KWARGS),
+    "": Family(VisionTransformer, lambda size: {}),
+}
+
 # Canonical (size, patch) pairs listed by list_models(); any other patch size resolves too.
 _LISTED = {"micro": (4, 16), "tiny": (4, 16), "small": (16, 32), "base": (8, 16, 32), "large": (14, 16, 32),
            "huge": (14, 16), "giant": (14,), "gigantic": (14,), "e": (14,)}
@@ -53,7 +72,7 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
     """Canonical model names (optionally filtered by a glob ``pattern``); other patch sizes also resolve."""
     names = [f"vit_{size}_patch{p}" for size, ps in _LISTED.items() for p in ps]
     names += [f"vit_hybrid_{stem}_{size}_patch16" for stem in HYBRID_STEMS for size in ("small", "base", "large")]
-    names += ["mae_" + n for n in list(names)]
+    names = [prefix + n for prefix in sorted(FAMILIES, key=len) for n in names]  # plain ViTs first
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
@@ -64,10 +83,10 @@ def _suggest(name: str) -> str:
     return f"unknown model name {name!r}{hint} (see vitscale.models.list_models())"
 
 
-def parse_name(name: str) -> tuple[bool, str, dict[str, Any]]:
-    """``name`` -> (is_mae, size, encoder kwargs from the name). Raises ValueError naming close matches."""
-    is_mae = name.startswith("mae_")
-    rest = name[4:] if is_mae else name
+def parse_name(name: str) -> tuple[str, str, dict[str, Any]]:
+    """``name`` -> (family prefix, size, encoder kwargs from the name). Raises ValueError naming close matches."""
+    prefix = next(p for p in FAMILIES if name.startswith(p))  # "" matches every name: it comes last
+    rest = name[len(prefix):]
     stem = None
     m = _LONG_RE.match(rest)
     if m:
@@ -82,25 +101,24 @@ def parse_name(name: str) -> tuple[bool, str, dict[str, Any]]:
     kwargs: dict[str, Any] = dict(VARIANTS[size], patch_size=patch)
     if stem is not None:
         kwargs["hybrid_layers"] = HYBRID_STEMS[stem]
-    return is_mae, size, kwargs
+    return prefix, size, kwargs
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model. kwargs override the variant (None = keep the default).
 
-    Plain names give a ``VisionTransformer``; ``mae_`` names a ``MaskedAutoencoderViT`` whose MAE options
-    (decoder_embed_dim, decoder_depth, decoder_num_heads, norm_pix_loss, mask_ratio) go to the MAE and the
-    rest to its encoder.
+    The name's family (:data:`FAMILIES`) decides the class: plain names give a ``VisionTransformer``, ``mae_``
+    names a ``MaskedAutoencoderViT`` whose own options (decoder sizes, norm_pix_loss, mask_ratio) go to it and
+    the rest to its encoder. A family's options given to another family's name are a ValueError naming both.
     """
-    is_mae, size, args = parse_name(name)
+    prefix, size, args = parse_name(name)
+    family = FAMILIES[prefix]
     overrides = {k: v for k, v in kwargs.items() if v is not None}
-    if not is_mae:
-        bad = sorted(set(overrides) & set(MAE_KWARGS))
-        if bad:
-            raise ValueError(f"{name!r} is not an MAE model but got MAE options {bad}; use 'mae_{name}'")
-        return VisionTransformer(**{**args, **overrides})
-    mae_args = {**MAE_DECODER, **MAE_DECODER_OVERRIDES.get(size, {})}
-    return MaskedAutoencoderViT(**{**args, **mae_args, **overrides})
+    foreign = sorted({o for f in FAMILIES.values() for o in f.options} & set(overrides) - set(family.options))
+    if foreign:
+        takers = [p + name[len(prefix):] for p, f in FAMILIES.items() if set(foreign) <= set(f.options)]
+        raise ValueError(f"{name!r} does not take {foreign}; use {' or '.join(map(repr, takers))}")
+    return family.cls(**{**args, **family.defaults(size), **overrides})
 
 
 def count_params(name: str, trainable_only: bool = False, **kwargs: Any) -> int:
