@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from vitscale.models.pos_embed import resize_pos_embed
+from vitscale.objectives.mae import DECODER_RE  # the MAE's own tensors: one definition, the objective's
 from vitscale.weights.sources import WeightsError
 
-DECODER_RE = re.compile(r"^(decoder_|mask_token$)")
 HEAD_RE = re.compile(r"^head\.(weight|bias)$")
 HEAD_NORM_RE = re.compile(r"^head_norm\.")
 NORM_RE = re.compile(r"^(fc_norm|norm)\.(weight|bias)$")
