@@ -18,6 +18,9 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 LABEL_EXTS = ("cls", "txt", "json")
 _END_MARKER = 1024  # a complete tar ends with two zero 512-byte blocks (then zero padding)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+# Zero padding after the end-of-archive blocks: a record of GNU tar's largest blocking factor is 2 MiB. More is
+# not a tar writer's padding (a gzip bomb of zeros would otherwise be decompressed to its end).
+_MAX_TRAILING = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,14 @@ def _members(stream: _Stream, url: str, wanted: frozenset) -> Iterator[dict]:
         if ext in cur:
             raise ValueError(f"duplicate member {member.name}")
         cur[ext] = member.read()
-    while stream.read(1 << 16):  # the rest: end-of-archive blocks and record padding
-        pass
+    trailing = 0
+    while trailing <= _MAX_TRAILING:  # the rest: end-of-archive blocks and record padding
+        got = len(stream.read(1 << 16))
+        if not got:
+            break
+        trailing += got
+    else:
+        raise ValueError(f"more than {_MAX_TRAILING >> 20} MiB after the end-of-archive marker")
     if stream.tail != bytes(_END_MARKER):
         raise EOFError("truncated tar (no end-of-archive marker)")
     if cur is not None:

@@ -14,6 +14,10 @@ from typing import Iterator, Optional
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file (read as regular)
 _CHUNK = 1 << 16
+# No read asks for more than this at once: a header claiming 100 GB in a file cut short allocates only what is there.
+_MAX_READ = 1 << 20
+MAX_MEMBER_BYTES = 1 << 28  # a member read whole (an image, a label) larger than 256 MiB is refused, not allocated
+_MAX_META_BYTES = 1 << 20  # GNU long name / pax header: real ones are a few hundred bytes
 
 
 class TarError(ValueError):
@@ -21,13 +25,13 @@ class TarError(ValueError):
 
 
 def _read_exact(stream, n: int, what: str) -> bytes:
-    data = stream.read(n)
+    data = stream.read(min(n, _MAX_READ))
     if len(data) == n:
         return data
     parts = [data]
     got = len(data)
-    while got < n:  # pipes and sockets may return less than asked before the end
-        more = stream.read(n - got)
+    while got < n:  # pipes and sockets may return less than asked before the end; large members come in pieces
+        more = stream.read(min(n - got, _MAX_READ))
         if not more:
             raise EOFError(f"truncated tar: {what} cut short ({got} of {n} bytes)")
         parts.append(more)
@@ -70,9 +74,11 @@ def _pax_records(data: bytes) -> dict:
         space = data.find(b" ", at)
         if space < 0:
             break
-        try:
-            length = int(data[at:space])
-        except ValueError:
+        digits = data[at:space]
+        if not digits.isdigit() or len(digits) > 18:  # (int() would take "-8", " 1" or "1_0": a record that never advances)
+            break
+        length = int(digits)
+        if length <= space - at:  # a record must hold more than its own length field, or reading never ends
             break
         key, _, value = data[space + 1:at + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -108,6 +114,9 @@ class Member:
     def read(self) -> bytes:
         if self.was_read:
             raise RuntimeError(f"tar member {self.name} read twice")
+        if self.size > MAX_MEMBER_BYTES:
+            raise TarError(f"tar member {self.name} ({self._where}) claims {self.size} bytes, more than the "
+                           f"{MAX_MEMBER_BYTES >> 20} MiB a sample's member may have")
         self.was_read = True
         return _read_exact(self._stream, self.size, f"{self.name} ({self._where})")
 
@@ -136,6 +145,8 @@ def tar_members(stream) -> Iterator[Member]:
         padded = -(-size // BLOCK) * BLOCK
         offset += BLOCK
         if kind in (b"L", b"x", b"g"):  # metadata about the next member
+            if size > _MAX_META_BYTES:
+                raise TarError(f"bad tar header at byte {offset - BLOCK}: an extended header of {size} bytes")
             data = _read_exact(stream, size, f"extended header at byte {offset}")
             _skip(stream, padded - size, f"extended header at byte {offset}")
             if kind == b"L":
