@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fuzz.bounds import MAX_READ_REQUEST, StingyStream, memory_limit, one_line, time_limit
+from fuzz_bounds import MAX_READ_REQUEST, StingyStream, memory_limit, one_line, time_limit
 from vitscale.data.tario import ShardError, iter_shard
 from vitscale.data.tarstream import BLOCK, TarError, tar_members
 

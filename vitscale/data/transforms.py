@@ -23,6 +23,9 @@ from vitscale.data.augment import randaugment
 EVAL_CROP_FRACTION = 0.875
 
 
+# What PIL may open: raster formats a training image comes in. Not EPS/PDF (PIL runs Ghostscript on them) nor
+# the dozens of rarer plugins, each more parser code facing a user's bytes.
+_PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: a 1 GiB RGBA image; larger is likely a bomb
 _EXIF_ORIENTATION = 0x0112
 
@@ -93,6 +96,11 @@ def _jpeg_header(data: bytes) -> Optional[Header]:
         if marker == 0xFF:  # fill byte
             at += 1
             continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length field (libjpeg skips just these 2 bytes)
+            at += 2
+            continue
+        if marker == 0xD8:  # a second start of image: not a file libjpeg reads
+            return None
         size = (data[at + 2] << 8) | data[at + 3]
         if marker == 0xE1 and data[at + 4:at + 10] == b"Exif\0\0":
             orientation = _exif_orientation(data[at + 10:at + 2 + size])
@@ -147,7 +155,7 @@ def _pil_header(data: bytes) -> Header:
 
     try:
         with _our_pixel_limit():
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
                 fmt, mode, (w, h) = im.format or "", im.mode, im.size
                 # (a PNG's EXIF may sit after its pixels: PIL would decode them to find it, so only when seen)
                 has_exif = fmt in ("JPEG", "WEBP", "TIFF", "MPO") or "exif" in im.info
@@ -178,7 +186,7 @@ def _decode_pil(data: bytes) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with _our_pixel_limit():  # read_header has checked data.max_pixels already
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
             im = ImageOps.exif_transpose(im)  # a portrait photo stored sideways is trained on upright
             arr = _pil_rgb(im)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -188,11 +196,11 @@ def decode(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> torch
     """Image bytes (PNG/JPEG/WebP/...) -> uint8 tensor (3,H,W), RGB, EXIF orientation applied. Any PIL mode and
     bit depth is accepted (grayscale repeated to 3 channels, alpha dropped, 16-bit scaled to 8). Images over
     ``max_pixels`` (from the header) raise :class:`TooLarge` undecoded; unreadable ones :class:`DecodeError`.
-    8-bit JPEG/PNG stored upright use torchvision's decoder (fast); the rest, or what it rejects, PIL."""
+    8-bit JPEGs stored upright use torchvision's decoder (fast); the rest, or what it rejects, PIL. (Never
+    torchvision for PNG: its decode_png crashes the process, SIGSEGV, on a PNG whose compressed data is damaged.)"""
     head = read_header(data, max_pixels)
     img = None
-    if head.format in ("JPEG", "PNG") and head.orientation == 1 and not head.high_bit_depth and \
-            head.mode in ("RGB", "L", "RGBA", "LA", "P"):
+    if head.format == "JPEG" and head.orientation == 1 and head.mode in ("RGB", "L"):
         try:
             with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec)
                 warnings.simplefilter("ignore", DeprecationWarning)
