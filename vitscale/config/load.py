@@ -64,12 +64,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a message stays one line)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` (lossless conversions only) and against the key's choices."""
     value = _coerce_type(key, value, tp)
     allowed = choices().get(key)
     if allowed is not None and value is not None and value not in allowed:
-        raise ConfigError(f"config key '{key}' got {value!r}, expected one of {', '.join(map(str, allowed))}")
+        raise ConfigError(f"config key '{key}' got {_shown(value)}, expected one of {', '.join(map(str, allowed))}")
     return value
 
 
@@ -86,7 +92,7 @@ def _coerce_type(key: str, value: Any, tp: Any) -> Any:
                 return _coerce_type(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}' got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        raise ConfigError(f"config key '{key}' got {_shown(value)} ({type(value).__name__}), expected {_type_name(tp)}")
     ok = False
     if tp is bool:
         ok = isinstance(value, bool)
@@ -106,7 +112,7 @@ def _coerce_type(key: str, value: Any, tp: Any) -> Any:
         base = typing.get_origin(tp) or tp
         ok = isinstance(value, base)
     if not ok:
-        raise ConfigError(f"config key '{key}' got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+        raise ConfigError(f"config key '{key}' got {_shown(value)} ({type(value).__name__}), expected {_type_name(tp)}")
     return value
 
 
@@ -123,7 +129,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         tp, value, key = hints[name], data[name], prefix + name
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' must be a section (mapping), got {value!r}")
+                raise ConfigError(f"config key '{key}' must be a section (mapping), got {_shown(value)}")
             kwargs[name] = _build(tp, value, key + ".")
         else:
             kwargs[name] = _coerce(key, value, tp)
@@ -152,11 +158,51 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         key = key.strip()
         if key not in types and not key.startswith("engine.ds_config."):
             raise _unknown(key)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        _check_nesting(raw, f"override '{key}'")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"override '{key}': its value is not valid YAML: {first}") from None
+        _check_size(value, f"override '{key}'")
         if _wants_text(types.get(key)) and isinstance(value, (bool, int, float)):
             value = raw  # run.name=off or run.name=2024 are names, not YAML's false and 2024
         _set_dotted(tree, key, value)
     return tree
+
+
+# A config is a few hundred values. YAML aliases can make a short file expand to billions (each "*a" is the whole
+# anchored tree again, which later walks and copies would visit), so a config is refused past this many values.
+MAX_CONFIG_VALUES = 100_000
+
+
+MAX_FLOW_DEPTH = 64  # PyYAML takes minutes on "[[[[...]]]]" a few hundred deep; a config nests a few levels
+
+
+def _check_nesting(text: str, what: str) -> None:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    if deepest > MAX_FLOW_DEPTH:
+        raise ConfigError(f"{what} nests [ or {{ {deepest} deep, more than {MAX_FLOW_DEPTH}")
+
+
+def _check_size(tree: Any, what: str) -> None:
+    """Count the values of ``tree`` as later code would visit them (aliases expanded), stopping at the limit."""
+    stack, seen = [tree], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{what} holds more than {MAX_CONFIG_VALUES} values (YAML aliases expanding?)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -178,10 +224,14 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
+        text = p.read_text()
+        _check_nesting(text, f"config file {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        _check_size(data, f"config file {path}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides))

@@ -4,8 +4,10 @@ Shards are written by :mod:`vitscale.data.writer` (the format is described there
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -15,6 +17,9 @@ from vitscale.data.tario import label_ext
 from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_URLS = 1_000_000  # a brace pattern expanding to more is a typo (or a bomb), not a data set
+_RANGE = re.compile(r"\{(-?\d+|[a-zA-Z])\.\.(-?\d+|[a-zA-Z])(?:\.\.(-?\d+))?\}")
+_CHOICES = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 @dataclass
@@ -47,6 +52,27 @@ def check_labels(shard_sets: Union[ShardSet, Sequence[Optional[ShardSet]]], num_
                              f"allows 0..{num_classes - 1}")
 
 
+def _expand(pattern: str) -> list[str]:
+    """The urls of a brace pattern, refused (one line) past MAX_URLS instead of expanding without end."""
+    import braceexpand
+
+    # braceexpand builds each {a..b} range whole before yielding a url: count first (an upper bound; nested
+    # braces are counted at each level), or "{0..999999999}" takes all memory
+    count = 1
+    for lo, hi, step in _RANGE.findall(pattern):
+        ends = [int(x) if x.lstrip("-").isdigit() else ord(x) for x in (lo, hi)]
+        count *= abs(ends[1] - ends[0]) // max(abs(int(step or 1)), 1) + 1
+    for items in _CHOICES.findall(pattern):
+        count *= items.count(",") + 1
+    try:
+        urls = list(itertools.islice(braceexpand.braceexpand(pattern), MAX_URLS + 1)) if count <= MAX_URLS else []
+    except ValueError:  # braceexpand's UnbalancedBracesError (its message quotes the pattern, newlines and all)
+        raise ValueError(f"shard spec {pattern[:80]!r}: unbalanced braces") from None
+    if count > MAX_URLS or len(urls) > MAX_URLS:
+        raise ValueError(f"shard spec {pattern[:80]!r} expands to more than {MAX_URLS} urls")
+    return urls
+
+
 # ----- resolving -----------------------------------------------------------------------------------------------
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
@@ -57,7 +83,8 @@ def _local(url: str) -> str:
 
 
 def _missing(path) -> FileNotFoundError:
-    return FileNotFoundError(f"shard spec: no such file: {path}")
+    shown = str(path) if str(path).isprintable() else repr(str(path))  # one line, whatever the spec holds
+    return FileNotFoundError(f"shard spec: no such file: {shown}")
 
 
 def load_manifest(path) -> ShardSet:
@@ -68,17 +95,28 @@ def load_manifest(path) -> ShardSet:
     try:
         m = json.loads(path.read_text())
         names = [s["name"] for s in m["shards"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a shard manifest ({e})") from None
+        names_ = m.get("class_names")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a shard manifest ({type(e).__name__}: {str(e)[:100]})") from None
+    wrong = [k for k, ok in (("shard names", all(isinstance(n, str) and n for n in names)),
+                             ("class_names", names_ is None or (isinstance(names_, list) and
+                                                                all(isinstance(c, str) for c in names_))),
+                             ("num_samples", _count_or_none(m.get("num_samples"))),
+                             ("num_classes", _count_or_none(m.get("num_classes")))) if not ok]
+    if wrong:
+        raise ValueError(f"{path}: not a shard manifest (bad {', '.join(wrong)})")
     urls = []
     for name in names:
         p = name if _is_remote(name) or os.path.isabs(name) else str(path.parent.resolve() / name)
         if not _is_remote(p) and not os.path.isfile(p):
             raise _missing(p)
         urls.append(p)
-    names_ = m.get("class_names")
     return ShardSet(urls=urls, num_samples=m.get("num_samples"), num_classes=m.get("num_classes"),
                     class_names=list(names_) if names_ is not None else None, labels=m.get("labels"))
+
+
+def _count_or_none(value) -> bool:
+    return value is None or (type(value) is int and value >= 0)
 
 
 def _with_manifest_info(urls: list[str]) -> ShardSet:
@@ -95,7 +133,11 @@ def _with_manifest_info(urls: list[str]) -> ShardSet:
     try:
         m = json.loads(mpath.read_text())
         counts = {s["name"]: s["count"] for s in m["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return out
+    names_ = m.get("class_names")
+    if not all(_count_or_none(c) for c in [*counts.values(), m.get("num_classes")]) or not (
+            names_ is None or (isinstance(names_, list) and all(isinstance(c, str) for c in names_))):
         return out
     names = [Path(u).name for u in urls]
     if all(n in counts for n in names):
@@ -114,8 +156,6 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
     to the list file); ``pipe:...`` / ``http(s)://...`` urls (passed through, braces expanded); a single
     ``.tar``/``.tar.gz``/``.tgz`` shard. Missing local files raise ``FileNotFoundError`` naming the path.
     """
-    import braceexpand
-
     spec = str(spec).strip()
     if not spec:
         raise ValueError("empty shard spec")
@@ -126,9 +166,9 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
         paths = ensure_demo_shards(parts[1], cache_dir)
         return load_manifest(paths[parts[2] if len(parts) == 3 else "train"])
     if _is_remote(spec):
-        return ShardSet(urls=list(braceexpand.braceexpand(spec)))
+        return ShardSet(urls=_expand(spec))
     if "{" in spec:
-        urls = [_local(u) for u in braceexpand.braceexpand(spec)]
+        urls = [_local(u) for u in _expand(spec)]
         for u in urls:
             if not os.path.isfile(u):
                 raise _missing(u)
@@ -147,7 +187,7 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        for u in braceexpand.braceexpand(line):
+        for u in _expand(line):
             if not _is_remote(u):
                 u = _local(u)
                 if not os.path.isabs(u):

@@ -168,7 +168,10 @@ def sample_label(sample: dict, label_key: str = "cls") -> Optional[int]:
     if raw is None:
         return None
     if ext == "json":
-        value = json.loads(raw)
+        try:
+            value = json.loads(raw)
+        except RecursionError:  # "[[[[..." nested deeper than Python's stack: as unreadable as any bad JSON
+            raise ValueError(".json label member is nested too deeply") from None
         for part in label_key.split(":", 1)[1].split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if value is None:

@@ -66,8 +66,10 @@ def is_complete(path: Path) -> tuple[bool, str]:
         return False, "no COMPLETE marker (a save was interrupted)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return False, "unreadable COMPLETE marker"
+    if not isinstance(files, dict) or not all(type(n) is int for n in files.values()):
+        return False, "unreadable COMPLETE marker (not a list of files and sizes)"
     for rel, size in files.items():
         f = path / rel
         if not f.is_file():
@@ -75,6 +77,28 @@ def is_complete(path: Path) -> tuple[bool, str]:
         if f.stat().st_size != size:
             return False, f"file {rel} is {f.stat().st_size} bytes, expected {size} (truncated?)"
     return True, ""
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked before anything uses it: an object with an integer ``step`` >= 0,
+    a ``config`` of sections and numbers where numbers belong; else :class:`CheckpointReadError` naming the file."""
+    f = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointReadError(f"{f} is unreadable: {type(e).__name__}: {str(e)[:200]}".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"{f} is not a vitscale trainer state (a JSON object)")
+    config = state.get("config", {})
+    ints = {k: state[k] for k in ("step", "samples", "world_size", "nonfinite_losses", "rollbacks") if k in state}
+    bad = [k for k, v in ints.items() if type(v) is not int or v < (1 if k == "world_size" else 0)]
+    bad += [] if "step" in state else ["step (missing)"]
+    bad += [] if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else ["config"]
+    bad += [] if type(state.get("lr_scale", 1.0)) in (int, float) else ["lr_scale"]
+    bad += [] if isinstance(state.get("history", []), list) else ["history"]
+    if bad:
+        raise CheckpointReadError(f"{f} is not a vitscale trainer state: bad {', '.join(bad)}")
+    return state
 
 
 class CheckpointManager:

@@ -2,7 +2,6 @@
 it, and the per-rank state (RNG, data position) to restore. The files themselves are distributed/checkpoint.py's."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
