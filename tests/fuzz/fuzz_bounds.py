@@ -1,10 +1,23 @@
-"""What every fuzzed reader must respect: only the allowed errors escape, one line each, in bounded time and memory."""
+"""What every fuzzed reader must respect: only the allowed errors escape, one line each, in bounded time and memory.
+
+Every fuzz module imports this first; it sets hypothesis's profile. CI runs a fixed, bounded set of examples (``derandomize``: the same inputs every run, so a failure reproduces).
+``VITSCALE_FUZZ=long pytest tests/fuzz`` runs 2000 random examples per property (50x CI), for a soak.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 import tracemalloc
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                     HealthCheck.filter_too_much], print_blob=True)
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("long", max_examples=2000, derandomize=False, **_COMMON)
+settings.load_profile("long" if os.environ.get("VITSCALE_FUZZ") == "long" else "ci")
 
 # No single read may ask for more than this: a header claiming 100 GB must not make the reader allocate it.
 MAX_READ_REQUEST = 1 << 20

@@ -25,7 +25,7 @@ EVAL_CROP_FRACTION = 0.875
 
 # What PIL may open: raster formats a training image comes in. Not EPS/PDF (PIL runs Ghostscript on them) nor
 # the dozens of rarer plugins, each more parser code facing a user's bytes.
-_PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # (JPEG covers MPO)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: a 1 GiB RGBA image; larger is likely a bomb
 _EXIF_ORIENTATION = 0x0112
 
