@@ -185,7 +185,9 @@ def test_device_decode_gives_the_worker_images(tmp_path, data_cache):
     counted, not fatal."""
     photos = resolve_shards("demo:photos", str(data_cache))
     kw = dict(batch_size=8, img_size=32, seed=5, rank=0, world_size=1, num_workers=1, crop_min_scale=0.4)
-    worker, device = (_take(build_train_loader(photos.urls, **kw, decode_on=on), 3) for on in ("worker", "device"))
+    # (pixel for pixel against the worker's full decode: its reduced-size decoding is within 35 dB, not equal)
+    worker, device = (_take(build_train_loader(photos.urls, **kw, decode_on=on, reduced_decode=False), 3)
+                      for on in ("worker", "device"))
     for a, b in zip(worker, device):
         assert isinstance(b["image"], list) and b["key"] == a["key"] and b["stream"] == a["stream"]
         images, bad = materialize(b["image"], "cpu")

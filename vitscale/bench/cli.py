@@ -41,6 +41,10 @@ def add_parsers(subparsers) -> None:
     d.add_argument("--workers", type=int, default=None, help="default: data.num_workers of --config, else 2")
     d.add_argument("--img-size", type=int, default=None, help="default: model.img_size of --config, else 224")
     d.add_argument("--batches", type=int, default=10, help="timed batches per loader (default 10)")
+    d.add_argument("--imagenet-sized", action="store_true",
+                   help="ImageNet-sized JPEGs (500x375, ~110 KB) instead of 256-500 px crops (~30-60 KB)")
+    d.add_argument("--tar-readers", action="store_true",
+                   help="also time our loader with webdataset's tar reader in place of vitscale's tarstream")
     b.set_defaults(func=run_bench_cmd)
 
     p = subparsers.add_parser(
@@ -103,7 +107,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
             workers=pick(args.workers, lambda: cfg.data.num_workers, 2),
             img_size=pick(args.img_size, lambda: cfg.model.img_size, 224),
             crop_min_scale=cfg.data.crop_min_scale if cfg is not None else 0.35, batches=args.batches,
-            rounds=args.rounds)
+            rounds=args.rounds, imagenet=args.imagenet_sized, tar_readers=args.tar_readers)
         print_data_bench(res)
     else:
         if "data" in what:

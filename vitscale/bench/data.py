@@ -33,10 +33,15 @@ from vitscale.data.transforms import _decode_pil, _resize, decode, random_resize
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
-def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, seed: int = 0) -> list[Path]:
-    """``n`` JPEG crops (quality 90) of the skimage photos in an ImageFolder tree ``root/<photo>/<i>.jpg``."""
+def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, seed: int = 0,
+                imagenet: bool = False) -> list[Path]:
+    """``n`` JPEG crops (quality 90) of the skimage photos in an ImageFolder tree ``root/<photo>/<i>.jpg``; with
+    ``imagenet``, ImageNet-sized files instead (see :func:`_imagenet_like`)."""
     import skimage.data
     from PIL import Image
+
+    if imagenet:
+        return _imagenet_like(root, n, seed)
 
     if n < 1 or not 16 <= min_size <= max_size:
         raise ValueError(f"bench data: need --images >= 1 and 16 <= --min-size <= --max-size (got {n}, "
@@ -63,6 +68,37 @@ def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, se
         path = root / name / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[top:top + h, left:left + w]).save(path, format="JPEG", quality=90)
+        files.append(path)
+    return files
+
+
+def _imagenet_like(root: Path, n: int, seed: int) -> list[Path]:
+    """JPEGs the size of an average ImageNet training image: 500x375 (one in four 375x500), ~110 KB. The skimage
+    photos are upscaled 1.6x (or more, to a 520 px short side) and cropped; upscaling leaves them smoother than a camera's photo (half the bytes at
+    the same quality), so Gaussian noise (sigma 10) stands in for sensor texture, saved at quality 95: 96-114 KB."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+    photos = {}
+    for name in names:
+        try:
+            img = Image.fromarray(np.asarray(getattr(skimage.data, name)())[:, :, :3])
+        except Exception:  # a photo that would need a download
+            continue
+        scale = max(1.6, 520 / min(img.size))  # every photo can give a 500 px side
+        photos[name] = np.asarray(img.resize((int(img.width * scale), int(img.height * scale)), Image.BICUBIC))
+    files = []
+    for i in range(n):
+        name = sorted(photos)[i % len(photos)]
+        img = photos[name]
+        h, w = (500, 375) if i % 4 == 3 else (375, 500)
+        top, left = int(rng.integers(img.shape[0] - h + 1)), int(rng.integers(img.shape[1] - w + 1))
+        noisy = img[top:top + h, left:left + w].astype(np.float32) + rng.normal(0, 10, (h, w, 3))
+        path = root / name / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=95)
         files.append(path)
     return files
 
@@ -146,6 +182,58 @@ def ours_iterator(urls: list[str], batch: int, workers: int, img_size: int, crop
     loader = build_train_loader(urls, batch_size=batch, img_size=img_size, seed=0, rank=0, world_size=1,
                                 num_workers=workers, crop_min_scale=crop_min_scale)
     return iter(loader)
+
+
+class _WdsMember:
+    """A member as webdataset's tar iterator hands it over (already read), shaped like tarstream's Member."""
+
+    __slots__ = ("name", "data")
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self.data = name, data
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def wds_tar_members(stream):
+    """The members of a tar stream through webdataset's own reader (``tariterators.tar_file_iterator``, Python's
+    ``tarfile`` in stream mode) instead of vitscale's tarstream: what the bench compares."""
+    from webdataset.tariterators import tar_file_iterator
+
+    for item in tar_file_iterator(stream, skip_meta=None):
+        yield _WdsMember(item["fname"], item["data"])
+
+
+def wds_reader_iterator(urls: list[str], batch: int, workers: int, img_size: int, crop_min_scale: float):
+    """Our loader with webdataset's tar reader in its workers (patched in while they fork: they keep it)."""
+    from vitscale.data import tario
+
+    ours = tario.tar_members
+    tario.tar_members = wds_tar_members
+    try:
+        return ours_iterator(urls, batch, workers, img_size, crop_min_scale)
+    finally:
+        tario.tar_members = ours
+
+
+def tar_costs(urls: list[str], passes: int = 3) -> dict[str, float]:
+    """Single-core microseconds per sample to read the shards' members (all bytes) with each tar reader."""
+    from vitscale.data.tarstream import tar_members
+
+    best = {"tar_ours_us": float("inf"), "tar_wds_us": float("inf")}
+    samples = 0
+    for _ in range(passes):
+        for key, members in (("tar_ours_us", tar_members), ("tar_wds_us", wds_tar_members)):
+            n, t0 = 0, time.process_time()
+            for url in urls:
+                with open(url, "rb") as f:
+                    for m in members(f):
+                        m.read()
+                        n += 1
+            best[key] = min(best[key], time.process_time() - t0)
+            samples = n // 2  # an image and a label member per sample
+    return {k: 1e6 * v / samples for k, v in best.items()}
 
 
 def _forever(loader):
@@ -255,7 +343,8 @@ def per_image_costs(files: list[Path], img_size: int, crop_min_scale: float, pas
 
 def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, batch: int = 32,
                    workers: int = 2, img_size: int = 224, crop_min_scale: float = 0.35, batches: int = 10,
-                   rounds: int = 3, warmup: Optional[int] = None, workdir: Optional[str] = None) -> dict[str, Any]:
+                   rounds: int = 3, warmup: Optional[int] = None, workdir: Optional[str] = None,
+                   imagenet: bool = False, tar_readers: bool = False) -> dict[str, Any]:
     """Generate the files; time ours, ImageFolder and decode-only in alternating rounds; return the results."""
     if batch < 1 or workers < 0 or batches < 1 or img_size < 8 or rounds < 1:
         raise ValueError(f"bench data: need --batch-size >= 1, --workers >= 0, --batches >= 1, --img-size >= 8, "
@@ -267,19 +356,22 @@ def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, 
                          f"({2 * procs})")
     with tempfile.TemporaryDirectory(prefix="vitscale-bench-data-", dir=workdir) as tmp:
         root = Path(tmp)
-        files = make_images(root / "folder", images, min_size, max_size)
+        files = make_images(root / "folder", images, min_size, max_size, imagenet=imagenet)
         urls = write_bench_shards(files, root / "shards", num_shards=max(2 * procs, 2))
         costs = per_image_costs(files, img_size, crop_min_scale)
+        if tar_readers:
+            costs.update(tar_costs(urls))
         recs = _timed_rounds(files, urls, root / "folder", batch, workers, img_size, crop_min_scale, batches,
-                             rounds, warmup)
+                             rounds, warmup, tar_readers)
     res = {k: r.summary() for k, r in recs.items()}
-    return {"images": images, "size_range": [min_size, max_size], "batch": batch, "workers": workers,
+    return {"images": images, "size_range": [375, 500] if imagenet else [min_size, max_size], "imagenet": imagenet, "batch": batch, "workers": workers,
             "img_size": img_size, "crop_min_scale": crop_min_scale, "timed_batches": batches, "warmup": warmup,
             "rounds": rounds, "cores": os.cpu_count() or 1, **_compare(res, costs, img_size)}
 
 
 def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: int, workers: int, img_size: int,
-                  crop_min_scale: float, batches: int, rounds: int, warmup: int) -> dict[str, Round]:
+                  crop_min_scale: float, batches: int, rounds: int, warmup: int,
+                  tar_readers: bool = False) -> dict[str, Round]:
     """Start the three loaders (their processes before any timing), then time them in alternating rounds, each
     while the others' processes are idle. The loaders' workers end when this returns."""
     procs = max(workers, 1)
@@ -290,6 +382,12 @@ def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: 
     folder = imagefolder_iterator(folder_root, batch, workers, img_size, crop_min_scale)
     next(folder)  # starts its workers
     folder_pids = _children() - base - ours_pids
+    loaders = [("vitscale", ours, ours_pids)]
+    if tar_readers:  # the same loader with webdataset's tar reader: the ratio of the two is the reader's worth
+        recs["vitscale_wds_tar"] = Round()
+        wds = wds_reader_iterator(urls, batch, workers, img_size, crop_min_scale)
+        loaders.append(("vitscale_wds_tar", wds, _children() - base - ours_pids - folder_pids))
+        folder_pids = folder_pids - loaders[1][2]
     threads = torch.get_num_threads()
     # The consumer normalises with one thread: with more, OpenMP threads spin against the busy workers on a
     # small machine (measured: 1.06 vs 0.31 ms/img on 2 cores); a GPU trainer does it on the device anyway.
@@ -297,13 +395,15 @@ def _timed_rounds(files: list[Path], urls: list[str], folder_root: Path, batch: 
     try:
         with mp.get_context("fork").Pool(procs, initializer=_one_thread) as pool:
             pool.map(_decode_files, [[str(files[0])]] * procs)  # processes started before timing
-            pool_pids = _children() - base - ours_pids - folder_pids
-            everyone = ours_pids | folder_pids | pool_pids
+            loader_pids = set().union(*(pids for _, _, pids in loaders))
+            pool_pids = _children() - base - loader_pids - folder_pids
+            everyone = loader_pids | folder_pids | pool_pids
             for _ in range(rounds):
                 # ours normalises in the consumer like the trainer; torchvision's recipe did it in the workers
-                _wait_idle(everyone - ours_pids)
-                _timed_batches(ours, batch, warmup, batches, recs["vitscale"], ours_pids,
-                               consume=lambda b: normalize(b["image"]))
+                for name, it, pids in loaders:
+                    _wait_idle(everyone - pids)
+                    _timed_batches(it, batch, warmup, batches, recs[name], pids,
+                                   consume=lambda b: normalize(b["image"]))
                 _wait_idle(everyone - folder_pids)
                 _timed_batches(folder, batch, warmup, batches, recs["imagefolder"], folder_pids)
                 _wait_idle(everyone - pool_pids)
@@ -329,7 +429,13 @@ def _compare(res: dict[str, dict], costs: dict[str, float], img_size: int) -> di
     stages["worker rest (tar, seeds, collate, IPC)"] = max(workers_ms - sum(stages.values()), 0.0)
     stages["normalize"] = costs["normalize"]
     stages["consumer rest (receive)"] = max(consumer - costs["normalize"], 0.0)
-    return {"img_per_s": ips, "cpu_ms_per_image": cpu,
+    tar = {}
+    if "vitscale_wds_tar" in ips:  # > 1: our tar reader is faster end to end
+        tar = {"tar_reader_speedup": ips["vitscale"] / ips["vitscale_wds_tar"],
+               "tar_reader_cpu_saving": ratio(cpu["vitscale_wds_tar"], cpu["vitscale"]),
+               "tar_reader_rounds": [a / b for a, b in zip(res["vitscale"]["rounds_img_per_s"],
+                                                           res["vitscale_wds_tar"]["rounds_img_per_s"])]}
+    return {**tar, "img_per_s": ips, "cpu_ms_per_image": cpu,
             "ratio_vs_imagefolder": ips["vitscale"] / ips["imagefolder"],
             "cpu_ratio_vs_imagefolder": ratio(cpu["imagefolder"], cpu["vitscale"]),
             "fraction_of_decode_only": ips["vitscale"] / ips["decode_only"],
@@ -359,6 +465,12 @@ def print_data_bench(r: dict[str, Any]) -> None:
         ["decode only (read + decode)", f"{ips['decode_only']:.1f}", f"{ips['decode_only'] / ips['imagefolder']:.2f}x",
          "100%", f"{cpu['decode_only']:.2f}",
          _x(cpu["imagefolder"] / cpu["decode_only"] if cpu["decode_only"] else None)]])
+    if "tar_reader_speedup" in r:
+        print(f"tar readers: vitscale's tarstream vs webdataset's tar_file_iterator in the same loader: "
+              f"{ips['vitscale']:.1f} vs {ips['vitscale_wds_tar']:.1f} img/s ({r['tar_reader_speedup']:.3f}x; "
+              f"per round {', '.join(f'{x:.3f}' for x in r['tar_reader_rounds'])}), CPU "
+              f"{cpu['vitscale']:.3f} vs {cpu['vitscale_wds_tar']:.3f} ms/img; reading alone "
+              f"{c['tar_ours_us']:.0f} vs {c['tar_wds_us']:.0f} us per sample (one core)")
     st = r["stage_ms"]
     share = (lambda v: f" ({100 * v / cpu['vitscale']:.0f}%)") if cpu["vitscale"] > 0 else (lambda v: "")
     parts = ", ".join(f"{k} {v:.2f} ms{share(v)}" for k, v in st.items())

@@ -44,6 +44,7 @@ from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elas
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
 from vitscale.data.tario import ShardError, label_ext, sample_image, sample_label
+from vitscale.data.reduced_decode import train_image
 from vitscale.data.transforms import DEFAULT_MAX_PIXELS, DeferredJpeg, decode, jpeg_size, train_crop, train_transform
 from vitscale.errors import DataError
 
@@ -70,6 +71,7 @@ class StreamPlan:
     num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
+    reduced_decode: bool = True  # JPEGs whose crop is >= 2x the output decode at 1/2-1/8 size (reduced_decode.py)
     k: int = 1  # shards per block for epochs not in ``plans``
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
 
@@ -146,7 +148,10 @@ class WorkerStream:
         if size is not None:  # the same draws from g as below: the same crop either way
             crop = train_crop(*size, p.img_size, g, p.crop_min_scale, randaug=p.randaug)
             return DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop), label
-        image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug)
+        if p.reduced_decode:
+            image = train_image(data, p.img_size, g, p.crop_min_scale, randaug=p.randaug, max_pixels=p.max_pixels)
+        else:
+            image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug)
         return image, label
 
     def _label(self, sample: dict) -> int:
@@ -345,7 +350,8 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
                        state: Union[dict, list, None] = None, max_bad_fraction: float = 0.01,
                        decode_on: str = "worker", shards_in_flight: int = 16, shuffle_buffer: int = 1000,
                        label_key: str = "cls", num_classes: int = 0,
-                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, randaug: str = "") -> TrainLoader:
+                       max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, randaug: str = "",
+                       reduced_decode: bool = True) -> TrainLoader:
     """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()`` (or the list of
     every rank's, to resume on another layout)."""
     urls = list(urls)
@@ -367,7 +373,7 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
                       num_classes=int(num_classes), max_pixels=max_pixels, k=block_size(order, world_size * workers),
-                      randaug=randaug)
+                      randaug=randaug, reduced_decode=reduced_decode)
     return TrainLoader(plan, num_workers, state)
 
 

@@ -39,7 +39,7 @@ class TooLarge(DecodeError):
 
 
 @contextlib.contextmanager
-def _our_pixel_limit():
+def our_pixel_limit():
     """PIL's own decompression-bomb limit off while it reads a header (data.max_pixels decides, with a message
     naming the size) or decodes an image that passed that check."""
     from PIL import Image
@@ -154,7 +154,7 @@ def _pil_header(data: bytes) -> Header:
     from PIL import Image
 
     try:
-        with _our_pixel_limit():
+        with our_pixel_limit():
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
                 fmt, mode, (w, h) = im.format or "", im.mode, im.size
                 # (a PNG's EXIF may sit after its pixels: PIL would decode them to find it, so only when seen)
@@ -185,7 +185,7 @@ def _pil_rgb(im) -> "numpy.ndarray":  # noqa: F821 (numpy is imported lazily)
 def _decode_pil(data: bytes) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    with _our_pixel_limit():  # read_header has checked data.max_pixels already
+    with our_pixel_limit():  # read_header has checked data.max_pixels already
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
             im = ImageOps.exif_transpose(im)  # a portrait photo stored sideways is trained on upright
             arr = _pil_rgb(im)
@@ -275,6 +275,11 @@ def apply_crop(img: torch.Tensor, crop: Crop) -> torch.Tensor:
     """Cut, resize and mirror a decoded uint8 (3,H,W) image, on whatever device it is (a view in any memory
     layout: stack it or call ``.contiguous()``)."""
     out = _resize(img[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width], [crop.size, crop.size])
+    return finish_crop(out, crop)
+
+
+def finish_crop(out: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """Mirror (and RandAugment) a cut and resized (3,S,S) image as ``crop`` says."""
     out = out.flip(-1) if crop.flip else out
     if crop.randaug:
         out = randaugment(out.contiguous(), crop.randaug, crop.aug_seed)
