@@ -9,8 +9,8 @@ boundary; torchvision's reference recipe normalises in the workers and ships flo
 
 The decode-only limit decodes the same files (read + ``torchvision.io.decode_image``, the decoder our pipeline
 uses) in a bare loop in as many processes as there are workers. Per-image single-core costs (read, decode,
-crop+resize+flip, normalise) say what bounds the loader; the PIL ``draft()`` figure measures one lever (JPEG
-DCT-domain downscaling when the random crop is at least twice the output size) without changing the pipeline.
+crop+resize+flip, normalise) say what bounds the loader; "reduced decode" is what the loader does per image
+(data/reduced_decode.py: JPEGs whose crop is >= 2x the output decode at reduced size), against decode + transform.
 """
 from __future__ import annotations
 
@@ -27,9 +27,12 @@ import numpy as np
 import torch
 
 from vitscale.bench.common import print_table
+from vitscale.data import tario
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import write_shards
-from vitscale.data.transforms import _decode_pil, _resize, decode, random_resized_crop_params, train_transform
+from vitscale.data.reduced_decode import train_image
+from vitscale.data.tarstream import tar_members
+from vitscale.data.transforms import _decode_pil, decode, train_transform
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
@@ -207,8 +210,6 @@ def wds_tar_members(stream):
 
 def wds_reader_iterator(urls: list[str], batch: int, workers: int, img_size: int, crop_min_scale: float):
     """Our loader with webdataset's tar reader in its workers (patched in while they fork: they keep it)."""
-    from vitscale.data import tario
-
     ours = tario.tar_members
     tario.tar_members = wds_tar_members
     try:
@@ -219,8 +220,6 @@ def wds_reader_iterator(urls: list[str], batch: int, workers: int, img_size: int
 
 def tar_costs(urls: list[str], passes: int = 3) -> dict[str, float]:
     """Single-core microseconds per sample to read the shards' members (all bytes) with each tar reader."""
-    from vitscale.data.tarstream import tar_members
-
     best = {"tar_ours_us": float("inf"), "tar_wds_us": float("inf")}
     samples = 0
     for _ in range(passes):
@@ -276,27 +275,6 @@ def decode_only_round(pool, files: list[Path], procs: int, rec: Round, pids: set
     rec.add(done, time.perf_counter() - t0, _cpu_seconds(pids, main=False) - c0)
 
 
-def _decode_draft(data: bytes, img_size: int, g: torch.Generator, crop_min_scale: float) -> torch.Tensor:
-    """The lever: pick the random crop from the JPEG header size, decode at 1/2, 1/4 or 1/8 scale via PIL
-    ``draft()`` while the crop still covers ``img_size`` pixels, then crop + resize + flip as usual."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        W, H = im.size
-        top, left, h, w = random_resized_crop_params(H, W, (crop_min_scale, 1.0), (3 / 4, 4 / 3), g)
-        r = 1
-        while r < 8 and min(h, w) // (2 * r) >= img_size:
-            r *= 2
-        if r > 1:
-            im.draft("RGB", (W // r, H // r))
-        arr = np.array(im.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-    sx, sy = arr.shape[1] / W, arr.shape[0] / H
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    crop = t[:, int(top * sy):int(top * sy) + max(int(h * sy), 1), int(left * sx):int(left * sx) + max(int(w * sx), 1)]
-    out = _resize(crop, [img_size, img_size])
-    return out.flip(-1) if float(torch.rand((), generator=g)) < 0.5 else out
-
-
 def per_image_costs(files: list[Path], img_size: int, crop_min_scale: float, passes: int = 3) -> dict[str, float]:
     """Single-core milliseconds per image for each stage, on up to 128 of the files: image by image as a worker
     does (so freed buffers are reused, as in the loader), the best of ``passes`` passes."""
@@ -330,7 +308,7 @@ def per_image_costs(files: list[Path], img_size: int, crop_min_scale: float, pas
             took["decode_pil"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for b in blobs:
-                _decode_draft(b, img_size, g2, crop_min_scale)
+                train_image(b, img_size, g2, crop_min_scale)
             took["draft_decode_transform"] = time.perf_counter() - t0
             best = {k: min(best[k], took[k]) for k in stages}
     finally:
@@ -478,6 +456,6 @@ def print_data_bench(r: dict[str, Any]) -> None:
     print(f"single-core stage costs: PIL decode {c['decode_pil']:.2f} ms vs torchvision {c['decode']:.2f} ms; IPC per "
           f"image {r['ipc_kb_per_image']['vitscale_uint8']:.0f} KB (uint8) vs "
           f"{r['ipc_kb_per_image']['imagefolder_float32']:.0f} KB (float32)")
-    print(f"lever (not applied): PIL draft() reduced-size JPEG decode when the crop is >= 2x the output: "
-          f"decode+transform {c['draft_decode_transform']:.2f} ms vs {c['decode'] + c['transform']:.2f} ms "
-          f"({r['draft_lever_speedup']:.2f}x)")
+    print(f"reduced-size JPEG decoding where the crop is >= 2x the output (applied in the loader): "
+          f"{c['draft_decode_transform']:.2f} ms vs decode+transform {c['decode'] + c['transform']:.2f} ms "
+          f"({r['draft_lever_speedup']:.2f}x faster)")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vitscale.data.transforms import (DEFAULT_MAX_PIXELS, Crop, Header, apply_crop, decode, finish_crop,
-                                      our_pixel_limit, read_header, train_crop)
+                                      our_pixel_limit, read_header, train_crop, train_transform)
 
 # (scale divisor, smallest crop-side / output-side ratio that may use it), largest first
 DRAFT_THRESHOLDS = ((8, 12.0), (4, 6.0), (2, 2.0))
@@ -51,8 +51,6 @@ def train_image(data: bytes, img_size: int, g: torch.Generator, crop_min_scale: 
     allows (see the module docstring). Raises what :func:`transforms.decode` raises."""
     head = read_header(data, max_pixels)
     if head.format != "JPEG" or head.orientation != 1 or head.mode not in ("RGB", "L"):
-        from vitscale.data.transforms import train_transform
-
         return train_transform(decode(data, max_pixels), img_size, g, crop_min_scale, randaug=randaug)
     crop = train_crop(head.height, head.width, img_size, g, crop_min_scale, randaug=randaug)
     scale = draft_scale(crop)
