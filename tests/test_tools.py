@@ -216,15 +216,30 @@ def test_bench_data_loaders(tmp_path):
     out = tmp_path / "data.json"
     r = run_cli(["bench", "--what", "data", "--images", "48", "--min-size", "64", "--max-size", "96",
                  "--img-size", "32", "--batch-size", "8", "--workers", "1", "--batches", "3", "--rounds", "1",
-                 "--json", str(out)], cwd=tmp_path)
+                 "--tar-readers", "--json", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     ips = res["img_per_s"]
-    assert min(ips.values()) > 0
+    assert min(ips.values()) > 0 and set(ips) == {"vitscale", "vitscale_wds_tar", "imagefolder", "decode_only"}
+    assert res["tar_reader_speedup"] == pytest.approx(ips["vitscale"] / ips["vitscale_wds_tar"])
+    assert res["per_image_ms"]["tar_ours_us"] > 0 and res["per_image_ms"]["tar_wds_us"] > 0
+    assert "tar readers:" in r.stdout
     assert res["ratio_vs_imagefolder"] == pytest.approx(ips["vitscale"] / ips["imagefolder"])
     assert res["per_image_ms"]["decode"] > 0 and res["per_image_ms"]["transform"] > 0
     assert res["bound"] in res["stage_ms"]
     assert "vs ImageFolder" in r.stdout and "bound:" in r.stdout
+
+
+def test_imagenet_sized_bench_jpegs(tmp_path):
+    from PIL import Image
+
+    from vitscale.bench.data_inputs import imagenet_like
+
+    files = imagenet_like(tmp_path, 8, seed=0)
+    sizes = [Image.open(f).size for f in files]
+    assert sizes.count((500, 375)) == 6 and sizes.count((375, 500)) == 2
+    kb = [f.stat().st_size / 1024 for f in files]
+    assert 90 < sum(kb) / len(kb) < 125, kb  # ImageNet's training JPEGs average ~110 KB
 
 
 def test_bench_and_plan_bad_input(tmp_path):

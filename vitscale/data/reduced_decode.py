@@ -1,12 +1,14 @@
 """A training sample's pixels for less CPU: JPEGs whose random crop is much larger than the output are decoded
-at 1/2, 1/4 or 1/8 scale (libjpeg's DCT-domain scaling, through PIL's ``draft``), then cut and resized from the
+at 1/4 or 1/8 scale (libjpeg's DCT-domain scaling, through PIL's ``draft``), then cut and resized from the
 reduced image with the crop box in fractional coordinates.
 
 The crop is drawn from the header's size with the same generator draws as :func:`transforms.train_transform`,
 so the crop, flip and RandAugment seed are the ones a full decode gets. Thresholds (short side of the crop over
-the output side): 1/2 scale from 2x, 1/4 from 6x, 1/8 from 12x, where the output stays within PSNR >= 35 dB of
-decode-then-resize on real photos (measured: >= 38 dB; tests/test_reduced_decode.py). Anything else (PNG, a
-rotated or CMYK JPEG, a crop under 2x, a file PIL cannot read) takes the full decode.
+the output side): 1/4 scale from 6x, 1/8 from 12x, where the output stays within PSNR >= 35 dB of
+decode-then-resize on real photos (measured: >= 38 dB; tests/test_reduced_decode.py), and where it saves CPU
+(see DRAFT_THRESHOLDS: 1/2 scale would cost more than torchvision's full decode). Anything else (PNG, a rotated
+or CMYK JPEG, a crop under 6x, a file PIL cannot read) takes the full decode. On ImageNet-sized files (500x375)
+at 224 px no crop qualifies: this pays for low-resolution training (<= 64 px) or large source images.
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ import torch
 from vitscale.data.transforms import (DEFAULT_MAX_PIXELS, Crop, Header, apply_crop, decode, finish_crop,
                                       our_pixel_limit, read_header, train_crop, train_transform)
 
-# (scale divisor, smallest crop-side / output-side ratio that may use it), largest first
-DRAFT_THRESHOLDS = ((8, 12.0), (4, 6.0), (2, 2.0))
+# (scale divisor, smallest crop-side / output-side ratio that may use it), largest first. No 1/2: PIL's JPEG
+# decoding (entropy decoding of the whole file, then its own row unpacking) at 1/2 scale costs more CPU than
+# torchvision's full decode + resize (measured on 500x375 ~110 KB JPEGs, one core: 2.4-2.8 vs 2.0 ms); at 1/4 it
+# costs less (1.8 vs 2.0 ms), at 1/4-1/8 of an 872x1000 photo 0.6-0.7x.
+DRAFT_THRESHOLDS = ((8, 12.0), (4, 6.0))
 
 
 def draft_scale(crop: Crop) -> int:
-    """1, 2, 4 or 8: how much smaller the JPEG may be decoded for this crop."""
+    """1, 4 or 8: how much smaller the JPEG may be decoded for this crop."""
     ratio = min(crop.height, crop.width) / crop.size
     return next((r for r, need in DRAFT_THRESHOLDS if ratio >= need), 1)
 
