@@ -1,5 +1,5 @@
-"""Reduced-size JPEG decoding for training crops (data/reduced_decode.py: 1/4 and 1/8 scale): the same crop as a full decode, within
-PSNR 35 dB of decode-then-resize on real photos, and less CPU."""
+"""Reduced-size JPEG decoding for training crops (data/reduced_decode.py: 1/4 and 1/8 scale): the same crop as a
+full decode, within PSNR 35 dB of decode-then-resize on real photos, and less CPU."""
 import io
 import math
 import time

@@ -1,6 +1,7 @@
 """What every fuzzed reader must respect: only the allowed errors escape, one line each, in bounded time and memory.
 
-Every fuzz module imports this first; it sets hypothesis's profile. CI runs a fixed, bounded set of examples (``derandomize``: the same inputs every run, so a failure reproduces).
+Every fuzz module imports this first; it sets hypothesis's profile. CI runs a fixed, bounded set of examples
+(``derandomize``: the same inputs every run, so a failure reproduces).
 ``VITSCALE_FUZZ=long pytest tests/fuzz`` runs 2000 random examples per property (50x CI), for a soak.
 """
 from __future__ import annotations

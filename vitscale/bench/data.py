@@ -268,8 +268,8 @@ def run_data_bench(images: int = 512, min_size: int = 256, max_size: int = 500, 
         recs = _timed_rounds(files, urls, root / "folder", batch, workers, img_size, crop_min_scale, batches,
                              rounds, warmup, tar_readers)
     res = {k: r.summary() for k, r in recs.items()}
-    return {"images": images, "size_range": [375, 500] if imagenet else [min_size, max_size], "imagenet": imagenet, "batch": batch, "workers": workers,
-            "img_size": img_size, "crop_min_scale": crop_min_scale, "timed_batches": batches, "warmup": warmup,
+    return {"images": images, "size_range": [375, 500] if imagenet else [min_size, max_size], "imagenet": imagenet,
+            "batch": batch, "workers": workers, "img_size": img_size, "crop_min_scale": crop_min_scale, "timed_batches": batches, "warmup": warmup,
             "rounds": rounds, "cores": os.cpu_count() or 1, **_compare(res, costs, img_size)}
 
 

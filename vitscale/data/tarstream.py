@@ -75,7 +75,8 @@ def _pax_records(data: bytes) -> dict:
         if space < 0:
             break
         digits = data[at:space]
-        if not digits.isdigit() or len(digits) > 18:  # (int() would take "-8", " 1" or "1_0": a record that never advances)
+        # (int() would take "-8", " 1" or "1_0": a record that never advances)
+        if not digits.isdigit() or len(digits) > 18:
             break
         length = int(digits)
         if length <= space - at:  # a record must hold more than its own length field, or reading never ends
