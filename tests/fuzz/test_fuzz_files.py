@@ -190,3 +190,37 @@ def test_any_trainer_state_is_read_or_one_checkpoint_error(tmp_path_factory, raw
         state = TrainState.from_saved(got)
         assert type(state.step) is int and state.step >= 0
         assert all(isinstance(v, dict) for v in got.get("config", {}).values())
+
+
+def _torch_file() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"rng": torch.arange(5), "data": {"epoch": 1, "workers": [0.5, "x"]}}, buf)
+    return buf.getvalue()
+
+
+TORCH_FILE = _torch_file()
+
+
+@given(st.one_of(st.binary(max_size=200), st.integers(0, len(TORCH_FILE)).map(lambda n: TORCH_FILE[:n]),
+                 st.lists(st.tuples(st.integers(0, len(TORCH_FILE) - 1), st.integers(0, 255)), min_size=1,
+                          max_size=4).map(lambda edits: _edited(TORCH_FILE, edits))))
+def test_any_torch_file_is_loaded_or_one_checkpoint_error(tmp_path_factory, raw):
+    """safeload.py: a per-rank state or weights file cut short or damaged is one CheckpointReadError (torch
+    raised RuntimeError, EOFError, UnicodeDecodeError, IndexError, struct.error, KeyError ... before)."""
+    from vitscale.distributed.safeload import safe_load
+
+    path = tmp_path_factory.mktemp("pt") / "rank_00000.pt"
+    path.write_bytes(raw)
+    got = _refused_or_read(safe_load, path, allowed=(VitscaleError,))
+    assert isinstance(got, (dict, VitscaleError)), type(got)
+
+
+def _edited(data: bytes, edits) -> bytes:
+    out = bytearray(data)
+    for at, value in edits:
+        out[at] = value
+    return bytes(out)

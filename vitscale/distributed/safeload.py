@@ -37,14 +37,23 @@ def safe_load(path: Union[str, os.PathLike, Any], map_location: Any = "cpu", *, 
     """``torch.load`` that can only build tensors, plain containers and the classes in ``allowed``.
 
     A file that needs anything else (a pickle that would call ``os.system``, open a file, import a module ...)
-    raises :class:`CheckpointReadError` naming the file; nothing in it has run."""
+    raises :class:`CheckpointReadError` naming the file; nothing in it has run. So does a file cut short or
+    damaged (one line instead of torch's traceback); a missing file raises ``FileNotFoundError``."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", repr(path))
-        raise CheckpointReadError(f"{Path(name)} holds more than tensors and plain values; refusing to unpickle it "
+        raise CheckpointReadError(f"{_name(path)} holds more than tensors and plain values; refusing to unpickle it "
                                   f"({_reason(e)})") from None
+    except (OSError, MemoryError):
+        raise  # a missing or unreadable file says so itself
+    except Exception as e:  # cut short or damaged: torch raises RuntimeError, EOFError, UnicodeDecodeError, ...
+        raise CheckpointReadError(f"{_name(path)} is not a readable torch file (cut short or damaged?): "
+                                  f"{type(e).__name__}: {_reason(e)[:200]}") from None
+
+
+def _name(path: Any) -> Path:
+    return Path(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", repr(path)))
 
 
 @contextlib.contextmanager
