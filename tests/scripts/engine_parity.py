@@ -4,9 +4,10 @@ global batch split over the ranks, and write what the test compares across world
 Modes (several may run in one launch, in the order given):
   losses     per-stage ViT losses; at stage 3 also with gradient checkpointing (ViT, and MAE with and without
              it) and whether zero.Init built exactly the weights an unsharded build gives
-  save       train, save a checkpoint per stage under --save-to, dump every parameter's full fp32 value and AdamW
-             moments (gathered) to --out
-  load       load the checkpoints under --load-from at this world size (universal conversion when it differs), dump the same
+  save       train, save a checkpoint per stage 1-3 under --save-to, dump every parameter's full fp32 value, AdamW
+             moments (gathered) and group hyperparameters to --out, then train 2 more steps (their losses too)
+  load       load each checkpoint under --load-from (one per stage 1-3) at every stage 1-3 at this world size
+             (universal conversion when the world size or stage differs), dump the same; several --load-from
   memory     build a ViT with and without zero.Init, report the peak resident memory each build added
 """
 from __future__ import annotations
@@ -56,11 +57,11 @@ def batch_for_rank(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
 
 
-def train_steps(engine, cfg, rank: int, world: int) -> list[float]:
+def train_steps(engine, cfg, rank: int, world: int, steps: int = STEPS, first: int = 0) -> list[float]:
     images, labels = batch_for_rank(rank, world)
     losses = []
     engine.train()
-    for step in range(STEPS):
+    for step in range(first, first + steps):
         engine.set_lr(1e-3)
         torch.manual_seed(100 + step)  # MAE masks: the same on every run at this world size
         if cfg.objective.name == "mae":
@@ -101,30 +102,49 @@ def _dump(engine) -> dict:
     return {name: {k: v.tolist() for k, v in d.items()} for name, d in engine.full_state().items()}
 
 
+SAVED_STAGES = (1, 2, 3)
+EXTRA_STEPS = 2  # after a save (the uninterrupted run) and after a load (the resumed one)
+
+
+def _groups(engine) -> list[dict]:
+    """Each param group's hyperparameters (what a resume must keep, besides weights and moments)."""
+    return [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in engine.ds.optimizer.param_groups]
+
+
+def _after(engine, cfg, rank: int, world: int) -> dict:
+    """Everything a resume must restore, then the losses of two more steps: the first is computed from the
+    weights alone, the second after an update that uses the AdamW moments, step count and group hyperparameters."""
+    out = {"state": _dump(engine), "groups": _groups(engine)}
+    out["losses"] = train_steps(engine, cfg, rank, world, steps=EXTRA_STEPS, first=STEPS)
+    return out
+
+
 def mode_save(rank: int, world: int, ckpt: Path) -> dict:
     out = {}
-    for stage in (2, 3):
+    for stage in SAVED_STAGES:
         cfg = make_config(stage, world)
         engine = build_engine(cfg)
         train_steps(engine, cfg, rank, world)
         manager = CheckpointManager(ckpt / f"stage{stage}", rank)
         manager.save(engine, STEPS, {"step": STEPS, "world_size": world,
                                      "config": {"engine": {"zero_stage": stage}}}, {"rng": {}})
-        out[f"stage{stage}"] = _dump(engine)
+        out[f"stage{stage}"] = _after(engine, cfg, rank, world)
     return out
 
 
 def mode_load(rank: int, world: int, ckpt: Path) -> dict:
+    """Every checkpoint under CKPT (one per ZeRO stage 1-3) resumed at every stage 1-3 on this world size."""
     out = {}
-    for stage in (2, 3):
-        cfg = make_config(stage, world)
-        manager = CheckpointManager(ckpt / f"stage{stage}", rank)
-        path = manager.find("auto")
-        universal = manager.prepare(path, world, stage)  # converts once if the layout changed
-        engine = build_engine(cfg, load_universal=universal)
-        manager.load(engine, path, universal=universal)
-        out[f"stage{stage}"] = _dump(engine)
-        out[f"stage{stage}_universal"] = universal
+    for saved in SAVED_STAGES:
+        for stage in (1, 2, 3):
+            cfg = make_config(stage, world)
+            manager = CheckpointManager(ckpt / f"stage{saved}", rank)
+            path = manager.find("auto")
+            universal = manager.prepare(path, world, stage)  # converts once if the layout changed
+            engine = build_engine(cfg, load_universal=universal)
+            manager.load(engine, path, universal=universal)
+            out[f"{saved}to{stage}"] = {**_after(engine, cfg, rank, world), "universal": universal}
+            engine.close()
     return out
 
 
@@ -159,7 +179,7 @@ def main() -> int:
     p.add_argument("modes", nargs="+", choices=["losses", "save", "load", "memory"])
     p.add_argument("--out", required=True, help="JSON file (rank 0); memory: one file per rank, OUT.rankN")
     p.add_argument("--save-to", default=None)
-    p.add_argument("--load-from", default=None)
+    p.add_argument("--load-from", action="append", default=[], help="NAME=DIR (repeatable)")
     args = p.parse_args()
     env = detect_env(local_rank_arg=args.local_rank)
     eng.setup(env)
@@ -171,7 +191,8 @@ def main() -> int:
         elif mode == "save":
             result["save"] = mode_save(rank, world, Path(args.save_to))
         elif mode == "load":
-            result["load"] = mode_load(rank, world, Path(args.load_from))
+            result["load"] = {name: mode_load(rank, world, Path(d))
+                              for name, d in (x.split("=", 1) for x in args.load_from)}
         else:  # memory is per process: every rank reports
             Path(f"{args.out}.rank{rank}").write_text(json.dumps(mode_memory(rank, world)))
     if rank == 0:

@@ -29,6 +29,7 @@ from vitscale import faults
 from vitscale.distributed import engine as eng
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.distributed.safeload import safe_load
+from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 from vitscale.objectives import objective_class
 
@@ -219,14 +220,16 @@ class CheckpointManager:
                              f"engine.zero_stage={zero_stage} (only ZeRO 1-3 checkpoints convert between stages)")
         target = path / UNIVERSAL
         error = ""
-        if self.rank == 0 and not (target / COMPLETE).is_file():
+        if self.rank == 0 and not _current_universal(target):
             print(f"converting {path} (world size {old_world}, ZeRO-{old_stage}) to DeepSpeed's universal layout "
                   f"to resume at world size {world_size}, ZeRO-{zero_stage}", flush=True)
             tmp = path / f".{UNIVERSAL}.tmp"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 eng.to_universal(path, tmp)
-                _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage}))
+                _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage,
+                                                          "layout": LAYOUT_VERSION}))
+                shutil.rmtree(target, ignore_errors=True)  # one converted before the stage-independent layout
                 os.replace(tmp, target)
             except Exception as e:  # reported on every rank below, so no rank waits forever
                 error = str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"
@@ -256,6 +259,14 @@ class CheckpointManager:
             data = _load_plain(path / "rank_00000.pt").get("data")
             rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
+
+
+def _current_universal(target: Path) -> bool:
+    """TARGET is a complete universal conversion in today's layout (every ZeRO stage 1-3 reads it)."""
+    try:
+        return json.loads((target / COMPLETE).read_text()).get("layout") == LAYOUT_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def _load_plain(path: Path) -> dict:

@@ -24,6 +24,7 @@ from vitscale.config.schema import Config
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.safeload import safe_load, weights_only_loads
+from vitscale.distributed.universal import make_stage_independent, saved_param_groups
 from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, zero3_settings
 from vitscale.optim.optimizers import build_optimizer
 
@@ -212,13 +213,31 @@ class Engine:
 
     def load(self, load_dir: Path, tag: str, load_optimizer: bool = True) -> dict:
         """Every rank loads its shard (or, from a universal checkpoint, slices its part of every tensor)."""
-        with deepspeed_file_loads():
-            path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
-                                                         load_optimizer_states=load_optimizer,
-                                                         load_lr_scheduler_states=False)
+        ds_logger, level = _ds().utils.logger, _ds().utils.logger.level
+        ds_logger.setLevel(logging.ERROR)  # its universal loader warns "MPU is not provided": we use no MP
+        try:
+            with deepspeed_file_loads():
+                path, client_state = self.ds.load_checkpoint(str(load_dir), tag=tag,
+                                                             load_optimizer_states=load_optimizer,
+                                                             load_lr_scheduler_states=False)
+        finally:
+            ds_logger.setLevel(level)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        if self.ds.load_universal_checkpoint() and load_optimizer:
+            self._repair_universal_optimizer(Path(load_dir) / tag)
         return client_state or {}
+
+    def _repair_universal_optimizer(self, folder: Path) -> None:
+        """DeepSpeed's ZeRO-3 universal loader gives every param group group 0's hyperparameters (no-decay group
+        first: weight decay 0 everywhere) and one shared AdamW step tensor, which torch's AdamW increments in place
+        once per group (the step count runs ahead, the bias correction is wrong): restore each group's own."""
+        saved = saved_param_groups(folder, _load_deepspeed_file)
+        for group, hyper in zip(self.ds.optimizer.param_groups, saved):
+            group.update(hyper)
+        for state in getattr(self.ds.optimizer, "optimizer", self.ds.optimizer).state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def full_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Every parameter's whole fp32 value and (after the first step) AdamW moments, gathered on CPU:
@@ -352,7 +371,8 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
 
 def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     """Rewrite a ZeRO-1/2/3 checkpoint into DeepSpeed's universal layout (one file per parameter and state,
-    independent of world size and stage), so it can be resumed on another number of processes.
+    independent of world size), made readable by every ZeRO stage 1-3, so it can be resumed on another number of
+    processes and at another stage.
 
     Runs DeepSpeed's own converter (ds_to_universal) in this process; call it on one rank only."""
     from deepspeed.checkpoint import ds_to_universal
@@ -361,8 +381,9 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     args = argparse.Namespace(input_folder=str(ckpt_path), output_folder=str(out_dir), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with _quiet_stdout(), deepspeed_file_loads():  # its worker processes are forked inside: they inherit it
-        ds_to_universal.main(args)
+    with _quiet_stdout(), contextlib.redirect_stderr(io.StringIO()), deepspeed_file_loads():
+        ds_to_universal.main(args)  # its worker processes are forked inside the safe-loading block: they inherit it
+    make_stage_independent(Path(out_dir), _load_deepspeed_file)  # readable by ZeRO-1, 2 and 3, not one family
     # The converter also points a `latest_universal` file in out_dir's parent at out_dir; we resume by explicit
     # path, so drop it rather than leave a second, differently named "latest" next to the checkpoint.
     (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
@@ -415,6 +436,10 @@ def _deepspeed_file_types() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_deepspeed_file(path: Path) -> Any:
+    return safe_load(path, allowed=_deepspeed_file_types())
 
 
 def deepspeed_file_loads():
