@@ -88,7 +88,8 @@ def test_plan_matches_hand_calculation():
     n = 4 * 2  # 4 GPUs per node x 2 nodes
     plan = plan_memory(cfg, gpus=4, nodes=2, gpu_mem_gb=80)
     assert plan.params == P and plan.world_size == n
-    bucket = 2 * P * 2  # two bf16 gradient buckets (overlap_comm on GPUs), each capped at the model's size
+    block = 12 * 768 ** 2 + 13 * 768  # one ViT-B block's parameters
+    bucket = 2 * (2 * block) * 2  # two bf16 gradient buckets (overlap_comm on GPUs) of two blocks each
     expect = {  # (params, grads, optimizer states, buffers): 2 + 2 + 12 bytes/param, sharded by stage
         (0, False): (2 * P, 2 * P, 12 * P, 0),
         (1, False): (2 * P, 2 * P, 12 * P // n, bucket),

@@ -1,5 +1,5 @@
-"""``bench``, ``plan`` and ``plot`` subcommands: ``add_parsers(subparsers)`` registers them (argparse only here;
-the heavy imports happen when a command runs).
+"""``bench``, ``plan``, ``preflight`` and ``plot`` subcommands: ``add_parsers(subparsers)`` registers them
+(argparse only here; the heavy imports happen when a command runs).
 
 Imports sit inside the command functions (measured reason: startup): these modules load on every ``vitscale``
 call, and on the shared 2-core test machine ``import vitscale.errors`` takes 0.6 s where ``import torch`` takes
@@ -56,14 +56,34 @@ def add_parsers(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); data-parallel world = gpus x nodes")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GB (2^30 bytes; default 80)")
-    p.add_argument("--reserve-gb", type=float, default=4.0,
-                   help="kept free for the CUDA context, NCCL/cuBLAS workspaces, fragmentation (default 4)")
+    p.add_argument("--gpu-mem", type=float, default=None,
+                   help="memory of one GPU in GB (2^30 bytes; default 80; --device cpu: this machine's memory / "
+                        "--gpus)")
+    p.add_argument("--reserve-gb", type=float, default=None,
+                   help="kept free for the CUDA context, NCCL/cuBLAS workspaces, fragmentation (default 4; cpu 0)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="cpu: plan the --gpus CPU processes of a rehearsal on this machine (vitscale preflight): "
+                        "resident memory a process, the runtime included")
     p.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: from the data)")
     p.add_argument("--measure", action="store_true",
                    help="also run the configured step here (1 process) and compare its peak with the plan")
     p.add_argument("--json", default=None, help="also write the plan (and measurement) to this JSON file")
     p.set_defaults(func=run_plan_cmd)
+
+    f = subparsers.add_parser(
+        "preflight", help="rehearse a recipe at its true size here: memory, checkpoint, resume, export, SIGTERM",
+        description="Before a cluster launch: the recipe's model at its size and resolution on this machine (CPU "
+                    "processes, or GPUs), 2 processes at the recipe's ZeRO stage for 2 steps and a checkpoint, a "
+                    "resume on 1 process at another stage, an export timm loads, and a SIGTERM timed against the "
+                    "grace. One table; exit 1 when any row fails (vitscale/bench/preflight.py).")
+    f.add_argument("--config", "-c", required=True, help="the recipe, e.g. configs/mae_vit_l16.yaml")
+    f.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    f.add_argument("--out", default="preflight_runs", help="directory for the rehearsal's run (default "
+                                                           "./preflight_runs; replaced each time)")
+    f.add_argument("--grace", type=float, default=None,
+                   help="seconds between SIGTERM and SIGKILL (default: engine.preempt_grace_s, 30)")
+    f.add_argument("--port", type=int, default=29650, help="first of 3 rendezvous ports (default 29650)")
+    f.set_defaults(func=run_preflight_cmd)
 
     q = subparsers.add_parser("plot", help="PNG of loss, lr, throughput, MFU and data-wait over steps",
                               description="Plot RUN_DIR/metrics.jsonl into one PNG (default RUN_DIR/metrics.png).")
@@ -147,8 +167,13 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
     from vitscale.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)
+    cpu = args.device == "cpu"
+    if args.gpu_mem is None:
+        args.gpu_mem = host_memory_gb() / args.gpus if cpu else 80.0
+    if args.reserve_gb is None:
+        args.reserve_gb = 0.0 if cpu else 4.0
     plan = plan_memory(cfg, gpus=args.gpus, nodes=args.nodes, gpu_mem_gb=args.gpu_mem, reserve_gb=args.reserve_gb,
-                       num_classes=args.num_classes)
+                       num_classes=args.num_classes, device=args.device)
     print_plan(plan, cfg.model.grad_checkpointing)
     payload = {"plan": plan.to_dict()}
     if args.measure:
@@ -175,6 +200,21 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {write_json(args.json, _stamp(payload))}")
     return 0
+
+
+def run_preflight_cmd(args: argparse.Namespace) -> int:
+    from vitscale.bench.preflight import preflight
+    from vitscale.config import load_config
+
+    grace = args.grace if args.grace is not None else load_config(args.config, args.overrides).engine.preempt_grace_s
+    return preflight(args.config, args.overrides, args.out, grace=grace, port=args.port)
+
+
+def host_memory_gb() -> float:
+    """This machine's memory in GB (2^30 bytes)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
 
 
 def run_plot_cmd(args: argparse.Namespace) -> int:

@@ -27,7 +27,16 @@ blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the larg
 The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
-+ the fp32 copy of the gradient partition ZeRO-1/2 make for the update). It fits if peak + ``reserve_gb``
++ the fp32 copy of the gradient partition ZeRO-1/2 make for the update).
+
+``--device cpu`` plans the CPU processes of a rehearsal (``vitscale preflight``, ``deepspeed --num_gpus N`` with
+DeepSpeed's CPU accelerator) instead of GPUs: the figure is a process's resident memory, so it adds the runtime
+every process carries before any tensor (Python, torch, DeepSpeed, gloo: :data:`CPU_RUNTIME_BYTES`, measured), and
+the optimizer step's temporaries of torch's AdamW on CPU, which is not fused: for each flat partition it steps, a
+flat copy of its gradients (ZeRO 1-3) and two temporaries of its size (the second moment's sqrt, then divided by
+its bias correction). The partition is the whole rank's share under ZeRO-1/2 (12 bytes a parameter / N: the
+largest term at batch 1-2) and one ``sub_group_size`` under ZeRO-3. Measured per process on 2 CPU processes in
+docs/benchmarks.md. It fits if peak + ``reserve_gb``
 (CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation) <= the GPU's memory. Checked on CPU against the
 live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vitscale.bench.memory`).
 """
@@ -47,7 +56,12 @@ from vitscale.models.layers import checkpoint_count
 from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
 from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
 
-STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
+STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),
+                   "sub_group_size": int(1e12)}
+# Resident memory of a training process besides its model: Python, torch, DeepSpeed, gloo, the data pipeline
+# (measured: 0.53 GB after engine setup; 0.89 GB peak for a whole `vitscale train` of a 0.1M-parameter ViT in each
+# of 2 `deepspeed --num_gpus 2` CPU processes, data decoded in-process).
+CPU_RUNTIME_BYTES = int(0.88 * 2 ** 30)
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
 
 
@@ -81,11 +95,11 @@ class ModelShape:
     sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
 
 
-def stage3_settings(cfg: Config, sizes: ModelSizes) -> dict[str, int]:
+def stage3_settings(cfg: Config, sizes: ModelSizes, world: int = 1) -> dict[str, int]:
     """The ZeRO-3 settings training would use for this model (sized from it, user overrides applied), whatever
     engine.zero_stage the config has: the plan prints a ZeRO-3 row either way."""
     cfg3 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
-    zero = build_ds_config(cfg3, 1, sizes=sizes)["zero_optimization"]
+    zero = build_ds_config(cfg3, world, sizes=sizes)["zero_optimization"]
     return {k: int(zero.get(k, v)) for k, v in {**STAGE3_DEFAULTS, "reduce_bucket_size": DEFAULT_BUCKET}.items()}
 
 
@@ -210,6 +224,7 @@ class Plan:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ckpt_blocks: int = 0  # blocks recomputed in the "+ckpt" columns (model.grad_checkpointing, or all)
+    device: str = "gpu"  # "cpu": the figures are CPU processes' resident memory (a rehearsal)
     blocks: int = 0  # transformer blocks in the model
 
     def row(self, stage: int, offload_optimizer: bool = False, offload_params: bool = False) -> Row:
@@ -222,17 +237,30 @@ class Plan:
         return asdict(self)
 
 
-def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape) -> tuple[int, bool, dict]:
+def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape, world: int = 1
+             ) -> tuple[int, bool, dict]:
     """ZeRO-1/2 bucket size, overlap and the ZeRO-3 settings from the DeepSpeed config the trainer generates
     (user overrides included)."""
-    zero = dict(build_ds_config(cfg, 1, num_params=shape.params).get("zero_optimization", {}))
+    zero = dict(build_ds_config(cfg, world, num_params=shape.params, sizes=shape.sizes).get("zero_optimization", {}))
     user = cfg.engine.ds_config.get("zero_optimization", {}) if isinstance(cfg.engine.ds_config, dict) else {}
     bucket = int(zero.get("reduce_bucket_size", DEFAULT_BUCKET))
     if overlap_comm is None:  # plan for a GPU machine: build_ds_config turns overlap on there
         overlap_comm = bool(user.get("overlap_comm", True))
-    stage3 = stage3_settings(cfg, shape.sizes) if shape.sizes is not None else {**STAGE3_DEFAULTS,
+    stage3 = stage3_settings(cfg, shape.sizes, world) if shape.sizes is not None else {**STAGE3_DEFAULTS,
                                                                                "reduce_bucket_size": bucket}
     return bucket, overlap_comm, stage3
+
+
+def cpu_step_bytes(shape: ModelShape, opt: Option, world: int, stage3: Optional[dict] = None) -> int:
+    """The optimizer step's temporaries on a CPU process (see the module docstring): a flat fp32 copy of the
+    gradients of the partition being stepped (ZeRO 1-3) and two AdamW temporaries of its size."""
+    T, N = shape.trainable, world
+    if opt.stage == 0 or opt.offload_optimizer:
+        return 0  # stage 0: each parameter stepped alone (one tensor's temporaries); offload: in-place CPU Adam
+    chunk = T / N
+    if opt.stage == 3:
+        chunk = min(chunk, (stage3 or STAGE3_DEFAULTS).get("sub_group_size", STAGE3_DEFAULTS["sub_group_size"]))
+    return int(chunk * 4 * 3)
 
 
 def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
@@ -269,11 +297,13 @@ def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int
 
 def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 80.0, reserve_gb: float = 4.0,
                 num_classes: Optional[int] = None, overlap_comm: Optional[bool] = None,
-                shape: Optional[ModelShape] = None) -> Plan:
+                shape: Optional[ModelShape] = None, device: str = "gpu") -> Plan:
     """Memory per GPU of the configured model for every option in :data:`OPTIONS`.
 
     ``gpus`` is GPUs per node (like ``deepspeed --num_gpus``), so the data-parallel world is gpus x nodes.
-    ``overlap_comm=None`` plans for a GPU machine (two gradient buckets); pass False for what a CPU run does."""
+    ``overlap_comm=None`` plans for a GPU machine (two gradient buckets); pass False for what a CPU run does.
+    ``device="cpu"``: ``gpus`` CPU processes of a rehearsal instead (resident memory a process: the runtime and
+    the CPU optimizer step's temporaries included, no gradient-bucket overlap)."""
     if gpus < 1 or nodes < 1:
         raise ValueError(f"--gpus and --nodes must be >= 1, got gpus={gpus}, nodes={nodes}")
     if gpu_mem_gb <= 0 or reserve_gb < 0:
@@ -289,10 +319,14 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     setting = cfg.model.grad_checkpointing
     ckpt_setting = setting if not isinstance(setting, bool) else True
     act_ckpt = activation_bytes(shape, batch, b, grad_ckpt=ckpt_setting)
-    bucket, overlap, stage3 = _ds_zero(cfg, overlap_comm, shape)
+    cpu = device == "cpu"
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"--device must be cpu or gpu, got {device!r}")
+    bucket, overlap, stage3 = _ds_zero(cfg, False if cpu else overlap_comm, shape, world)
     plan = Plan(shape.name, shape.params, shape.trainable, world, gpus, batch, cfg.model.img_size,
                 cfg.train.precision, gpu_mem_gb, reserve_gb, bucket, overlap,
                 {"no_ckpt": act, "ckpt": act_ckpt})
+    plan.device = device
     plan.blocks = sum(st.depth for st in shape.stacks)
     plan.ckpt_blocks = sum(checkpointed_blocks(shape, ckpt_setting))
     if shape.num_classes:  # a classifier head
@@ -304,6 +338,9 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
     for opt in OPTIONS:
         s = model_state_bytes(shape, opt, cfg.train.precision, world, bucket, overlap, stage3,
                               ema=cfg.train.ema_decay > 0)
+        if cpu:  # a process's resident memory: its runtime, and the unfused AdamW's temporaries at the step
+            s["buffers"] += CPU_RUNTIME_BYTES
+            s["step_extra"] = max(s["step_extra"], cpu_step_bytes(shape, opt, world, stage3))
         states = s["params"] + s["grads"] + s["optimizer"] + s["buffers"]
         a, ac = sum(act.values()), sum(act_ckpt.values())
         total = max(states + a, states + s["step_extra"])
@@ -324,9 +361,13 @@ def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
     def f(n: int) -> str:
         return f"{n / scale:.2f}"
 
+    unit_name = "CPU process" if plan.device == "cpu" else "GPU"
     print(f"vitscale plan: {plan.model}, {plan.params / 1e6:.2f}M params ({plan.trainable / 1e6:.2f}M trainable), "
-          f"{plan.world_size} GPU(s) ({plan.gpus_per_node}/node), batch {plan.batch}/GPU at {plan.img_size}px, "
-          f"{plan.precision}; GPU {plan.gpu_mem_gb:g} GB, reserve {plan.reserve_gb:g} GB")
+          f"{plan.world_size} {unit_name}(s) ({plan.gpus_per_node}/node), batch {plan.batch}/{unit_name} at "
+          f"{plan.img_size}px, {plan.precision}; {unit_name} {plan.gpu_mem_gb:g} GB, reserve {plan.reserve_gb:g} GB")
+    if plan.device == "cpu":
+        print(f"a rehearsal's CPU processes: resident memory a process, its runtime ({CPU_RUNTIME_BYTES / GB:.2f} GB) "
+              "in 'buffers' and the unfused AdamW step's temporaries counted")
     print(f"DeepSpeed gradient bucket: {plan.bucket_elems:.3g} elements x {2 if plan.overlap_comm else 1} "
           f"(overlap_comm={plan.overlap_comm}); figures in {unit} = 2^{30 if big else 20} bytes per GPU")
     ck = "ckpt" if plan.ckpt_blocks == plan.blocks else f"ckpt{plan.ckpt_blocks}"  # partial: blocks recomputed

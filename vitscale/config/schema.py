@@ -250,6 +250,10 @@ class EngineConfig:
     # wait on one another (rank 0 converting a large checkpoint to the universal layout, saves on a slow
     # filesystem); too large leaves every GPU idle that long after a failure (see docs/reliability.md).
     timeout_s: float = 300.0
+    # Seconds between a preemption signal (SIGTERM/SIGUSR1) and the SIGKILL that follows it: the deepspeed
+    # launcher's and Slurm's default KillWait are 30. A resumed run warns in one line when its last measured step
+    # plus checkpoint write took longer (the preemption checkpoint would be lost; docs/multinode.md).
+    preempt_grace_s: float = 30.0
 
 
 @dataclass

@@ -109,6 +109,7 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.rank = rank
         self.keep_last = keep_last
+        self.last_save: dict[str, float] = {}  # rank 0: seconds and bytes of the newest save (all ranks' shards)
 
     def steps(self) -> list[int]:
         if not self.dir.is_dir():
@@ -126,6 +127,7 @@ class CheckpointManager:
         if self.rank == 0 and path.exists():
             self._set_aside(path)
         eng.barrier()
+        start = time.perf_counter()
         error = ""
         try:
             engine.save(self.dir, tag, client_state={"step": step})
@@ -138,7 +140,10 @@ class CheckpointManager:
             try:
                 (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, default=str))
                 files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-                _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files}))
+                # the write time travels with the checkpoint: a resume compares step + write with the grace
+                self.last_save = {"seconds": time.perf_counter() - start, "bytes": sum(files.values())}
+                _write_atomic(path / COMPLETE, json.dumps({"step": step, "files": files,
+                                                          "write_s": round(self.last_save["seconds"], 3)}))
                 _write_atomic(self.dir / "latest", tag + "\n")
                 self._prune()
             except OSError as e:
@@ -223,6 +228,7 @@ class CheckpointManager:
         if self.rank == 0 and not _current_universal(target):
             print(f"converting {path} (world size {old_world}, ZeRO-{old_stage}) to DeepSpeed's universal layout "
                   f"to resume at world size {world_size}, ZeRO-{zero_stage}", flush=True)
+            start = time.perf_counter()
             tmp = path / f".{UNIVERSAL}.tmp"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +237,7 @@ class CheckpointManager:
                                                           "layout": LAYOUT_VERSION}))
                 shutil.rmtree(target, ignore_errors=True)  # one converted before the stage-independent layout
                 os.replace(tmp, target)
+                print(f"converted in {time.perf_counter() - start:.1f} s", flush=True)
             except Exception as e:  # reported on every rank below, so no rank waits forever
                 error = str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"
         if eng.any_rank(bool(error)):
@@ -259,6 +266,15 @@ class CheckpointManager:
             data = _load_plain(path / "rank_00000.pt").get("data")
             rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
+
+
+def write_seconds(path: Path) -> Optional[float]:
+    """How long the checkpoint at PATH took to write (every rank's shards), as recorded in its COMPLETE marker."""
+    try:
+        value = json.loads((path / COMPLETE).read_text()).get("write_s")
+    except (OSError, ValueError):
+        return None
+    return float(value) if value is not None else None
 
 
 def _current_universal(target: Path) -> bool:

@@ -25,7 +25,7 @@ from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.universal import make_stage_independent, saved_param_groups
-from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, zero3_settings
+from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, gradient_bucket, zero3_settings
 from vitscale.optim.optimizers import build_optimizer
 
 _deepspeed = None  # imported lazily by setup(): DS_ACCELERATOR must be set before the import
@@ -48,6 +48,7 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator + gloo: the same code path as GPUs, testable on a laptop.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return_freed_host_memory()
     os.environ.setdefault("DS_BUILD_OPS", "0")
     import deepspeed  # noqa: WPS433 (deliberately lazy, see above)
     from deepspeed.utils import logger as ds_logger
@@ -62,6 +63,27 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
         with _quiet_stdout():  # DeepSpeed prints a line per process about its CPU shared-memory op
             kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+
+
+def return_freed_host_memory(threshold: int = 1 << 20) -> None:
+    """Tensors on the CPU live in glibc's malloc, which serves blocks below its mmap threshold (grown on the fly up
+    to 32 MB) from heaps it rarely gives back: a ViT-L step's freed gathered blocks, gradients and activations stayed
+    resident, 1.3 GB a rank above the live tensors (MAE ViT-L/16, ZeRO-3, 2 processes). From ``threshold`` bytes up,
+    blocks are mapped on their own and unmapped when freed, so a CPU run's resident memory follows its tensors.
+    No effect where there is no glibc, or when MALLOC_MMAP_THRESHOLD_ is set."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, threshold)
+    mallopt(m_trim_threshold, threshold)
 
 
 # Re-exported: callers use them as engine.device(), engine.all_reduce_sum(), ...
@@ -84,10 +106,11 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     num_params = sizes.params if sizes is not None else num_params
     if cfg.engine.zero_stage >= 1:
         bucket = bucket_elems(5e8 if num_params is None else min(5e8, max(1e6, num_params)))
+        bucket = gradient_bucket(sizes) if sizes is not None else bucket
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available(),
                     reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if cfg.engine.zero_stage == 3 and sizes is not None:
-        zero.update(zero3_settings(sizes))
+        zero.update(zero3_settings(sizes, world_size))
     offload = {"device": "nvme", "nvme_path": cfg.engine.nvme_path} if cfg.engine.nvme_path else {"device": "cpu"}
     if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {**offload, "pin_memory": torch.cuda.is_available()}

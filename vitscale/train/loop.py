@@ -24,7 +24,7 @@ from vitscale.data.pipeline import resume_stream_state, train_loader_from_config
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
-from vitscale.distributed.checkpoint import CheckpointManager, tag_for
+from vitscale.distributed.checkpoint import CheckpointManager, tag_for, write_seconds
 from vitscale.distributed.ema import ModelEma
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
@@ -100,7 +100,9 @@ class Trainer:
         window = Window()
         while state.step < cfg.train.steps:
             try:
+                started = time.perf_counter()
                 out = self.step(state, self.batches, window)
+                state.step_s = time.perf_counter() - started
             except Rollback as why:
                 self.rollback(state, str(why))
                 window = Window()
@@ -124,7 +126,7 @@ class Trainer:
                 self.save(state)
                 self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
             if preempted:
-                self.log(f"preemption signal: checkpointed at step {state.step}, exiting")
+                self.log(f"preemption signal: checkpointed at step {state.step}, exiting{self._since_signal()}")
                 break
             faults.inject("after_step", rank=self.env.rank, step=state.step)
         return self.finish(state)
@@ -145,9 +147,12 @@ class Trainer:
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
+        started = time.perf_counter()
         state, rank_state = load_state(self.ckpt, self.engine, point, universal)
         if point is not None:
-            self.log(f"resumed from {point.path} at step {state.step}")
+            self.log(f"resumed from {point.path} at step {state.step} (loaded in "
+                     f"{time.perf_counter() - started:.1f} s)")
+            self._check_preempt_grace(point.path, state)
         ema_note = self.ema.start(self.engine, point.path if point else None)
         if ema_note:
             self.log(ema_note)
@@ -368,7 +373,27 @@ class Trainer:
                          "config": config_to_dict(self.cfg)}
         rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures,
                       **self.ema.state_dict()}
-        self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
+        path = self.ckpt.save(self.engine, state.step, trainer_state, rank_state)
+        if self.ckpt.last_save:  # rank 0
+            seconds, size = self.ckpt.last_save["seconds"], self.ckpt.last_save["bytes"]
+            self.log(f"checkpoint {path.name}: {size / 2**30:.2f} GB written in {seconds:.1f} s "
+                     f"({size / 2**20 / max(seconds, 1e-9):.0f} MB/s)")
+
+    def _since_signal(self) -> str:
+        seconds = self.preemption.seconds() if self.preemption is not None else None
+        if seconds is None:
+            return ""
+        return f" ({seconds:.1f} s after the signal; engine.preempt_grace_s={self.cfg.engine.preempt_grace_s:g})"
+
+    def _check_preempt_grace(self, path: Path, state: TrainState) -> None:
+        """One line when the last measured step + checkpoint write exceeds the grace a preemption leaves."""
+        written, grace = write_seconds(path), self.cfg.engine.preempt_grace_s
+        if written is None or not state.step_s or state.step_s + written <= grace:
+            return
+        self.warn(f"the last step took {state.step_s:.1f} s and its checkpoint {written:.1f} s to write: "
+                  f"{state.step_s + written:.1f} s > engine.preempt_grace_s={grace:g}, so a preemption's checkpoint "
+                  "would be killed before it completes; signal earlier (Slurm --signal=USR1@N), raise KillWait or "
+                  "checkpoint more often (docs/multinode.md)")
 
     # ----- the end -----------------------------------------------------------------------------------------
     def finish(self, state: TrainState) -> dict:

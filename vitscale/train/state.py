@@ -19,6 +19,7 @@ class TrainState:
     lr_scale: float = 1.0  # lowered by each rollback after non-finite losses, for the rest of the run
     nonfinite_losses: int = 0  # micro-batches skipped because some rank's loss was NaN/Inf
     rollbacks: int = 0
+    step_s: float = 0.0  # wall time of the last optimizer step (+ the checkpoint write: the preemption budget)
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainState":
@@ -50,11 +51,17 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
+        self.since: Optional[float] = None  # time.monotonic() of the first signal
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
         self.requested = True
+        self.since = self.since or time.monotonic()
+
+    def seconds(self) -> Optional[float]:
+        """Seconds since the signal arrived on this process (None: none arrived here, another rank's did)."""
+        return None if self.since is None else time.monotonic() - self.since
 
 
 def rng_state() -> dict:

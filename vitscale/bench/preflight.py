@@ -1,0 +1,282 @@
+"""``vitscale preflight``: rehearse a recipe at its true model size and resolution on the machine at hand.
+
+Every test trains a micro ViT; a recipe's real size is where memory, checkpoints and preemption break. Preflight
+runs the recipe as a cluster launch would, only shorter, and prints one table:
+
+1. 2 processes (``deepspeed --num_gpus 2``; CPU processes with DeepSpeed's CPU accelerator where there is no GPU)
+   under the recipe's ZeRO stage train 2 steps and write a checkpoint: parameters, planned
+   (``vitscale plan --device cpu|gpu``) vs measured peak memory a process, step time, checkpoint size, write time;
+2. 1 process at another ZeRO stage resumes it (universal conversion) and takes a step: conversion and load time;
+3. ``vitscale export --timm`` and ``timm.create_model("local-dir:...")``: export time and size, timm loads it;
+4. 2 processes resume again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
+   against ``--grace`` (the launcher's and Slurm's default: 30 s before SIGKILL).
+
+The batch is cut to 2 a process on CPU (to what fits when less), precision to fp32 on CPU (no bf16 units), the
+data to the bundled photos unless the recipe's shards exist. Exit status 1 when any row fails; the row says why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vitscale.config import Config, load_config
+
+GB = 2 ** 30
+POLL_S = 0.5
+MEMORY_TOLERANCE = 0.15  # a measured peak above the plan by more than this fails: the plan would mislead
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    ok: bool = True
+    note: str = ""
+
+
+@dataclass
+class Launch:
+    """One subprocess's outcome: exit status, wall time, output, the peak resident memory of each rank."""
+    returncode: int
+    seconds: float
+    out: str
+    peaks: dict[int, int] = field(default_factory=dict)  # pid -> VmHWM bytes
+
+    def error(self) -> str:
+        lines = [x for x in self.out.splitlines() if x.strip()]
+        errors = [x for x in lines if "error" in x.lower() or "Killed" in x or "exits with return code" in x]
+        return (errors or lines or ["no output"])[-1].strip()[:200]
+
+
+def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
+    """What preflight changes in the recipe: short, local, quiet; model, resolution and ZeRO stage untouched."""
+    from vitscale.data.shards import resolve_shards
+
+    out = ["train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1", "train.progress=false",
+           "train.eval_every=0", "logging.wandb.mode=disabled", "logging.image_every=0", "data.num_workers=0",
+           "data.val_shards="]
+    try:
+        resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+    except (FileNotFoundError, ValueError, OSError):
+        out.append("data.train_shards=demo:photos")
+    if not cuda:
+        out += ["train.precision=fp32", f"data.batch_size={min(cfg.data.batch_size or 2, 2)}"]
+    return out
+
+
+def fit_batch(cfg_args: tuple[str, list[str]], procs: int, device: str) -> tuple[Config, int]:
+    """Halve the batch until the plan fits this machine's available memory (CPU) or the GPU; (config, planned)."""
+    from vitscale.bench.common import resolve_num_classes
+    from vitscale.bench.plan import plan_memory
+
+    path, overrides = cfg_args
+    cfg = load_config(path, overrides)
+    budget = available_bytes() / procs if device == "cpu" else torch.cuda.get_device_properties(0).total_memory
+    while True:
+        classes, _ = resolve_num_classes(cfg)
+        plan = plan_memory(cfg, gpus=procs, num_classes=classes, device=device, gpu_mem_gb=budget / GB, reserve_gb=0)
+        row = plan.row(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
+        planned = row.total_ckpt if cfg.model.grad_checkpointing else row.total
+        if planned <= budget or cfg.data.batch_size <= 1:
+            return cfg, int(planned)
+        overrides = [*overrides, f"data.batch_size={max(1, cfg.data.batch_size // 2)}"]
+        cfg = load_config(path, overrides)
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
+    """Run CMD, polling the peak resident memory (VmHWM) of every process it starts; ``on_output(text, proc)``
+    sees the output so far at each poll (for the SIGTERM step)."""
+    import psutil
+
+    log = cwd / f".preflight_{int(time.time() * 1000)}.log"
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        # its own process group: a preemption signals every process of it, as Slurm signals every task
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        peaks: dict[int, int] = {}
+        while proc.poll() is None:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    peaks[child.pid] = max(peaks.get(child.pid, 0), _hwm(child.pid))
+            except psutil.Error:
+                pass
+            if on_output is not None:
+                on_output(log.read_text(errors="replace"), proc)
+            time.sleep(POLL_S)
+    out = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
+    return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
+
+
+def _hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def train_cmd(procs: int, port: int, config: str, overrides: list[str]) -> list[str]:
+    if procs == 1:
+        return [sys.executable, "-m", "vitscale", "train", "--config", config, *overrides]
+    launcher = shutil.which("deepspeed") or "deepspeed"
+    return [launcher, "--num_gpus", str(procs), "--master_port", str(port), "--module", "vitscale", "train",
+            "--config", config, *overrides]
+
+
+def other_stage(stage: int) -> int:
+    """The stage the 1-process resume uses: ZeRO-3 -> 2, anything else -> 3 (across the ZeRO-3 divide)."""
+    return 2 if stage == 3 else 3
+
+
+def checkpoint_rows(ckpt: Path) -> list[Row]:
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    size = sum(marker["files"].values())
+    seconds = float(marker.get("write_s", 0.0))
+    return [Row("checkpoint size", f"{size / GB:.2f} GB"),
+            Row("checkpoint write", f"{seconds:.1f} s ({size / 2**20 / max(seconds, 1e-9):.0f} MB/s)")]
+
+
+def _seconds(pattern: str, text: str) -> Optional[float]:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 30.0, port: int = 29650) -> int:
+    """Run the rehearsal; print the table; 0 when every row passed, else 1."""
+    from vitscale.bench.common import print_table
+
+    cuda = torch.cuda.is_available()
+    device = "gpu" if cuda else "cpu"
+    procs = min(2, torch.cuda.device_count()) if cuda else 2
+    recipe = load_config(config, overrides)
+    cfg, planned = fit_batch((config, [*overrides, *rehearsal_overrides(recipe, cuda)]), procs, device)
+    out_dir = Path(out_dir).resolve()
+    shutil.rmtree(out_dir / "preflight", ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [*overrides, *rehearsal_overrides(recipe, cuda), f"data.batch_size={cfg.data.batch_size}",
+            f"run.dir={out_dir}", "run.name=preflight"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
+    stage = cfg.engine.zero_stage
+    print(f"vitscale preflight: {cfg.model.name} at {cfg.model.img_size}px, {cfg.objective.name}, ZeRO-{stage}, "
+          f"{procs} {'GPU' if cuda else 'CPU'} processes, batch {cfg.data.batch_size} a process, "
+          f"{cfg.train.precision}, data {cfg.data.train_shards}", flush=True)
+    rows = rehearse(cfg, config, args, env, out_dir, procs, stage, planned, grace, port)
+    print_table(["check", "measured", "ok", "why / note"],
+                [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
+    failed = [r for r in rows if not r.ok]
+    print(f"preflight {'FAILED: ' + ', '.join(r.what for r in failed) if failed else 'passed'} "
+          f"(run directory {out_dir / 'preflight'})")
+    return 1 if failed else 0
+
+
+def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path, procs: int, stage: int,
+             planned: int, grace: float, port: int) -> list[Row]:
+    """The four launches, each adding its rows; a failed launch ends the rehearsal with the row saying why."""
+    run_dir = out_dir / "preflight"
+    ckpts = run_dir / "checkpoints"
+    params = sum(p.numel() for p in _meta_model(cfg).parameters())
+    rows = [Row("parameters", f"{params / 1e6:.1f}M")]
+
+    first = run(train_cmd(procs, port, config, args), env, out_dir)
+    measured = max(first.peaks.values(), default=0)
+    ratio = measured / planned if planned else 0.0
+    rows.append(Row("peak memory a process", f"{measured / GB:.2f} GB (plan {planned / GB:.2f} GB, x{ratio:.2f})",
+                    first.returncode != 0 or ratio <= 1 + MEMORY_TOLERANCE,
+                    "" if ratio <= 1 + MEMORY_TOLERANCE else f"more than {MEMORY_TOLERANCE:.0%} over the plan"))
+    if first.returncode != 0:
+        rows.append(Row(f"train {procs} procs ZeRO-{stage}", f"exit {first.returncode}", False, first.error()))
+        return rows
+    state = json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())
+    rows.append(Row("step time", f"{state['step_s']:.1f} s (first launch {first.seconds:.0f} s)"))
+    rows += checkpoint_rows(ckpts / "step_00000002")
+
+    other = other_stage(stage)
+    second = run(train_cmd(1, port + 1, config, [*args, "train.steps=3", f"engine.zero_stage={other}"]), env,
+                 out_dir)
+    if second.returncode != 0:
+        rows.append(Row(f"resume 1 proc ZeRO-{other}", f"exit {second.returncode}", False, second.error()))
+        return rows
+    rows.append(Row("universal conversion", f"{_seconds(r'converted in ([0-9.]+) s', second.out) or 0:.1f} s"))
+    rows.append(Row(f"resume 1 proc ZeRO-{other}", f"loaded in {_seconds(r'loaded in ([0-9.]+) s', second.out):.1f} s"
+                    f", 1 step"))
+    rows += export_rows(run_dir, out_dir, env)
+    rows.append(preemption_row(procs, port + 2, config, args, env, out_dir, ckpts, grace))
+    return rows
+
+
+def _meta_model(cfg: Config):
+    from vitscale.bench.common import resolve_num_classes
+    from vitscale.objectives import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg, resolve_num_classes(cfg)[0])
+
+
+def export_rows(run_dir: Path, out_dir: Path, env: dict) -> list[Row]:
+    target = out_dir / "preflight_timm"
+    shutil.rmtree(target, ignore_errors=True)
+    ex = run([sys.executable, "-m", "vitscale", "export", str(run_dir), str(target), "--timm"], env, out_dir)
+    if ex.returncode != 0:
+        return [Row("export --timm", f"exit {ex.returncode}", False, ex.error())]
+    size = sum(p.stat().st_size for p in target.iterdir())
+    rows = [Row("export --timm", f"{ex.seconds:.1f} s, {size / GB:.2f} GB")]
+    code = (f"import timm, torch; m = timm.create_model('local-dir:{target}'); "
+            "print('params', sum(p.numel() for p in m.parameters()))")
+    load = run([sys.executable, "-c", code], env, out_dir)
+    rows.append(Row("timm.create_model(local-dir)", f"{load.seconds:.1f} s" if load.returncode == 0 else
+                    f"exit {load.returncode}", load.returncode == 0, "" if load.returncode == 0 else load.error()))
+    return rows
+
+
+def preemption_row(procs: int, port: int, config: str, args: list[str], env: dict, out_dir: Path, ckpts: Path,
+                   grace: float) -> Row:
+    """Resume on PROCS processes; once their first step is logged, SIGTERM every process of the launch (as Slurm
+    does) and time the complete checkpoint: the signal lands at a step's start, so the measure is a whole step
+    plus the write. The deepspeed launcher SIGKILLs its children 30 s after it gets SIGTERM, like Slurm's KillWait."""
+    before = set(p.name for p in ckpts.iterdir())
+    metrics = ckpts.parent / "metrics.jsonl"
+    logged = len(metrics.read_text().splitlines())
+    sent: dict[str, float] = {}
+
+    def signal_in_first_step(text: str, proc: subprocess.Popen) -> None:
+        if not sent and len(metrics.read_text().splitlines()) > logged:
+            os.killpg(proc.pid, signal.SIGTERM)
+            sent["at"] = time.perf_counter()
+
+    launch = run(train_cmd(procs, port, config, [*args, "train.steps=1000"]), env, out_dir, signal_in_first_step)
+    new = sorted(p for p in ckpts.iterdir() if p.name not in before and (p / "COMPLETE").is_file())
+    if not sent:
+        return Row("SIGTERM -> checkpoint", "not sent", False, f"the run ended first: {launch.error()}")
+    if not new:
+        return Row("SIGTERM -> checkpoint", "none", False,
+                   f"no complete checkpoint: the ranks were killed {grace:g} s after the signal (the launcher's "
+                   "grace) before step + write ended; see docs/multinode.md")
+    done = new[-1] / "COMPLETE"
+    seconds = _seconds(r"checkpointed at step \d+, exiting \(([0-9.]+) s after the signal", launch.out)
+    seconds = seconds if seconds is not None else done.stat().st_mtime - (time.time() - launch.seconds)
+    return Row("SIGTERM -> checkpoint", f"{seconds:.1f} s ({new[-1].name})", seconds <= grace,
+               f"grace {grace:g} s" + ("" if seconds <= grace else ": too slow, see docs/multinode.md"))
