@@ -24,6 +24,14 @@ def test_zero3_settings_for_vit_l16():
     assert zero["stage3_param_persistence_threshold"] == 8 * 1024  # norms and biases (<= 4096) stay whole
     assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 4 * block
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2 * block
+    # the step runs 2-block sub-groups (its temporaries were 3 copies of the whole partition), capped at a
+    # rank's share: DeepSpeed allocates a world x sub-group buffer once, at most one model as with its default
+    assert zero["sub_group_size"] == 2 * block
+    huge = build_ds_config(cfg, 64, sizes=sizes)["zero_optimization"]["sub_group_size"]
+    assert huge == -(-sizes.params // 64) < 2 * block
+    two = build_ds_config(load_config(DEMO, ["model.name=vit_large_patch16", "engine.zero_stage=2"]), 8,
+                          sizes=sizes)["zero_optimization"]
+    assert two["reduce_bucket_size"] == 2 * block and "sub_group_size" not in two  # not the whole model
     assert zero["contiguous_gradients"] and zero["overlap_comm"] == torch.cuda.is_available()
     # every weight matrix is sharded, every 1-D tensor of a block is not
     with torch.device("meta"):

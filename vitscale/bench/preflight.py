@@ -16,6 +16,7 @@ data to the bundled photos unless the recipe's shards exist. Exit status 1 when 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,15 +114,19 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         peaks: dict[int, int] = {}
-        while proc.poll() is None:
-            try:
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    peaks[child.pid] = max(peaks.get(child.pid, 0), _hwm(child.pid))
-            except psutil.Error:
-                pass
-            if on_output is not None:
-                on_output(log.read_text(errors="replace"), proc)
-            time.sleep(POLL_S)
+        try:
+            while proc.poll() is None:
+                try:
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        peaks[child.pid] = max(peaks.get(child.pid, 0), _hwm(child.pid))
+                except psutil.Error:
+                    pass
+                if on_output is not None:
+                    on_output(log.read_text(errors="replace"), proc)
+                time.sleep(POLL_S)
+        finally:  # interrupted, or a launcher gone before its ranks: leave no process of the rehearsal behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
@@ -163,7 +168,8 @@ def _seconds(pattern: str, text: str) -> Optional[float]:
     return float(m.group(1)) if m else None
 
 
-def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 30.0, port: int = 29650) -> int:
+def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 30.0, port: int = 29650,
+              preemption: bool = True) -> int:
     """Run the rehearsal; print the table; 0 when every row passed, else 1."""
     from vitscale.bench.common import print_table
 
@@ -184,7 +190,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     print(f"vitscale preflight: {cfg.model.name} at {cfg.model.img_size}px, {cfg.objective.name}, ZeRO-{stage}, "
           f"{procs} {'GPU' if cuda else 'CPU'} processes, batch {cfg.data.batch_size} a process, "
           f"{cfg.train.precision}, data {cfg.data.train_shards}", flush=True)
-    rows = rehearse(cfg, config, args, env, out_dir, procs, stage, planned, grace, port)
+    rows = rehearse(cfg, config, args, env, out_dir, procs, stage, planned, grace, port, preemption)
     print_table(["check", "measured", "ok", "why / note"],
                 [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
     failed = [r for r in rows if not r.ok]
@@ -194,7 +200,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
 
 
 def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path, procs: int, stage: int,
-             planned: int, grace: float, port: int) -> list[Row]:
+             planned: int, grace: float, port: int, preemption: bool = True) -> list[Row]:
     """The four launches, each adding its rows; a failed launch ends the rehearsal with the row saying why."""
     run_dir = out_dir / "preflight"
     ckpts = run_dir / "checkpoints"
@@ -224,7 +230,8 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
     rows.append(Row(f"resume 1 proc ZeRO-{other}", f"loaded in {_seconds(r'loaded in ([0-9.]+) s', second.out):.1f} s"
                     f", 1 step"))
     rows += export_rows(run_dir, out_dir, env)
-    rows.append(preemption_row(procs, port + 2, config, args, env, out_dir, ckpts, grace))
+    if preemption:
+        rows.append(preemption_row(procs, port + 2, config, args, env, out_dir, ckpts, grace))
     return rows
 
 

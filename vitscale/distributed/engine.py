@@ -23,8 +23,9 @@ from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
+from vitscale.distributed.host import return_freed_host_memory
 from vitscale.distributed.safeload import safe_load, weights_only_loads
-from vitscale.distributed.universal import make_stage_independent, saved_param_groups
+from vitscale.distributed.universal import make_stage_independent, restore_param_groups
 from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, gradient_bucket, zero3_settings
 from vitscale.optim.optimizers import build_optimizer
 
@@ -48,7 +49,7 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator + gloo: the same code path as GPUs, testable on a laptop.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return_freed_host_memory()
+        return_freed_host_memory()  # distributed/host.py
     os.environ.setdefault("DS_BUILD_OPS", "0")
     import deepspeed  # noqa: WPS433 (deliberately lazy, see above)
     from deepspeed.utils import logger as ds_logger
@@ -63,27 +64,6 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
         with _quiet_stdout():  # DeepSpeed prints a line per process about its CPU shared-memory op
             kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
-
-
-def return_freed_host_memory(threshold: int = 1 << 20) -> None:
-    """Tensors on the CPU live in glibc's malloc, which serves blocks below its mmap threshold (grown on the fly up
-    to 32 MB) from heaps it rarely gives back: a ViT-L step's freed gathered blocks, gradients and activations stayed
-    resident, 1.3 GB a rank above the live tensors (MAE ViT-L/16, ZeRO-3, 2 processes). From ``threshold`` bytes up,
-    blocks are mapped on their own and unmapped when freed, so a CPU run's resident memory follows its tensors.
-    No effect where there is no glibc, or when MALLOC_MMAP_THRESHOLD_ is set."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    mallopt(m_mmap_threshold, threshold)
-    mallopt(m_trim_threshold, threshold)
 
 
 # Re-exported: callers use them as engine.device(), engine.all_reduce_sum(), ...
@@ -247,20 +227,9 @@ class Engine:
             ds_logger.setLevel(level)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
-        if self.ds.load_universal_checkpoint() and load_optimizer:
-            self._repair_universal_optimizer(Path(load_dir) / tag)
+        if self.ds.load_universal_checkpoint() and load_optimizer:  # DeepSpeed's ZeRO-3 loader: see universal.py
+            restore_param_groups(self.ds.optimizer, Path(load_dir) / tag, _load_deepspeed_file)
         return client_state or {}
-
-    def _repair_universal_optimizer(self, folder: Path) -> None:
-        """DeepSpeed's ZeRO-3 universal loader gives every param group group 0's hyperparameters (no-decay group
-        first: weight decay 0 everywhere) and one shared AdamW step tensor, which torch's AdamW increments in place
-        once per group (the step count runs ahead, the bias correction is wrong): restore each group's own."""
-        saved = saved_param_groups(folder, _load_deepspeed_file)
-        for group, hyper in zip(self.ds.optimizer.param_groups, saved):
-            group.update(hyper)
-        for state in getattr(self.ds.optimizer, "optimizer", self.ds.optimizer).state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
     def full_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Every parameter's whole fp32 value and (after the first step) AdamW moments, gathered on CPU:

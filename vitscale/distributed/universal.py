@@ -60,6 +60,18 @@ def saved_param_groups(folder: Path, load: Load) -> list[dict[str, Any]]:
     return [{k: v for k, v in group.items() if k != "params"} for group in optim.get("param_groups", [])]
 
 
+def restore_param_groups(optimizer: Any, folder: Path, load: Load) -> None:
+    """After DeepSpeed loaded the universal FOLDER into OPTIMIZER (its ZeRO wrapper): each param group gets its own
+    hyperparameters back (the ZeRO-3 loader gave every group group 0's: the no-decay group comes first, so weight
+    decay 0 everywhere), and each AdamW state its own step tensor (the ZeRO-3 loader shares one, which torch's AdamW
+    increments in place once per group: the count runs ahead and the bias correction is wrong)."""
+    for group, hyper in zip(optimizer.param_groups, saved_param_groups(folder, load)):
+        group.update(hyper)
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def _link_model_states(folder: Path, load: Load) -> dict:
     """Both stage families' model-states names exist (hard links of one file: no extra space); returns its
     content."""
