@@ -55,9 +55,12 @@ class Launch:
     peaks: dict[int, int] = field(default_factory=dict)  # pid -> VmHWM bytes
 
     def error(self) -> str:
-        lines = [x for x in self.out.splitlines() if x.strip()]
-        errors = [x for x in lines if "error" in x.lower() or "Killed" in x or "exits with return code" in x]
-        return (errors or lines or ["no output"])[-1].strip()[:200]
+        """The line that says why: a rank's exception or our one-line error, not the launcher's epilogue."""
+        lines = [x.strip() for x in self.out.splitlines() if x.strip()]
+        launcher = ("launch.py", "runner.py")
+        errors = [x for x in lines if re.search(r"(Error|error:|Killed|killed)", x) and not any(
+            name in x for name in launcher)]
+        return (errors or lines or ["no output"])[-1][:240]
 
 
 def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
@@ -107,7 +110,9 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
     sees the output so far at each poll (for the SIGTERM step)."""
     import psutil
 
-    log = cwd / f".preflight_{int(time.time() * 1000)}.log"
+    logs = cwd / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"{time.strftime('%H%M%S')}_{Path(cmd[0]).name}_{len(list(logs.iterdir()))}.log"  # kept: the why
     start = time.perf_counter()
     with open(log, "w") as f:
         # its own process group: a preemption signals every process of it, as Slurm signals every task
@@ -128,7 +133,6 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
-    log.unlink(missing_ok=True)
     return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
 
 
@@ -180,6 +184,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     cfg, planned = fit_batch((config, [*overrides, *rehearsal_overrides(recipe, cuda)]), procs, device)
     out_dir = Path(out_dir).resolve()
     shutil.rmtree(out_dir / "preflight", ignore_errors=True)
+    shutil.rmtree(out_dir / "logs", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [*overrides, *rehearsal_overrides(recipe, cuda), f"data.batch_size={cfg.data.batch_size}",
             f"run.dir={out_dir}", "run.name=preflight"]
@@ -195,7 +200,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
                 [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
     failed = [r for r in rows if not r.ok]
     print(f"preflight {'FAILED: ' + ', '.join(r.what for r in failed) if failed else 'passed'} "
-          f"(run directory {out_dir / 'preflight'})")
+          f"(run directory {out_dir / 'preflight'}, each launch's output in {out_dir / 'logs'})")
     return 1 if failed else 0
 
 

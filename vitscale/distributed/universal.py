@@ -45,10 +45,13 @@ def make_stage_independent(folder: Path, load: Load) -> None:
     for param_dir in sorted(p for p in zero.iterdir() if p.is_dir()):
         for state in STATES:
             path = param_dir / f"{state}.pt"
+            if not path.is_file():  # a frozen parameter (MAE's fixed sin-cos position table) has no moments
+                continue
             value = load(path)
             if torch.is_tensor(value):  # ZeRO-3's converter: a bare tensor; ZeRO-1/2 read {"param": tensor}
                 torch.save({"param": value}, path)
-        if step is not None and not (param_dir / "step.pt").is_file():
+        trained = (param_dir / "exp_avg.pt").is_file()
+        if step is not None and trained and not (param_dir / "step.pt").is_file():
             torch.save(step, param_dir / "step.pt")
     torch.save(_common_optimizer_state(optim, step, model_states), zero / "optimizer_state.pt")
 

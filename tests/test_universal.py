@@ -1,0 +1,57 @@
+"""vitscale.distributed.universal: a universal directory written for one family of ZeRO stages is rewritten so that
+every stage 1-3 reads it (a synthetic directory in DeepSpeed 0.19's layouts; the real conversions and loads are
+tests/test_engine.py's, at every stage pair)."""
+import torch
+
+from vitscale.distributed.universal import make_stage_independent, restore_param_groups, saved_param_groups
+
+GROUPS = [{"weight_decay": 0.0, "lr_scale": 1.0, "params": [0]}, {"weight_decay": 0.05, "lr_scale": 0.5,
+                                                                   "params": [1, 2]}]
+
+
+def _zero3_layout(root):
+    """What ds_to_universal writes from a ZeRO-3 checkpoint: bare tensors, no step.pt, a ZeRO-3 optimizer_state.pt,
+    the source's model-states name; a frozen parameter (MAE's sin-cos table) has fp32.pt alone."""
+    zero = root / "zero"
+    (zero / "w").mkdir(parents=True)
+    (zero / "pos").mkdir()
+    for state, value in (("fp32", 1.0), ("exp_avg", 2.0), ("exp_avg_sq", 3.0)):
+        torch.save(torch.full((2, 3), value), zero / "w" / f"{state}.pt")
+    torch.save(torch.zeros(4), zero / "pos" / "fp32.pt")
+    torch.save({"loss_scaler": None, "fp32_flat_groups": [torch.ones(10)], "param_groups": GROUPS,
+                "optimizer_state_dict": {"state": {0: {"step": torch.tensor(7.0)}}, "param_groups": GROUPS}},
+               zero / "optimizer_state.pt")
+    torch.save({"ds_version": "0.19.8", "dp_world_size": 2}, root / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def test_a_zero3_universal_directory_is_made_readable_by_zero12(tmp_path):
+    _zero3_layout(tmp_path)
+    make_stage_independent(tmp_path, lambda p: torch.load(p, weights_only=True))
+    # both families' model-states names, one file (a hard link: no extra space)
+    a, b = tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt", tmp_path / "mp_rank_00_model_states.pt"
+    assert a.stat().st_ino == b.stat().st_ino
+    w = tmp_path / "zero" / "w"
+    for state, value in (("fp32", 1.0), ("exp_avg", 2.0), ("exp_avg_sq", 3.0)):
+        assert torch.equal(torch.load(w / f"{state}.pt")["param"], torch.full((2, 3), value))
+    assert torch.load(w / "step.pt") == 7.0
+    pos = tmp_path / "zero" / "pos"
+    assert sorted(p.name for p in pos.iterdir()) == ["fp32.pt"]  # frozen: no moments, no step invented
+    optim = torch.load(tmp_path / "zero" / "optimizer_state.pt", weights_only=False)
+    assert optim["ds_version"] == "0.19.8" and "fp32_flat_groups" not in optim  # ZeRO-1/2 need the version
+    assert optim["optimizer_state_dict"]["state"][0]["step"] == 7.0  # ZeRO-3 reads the step here
+    assert [g["weight_decay"] for g in optim["param_groups"]] == [0.0, 0.05]
+    assert all("params" not in g for g in optim["param_groups"])
+
+
+def test_restore_param_groups_undoes_the_zero3_loader(tmp_path):
+    """DeepSpeed's ZeRO-3 universal loader copies group 0's hyperparameters onto every group and shares one step
+    tensor; restore_param_groups gives each group and state its own back."""
+    _zero3_layout(tmp_path)
+    p1, p2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p1], "weight_decay": 0.0}, {"params": [p2], "weight_decay": 0.0}])
+    shared = torch.tensor(7.0)
+    opt.state[p1]["step"], opt.state[p2]["step"] = shared, shared
+    restore_param_groups(opt, tmp_path, lambda p: torch.load(p, weights_only=False))
+    assert [(g["weight_decay"], g["lr_scale"]) for g in opt.param_groups] == [(0.0, 1.0), (0.05, 0.5)]
+    assert opt.state[p1]["step"] is not opt.state[p2]["step"] and opt.state[p2]["step"] == 7.0
+    assert saved_param_groups(tmp_path, lambda p: torch.load(p, weights_only=False))[1]["lr_scale"] == 0.5
