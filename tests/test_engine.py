@@ -84,10 +84,12 @@ def test_checkpoint_resumes_at_any_world_size_and_zero_stage(parity, saved, load
             assert after["groups"] == before["groups"], (s, t)
             assert [g["weight_decay"] for g in after["groups"]] == [0.0, 0.05]  # no-decay group, decay group
             # The first loss depends on the weights alone, the second also on the loaded moments, step count and
-            # hyperparameters (a lost step count redoes AdamW's bias correction: an update several times larger).
-            # Equal up to the summation-order rounding of RTOL (different world sizes or stages reduce gradients
-            # in different orders); abs for safety, though the losses are ~2, far from zero.
-            assert after["losses"] == pytest.approx(before["losses"], rel=RTOL, abs=1e-6), (s, t)
+            # hyperparameters (a lost step count redoes AdamW's bias correction: an update several times larger;
+            # the shared step tensor moved the second loss by 1e-2). They are steps 4 and 5 of curves whose
+            # world sizes or stages reduce gradients in different orders: assert_curves_close's rule, 4 eps x
+            # first loss x step, at steps 4 and 5.
+            assert_curves_close([*before["head"], *after["losses"]], [*before["head"], *before["losses"]],
+                                what=f"ZeRO-{s} -> ZeRO-{t}")
 
 
 def test_resume_between_zero0_and_sharded_stages_is_refused_before_anything_is_written(tmp_path):

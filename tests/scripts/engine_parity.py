@@ -124,11 +124,11 @@ def mode_save(rank: int, world: int, ckpt: Path) -> dict:
     for stage in SAVED_STAGES:
         cfg = make_config(stage, world)
         engine = build_engine(cfg)
-        train_steps(engine, cfg, rank, world)
+        head = train_steps(engine, cfg, rank, world)
         manager = CheckpointManager(ckpt / f"stage{stage}", rank)
         manager.save(engine, STEPS, {"step": STEPS, "world_size": world,
                                      "config": {"engine": {"zero_stage": stage}}}, {"rng": {}})
-        out[f"stage{stage}"] = _after(engine, cfg, rank, world)
+        out[f"stage{stage}"] = {**_after(engine, cfg, rank, world), "head": head}  # head: steps 1-3
     return out
 
 

@@ -205,7 +205,7 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
 
 def run_preflight_cmd(args: argparse.Namespace) -> int:
     from vitscale.bench.preflight import preflight
-    from vitscale.config import load_config
+    from vitscale.config.load import load_config
 
     grace = args.grace if args.grace is not None else load_config(args.config, args.overrides).engine.preempt_grace_s
     return preflight(args.config, args.overrides, args.out, grace=grace, port=args.port,

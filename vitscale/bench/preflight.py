@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from vitscale.config import Config, load_config
+from vitscale.config.load import load_config
+from vitscale.config.schema import Config
 
 GB = 2 ** 30
 POLL_S = 0.5
@@ -67,7 +68,7 @@ def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
     """What preflight changes in the recipe: short, local, quiet; model, resolution and ZeRO stage untouched."""
     from vitscale.data.shards import resolve_shards
 
-    out = ["train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1", "train.progress=false",
+    out = ["train.epochs=null", "train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1", "train.progress=false",
            "train.eval_every=0", "logging.wandb.mode=disabled", "logging.image_every=0", "data.num_workers=0",
            "data.val_shards="]
     try:
