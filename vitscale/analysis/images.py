@@ -6,14 +6,14 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
+import skimage.data
 
 DEFAULT_SAMPLES = ("astronaut", "coffee", "chelsea")
 
 
 def resize_center_crop(img, size: Union[int, tuple[int, int]]):
     """PIL image -> RGB PIL image: shorter side resized to fit, then centre-cropped to ``size`` (h, w)."""
-    from PIL import Image
-
     h, w = (size, size) if isinstance(size, int) else size
     img = img.convert("RGB")
     scale = max(h / img.height, w / img.width)
@@ -27,8 +27,6 @@ def load_images(paths: Sequence[Union[str, Path]], size: Union[int, tuple[int, i
                 samples: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, list[str]]:
     """uint8 (B, 3, H, W) images and their names. No ``paths``: scikit-image's sample photos
     (``samples``, default astronaut, coffee, chelsea)."""
-    from PIL import Image
-
     pics, names = [], []
     if paths:
         for p in paths:
@@ -39,8 +37,6 @@ def load_images(paths: Sequence[Union[str, Path]], size: Union[int, tuple[int, i
                 pics.append(resize_center_crop(im, size))
             names.append(p.stem)
     else:
-        import skimage.data
-
         for name in samples or DEFAULT_SAMPLES:
             arr = getattr(skimage.data, name)()
             if arr.ndim == 2:

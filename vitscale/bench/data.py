@@ -25,6 +25,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
+import psutil
+import skimage.data
 
 from vitscale.bench.common import print_table
 from vitscale.bench.data_inputs import imagenet_like, tar_costs, webdataset_tar_reader
@@ -39,9 +42,6 @@ def make_images(root: Path, n: int, min_size: int = 256, max_size: int = 500, se
                 imagenet: bool = False) -> list[Path]:
     """``n`` JPEG crops (quality 90) of the skimage photos in an ImageFolder tree ``root/<photo>/<i>.jpg``; with
     ``imagenet``, ImageNet-sized files instead (see :func:`_imagenet_like`)."""
-    import skimage.data
-    from PIL import Image
-
     if imagenet:
         return imagenet_like(root, n, seed)
 
@@ -83,15 +83,11 @@ def write_bench_shards(files: list[Path], out: Path, num_shards: int) -> list[st
 
 
 def _children() -> set[int]:
-    import psutil
-
     return {c.pid for c in psutil.Process().children(recursive=True)}
 
 
 def _cpu_seconds(pids: set[int], main: bool) -> float:
     """CPU time so far of the processes ``pids`` (and of this process if ``main``)."""
-    import psutil
-
     total = sum(psutil.Process().cpu_times()[:2]) if main else 0.0
     for pid in pids:
         try:

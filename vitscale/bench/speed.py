@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
+import psutil
 
 from vitscale.bench.common import (autocast_dtype, bench_device, device_label, fmt_gb, fmt_num, print_table,
     resolve_num_classes, sync)
@@ -151,8 +152,6 @@ def _loader(cfg: Config, env) -> Any:
 
 
 def _workers_rss() -> int:
-    import psutil
-
     return sum(c.memory_info().rss for c in psutil.Process().children(recursive=True))
 
 

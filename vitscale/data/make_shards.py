@@ -27,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from PIL import Image, ImageOps
+
 from vitscale.data.transforms import _pil_rgb
 from vitscale.data.writer import MANIFEST, _ShardWriter, build_manifest, label_summary, write_manifest
 from vitscale.errors import VitscaleError
@@ -98,16 +100,12 @@ def list_source(src) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str
 
 def _reencode_png(im) -> bytes:
     """An image PNG/JPEG/WebP cannot hold as is for training (16-bit, CMYK, ...) -> 8-bit RGB PNG."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(_pil_rgb(im)).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def _encode(path: str, resize: Optional[int]) -> tuple[bytes, str]:
-    from PIL import Image, ImageOps
-
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         fmt = (im.format or "").upper()

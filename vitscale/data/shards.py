@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import braceexpand
+
 from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.tario import label_ext
 from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
+from webdataset.gopen import gopen
+
 from vitscale.data.tarstream import tar_members
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -57,8 +59,6 @@ class _Stream:
 
 def _open(url: str):
     """(raw file, decompressed stream with a tail) for a local path, ``file://``, ``pipe:`` or ``http(s)://`` url."""
-    from webdataset.gopen import gopen
-
     raw = gopen(url, "rb")
     head = raw.read(2)
     if head == b"\x1f\x8b":  # gzip: a .tar.gz / .tgz shard

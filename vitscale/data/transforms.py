@@ -13,7 +13,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 # Imported here (not per call) so DataLoader workers forked from the trainer inherit them ready to use.
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
@@ -42,8 +44,6 @@ class TooLarge(DecodeError):
 def our_pixel_limit():
     """PIL's own decompression-bomb limit off while it reads a header (data.max_pixels decides, with a message
     naming the size) or decodes an image that passed that check."""
-    from PIL import Image
-
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -151,8 +151,6 @@ def read_header(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> 
 
 
 def _pil_header(data: bytes) -> Header:
-    from PIL import Image
-
     try:
         with our_pixel_limit():
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
@@ -165,10 +163,8 @@ def _pil_header(data: bytes) -> Header:
     return Header(fmt, mode, w, h, orientation, False)
 
 
-def _pil_rgb(im) -> "numpy.ndarray":  # noqa: F821 (numpy is imported lazily)
+def _pil_rgb(im) -> np.ndarray:
     """Any PIL mode and bit depth -> RGB uint8 (H,W,3): 16/32-bit integer images are scaled, not clipped."""
-    import numpy as np
-
     if im.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs open as one of these)
         arr = np.asarray(im).astype(np.int64)
         arr = (np.clip(arr, 0, 65535) >> 8) if arr.max(initial=0) > 255 else np.clip(arr, 0, 255)
@@ -183,8 +179,6 @@ def _pil_rgb(im) -> "numpy.ndarray":  # noqa: F821 (numpy is imported lazily)
 
 
 def _decode_pil(data: bytes) -> torch.Tensor:
-    from PIL import Image, ImageOps
-
     with our_pixel_limit():  # read_header has checked data.max_pixels already
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
             im = ImageOps.exif_transpose(im)  # a portrait photo stored sideways is trained on upright

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
@@ -314,8 +315,6 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     downstream use needs, unless ``full``). The run's model and objective config travel in the file's metadata
     so eval/analyze can rebuild the model.
     """
-    from safetensors.torch import save_file
-
     path = resolve_checkpoint(ckpt)
     state = read_trainer_state(path)
     sd = eng.consolidated_state_dict(path)

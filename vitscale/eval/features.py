@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
@@ -28,8 +30,6 @@ POOLS = ("model", "token", "avg")
 
 def make_accelerator(device: str = "auto", precision: str = "no"):
     """One ``Accelerator`` for the whole evaluation. ``device``: auto | cpu | cuda; ``precision``: no | bf16 | fp16."""
-    from accelerate import Accelerator
-
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     if precision not in ("no", "bf16", "fp16"):
@@ -157,7 +157,6 @@ def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
 def gather_keys(accelerator, keys: list[str]) -> list[str]:
     if accelerator.num_processes == 1:
         return list(keys)
-    from accelerate.utils import gather_object
 
     return list(gather_object(list(keys)))  # every rank's list, concatenated rank-major
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from tqdm import tqdm
 
 from vitscale import faults
 from vitscale.config.load import config_to_dict, save_config
@@ -197,7 +198,6 @@ class Trainer:
             cfg, self.val_set.urls if self.val_set else None, env.rank, env.world_size, self.ckpt.dir,
             lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log, self.objective.classifies)
         if env.is_main and cfg.train.progress:
-            from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
 
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from vitscale.config.schema import ObjectiveConfig
 from vitscale.distributed.checkpoint import read_trainer_state, resolve_checkpoint
@@ -104,9 +106,6 @@ def torch_load_weights(path: Path) -> Any:
 
 
 def _read_safetensors(path: Path) -> Weights:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
