@@ -100,7 +100,7 @@ def test_resume_between_zero0_and_sharded_stages_is_refused_before_anything_is_w
     for old, new in ((0, 2), (3, 0)):
         ckpt = tmp_path / f"z{old}" / "step_00000004"
         ckpt.mkdir(parents=True)
-        (ckpt / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"engine": {
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2, "config": {"engine": {
             "zero_stage": old}}}))
         with pytest.raises(ValueError, match=f"engine.zero_stage={old}; it cannot be resumed with "
                                              f"engine.zero_stage={new}"):

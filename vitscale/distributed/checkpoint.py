@@ -46,12 +46,6 @@ def tag_for(step: int) -> str:
 TRAINER_STATE = "trainer_state.json"
 
 
-def read_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint directory's ``trainer_state.json`` (step, samples, the run's resolved config, ...): the one
-    reader, for resume, export, weights loading and evaluation alike."""
-    return json.loads((Path(ckpt) / TRAINER_STATE).read_text())
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:

@@ -20,6 +20,7 @@ from accelerate.utils import gather_object
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
 from vitscale.distributed.checkpoint import read_trainer_state
+from vitscale.errors import CheckpointReadError
 from vitscale.models.vit import VisionTransformer
 from vitscale.pixels import normalize
 from vitscale.objectives import objective_class
@@ -83,7 +84,7 @@ def _run_data_config(info: dict) -> dict:
         return {}
     try:
         return read_trainer_state(Path(ckpt)).get("config", {}).get("data", {})
-    except (OSError, ValueError):
+    except CheckpointReadError:  # no or damaged trainer_state.json: the run's data config is unknown
         return {}
 
 
