@@ -83,7 +83,7 @@ def add_parsers(subparsers) -> None:
     f.add_argument("--grace", type=float, default=None,
                    help="seconds between SIGTERM and SIGKILL (default: engine.preempt_grace_s, 30)")
     f.add_argument("--port", type=int, default=29650, help="first of 3 rendezvous ports (default 29650)")
-    f.add_argument("--skip-preemption", action="store_true", help="leave out the SIGTERM launch (CI: minutes less)")
+    f.add_argument("--skip-preemption", action="store_true", help="leave out the kill -9 and SIGTERM launches (CI: minutes less)")
     f.set_defaults(func=run_preflight_cmd)
 
     q = subparsers.add_parser("plot", help="PNG of loss, lr, throughput, MFU and data-wait over steps",

@@ -8,7 +8,9 @@ runs the recipe as a cluster launch would, only shorter, and prints one table:
    (``vitscale plan --device cpu|gpu``) vs measured peak memory a process, step time, checkpoint size, write time;
 2. 1 process at another ZeRO stage resumes it (universal conversion) and takes a step: conversion and load time;
 3. ``vitscale export --timm`` and ``timm.create_model("local-dir:...")``: export time and size, timm loads it;
-4. 2 processes resume again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
+4. 2 processes resume for one more step and are SIGKILLed while its checkpoint is being written (a quarter of the
+   bytes on disk): the previous checkpoint must stay the resume point (as after an OOM kill or a lost node);
+5. 2 processes resume again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
    against ``--grace`` (the launcher's and Slurm's default: 30 s before SIGKILL).
 
 The batch is cut to 2 a process on CPU (to what fits when less), precision to fp32 on CPU (no bf16 units), the
@@ -25,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,6 +36,7 @@ import torch
 
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
+from vitscale.distributed.checkpoint import CheckpointManager, is_complete, read_trainer_state, tag_for
 
 GB = 2 ** 30
 POLL_S = 0.5
@@ -222,7 +226,7 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
     if first.returncode != 0:
         rows.append(Row(f"train {procs} procs ZeRO-{stage}", f"exit {first.returncode}", False, first.error()))
         return rows
-    state = json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())
+    state = read_trainer_state(ckpts / "step_00000002")
     rows.append(Row("step time", f"{state['step_s']:.1f} s (first launch {first.seconds:.0f} s)"))
     rows += checkpoint_rows(ckpts / "step_00000002")
 
@@ -237,7 +241,8 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
                     f", 1 step"))
     rows += export_rows(run_dir, out_dir, env)
     if preemption:
-        rows.append(preemption_row(procs, port + 2, config, args, env, out_dir, ckpts, grace))
+        rows.append(torn_write_row(procs, port + 2, config, args, env, out_dir, ckpts))
+        rows.append(preemption_row(procs, port + 3, config, args, env, out_dir, ckpts, grace))
     return rows
 
 
@@ -270,7 +275,7 @@ def preemption_row(procs: int, port: int, config: str, args: list[str], env: dic
     """Resume on PROCS processes; once their first step is logged, SIGTERM every process of the launch (as Slurm
     does) and time the complete checkpoint: the signal lands at a step's start, so the measure is a whole step
     plus the write. The deepspeed launcher SIGKILLs its children 30 s after it gets SIGTERM, like Slurm's KillWait."""
-    before = set(p.name for p in ckpts.iterdir())
+    before = set(p.name for p in ckpts.iterdir() if (p / "COMPLETE").is_file())  # not a torn one
     metrics = ckpts.parent / "metrics.jsonl"
     logged = len(metrics.read_text().splitlines())
     sent: dict[str, float] = {}
@@ -293,3 +298,52 @@ def preemption_row(procs: int, port: int, config: str, args: list[str], env: dic
     seconds = seconds if seconds is not None else done.stat().st_mtime - (time.time() - launch.seconds)
     return Row("SIGTERM -> checkpoint", f"{seconds:.1f} s ({new[-1].name})", seconds <= grace,
                f"grace {grace:g} s" + ("" if seconds <= grace else ": too slow, see docs/multinode.md"))
+
+
+TORN_FRACTION = 0.25  # of the previous checkpoint's bytes on disk when the kill lands: well inside the write
+
+
+def _bytes_in(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):  # a file renamed or removed while we count
+            total += p.stat().st_size if p.is_file() else 0
+    return total
+
+
+def torn_write_row(procs: int, port: int, config: str, args: list[str], env: dict, out_dir: Path,
+                   ckpts: Path) -> Row:
+    """Resume on PROCS processes for one step with a checkpoint, and SIGKILL every process of the launch once that
+    checkpoint's directory holds TORN_FRACTION of the previous one's bytes: the write is cut as an OOM kill or a lost
+    node would cut it. The previous complete checkpoint must stay the resume point."""
+    previous = CheckpointManager(ckpts, rank=0).find("auto")
+    prev_bytes = sum(json.loads((previous / "COMPLETE").read_text())["files"].values())
+    target = ckpts / tag_for(int(read_trainer_state(previous)["step"]) + 1)
+    killed: dict[str, int] = {}
+
+    def kill_mid_write(text: str, proc: subprocess.Popen) -> None:
+        if not killed and target.is_dir() and (written := _bytes_in(target)) >= TORN_FRACTION * prev_bytes:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed["bytes"] = written
+
+    step = int(target.name.split("_")[1])
+    launch = run(train_cmd(procs, port, config, [*args, f"train.steps={step}", "train.ckpt_every=1"]), env, out_dir,
+                 kill_mid_write)
+    if not killed:
+        return Row("kill -9 during checkpoint write", "not sent", False,
+                   f"the write was not caught in progress (exit {launch.returncode}): {launch.error()}")
+    return torn_verdict(ckpts, previous, target, killed["bytes"], prev_bytes)
+
+
+def torn_verdict(ckpts: Path, previous: Path, torn: Path, written: int, prev_bytes: int) -> Row:
+    """The row of a write cut at WRITTEN bytes: TORN must not count as complete, and a resume must pick PREVIOUS."""
+    complete, why = is_complete(torn)
+    with warnings.catch_warnings():  # "skipping checkpoint ..." is this row's finding, said in the table
+        warnings.simplefilter("ignore")
+        resume = CheckpointManager(ckpts, rank=0).find("auto")
+    value = f"cut at {written / GB:.2f} of ~{prev_bytes / GB:.2f} GB; resume point {resume.name if resume else None}"
+    if complete:
+        return Row("kill -9 during checkpoint write", value, False, f"{torn.name} counts as complete")
+    if resume != previous:
+        return Row("kill -9 during checkpoint write", value, False, f"a resume would not continue {previous.name}")
+    return Row("kill -9 during checkpoint write", value, True, f"{torn.name}: {why}")

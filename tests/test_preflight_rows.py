@@ -1,0 +1,41 @@
+"""The verdicts of `vitscale preflight`'s rows, on checkpoint directories laid out by hand (the launches themselves
+run at real size in tests/test_preflight.py and in docs/benchmarks.md's rehearsals)."""
+import json
+
+from vitscale.bench.preflight import torn_verdict
+from vitscale.distributed.checkpoint import COMPLETE, tag_for
+
+
+def _checkpoint(ckpts, step, sizes, complete=True):
+    path = ckpts / tag_for(step)
+    path.mkdir(parents=True)
+    for name, size in sizes.items():
+        (path / name).write_bytes(b"\0" * size)
+    if complete:
+        (path / COMPLETE).write_text(json.dumps({"step": step, "files": sizes}))
+    return path
+
+
+def test_a_write_cut_short_leaves_the_previous_checkpoint_the_resume_point(tmp_path):
+    previous = _checkpoint(tmp_path, 2, {"mp_rank_00_model_states.pt": 4000, "rank_00000.pt": 100})
+    torn = _checkpoint(tmp_path, 3, {"mp_rank_00_model_states.pt": 1000}, complete=False)
+    row = torn_verdict(tmp_path, previous, torn, written=1000, prev_bytes=4100)
+    assert row.ok, row
+    assert "resume point step_00000002" in row.value and "no COMPLETE marker" in row.note
+
+
+def test_a_torn_write_that_counts_as_complete_fails_the_row(tmp_path):
+    # the marker is written last; a marker whose files are all there makes the newer step the resume point
+    previous = _checkpoint(tmp_path, 2, {"a.pt": 10})
+    torn = _checkpoint(tmp_path, 3, {"a.pt": 10})
+    row = torn_verdict(tmp_path, previous, torn, written=10, prev_bytes=10)
+    assert not row.ok and "counts as complete" in row.note
+
+
+def test_a_marker_listing_a_file_cut_short_does_not_count(tmp_path):
+    # a copy (or a write) that left a shard shorter than COMPLETE records: never resumed from
+    previous = _checkpoint(tmp_path, 2, {"a.pt": 10})
+    torn = _checkpoint(tmp_path, 3, {"a.pt": 10})
+    (torn / "a.pt").write_bytes(b"\0" * 4)
+    row = torn_verdict(tmp_path, previous, torn, written=4, prev_bytes=10)
+    assert row.ok and "step_00000002" in row.value, row
