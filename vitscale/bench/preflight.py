@@ -124,13 +124,13 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         peaks: dict[int, int] = {}
+        members: dict[int, psutil.Process] = {}
         try:
-            while proc.poll() is None:
-                try:
-                    for child in psutil.Process(proc.pid).children(recursive=True):
-                        peaks[child.pid] = max(peaks.get(child.pid, 0), _hwm(child.pid))
-                except psutil.Error:
-                    pass
+            while _running(proc, members):
+                with contextlib.suppress(psutil.Error):
+                    members.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+                for pid in members:
+                    peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
                 if on_output is not None:
                     on_output(log.read_text(errors="replace"), proc)
                 time.sleep(POLL_S)
@@ -139,6 +139,21 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
                 os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
     return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
+
+
+LINGER_S = 90  # how long ranks may outlive their launcher: deepspeed's launch.py gives them 30 s after SIGTERM
+
+
+def _running(proc: subprocess.Popen, members: dict) -> bool:
+    """Whether the launch is still running: its first process, or any process it started. The ``deepspeed`` runner
+    has no SIGTERM handler on one node and exits at once; its ranks, checkpointing within their grace, must not be
+    killed with it (preflight's SIGKILL of the group once the launch is over would cut that checkpoint short)."""
+    if proc.poll() is None:
+        return True
+    ended = getattr(proc, "_ended_at", None) or time.perf_counter()
+    proc._ended_at = ended
+    alive = [m for m in members.values() if m.is_running() and m.status() != "zombie"]
+    return bool(alive) and time.perf_counter() - ended < LINGER_S
 
 
 def _hwm(pid: int) -> int:
