@@ -11,6 +11,7 @@ Kinds and where they act:
   stop    SIGSTOP this process (a hung rank: alive, holding its connections, doing nothing) at ``mid_step``
   enospc  raise ``OSError(ENOSPC)`` at ``ckpt_write``, or at ``ds_save`` (inside DeepSpeed's save_checkpoint, when
           it writes a file of step N), as a full disk would
+  term    SIGTERM this process (Slurm's preemption signal) at ``ckpt_write``: the signal lands during a write
   nan     make the loss NaN at ``loss`` for the trainer's micro-batches number A..B (1-based, counted over the
           whole process, so a rollback that repeats step numbers does not repeat the fault)
 Without the variable nothing here does anything.
@@ -25,7 +26,7 @@ from typing import Optional
 
 ENV = "VITSCALE_FAULT"
 KINDS = {"kill": ("after_step", "mid_step", "ckpt_write", "worker"), "stop": ("mid_step",),
-         "enospc": ("ckpt_write", "ds_save"), "nan": ("loss",)}
+         "enospc": ("ckpt_write", "ds_save"), "term": ("ckpt_write",), "nan": ("loss",)}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def inject(point: str, *, rank: int, step: Optional[int] = None, batch: Optional
             os.kill(os.getpid(), signal.SIGKILL)
         if fault.kind == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
+        if fault.kind == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
         if fault.kind == "enospc":
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV})")
 

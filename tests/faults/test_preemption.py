@@ -64,3 +64,15 @@ def test_resume_warns_in_one_line_when_step_plus_checkpoint_exceed_the_grace(tmp
     assert re.search(r"checkpoint step_00000005: 0\.\d\d GB written in \d+\.\d s", r.stdout), r.stdout[-2000:]
     quiet = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=6"), cwd=tmp_path)  # default grace 30 s
     assert quiet.returncode == 0 and "preempt_grace_s" not in quiet.stderr, quiet.stderr[-3000:]
+
+
+def test_a_signal_during_a_checkpoint_write_stops_at_that_checkpoint(tmp_path, data_cache):
+    """SIGTERM while step 2's checkpoint is written: that checkpoint is the preemption's; the run must not start
+    step 3, which at real size alone outlasts the launcher's 30 s grace (measured at ViT-L/16: the signal landed in
+    a regular save, the next step began, and the ranks were killed in it)."""
+    args = train_args(tmp_path, "w", data_cache, "train.steps=100000", "train.ckpt_every=2")
+    r = run_cli(args, cwd=tmp_path, env_extra={"VITSCALE_FAULT": "term@ckpt_write,step=2,rank=0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "preemption signal: checkpointed at step 2, exiting" in r.stdout, r.stdout[-2000:]
+    assert max(step_losses(tmp_path / "w")) == 2
+    assert (tmp_path / "w" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

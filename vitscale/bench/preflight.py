@@ -298,7 +298,7 @@ def preemption_row(procs: int, port: int, config: str, args: list[str], env: dic
     def signal_in_first_step(text: str, proc: subprocess.Popen) -> None:
         if not sent and len(metrics.read_text().splitlines()) > logged:
             os.killpg(proc.pid, signal.SIGTERM)
-            sent["at"] = time.perf_counter()
+            sent["at"] = time.time()
 
     launch = run(train_cmd(procs, port, config, [*args, "train.steps=1000"]), env, out_dir, signal_in_first_step)
     new = sorted(p for p in ckpts.iterdir() if p.name not in before and (p / "COMPLETE").is_file())
@@ -309,10 +309,13 @@ def preemption_row(procs: int, port: int, config: str, args: list[str], env: dic
                    f"no complete checkpoint: the ranks were killed {grace:g} s after the signal (the launcher's "
                    "grace) before step + write ended; see docs/multinode.md")
     done = new[-1] / "COMPLETE"
-    seconds = _seconds(r"checkpointed at step \d+, exiting \(([0-9.]+) s after the signal", launch.out)
-    seconds = seconds if seconds is not None else done.stat().st_mtime - (time.time() - launch.seconds)
-    return Row("SIGTERM -> checkpoint", f"{seconds:.1f} s ({new[-1].name})", seconds <= grace,
-               f"grace {grace:g} s" + ("" if seconds <= grace else ": too slow, see docs/multinode.md"))
+    said = _seconds(r"checkpointed at step \d+, exiting \(([0-9.]+) s after the signal", launch.out)
+    # without the rank's own line (it was killed before it could exit), the marker's time says when it completed
+    seconds = said if said is not None else done.stat().st_mtime - sent["at"]
+    note = f"grace {grace:g} s" + ("" if seconds <= grace else ": too slow, see docs/multinode.md")
+    if said is None:
+        note += "; rank 0 did not exit after its checkpoint and was killed (launch log)"
+    return Row("SIGTERM -> checkpoint", f"{seconds:.1f} s ({new[-1].name})", seconds <= grace, note)
 
 
 TORN_FRACTION = 0.25  # of the previous checkpoint's bytes on disk when the kill lands: well inside the write

@@ -126,6 +126,7 @@ class Trainer:
             if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self.save(state)
                 self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
+                preempted = preempted or self._signalled_during_save(last)
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, exiting{self._since_signal()}")
                 break
@@ -367,6 +368,12 @@ class Trainer:
         if last or step % min(self.cfg.train.log_every, PREEMPT_CHECK_EVERY) == 0:
             return eng.any_rank(self.preemption.requested)
         return False
+
+    def _signalled_during_save(self, last: bool) -> bool:
+        """A signal that arrived while a checkpoint was written makes that checkpoint the preemption's: stop now
+        rather than start a step the grace may not cover (at ViT-L size a step alone outlasts 30 s). Every rank saves
+        at the same steps, so this all-reduce, one a checkpoint, is collective."""
+        return not last and self.preemption is not None and eng.any_rank(self.preemption.requested)
 
     def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
