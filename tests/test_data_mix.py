@@ -20,6 +20,7 @@ from vitscale.config.load import load_config
 from vitscale.config.resolve import run_length
 from vitscale.config.sources import Source, parse_sources
 from vitscale.data.mix import MixSet, bounds_of, build_mix_loader, resolve_train_set, source_of
+from vitscale.data.order import seed_of
 from vitscale.errors import ConfigError
 from vitscale.logging.metrics import read_metrics
 
@@ -258,9 +259,15 @@ def test_training_logs_samples_per_source_and_check_shards_reports_each(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m for m in read_metrics(tmp_path / "mix" / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
-    for m in rows:
+    r = run_cli(train_args(tmp_path, "mix", data_cache, f"data.train_shards={mix}", "train.steps=7",
+                           "train.ckpt_every=1000", "data.val_shards="), cwd=tmp_path)  # resumes at step 5
+    assert r.returncode == 0 and "at step 5" in r.stdout, r.stderr[-3000:]
+    rows = {m["step"]: m for m in read_metrics(tmp_path / "mix" / "metrics.jsonl") if "loss" in m}
+    bounds, phase = bounds_of([0.75, 0.25]), seed_of("mix-phase", 0)  # the schedule of run.seed=0
+    for step, m in rows.items():
         a, b = m["data/source_0_samples"], m["data/source_side_samples"]
-        assert a + b == m["samples"] == 16 * m["step"] and abs(b - m["samples"] / 4) <= 2, m
+        assert a + b == m["samples"] == 16 * step and abs(b - m["samples"] / 4) <= 2, m
+        assert b == sum(source_of(k, bounds, phase) for k in range(m["samples"])), m  # resumed or not
     r = run_cli(["check-shards", "--config", DEMO_CFG, "--set", f"data.train_shards={mix}",
                  f"data.cache_dir={data_cache}", "--workers", "1", "--json", str(tmp_path / "r.json")], cwd=tmp_path)
     assert "source 0 (weight 0.75, 75.0% of samples): demo:digits:" in r.stdout, r.stdout + r.stderr
