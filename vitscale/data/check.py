@@ -1,4 +1,4 @@
-"""`vitscale check-shards SPEC` (or ``--config FILE``): read every shard (in parallel) and report what would hurt training.
+"""`vitscale check-shards SPEC` (or ``--config FILE``): read every shard (in parallel), report what would hurt training.
 
 Per shard: samples, labels, samples without an image or a valid label, unreadable image headers (or, with
 ``--decode``, images that do not decode), images over ``data.max_pixels``, keys seen twice, damage (truncated or
