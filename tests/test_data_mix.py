@@ -6,6 +6,7 @@ Shards are written with plain tarfile and webdataset.ShardWriter (not vitscale's
 import io
 import json
 import math
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -277,3 +278,27 @@ def test_training_logs_samples_per_source_and_check_shards_reports_each(tmp_path
 
 
 DEMO_CFG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+@pytest.mark.slow
+def test_a_mix_run_resumed_on_another_world_size_keeps_the_schedule(tmp_path, data_cache, digits):
+    """2 deepspeed CPU processes train a mix for 3 steps; the run continues on 1 process: the per-source counts of
+    every step, before and after, are the schedule's counts at that many samples (carried over from both ranks)."""
+    from conftest import deepspeed_cli
+
+    side = tmp_path / "side"
+    _wds_source(side, "s", digits, 60, 10, first=1000)
+    mix = f"0.75*demo:digits + side=0.25*{side}/s-{{000000..000005}}.tar"
+    args = [f"data.train_shards={mix}", "train.ckpt_every=1000", "data.val_shards="]
+    port = 29500 + os.getpid() % 400
+    r = deepspeed_cli(2, port, train_args(tmp_path, "mix", data_cache, *args, "train.steps=3"), cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    r = run_cli(train_args(tmp_path, "mix", data_cache, *args, "train.steps=5"), cwd=tmp_path)
+    assert r.returncode == 0 and "at step 3" in r.stdout, r.stderr[-3000:]
+    rows = {m["step"]: m for m in read_metrics(tmp_path / "mix" / "metrics.jsonl") if "loss" in m}
+    bounds, phase = bounds_of([0.75, 0.25]), seed_of("mix-phase", 0)
+    assert [rows[s]["samples"] for s in range(1, 6)] == [32, 64, 96, 112, 128]
+    for m in rows.values():
+        side_count = sum(source_of(k, bounds, phase) for k in range(m["samples"]))
+        assert (m["data/source_0_samples"], m["data/source_side_samples"]) == (m["samples"] - side_count,
+                                                                                side_count), m

@@ -38,7 +38,7 @@ from vitscale.data.pipeline import (TrainLoader, TrainStream, build_train_loader
                                     train_loader_from_config)
 from vitscale.data.resume import position as _position
 from vitscale.data.shards import ShardSet, resolve_shards
-from vitscale.data.stream import StreamPlan, WorkerStream, _collate
+from vitscale.data.stream import WorkerStream, collate_batch
 
 log = logging.getLogger("vitscale.data")
 
@@ -103,7 +103,7 @@ def iter_mix_batches(plan: MixPlan, streams: tuple, positions: list, worker: int
             key, img, label, now[s] = next(its[s])
             items.append((key, img, label, {}))
             picked.append(s)
-        out = _collate(items, worker, ring)
+        out = collate_batch(items, worker, ring)
         out["stream"] = {"worker": worker, "sources": copy.deepcopy(now)}
         out["source"] = torch.tensor(picked, dtype=torch.int64)
         yield out

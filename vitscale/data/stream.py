@@ -155,7 +155,7 @@ class WorkerStream:
                             f"(more than data.max_bad_fraction={frac}); check the shards (vitscale check-shards)")
 
 
-def _collate(items: list, worker: int, ring: Optional[Ring] = None) -> dict:
+def collate_batch(items: list, worker: int, ring: Optional[Ring] = None) -> dict:
     keys, imgs, labels, pos = zip(*items)
     batch = {"label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
              "stream": {"worker": worker, **pos[-1]}}
@@ -174,5 +174,5 @@ def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] 
     for item in WorkerStream(plan, worker, position):
         buf.append(item)
         if len(buf) == plan.batch_size:
-            yield _collate(buf, worker, ring)
+            yield collate_batch(buf, worker, ring)
             buf = []
