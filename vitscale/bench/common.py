@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from vitscale.config.schema import Config
+from vitscale.config.sources import parse_sources
 from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
@@ -23,20 +24,21 @@ def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[in
         return int(override), "--num-classes"
     if cfg.data.num_classes:
         return cfg.data.num_classes, "data.num_classes"
-    spec = cfg.data.train_shards
-    if spec.startswith("demo:"):
-        name = spec.split(":")[1]
-        if name in DEMO_NUM_CLASSES:
-            return DEMO_NUM_CLASSES[name], f"demo data {name}"
-    p = Path(spec)
-    manifest = p if p.name == "manifest.json" else p / "manifest.json"
-    if manifest.is_file():
-        try:
-            n = json.loads(manifest.read_text()).get("num_classes")
-            if n:
-                return int(n), str(manifest)
-        except (OSError, ValueError):
-            pass
+    sources = parse_sources(cfg.data.train_shards)  # a mix: its first source that tells
+    for spec in [s.spec for s in sources] if sources else [cfg.data.train_shards]:
+        if spec.startswith("demo:"):
+            name = spec.split(":")[1]
+            if name in DEMO_NUM_CLASSES:
+                return DEMO_NUM_CLASSES[name], f"demo data {name}"
+        p = Path(spec)
+        manifest = p if p.name == "manifest.json" else p / "manifest.json"
+        if manifest.is_file():
+            try:
+                n = json.loads(manifest.read_text()).get("num_classes")
+                if n:
+                    return int(n), str(manifest)
+            except (OSError, ValueError):
+                pass
     return 1000, "assumed (ImageNet-1k)"
 
 

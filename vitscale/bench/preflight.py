@@ -70,13 +70,13 @@ class Launch:
 
 def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
     """What preflight changes in the recipe: short, local, quiet; model, resolution and ZeRO stage untouched."""
-    from vitscale.data.shards import resolve_shards
+    from vitscale.data.mix import resolve_train_set
 
     out = ["train.epochs=null", "train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1",
            "train.progress=false", "train.eval_every=0", "logging.wandb.mode=disabled", "logging.image_every=0",
            "data.num_workers=0", "data.val_shards="]
     try:
-        resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+        resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir)
     except (FileNotFoundError, ValueError, OSError):
         out.append("data.train_shards=demo:photos")
     if not cuda:

@@ -35,8 +35,7 @@ from vitscale.bench.memory import LiveTensorMemory
 from vitscale.bench.timm_ref import timm_reference
 from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
-from vitscale.data.pipeline import train_loader_from_config
-from vitscale.data.shards import resolve_shards
+from vitscale.data.mix import resolve_train_set, train_stream_from_config
 from vitscale.distributed import compile as regional
 from vitscale.distributed.env import detect_env
 from vitscale.logging.metrics import device_peak_flops
@@ -147,8 +146,8 @@ def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_c
 
 
 def _loader(cfg: Config, env) -> Any:
-    urls = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).urls
-    return train_loader_from_config(cfg, urls, env.rank, env.world_size)
+    train_set = resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir)  # one spec, or a mix of sources
+    return train_stream_from_config(cfg, train_set, env.rank, env.world_size)
 
 
 def _workers_rss() -> int:
@@ -173,7 +172,7 @@ def _num_classes(cfg: Config, what: tuple[str, ...], num_classes: Optional[int])
     """The head's classes, in the trainer's order (data.num_classes, else the shard manifest) when shards are
     read anyway; else without touching any data."""
     if "loader" in what or "step" in what:
-        shard_classes = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).num_classes
+        shard_classes = resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir).num_classes
         return resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)[0]
     return resolve_num_classes(cfg, num_classes)[0]
 

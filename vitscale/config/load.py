@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from vitscale.config.schema import Config, choices
+from vitscale.config.sources import parse_sources
 from vitscale.errors import ConfigError
 from vitscale.objectives import objective_class
 from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
@@ -252,6 +253,7 @@ def check_consistency(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     _check_length(cfg)
     _check_ema(cfg)
+    parse_sources(cfg.data.train_shards)  # a mix of sources: each one's keys, weights and names
     patch = cfg.model.patch_size
     if patch is not None and cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size={cfg.model.img_size} is not divisible by model.patch_size={patch}")

@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Optional
 
 from vitscale.config.schema import Config
+from vitscale.config.sources import describe, is_mix
 from vitscale.errors import ConfigError
 from vitscale.optim import peak_lr  # the LR rule's one home
 
@@ -51,14 +52,17 @@ def run_length(cfg: Config, global_batch: int, train_samples: Optional[int], nee
     if t.epochs is None and o.warmup_epochs is None:
         return RunLength(t.steps or DEFAULT_STEPS,
                          DEFAULT_WARMUP_STEPS if o.warmup_steps is None else o.warmup_steps)
+    # A mix's size is the sum of its sources' (those with a weight > 0): an epoch draws that many samples.
     if train_samples is None or train_samples < 1:
         if not need:
             return RunLength(None if t.epochs is not None else (t.steps or DEFAULT_STEPS),
                              None if o.warmup_epochs is not None else o.warmup_steps)
         key = "train.epochs" if t.epochs is not None else "optim.warmup_epochs"
-        raise ConfigError(f"{key} needs the training set's size, but data.train_shards={cfg.data.train_shards!r} has "
-                          f"no manifest with sample counts: give the length in steps (train.steps, "
-                          f"optim.warmup_steps) or use a manifest (vitscale make-shards writes one)")
+        which = describe(cfg.data.train_shards)
+        whose = "every source needs a manifest" if is_mix(cfg.data.train_shards) else "has no manifest"
+        raise ConfigError(f"{key} needs the training set's size, but {which} {whose} with sample counts: give the "
+                          f"length in steps (train.steps, optim.warmup_steps) or use a manifest (vitscale "
+                          f"make-shards writes one)")
     per = f"{train_samples} samples / global batch {global_batch}"
     steps, warmup, notes = t.steps or DEFAULT_STEPS, o.warmup_steps, []
     if t.epochs is not None:

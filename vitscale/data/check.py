@@ -1,10 +1,11 @@
-"""`vitscale check-shards SPEC`: read every shard (in parallel) and report what would hurt training.
+"""`vitscale check-shards SPEC` (or ``--config FILE``): read every shard (in parallel), report what would hurt training.
 
 Per shard: samples, labels, samples without an image or a valid label, unreadable image headers (or, with
 ``--decode``, images that do not decode), images over ``data.max_pixels``, keys seen twice, damage (truncated or
 unreadable tar). Over all shards: the label histogram, duplicate keys across shards, and whether the shards look
 class-sorted (each shard holds far fewer classes than a shuffled shard of its size would), which leaves batches
-with few classes. The exit status is 1 when anything of that is found, 0 when the shards look fine.
+with few classes. The exit status is 1 when anything of that is found, 0 when the shards look fine. A mix of sources
+(``data.train_shards`` as a list or ``"0.7*A + cc=0.3*B"``) is reported source by source.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from vitscale.config.load import load_config
+from vitscale.config.sources import parse_sources
 from vitscale.data.shards import resolve_shards
 from vitscale.data.tario import ShardError, iter_shard, label_ext, sample_image, sample_label
 from vitscale.data.transforms import DEFAULT_MAX_PIXELS, TooLarge, decode, read_header
@@ -165,21 +168,44 @@ def print_report(report: dict, spec: str) -> None:
           f"  {len(report['problems'])} problem(s) found")
 
 
+def _what(args) -> tuple:
+    """(train_shards, label_key, cache_dir): the SPEC argument, or a config's data section (--config)."""
+    if args.config:
+        d = load_config(args.config, args.set or []).data
+        return d.train_shards, d.label_key, d.cache_dir
+    if not args.spec:
+        raise ValueError("check-shards: give a shard spec or --config FILE")
+    return args.spec, args.label_key, args.cache_dir
+
+
 def main(args) -> int:
-    report = check_shards(args.spec, cache_dir=args.cache_dir, label_key=args.label_key,
-                          num_classes=args.num_classes, max_pixels=args.max_pixels, decode_all=args.decode,
-                          workers=args.workers)
-    print_report(report, args.spec)
+    spec, label_key, cache_dir = _what(args)
+    sources = parse_sources(spec)
+    total = sum(s.weight for s in sources) if sources else 1.0
+    targets = [(f"source {s.name} (weight {s.weight:g}, {s.weight / total:.1%} of samples): {s.spec}", s.spec)
+               for s in sources] if sources else [(spec, spec)]
+    reports = {}
+    for title, one in targets:
+        report = check_shards(one, cache_dir=cache_dir, label_key=label_key, num_classes=args.num_classes,
+                              max_pixels=args.max_pixels, decode_all=args.decode, workers=args.workers)
+        print_report(report, title)
+        reports[title] = report
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 1 if report["problems"] else 0
+            out = ({s.name: r for s, r in zip(sources, reports.values())} if sources else
+                   next(iter(reports.values())))
+            json.dump({"sources": out} if sources else out, f, indent=1)
+    return 1 if any(r["problems"] for r in reports.values()) else 0
 
 
 def add_parser(sub) -> None:
     c = sub.add_parser("check-shards", help="read every shard: samples, labels, bad/duplicate/oversized samples, "
                                             "class-sorted order; exit 1 if something would hurt training")
-    c.add_argument("spec", help="shard spec as in data.train_shards (manifest, dir, brace pattern, list, demo:...)")
+    c.add_argument("spec", nargs="?", help="shard spec as in data.train_shards (manifest, dir, brace pattern, list, "
+                                         "demo:..., or a mix '0.7*A + cc=0.3*B': each source is reported)")
+    c.add_argument("--config", default=None, help="check a config's data.train_shards (every source of a mix), "
+                                                  "with its data.label_key and data.cache_dir")
+    c.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="overrides of --config")
     c.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (as data.label_key)")
     c.add_argument("--num-classes", type=int, default=0, help="flag labels outside 0..N-1 and missing labels")
     c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: data.max_pixels' default)")

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -36,188 +36,40 @@ from vitscale import faults
 from vitscale.data import worker_death
 from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
-from vitscale.data.order import (Order, block_size, block_stream, epoch_plan, generator, plans_from_json,
-                                 plans_to_json, slot_index)
+from vitscale.data.order import Order, block_size, plans_from_json, plans_to_json
 from vitscale.data.resume import (POSITION_KEYS, resume_stream_state,  # noqa: F401 (callers import them here)
                                   saved_stream_states)
 from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
-from vitscale.data.tario import ShardError, label_ext, sample_image, sample_label
-from vitscale.data.reduced_decode import train_image
-from vitscale.data.transforms import DEFAULT_MAX_PIXELS, DeferredJpeg, decode, jpeg_size, train_crop, train_transform
-from vitscale.errors import DataError
+from vitscale.data.stream import (MIN_SEEN_FOR_BAD_CHECK, StreamPlan,  # noqa: F401 (callers import them here)
+                                  WorkerStream, iter_worker_batches)
+from vitscale.data.tario import label_ext
+from vitscale.data.transforms import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("vitscale.data")
 
-# data.max_bad_fraction is judged against at least this many samples, so a few bad files met early in a healthy
-# data set (2 in the first 100 at a 0.5% rate) do not stop a run; a data set that is mostly bad still stops fast.
-MIN_SEEN_FOR_BAD_CHECK = 1000
+
+def _single_batches(plan: StreamPlan, positions: list[dict], worker: int, first_batch: int,
+                    ring: Optional[Ring]) -> Iterator[dict]:
+    return iter_worker_batches(plan, worker, positions[worker], ring)
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    urls: tuple
-    order: Order
-    rank: int
-    world_size: int
-    num_workers: int  # logical workers per rank (>= 1)
-    batch_size: int
-    img_size: int
-    crop_min_scale: float
-    max_bad_fraction: float
-    decode_on: str = "worker"  # "device": JPEGs go to the trainer undecoded, with their crop drawn (see transforms)
-    label_key: str = "cls"
-    num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
-    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
-    randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
-    reduced_decode: bool = True  # JPEGs whose crop is >= 6x the output decode at 1/4-1/8 size (reduced_decode.py)
-    k: int = 1  # shards per block for epochs not in ``plans``
-    plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
+class TrainStream(IterableDataset):
+    """Each DataLoader worker's batches: ``batches(logical worker, its next batch number, ring)``."""
 
-    @property
-    def slots(self) -> int:
-        return self.world_size * self.num_workers
-
-
-# ----- one worker's stream --------------------------------------------------------------------------------------
-class WorkerStream:
-    """Forever: ``(key, image uint8 (3,S,S) | DeferredJpeg | None, label, position_after)`` for one logical worker
-    from ``position``. Bad samples and damaged shards are skipped, warned about (shard url and key) and counted."""
-
-    def __init__(self, plan: StreamPlan, worker: int, position: Optional[dict] = None, decode_images: bool = True):
-        self.plan, self.worker, self.decode_images = plan, worker, decode_images
-        self.slot = slot_index(plan.rank, plan.world_size, worker)
-        self.label_ext = label_ext(plan.label_key)
-        pos = _position(position or _fresh_position())
-        self.epoch, self.item, self.offset = pos["epoch"], pos["item"], pos["offset"]
-        self.seen, self.skipped, self.bad_shards = pos["seen"], pos["skipped"], pos["bad_shards"]
-        self.where = f"rank {plan.rank} worker {worker}"
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "item": self.item, "offset": self.offset, "seen": self.seen,
-                "skipped": self.skipped, "bad_shards": self.bad_shards}
-
-    def __iter__(self) -> Iterator[tuple]:
-        p = self.plan
-        while True:
-            plan = epoch_plan(p.plans, p.order, p.k, self.epoch)
-            mine = plan.items[self.slot::p.slots]
-            whole = self.item == 0 and self.offset == 0 and bool(mine) and all(s == 0 for _, s in mine)
-            produced = False
-            while self.item < len(mine):
-                block, start = mine[self.item]
-                for out in self._read_item(plan.k, block, start):
-                    produced = True
-                    yield out
-                self.item, self.offset = self.item + 1, 0
-            if whole and not produced:  # looping on would hang the run without a word
-                raise DataError(f"data {self.where} read no valid sample in epoch {self.epoch} from its "
-                                f"{len(mine)} block(s) of shards, e.g. {p.urls[0]}")
-            self.epoch, self.item, self.offset = self.epoch + 1, 0, 0
-
-    def _read_item(self, k: int, block: int, start: int) -> Iterator[tuple]:
-        """The block's entries from ``start + offset`` on; those before are read but not decoded."""
-        skip = start + self.offset
-        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, k, block,
-                                               self.label_ext)):
-            if j < skip:
-                continue
-            self.offset = j + 1 - start
-            if isinstance(entry, ShardError):
-                self._bad(f"skipping the rest of shard {entry.url} ({entry.read} samples read): {entry.message}",
-                          shard=True)
-                continue
-            self.seen += 1
-            try:
-                img, label = self._sample(entry, k, block, j)
-            except Exception as e:
-                self._bad(f"skipping bad sample {entry['__key__']} in {entry['__url__']}: {e}")
-                continue
-            yield entry["__key__"], img, label, self.position()
-            self._check()
-
-    def _sample(self, sample: dict, k: int, block: int, j: int) -> tuple:
-        p = self.plan
-        data = sample_image(sample)
-        label = self._label(sample)
-        if not self.decode_images:
-            return None, label
-        g = generator("aug", p.order.seed, self.epoch, k, block, j)
-        size = jpeg_size(data, p.max_pixels) if p.decode_on == "device" else None
-        if size is not None:  # the same draws from g as below: the same crop either way
-            crop = train_crop(*size, p.img_size, g, p.crop_min_scale, randaug=p.randaug)
-            return DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop), label
-        if p.reduced_decode:
-            image = train_image(data, p.img_size, g, p.crop_min_scale, randaug=p.randaug, max_pixels=p.max_pixels)
-        else:
-            image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug)
-        return image, label
-
-    def _label(self, sample: dict) -> int:
-        n = self.plan.num_classes
-        if not n:  # not supervised: the label is carried along, a bad one is not worth a sample
-            try:
-                label = sample_label(sample, self.plan.label_key)
-            except ValueError:
-                label = None
-            return -1 if label is None else label
-        label = sample_label(sample, self.plan.label_key)
-        if label is None:
-            raise ValueError(f"no label (data.label_key={self.plan.label_key})")
-        if not 0 <= label < n:
-            raise ValueError(f"label {label} is outside 0..{n - 1} (data.num_classes={n})")
-        return label
-
-    def _bad(self, message: str, shard: bool = False) -> None:
-        self.seen += shard  # a damaged shard counts as one bad entry
-        self.skipped += 1
-        self.bad_shards += shard
-        log.warning("vitscale.data: %s", message)
-        self._check()
-
-    def _check(self) -> None:
-        frac = self.plan.max_bad_fraction
-        if self.skipped > frac * max(self.seen, MIN_SEEN_FOR_BAD_CHECK):
-            raise DataError(f"too many bad samples: {self.skipped} of {self.seen} skipped by data {self.where} "
-                            f"(more than data.max_bad_fraction={frac}); check the shards (vitscale check-shards)")
-
-
-def _collate(items: list, worker: int, ring: Optional[Ring] = None) -> dict:
-    keys, imgs, labels, pos = zip(*items)
-    batch = {"label": torch.tensor(labels, dtype=torch.int64), "key": list(keys),
-             "stream": {"worker": worker, **pos[-1]}}
-    if not all(torch.is_tensor(x) for x in imgs):
-        batch["image"] = list(imgs)  # deferred JPEGs: see materialize
-    elif ring is not None:  # a DataLoader worker: straight into (reused) shared memory
-        batch["image"], batch["ring_seq"] = ring.stack(imgs)
-    else:
-        batch["image"] = torch.stack(imgs)
-    return batch
-
-
-def iter_worker_batches(plan: StreamPlan, worker: int, position: Optional[dict] = None,
-                        ring: Optional[Ring] = None) -> Iterator[dict]:
-    buf = []
-    for item in WorkerStream(plan, worker, position):
-        buf.append(item)
-        if len(buf) == plan.batch_size:
-            yield _collate(buf, worker, ring)
-            buf = []
-
-
-class _TrainStream(IterableDataset):
-    def __init__(self, plan: StreamPlan, positions: list[dict], consumed: int, released: torch.Tensor):
-        self.plan, self.positions, self.consumed, self.released = plan, positions, consumed, released
+    def __init__(self, batches: Callable, num_workers: int, rank: int, consumed: int, released: torch.Tensor):
+        self.batches, self.num_workers, self.rank = batches, num_workers, rank
+        self.consumed, self.released = consumed, released
 
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        worker = (physical + self.consumed) % self.plan.num_workers
+        worker = (physical + self.consumed) % self.num_workers
+        first = self.consumed + (worker - self.consumed) % self.num_workers
         if info is None:  # in the trainer's process: nothing to hand over through shared memory
-            return iter_worker_batches(self.plan, worker, self.positions[worker])
-        batches = iter_worker_batches(self.plan, worker, self.positions[worker], Ring(self.released, worker))
-        return _fault_point(batches, self.plan.rank, physical)
+            return self.batches(worker, first, None)
+        return _fault_point(self.batches(worker, first, Ring(self.released, worker)), self.rank, physical)
 
 
 def _fault_point(batches: Iterator[dict], rank: int, worker: int) -> Iterator[dict]:
@@ -298,6 +150,18 @@ class TrainLoader:
                  states[0]["world_size"], states[0]["num_workers"], self.plan.world_size, self.plan.num_workers,
                  first)
 
+    def source_samples(self) -> dict:
+        """Samples this rank took from each source of a mix ({} for one source: see :mod:`vitscale.data.mix`)."""
+        return {}
+
+    def _dataset(self, released: torch.Tensor) -> TrainStream:
+        batches = functools.partial(_single_batches, self.plan, copy.deepcopy(self.positions))
+        return TrainStream(batches, self.plan.num_workers, self.plan.rank, self.batches, released)
+
+    def _take(self, stream: dict) -> None:
+        """Record the position a batch carries, as it is handed to the caller."""
+        self.positions[stream["worker"]] = _position(stream)
+
     def __iter__(self) -> Iterator[dict]:
         return _TrainIterator(self)
 
@@ -306,7 +170,7 @@ class _TrainIterator:
     def __init__(self, loader: TrainLoader):
         self.loader = loader
         self.releases = Releases(loader.plan.num_workers)
-        dataset = _TrainStream(loader.plan, copy.deepcopy(loader.positions), loader.batches, self.releases.table)
+        dataset = loader._dataset(self.releases.table)
         # Building the DataLoader iterator now (not lazily) and giving it its own generator keeps the global
         # torch RNG untouched, so the trainer's RNG state is the same on every launch.
         dl = DataLoader(dataset, batch_size=None, num_workers=loader.num_workers, persistent_workers=False,
@@ -331,7 +195,7 @@ class _TrainIterator:
         if s["worker"] != expected:
             raise RuntimeError(f"data stream out of order: batch {loader.batches} came from logical worker "
                                f"{s['worker']}, expected {expected}")
-        loader.positions[s["worker"]] = _position(s)
+        loader._take(s)
         loader.batches += 1
         if "ring_seq" in batch:
             self.releases.handed_out(s["worker"], batch.pop("ring_seq"), batch["image"])
@@ -377,15 +241,18 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     return TrainLoader(plan, num_workers, state)
 
 
+def loader_kwargs(cfg, num_classes: int = 0) -> dict:
+    """:func:`build_train_loader`'s arguments from a run's config (``vitscale.config.Config``), all but the urls,
+    the rank, the world size and the state: the same for every source of a mix."""
+    d = cfg.data
+    return dict(batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed, num_workers=d.num_workers,
+                shuffle=d.shuffle, crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction,
+                decode_on=d.decode_on, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
+                label_key=d.label_key, num_classes=num_classes, max_pixels=d.max_pixels or None, randaug=d.randaug)
+
+
 def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: int,
                              state: Union[dict, list, None] = None, num_classes: int = 0) -> TrainLoader:
     """The training stream a run's config (``vitscale.config.Config``) describes, for one rank. ``num_classes``
     > 0 (supervised runs) skips and counts samples without a label in range."""
-    d = cfg.data
-    return build_train_loader(urls, batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed,
-                              rank=rank, world_size=world_size, num_workers=d.num_workers, shuffle=d.shuffle,
-                              crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction, state=state,
-                              decode_on=d.decode_on, shards_in_flight=d.shards_in_flight,
-                              shuffle_buffer=d.shuffle_buffer, label_key=d.label_key,
-                              num_classes=num_classes,
-                              max_pixels=d.max_pixels or None, randaug=d.randaug)
+    return build_train_loader(urls, rank=rank, world_size=world_size, state=state, **loader_kwargs(cfg, num_classes))

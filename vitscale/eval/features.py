@@ -17,6 +17,7 @@ from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from vitscale.config.sources import describe, is_mix
 from vitscale.data.pipeline import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
 from vitscale.distributed.checkpoint import read_trainer_state
@@ -107,6 +108,8 @@ def data_specs(train_spec: Optional[str], val_spec: Optional[str], info: Optiona
     train_spec = train_spec or run_cfg.get("train_shards")
     if not train_spec:
         raise ValueError("no training shards: pass --data (e.g. demo:digits)")
+    if is_mix(train_spec):  # probes fit one labelled training set, not a weighted stream
+        raise ValueError(f"the run trained on a mix of sources ({describe(train_spec)}): pass --data (one spec)")
     val_spec = val_spec or (run_cfg.get("val_shards") if own_data else None) or val_spec_for(train_spec)
     return train_spec, val_spec
 

@@ -21,7 +21,8 @@ from vitscale.config.load import config_to_dict, save_config
 from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.data.augment import batch_augment_from_config
-from vitscale.data.pipeline import resume_stream_state, train_loader_from_config
+from vitscale.data.mix import resolve_train_set, shard_sets, train_stream_from_config
+from vitscale.data.pipeline import resume_stream_state
 from vitscale.data.shards import check_labels, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
@@ -161,7 +162,7 @@ class Trainer:
         state.history.append([state.step, env.world_size])
         stream = resume_stream_state(point.path, (rank_state or {}).get("data"), env.world_size,
                                      cfg.data.num_workers) if point else None
-        self.loader = train_loader_from_config(cfg, self.train_set.urls, env.rank, env.world_size, state=stream,
+        self.loader = train_stream_from_config(cfg, self.train_set, env.rank, env.world_size, state=stream,
                                                num_classes=self.objective.label_classes(self.num_classes))
         self.decode_failures = int((rank_state or {}).get("decode_failures", 0))
         self.batches = iter(self.loader)
@@ -172,7 +173,7 @@ class Trainer:
 
     def _open_data(self) -> None:
         cfg = self.cfg
-        self.train_set = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir)
+        self.train_set = resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir)  # one spec, or a mix
         self.settings = resolve(self.given_cfg, self.env.world_size, self.train_set.num_samples)
         self.cfg = cfg = self.settings.cfg
         self.objective = objective_for(cfg)
@@ -181,7 +182,7 @@ class Trainer:
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
         self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
         self.objective.check_data(self.num_classes)
-        check_labels([self.train_set, self.val_set], self.objective.label_classes(self.num_classes),
+        check_labels([*shard_sets(self.train_set), self.val_set], self.objective.label_classes(self.num_classes),
                      cfg.data.label_key)
 
     def _open_outputs(self, state: TrainState) -> None:
@@ -316,7 +317,9 @@ class Trainer:
         means = torch.stack([torch.stack(out.losses).float().mean()]
                             + [torch.stack([m[k] for m in out.metrics]).float().mean() for k in names]).tolist()
         bad_samples, bad_shards = self.loader.skipped()
-        *sums, bad_samples, bad_shards = eng.all_reduce_sum([*means, bad_samples + self.decode_failures, bad_shards])
+        sources = self.loader.source_samples()  # a mix's samples per source ({} for one spec)
+        totals = eng.all_reduce_sum([bad_samples + self.decode_failures, bad_shards, *sources.values(), *means])
+        bad_samples, bad_shards, taken, sums = *totals[:2], totals[2:2 + len(sources)], totals[2 + len(sources):]
         world = self.env.world_size
         elapsed = time.perf_counter() - window.start
         samples_per_s = window.steps * self.settings.global_batch / elapsed
@@ -327,6 +330,7 @@ class Trainer:
                 "data_wait_frac": window.wait / elapsed, "mem_gb": peak_memory_gb(), "mfu": self._mfu(samples_per_s),
                 **{f"train/{k}": s / world for k, s in zip(names, sums[1:])},
                 "data/skipped_samples": int(bad_samples), "data/skipped_shards": int(bad_shards),
+                **{f"data/source_{name}_samples": int(n) for name, n in zip(sources, taken)},
                 "nonfinite_losses": state.nonfinite_losses, "rollbacks": state.rollbacks}
 
     def _mfu(self, samples_per_s: float) -> Optional[float]:
