@@ -9,35 +9,22 @@ from typing import Any, Optional
 import torch
 
 from vitscale.config.schema import Config
-from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
+from vitscale.data.shards import described, head_classes, resolve_shards
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
 
 
-def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[int, str]:
-    """Classes of the supervised head, without building or reading any shard data when possible.
-
-    Order: ``override``, ``data.num_classes``, the demo data set's known count, the manifest next to a local
-    ``train_shards`` path, else 1000 (ImageNet). Returns (classes, where the number came from)."""
+def resolve_num_classes(cfg: Config, override: Optional[int] = None, read_shards: bool = False) -> tuple[int, str]:
+    """Classes of the supervised head by the trainer's rule (:func:`vitscale.data.shards.head_classes`), for a bench
+    or a plan: ``override`` (``--num-classes``) first; the shards' manifest as the trainer reads it when
+    ``read_shards`` (the bench reads them anyway), else only what is known without building or reading shard data;
+    1000 (ImageNet) when nothing says. Returns (classes, where the number came from)."""
     if override:
         return int(override), "--num-classes"
-    if cfg.data.num_classes:
-        return cfg.data.num_classes, "data.num_classes"
     spec = cfg.data.train_shards
-    if spec.startswith("demo:"):
-        name = spec.split(":")[1]
-        if name in DEMO_NUM_CLASSES:
-            return DEMO_NUM_CLASSES[name], f"demo data {name}"
-    p = Path(spec)
-    manifest = p if p.name == "manifest.json" else p / "manifest.json"
-    if manifest.is_file():
-        try:
-            n = json.loads(manifest.read_text()).get("num_classes")
-            if n:
-                return int(n), str(manifest)
-        except (OSError, ValueError):
-            pass
-    return 1000, "assumed (ImageNet-1k)"
+    shards = resolve_shards(spec, cfg.data.cache_dir) if read_shards else described(spec)
+    classes, source = head_classes(cfg.data.num_classes, shards)
+    return (classes, source) if classes else (1000, "assumed (ImageNet-1k)")
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:

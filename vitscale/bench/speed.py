@@ -169,15 +169,6 @@ def _check_args(cfg: Config, what: tuple[str, ...], iters: int, warmup: int, rou
     return device
 
 
-def _num_classes(cfg: Config, what: tuple[str, ...], num_classes: Optional[int]) -> int:
-    """The head's classes, in the trainer's order (data.num_classes, else the shard manifest) when shards are
-    read anyway; else without touching any data."""
-    if "loader" in what or "step" in what:
-        shard_classes = resolve_shards(cfg.data.train_shards, cfg.data.cache_dir).num_classes
-        return resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)[0]
-    return resolve_num_classes(cfg, num_classes)[0]
-
-
 class _Bench:
     """What the modes of one ``run_bench`` share: the config, the device, the engine the engine/step/loader
     modes reuse, and the loader's iterator. Each ``setup_*`` builds one mode's step function for :class:`Timed`."""
@@ -311,7 +302,8 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     device = _check_args(cfg, what, iters, warmup, rounds)
     compiled = compile_blocks or cfg.train.compile
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))
-    bench = _Bench(cfg, device, _num_classes(cfg, what, num_classes), compiled)
+    bench = _Bench(cfg, device, resolve_num_classes(cfg, num_classes, read_shards='loader' in what or 'step' in what)[0],
+                   compiled)
     peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops()
     flops = objective_for(cfg).flops_per_image(bench.shape_net)
     out: dict[str, Any] = {"device": device_label(device), "model": cfg.model.name, "objective": cfg.objective.name,

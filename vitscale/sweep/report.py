@@ -10,7 +10,7 @@ from typing import Sequence
 from vitscale.logging.figures import new_figure, save_figure
 
 # Shown first, in this order, when present; every other metric follows alphabetically.
-PREFERRED = ("val_acc", "val_top1", "val_loss", "train_loss")
+PREFERRED = ("val_top1", "val_top5", "val_loss", "train_loss")
 HIDDEN = ("steps", "val_images")
 
 
