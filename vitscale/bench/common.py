@@ -27,11 +27,6 @@ def resolve_num_classes(cfg: Config, override: Optional[int] = None, read_shards
     return (classes, source) if classes else (1000, "assumed (ImageNet-1k)")
 
 
-def autocast_dtype(precision: str) -> Optional[torch.dtype]:
-    """Mixed-precision compute dtype of a config's ``train.precision`` (None for fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
 def bench_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,6 @@ are cheap, deterministic functions of the features and a seed; every rank comput
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscale.eval.features import FeatureSet
+from vitscale.logging.metrics import mean_std
 from vitscale.optim import lr_at, peak_lr
 
 
@@ -169,10 +169,7 @@ def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots:
             targets = 2.0 * F.one_hot(train.labels[idx], num_classes).double() - 1.0
             w = ridge_fit(x_train[idx], targets, reg)
             accs.append(_accuracy(ridge_predict(w, x_val), val.labels))
-        mean = sum(accs) / len(accs)
-        # the project's one convention (as sweep tables): sample std over the n = seeds draws, 0 for one draw
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        results[n] = {"mean": mean, "std": std, "per_seed": accs}
+        results[n] = {**mean_std(accs), "per_seed": accs}  # sample std over the n = seeds draws
     return {"shots": list(results), "mean": [r["mean"] for r in results.values()],
             "std": [r["std"] for r in results.values()], "per_seed": [r["per_seed"] for r in results.values()],
             "seeds": seeds, "reg": reg}

@@ -269,8 +269,8 @@ def _probe_rows(probe: str, results: dict, opts: EvalOptions) -> list[list[str]]
     """Summary rows of one probe, one column per variant."""
     if probe == "fewshot":
         shots = next(iter(results.values()))["shots"]
-        return [[probe, f"{n}-shot top-1 (%)"] + [f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}"
-                                                 for r in results.values()] for i, n in enumerate(shots)]
+        return [[probe, f"{n}-shot top-1 (%), sample std n={opts.fewshot_seeds}"] + [
+            f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}" for r in results.values()] for i, n in enumerate(shots)]
     metric = "top-1 (%)" if probe == "linear" else f"top-1 (%), k={opts.k}, T={opts.temperature}"
     return [[probe, metric] + [_pct(r["val_top1"]) for r in results.values()]]
 

@@ -5,8 +5,9 @@ import json
 import math
 import os
 import resource
+import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -61,6 +62,16 @@ def read_metrics(path: Path, strict: bool = True) -> list[dict]:
             continue
         records.append({current_name(k): v for k, v in record.items()})
     return records
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "std", "n"}``: the project's one spread convention (sweep tables, few-shot seeds): the sample
+    standard deviation (n - 1 in the denominator) over the n values, 0.0 for one value; n always stated."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std: no values")
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
 
 
 def peak_memory_gb() -> float:
