@@ -276,8 +276,8 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     device = _check_args(cfg, what, iters, warmup, rounds)
     compiled = compile_blocks or cfg.train.compile
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))
-    bench = _Bench(cfg, device, resolve_num_classes(cfg, num_classes, read_shards='loader' in what or 'step' in what)[0],
-                   compiled)
+    classes, _ = resolve_num_classes(cfg, num_classes, read_shards="loader" in what or "step" in what)
+    bench = _Bench(cfg, device, classes, compiled)
     peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops()
     flops = objective_for(cfg).flops_per_image(bench.shape_net)
     out: dict[str, Any] = {"device": device_label(device), "model": cfg.model.name, "objective": cfg.objective.name,
