@@ -20,8 +20,10 @@ import torch
 from conftest import PicklePayload
 from vitscale.data.demo import ensure_demo_shards
 from vitscale.data.order import Order, block_shards
-from vitscale.data.pipeline import build_eval_loader, build_train_loader
-from vitscale.data.shards import resolve_shards, write_shards
+from vitscale.data.evaluation import build_eval_loader
+from vitscale.data.pipeline import build_train_loader
+from vitscale.data.shards import resolve_shards
+from vitscale.data.writer import write_shards
 from vitscale.data.transforms import DecodeError, DeferredJpeg, decode, eval_transform, materialize, train_transform
 from vitscale.pixels import normalize
 
@@ -450,3 +452,36 @@ def test_worker_batch_buffers_are_reused_only_once_released(demo):
         del batch
     assert len(inodes) < 12  # dropped: each worker's 4 slots come round again
     assert int(it.releases.table.max()) >= 8  # released batches were told to the workers
+
+
+def test_head_classes_is_the_one_rule_and_described_reads_nothing(tmp_path):
+    """data.num_classes wins, else the first manifest that lists classes; the planner's view of a demo set needs no
+    build and a hand-written manifest (plain tarfile shard, not vitscale's writer) is read as the trainer reads it."""
+    from vitscale.bench.common import resolve_num_classes
+    from vitscale.config.load import load_config
+    from vitscale.data.shards import ShardSet, described, head_classes
+
+    assert head_classes(5, ShardSet(urls=["a"], num_classes=7)) == (5, "data.num_classes")
+    assert head_classes(0, None, ShardSet(urls=["b.tar"], num_classes=7))[0] == 7
+    assert head_classes(None, ShardSet(urls=["a"])) == (0, "unknown")
+    cache = tmp_path / "cache"
+    assert described("demo:photos").num_classes == 7 and described("demo:digits").urls == []
+    assert not cache.exists()
+    shard = tmp_path / "s" / "train-0.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tf:
+        for name, data in (("k0.cls", b"3"), ("k0.png", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (shard.parent / "manifest.json").write_text(json.dumps(
+        {"num_samples": 1, "num_classes": 4, "shards": [{"name": "train-0.tar", "count": 1}]}))
+    assert described(str(shard.parent)).num_classes == 4
+    assert described(str(tmp_path / "nowhere")) is None
+    cfg = load_config(None, [f"data.train_shards={shard.parent}", f"data.cache_dir={cache}"])
+    assert resolve_num_classes(cfg)[0] == resolve_num_classes(cfg, read_shards=True)[0] == 4
+    assert resolve_num_classes(cfg, 9) == (9, "--num-classes")
+    cfg = load_config(None, ["data.train_shards=demo:digits", "data.num_classes=3", f"data.cache_dir={cache}"])
+    assert resolve_num_classes(cfg) == (3, "data.num_classes")
+    cfg = load_config(None, [f"data.train_shards={tmp_path}/x-{{0..1}}.tar", f"data.cache_dir={cache}"])
+    assert resolve_num_classes(cfg) == (1000, "assumed (ImageNet-1k)")

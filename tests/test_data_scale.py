@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from vitscale.data.pipeline import WorkerStream, build_train_loader
+from vitscale.data.pipeline import build_train_loader
+from vitscale.data.stream import WorkerStream
 from vitscale.data.shards import ShardSet, check_labels, resolve_shards
 from vitscale.data.tario import iter_shard, read_shard
 from vitscale.data.transforms import TooLarge, decode

@@ -5,6 +5,7 @@ import statistics
 import pytest
 
 from conftest import DEMO, TINY, run_cli
+from vitscale.logging.metrics import read_metrics
 from vitscale.sweep.grid import SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import markdown, summarize
 
@@ -32,12 +33,12 @@ def test_summary_mean_and_sample_std_per_grid_point():
         ok = seed_index < len(acc[group_index])
         results.append({"name": c.name, "group": c.group, "params": dict(c.params), "seed": c.seed,
                         "status": "ok" if ok else "failed", "error": "boom",
-                        "metrics": {"val_acc": acc[group_index][seed_index]} if ok else {}})
+                        "metrics": {"val_top1": acc[group_index][seed_index]} if ok else {}})
     s = summarize(results)
     row1, row2 = s["rows"]
-    assert row1["n"] == 3 and row1["val_acc"]["mean"] == pytest.approx(0.6)
-    assert row1["val_acc"]["std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))
-    assert row2["n"] == 2 and row2["val_acc"]["mean"] == pytest.approx(0.85) and row2["seeds"] == [0, 1]
+    assert row1["n"] == 3 and row1["val_top1"]["mean"] == pytest.approx(0.6)
+    assert row1["val_top1"]["std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))
+    assert row2["n"] == 2 and row2["val_top1"]["mean"] == pytest.approx(0.85) and row2["seeds"] == [0, 1]
     assert [f["name"] for f in s["failed"]] == [cells[5].name]
     md = markdown(s, "t")
     assert "| model.depth=1 | 3 | 0.6 ± 0.1 |" in md and "boom" in md
@@ -62,12 +63,12 @@ def test_sweep_runs_grid_resumes_and_reports_a_failing_cell(tmp_path, data_cache
         finals = []
         for seed in (0, 1):
             name = f"depth-{row['params']['model.depth']}__train_shards-demo_digits__s{seed}"
-            records = [json.loads(x) for x in (out / "cells" / name / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(out / "cells" / name / "metrics.jsonl")
             finals.append([x for x in records if "loss" in x][-1]["loss"])
-            assert any("val_acc" in x for x in records)
+            assert any("val_top1" in x for x in records)
         assert row["train_loss"]["mean"] == pytest.approx(statistics.fmean(finals))
         assert row["train_loss"]["std"] == pytest.approx(statistics.stdev(finals)) and row["train_loss"]["std"] > 0
-        assert 0.0 <= row["val_acc"]["mean"] <= 1.0
+        assert 0.0 <= row["val_top1"]["mean"] <= 1.0
     assert "±" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 1000
 
     metrics = sorted(out.glob("cells/*__s0/metrics.jsonl"))
@@ -108,12 +109,12 @@ def test_sweep_finetunes_each_cell_from_its_own_run(tmp_path, data_cache):
     log = (cell / "finetune.log").read_text()
     assert f"model.init={cell}" in log and "run.name=finetune" in log
     assert f"tensors loaded from {cell} (vitscale checkpoint" in log  # the cell's own pretrained weights
-    records = [json.loads(x) for x in (cell / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(cell / "finetune" / "metrics.jsonl")
     assert [x["step"] for x in records if "val_top1" in x] == [2, 4]  # train.eval_every=2 over 4 steps
-    val = [x["val_acc"] for x in records if "val_acc" in x]
+    val = [x["val_top1"] for x in records if "val_top1" in x]
     doc = json.loads((out / "sweep.json").read_text())
-    assert doc["rows"][0]["n"] == 1 and doc["rows"][0]["finetune/val_acc"]["mean"] == pytest.approx(val[-1])
-    assert {"val_acc", "finetune/val_acc"} <= set(doc["metrics"])  # the pretraining's own held-out numbers stay too
+    assert doc["rows"][0]["n"] == 1 and doc["rows"][0]["finetune/val_top1"]["mean"] == pytest.approx(val[-1])
+    assert {"val_top1", "finetune/val_top1"} <= set(doc["metrics"])  # the pretraining's own held-out numbers stay too
 
 
 def test_eval_results_become_metrics_without_their_settings():
@@ -125,7 +126,8 @@ def test_eval_results_become_metrics_without_their_settings():
     assert eval_metrics(fewshot) == {"fewshot/1-shot": 0.5, "fewshot/5-shot": 0.8, "fewshot/10-shot": 0.9}
     linear = {"evaluation": "linear", "results": {"trained": {"val_acc": 0.93, "train_acc": 0.96, "epochs": 100,
                                                               "lr": 0.1, "seed": 0, "history": [{"epoch": 1}]}}}
-    assert eval_metrics(linear) == {"linear/val_acc": 0.93, "linear/train_acc": 0.96}
+    # an eval file written before the metrics were renamed: its numbers arrive under today's names
+    assert eval_metrics(linear) == {"linear/val_top1": 0.93, "linear/train_top1": 0.96}
     rows = summarize([{"name": "a", "group": "g", "params": {}, "seed": 0, "status": "ok",
                        "metrics": eval_metrics(fewshot)}])
     assert rows["metrics"] == ["fewshot/1-shot", "fewshot/5-shot", "fewshot/10-shot"]  # in numeric order

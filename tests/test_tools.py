@@ -56,6 +56,18 @@ def test_plot_synthetic_metrics(tmp_path):
     _png_size(tmp_path / "cpu.png")
 
 
+def test_read_metrics_gives_an_old_runs_val_acc_as_val_top1(tmp_path):
+    """Runs written before the rename logged val_acc; the one reader hands it on as val_top1 (plot, sweep tables)."""
+    from vitscale.logging.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    _write_metrics(path, [1, 2])  # its last line is an old run's: val_acc
+    last = read_metrics(path)[-1]
+    assert last == {"step": 2, "val_images": 297, "val_loss": 0.5, "val_top1": 0.9}
+    path.write_text(json.dumps({"step": 3, "linear/train_acc": 0.7, "val_top1": 0.8}) + "\n")
+    assert read_metrics(path) == [{"step": 3, "linear/train_top1": 0.7, "val_top1": 0.8}]
+
+
 def test_plot_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         plot_run(tmp_path / "missing")

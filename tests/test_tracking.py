@@ -18,7 +18,7 @@ def test_non_zero_ranks_and_disabled_mode_write_nothing(tmp_path, monkeypatch):
     for enabled, mode in ((False, "offline"), (True, "disabled")):
         t = Tracker(enabled=enabled, mode=mode, project="p", entity=None, name="n", run_dir=tmp_path, config={})
         t.log({"loss": 1.0}, step=1)
-        t.summarize({"val_acc": 0.5})
+        t.summarize({"val_top1": 0.5})
         t.finish()
         assert t.run_id is None
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import PicklePayload, run_cli, train_args
-from vitscale.data.shards import write_shards
+from vitscale.data.writer import write_shards
 from vitscale.logging.metrics import read_metrics
 
 

@@ -10,41 +10,26 @@ import torch
 
 from vitscale.config.schema import Config
 from vitscale.config.sources import parse_sources
-from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
+from vitscale.data.mix import resolve_train_set, shard_sets
+from vitscale.data.shards import described, head_classes
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
 
 
-def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[int, str]:
-    """Classes of the supervised head, without building or reading any shard data when possible.
-
-    Order: ``override``, ``data.num_classes``, the demo data set's known count, the manifest next to a local
-    ``train_shards`` path, else 1000 (ImageNet). Returns (classes, where the number came from)."""
+def resolve_num_classes(cfg: Config, override: Optional[int] = None, read_shards: bool = False) -> tuple[int, str]:
+    """Classes of the supervised head by the trainer's rule (:func:`vitscale.data.shards.head_classes`), for a bench
+    or a plan: ``override`` (``--num-classes``) first; the shards' manifest as the trainer reads it when
+    ``read_shards`` (the bench reads them anyway), else only what is known without building or reading shard data;
+    1000 (ImageNet) when nothing says. Returns (classes, where the number came from)."""
     if override:
         return int(override), "--num-classes"
-    if cfg.data.num_classes:
-        return cfg.data.num_classes, "data.num_classes"
-    sources = parse_sources(cfg.data.train_shards)  # a mix: its first source that tells
-    for spec in [s.spec for s in sources] if sources else [cfg.data.train_shards]:
-        if spec.startswith("demo:"):
-            name = spec.split(":")[1]
-            if name in DEMO_NUM_CLASSES:
-                return DEMO_NUM_CLASSES[name], f"demo data {name}"
-        p = Path(spec)
-        manifest = p if p.name == "manifest.json" else p / "manifest.json"
-        if manifest.is_file():
-            try:
-                n = json.loads(manifest.read_text()).get("num_classes")
-                if n:
-                    return int(n), str(manifest)
-            except (OSError, ValueError):
-                pass
-    return 1000, "assumed (ImageNet-1k)"
-
-
-def autocast_dtype(precision: str) -> Optional[torch.dtype]:
-    """Mixed-precision compute dtype of a config's ``train.precision`` (None for fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    spec = cfg.data.train_shards
+    if read_shards:
+        sets = shard_sets(resolve_train_set(spec, cfg.data.cache_dir))
+    else:  # a mix: each source's manifest, the first that tells (as head_classes reads them)
+        sets = [described(s.spec) for s in parse_sources(spec) or []] or [described(spec)]
+    classes, source = head_classes(cfg.data.num_classes, *sets)
+    return (classes, source) if classes else (1000, "assumed (ImageNet-1k)")
 
 
 def bench_device(name: str = "auto") -> torch.device:

@@ -14,7 +14,6 @@ crop+resize+flip, normalise) say what bounds the loader; "reduced decode" is wha
 """
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import statistics
@@ -32,7 +31,7 @@ import skimage.data
 from vitscale.bench.common import print_table
 from vitscale.bench.data_inputs import imagenet_like, tar_costs, webdataset_tar_reader
 from vitscale.data.pipeline import build_train_loader
-from vitscale.data.shards import write_shards
+from vitscale.data.writer import write_shards
 from vitscale.data.reduced_decode import train_image
 from vitscale.data.transforms import _decode_pil, decode, train_transform
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize

@@ -2,7 +2,8 @@
 
 Not a copy: :class:`EngineStep` builds a :class:`vitscale.train.Trainer` and calls its ``build_engine`` and
 ``step``, so a benchmark measures exactly what training runs. One process (or whatever the launcher started):
-DeepSpeed's CPU accelerator and gloo on a machine without a GPU.
+DeepSpeed's CPU accelerator and gloo on a machine without a GPU. Given a ``model`` (bench's model mode: ours or
+timm's), the same ``Trainer.step`` drives it through :class:`vitscale.train.plain.PlainEngine` instead.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from vitscale.data.augment import batch_augment_from_config
 from vitscale.distributed import engine as eng
 from vitscale.distributed.env import detect_env
 from vitscale.train import TrainState, Trainer, Window
+from vitscale.train.plain import PlainEngine
 
 
 def synthetic_batch(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,14 +36,19 @@ class EngineStep:
     """The trainer itself, built for ``cfg``, running its real training step (``Trainer.step``: the same
     normalisation, objective, non-finite check, backward and optimizer step) on the batches it is given."""
 
-    def __init__(self, cfg: Config, num_classes: int):
+    def __init__(self, cfg: Config, num_classes: int, model: Optional[torch.nn.Module] = None,
+                 device: Optional[torch.device] = None):
         self.env = detect_env()
-        eng.setup(self.env)
+        if model is None:
+            eng.setup(self.env)
         self.trainer = Trainer(cfg, self.env)
         self.cfg = self.trainer.cfg  # resolved for this launch (the batch derived from data.global_batch_size)
         self.trainer.augment = batch_augment_from_config(self.cfg, num_classes, self.env.rank,  # as Trainer.run does
                                                          self.trainer.objective.classifies)
-        self.trainer.build_engine(num_classes)
+        if model is None:
+            self.trainer.build_engine(num_classes)
+        else:  # one process, plain PyTorch: the model alone, through the same step
+            self.trainer.engine = PlainEngine(model, self.cfg, device or torch.device("cpu"))
         self.engine = self.trainer.engine
         self.flops_per_image = self.trainer.flops_per_image
         self.params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())

@@ -1,9 +1,10 @@
 """``vitscale bench``: training throughput of the model alone, the engine, the loader and the full step.
 
 Modes (``--what``, comma-separated; default all four):
-  model   our model in plain PyTorch, eager (or blocks compiled with ``--compile``), synthetic batch already on
-          the device, AdamW, autocast in the config's precision — and timm's model of the same configuration
-          measured the same way in the same run (``--no-timm`` to skip); their ratio is printed.
+  model   our model in plain PyTorch (no DeepSpeed), eager (or blocks compiled with ``--compile``), through the
+          trainer's own step (``Trainer.step`` over :class:`vitscale.train.plain.PlainEngine`: AdamW, autocast in
+          the config's precision) on a synthetic uint8 batch — and timm's model of the same configuration
+          through the same step on the same batch in the same run (``--no-timm`` to skip); their ratio is printed.
   engine  the real training step through ``vitscale.distributed.engine`` (DeepSpeed ZeRO as configured) on a
           synthetic uint8 batch: normalise, cast, objective, ``engine.backward``, ``engine.step``; with
           ``--compile`` its blocks are compiled as ``train.compile`` compiles them in training.
@@ -28,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import psutil
 
-from vitscale.bench.common import (autocast_dtype, bench_device, device_label, fmt_gb, fmt_num, print_table,
+from vitscale.bench.common import (bench_device, device_label, fmt_gb, fmt_num, print_table,
     resolve_num_classes, sync)
 from vitscale.bench.engine_step import EngineStep, synthetic_batch
 from vitscale.bench.memory import LiveTensorMemory
@@ -40,7 +41,6 @@ from vitscale.distributed import compile as regional
 from vitscale.distributed.env import detect_env
 from vitscale.logging.metrics import device_peak_flops
 from vitscale.objectives import build_model, objective_for
-from vitscale.optim import param_groups
 
 MODES = ("model", "engine", "loader", "step")
 
@@ -111,38 +111,12 @@ class Timed:
                 "rounds_s": self.rounds}
 
 
-def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_classes: int, seed: int):
-    """Plain-PyTorch training step closure: autocast forward + objective, backward, (clip), AdamW step."""
-    model.to(device).train()
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), lr=1e-5,
-                            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, **fused)
-    objective = objective_for(cfg)
-    amp = autocast_dtype(cfg.train.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
-    g = torch.Generator().manual_seed(seed)
-    B, S = cfg.data.batch_size, cfg.model.img_size
-    x = torch.randn(B, 3, S, S, generator=g).to(device)
-    y = torch.randint(0, max(num_classes, 1), (B,), generator=g).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = objective(model, x, y)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.optim.grad_clip > 0:  # the engine clips too (gradient_clipping), so the comparison is like for like
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-    return step
+def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_classes: int) -> Callable[[], Any]:
+    """The trainer's own step (``Trainer.step``) on ``model`` in plain PyTorch (:class:`PlainEngine`), on one
+    fixed synthetic batch: ours and timm's get the same batch and the same step."""
+    runner = EngineStep(cfg, num_classes, model=model, device=device)
+    images, labels = synthetic_batch(runner.cfg, num_classes)
+    return lambda: runner.step(images, labels)
 
 
 def _loader(cfg: Config, env) -> Any:
@@ -168,15 +142,6 @@ def _check_args(cfg: Config, what: tuple[str, ...], iters: int, warmup: int, rou
     return device
 
 
-def _num_classes(cfg: Config, what: tuple[str, ...], num_classes: Optional[int]) -> int:
-    """The head's classes, in the trainer's order (data.num_classes, else the shard manifest) when shards are
-    read anyway; else without touching any data."""
-    if "loader" in what or "step" in what:
-        shard_classes = resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir).num_classes
-        return resolve_num_classes(cfg, num_classes or cfg.data.num_classes or shard_classes)[0]
-    return resolve_num_classes(cfg, num_classes)[0]
-
-
 class _Bench:
     """What the modes of one ``run_bench`` share: the config, the device, the engine the engine/step/loader
     modes reuse, and the loader's iterator. Each ``setup_*`` builds one mode's step function for :class:`Timed`."""
@@ -198,7 +163,7 @@ class _Bench:
         net = build_model(self.cfg, self.classes)
         if self.compile:
             regional.compile_blocks(net, self.device)  # as train.compile does inside the engine
-        return _model_step(self.cfg, net, self.device, self.classes, seed=0)
+        return _model_step(self.cfg, net, self.device, self.classes)
 
     def setup_timm(self) -> Callable[[], Any]:
         torch.manual_seed(self.cfg.run.seed)
@@ -208,7 +173,7 @@ class _Bench:
             net.set_grad_checkpointing(True)  # timm has no "first N blocks": with N, timm recomputes all
         if self.compile:
             regional.compile_blocks(net, self.device)
-        return _model_step(self.cfg, net, self.device, self.classes, seed=0)  # the same batch as ours
+        return _model_step(self.cfg, net, self.device, self.classes)  # the same batch as ours
 
     def setup_engine(self) -> Callable[[], Any]:
         self.engine = EngineStep(self.cfg, self.classes)  # train.compile set by run_bench when --compile
@@ -310,7 +275,8 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
     device = _check_args(cfg, what, iters, warmup, rounds)
     compiled = compile_blocks or cfg.train.compile
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compiled))
-    bench = _Bench(cfg, device, _num_classes(cfg, what, num_classes), compiled)
+    classes, _ = resolve_num_classes(cfg, num_classes, read_shards="loader" in what or "step" in what)
+    bench = _Bench(cfg, device, classes, compiled)
     peak = peak_tflops * 1e12 if peak_tflops else device_peak_flops()
     flops = objective_for(cfg).flops_per_image(bench.shape_net)
     out: dict[str, Any] = {"device": device_label(device), "model": cfg.model.name, "objective": cfg.objective.name,

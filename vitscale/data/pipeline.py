@@ -35,15 +35,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitscale import faults
 from vitscale.data import worker_death
 from vitscale.data.batch_ring import Releases, Ring
-from vitscale.data.evaluation import build_eval_loader, worker_init  # noqa: F401 (callers import it here)
+from vitscale.data.evaluation import worker_init
 from vitscale.data.order import Order, block_size, plans_from_json, plans_to_json
-from vitscale.data.resume import (POSITION_KEYS, resume_stream_state,  # noqa: F401 (callers import them here)
-                                  saved_stream_states)
 from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
-from vitscale.data.stream import (MIN_SEEN_FOR_BAD_CHECK, StreamPlan,  # noqa: F401 (callers import them here)
-                                  WorkerStream, iter_worker_batches)
+from vitscale.data.stream import StreamPlan, iter_worker_batches
 from vitscale.data.tario import label_ext
 from vitscale.data.transforms import DEFAULT_MAX_PIXELS
 

@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Union
 
 import braceexpand
 
-from vitscale.data.demo import ensure_demo_shards
+from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES, ensure_demo_shards
 from vitscale.data.tario import label_ext
-from vitscale.data.writer import MANIFEST, write_shards  # noqa: F401 (write_shards: its old home)
+from vitscale.data.writer import MANIFEST
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_URLS = 1_000_000  # a brace pattern expanding to more is a typo (or a bomb), not a data set
@@ -54,10 +54,36 @@ def check_labels(shard_sets: Union[ShardSet, Sequence[Optional[ShardSet]]], num_
                              f"allows 0..{num_classes - 1}")
 
 
+def head_classes(configured: Optional[int], *sets: Optional[ShardSet]) -> tuple[int, str]:
+    """The classes of a classifier head: the one rule train, bench, plan and eval follow. ``data.num_classes``
+    when set, else the first of ``sets`` whose manifest lists classes; (0, "unknown") when none says.
+    Returns (classes, where the number came from)."""
+    if configured:
+        return int(configured), "data.num_classes"
+    for s in sets:
+        if s is not None and s.num_classes:
+            urls = getattr(s, "urls", None)  # a mix of sources (data/mix.py:MixSet) has none of its own
+            return int(s.num_classes), f"the manifest of {urls[0] if urls else 'the demo data or the sources'}"
+    return 0, "unknown"
+
+
+def described(spec: str) -> Optional[ShardSet]:
+    """What a shard spec's manifest says, without building or reading any shard (the planner's view): a demo set's
+    classes (known before it is built; no urls), a local manifest, else None."""
+    spec = str(spec).strip()
+    if spec.startswith("demo:"):
+        classes = DEMO_NUM_CLASSES.get(spec.split(":")[1])
+        return ShardSet(urls=[], num_classes=classes) if classes else None
+    path = Path(_local(spec))
+    manifest = path if path.name == MANIFEST else path / MANIFEST
+    try:
+        return load_manifest(manifest) if manifest.is_file() else None
+    except (OSError, ValueError):  # a broken manifest is the trainer's error to report, not the planner's
+        return None
+
+
 def _expand(pattern: str) -> list[str]:
     """The urls of a brace pattern, refused (one line) past MAX_URLS instead of expanding without end."""
-    import braceexpand
-
     # braceexpand builds each {a..b} range whole before yielding a url: count first (an upper bound; nested
     # braces are counted at each level), or "{0..999999999}" takes all memory
     count = 1

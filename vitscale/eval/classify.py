@@ -1,16 +1,17 @@
 """Plain held-out evaluation of a classifier: top-1 accuracy and mean cross-entropy over a shard set.
 
-The same computation as the trainer's end-of-run ``val_acc`` (eval transform, ImageNet normalisation, argmax of
-the logits), under the evaluation's ``Accelerator``: each rank reads its share, the counts are summed.
+The trainer's held-out numbers (eval transform, ImageNet normalisation, the one per-batch computation
+:func:`vitscale.objectives.supervised.classifier_sums`), under the evaluation's ``Accelerator``: each rank reads its
+share, the sums are added.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitscale.data.pipeline import build_eval_loader
+from vitscale.data.evaluation import build_eval_loader
 from vitscale.data.shards import ShardSet
+from vitscale.objectives.supervised import CLASSIFIER_SUMS, classifier_sums
 from vitscale.pixels import normalize
 from vitscale.eval.features import check_labels
 
@@ -25,25 +26,23 @@ def require_classifier(model: nn.Module, what: str) -> None:
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, shards: ShardSet, accelerator, *, img_size: int,
                         batch_size: int = 256) -> dict:
-    """``{"val_acc", "val_loss", "val_images"}`` of ``model`` on ``shards`` (all ranks get the totals)."""
+    """``{"val_top1", "val_top5", "val_loss", "val_images"}`` of ``model`` on ``shards`` (all ranks get the
+    totals)."""
     was_training = model.training
     model.eval()
     loader = build_eval_loader(shards.urls, batch_size=batch_size, img_size=img_size,
                                rank=accelerator.process_index, world_size=accelerator.num_processes)
-    correct, loss_sum, count = 0, 0.0, 0
+    sums = torch.zeros(len(CLASSIFIER_SUMS) + 1, dtype=torch.float64)  # the sums, then the image count
     for batch in loader:
         check_labels(batch["label"], "evaluation shards")
         labels = batch["label"].to(accelerator.device)
         with accelerator.autocast():
-            logits = model(normalize(batch["image"], accelerator.device)).float()
-        correct += int((logits.argmax(-1) == labels).sum())
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        count += len(labels)
+            got = classifier_sums(model, normalize(batch["image"], accelerator.device), labels)
+        sums += torch.tensor([got[k] for k in CLASSIFIER_SUMS] + [len(labels)], dtype=torch.float64)
     model.train(was_training)
     if accelerator.num_processes > 1:
-        totals = accelerator.reduce(torch.tensor([correct, loss_sum, count], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum").tolist()
-        correct, loss_sum, count = int(totals[0]), totals[1], int(totals[2])
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    *totals, count = sums.tolist()
     if count == 0:
         raise ValueError("evaluation shards: no samples read")
-    return {"val_acc": correct / count, "val_loss": loss_sum / count, "val_images": count}
+    return {**{f"val_{k}": v / count for k, v in zip(CLASSIFIER_SUMS, totals)}, "val_images": int(count)}

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from vitscale.config.sources import describe, is_mix
-from vitscale.data.pipeline import build_eval_loader
+from vitscale.data.evaluation import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
 from vitscale.distributed.checkpoint import read_trainer_state
 from vitscale.errors import CheckpointReadError
@@ -119,17 +119,6 @@ def resolve_data(train_spec: Optional[str], val_spec: Optional[str], cache_dir: 
     """(train, val) shard sets for :func:`data_specs`."""
     train_spec, val_spec = data_specs(train_spec, val_spec, info)
     return resolve_shards(train_spec, cache_dir), resolve_shards(val_spec, cache_dir)
-
-
-def num_classes_of(*sets: ShardSet, labels: Optional[torch.Tensor] = None) -> int:
-    """Classes from the shard manifest, else from the largest label seen."""
-    for s in sets:
-        if s.num_classes:
-            return int(s.num_classes)
-    if labels is not None and labels.numel():
-        return int(labels.max()) + 1
-    raise ValueError("no labels: the shards have no .cls members and their manifest lists no classes; "
-                     "this evaluation needs labelled shards")
 
 
 def check_labels(labels: torch.Tensor, what: str) -> None:

@@ -21,7 +21,7 @@ def plot_linear(results: dict[str, dict], path: PathLike, title: str) -> Path:
     for label, r in results.items():
         epochs = [h["epoch"] for h in r["history"]]
         ax1.plot(epochs, [h["train_loss"] for h in r["history"]], label=label)
-        ax2.plot(epochs, [100 * h["val_acc"] for h in r["history"]], label=f"{label} ({100 * r['val_acc']:.1f}%)")
+        ax2.plot(epochs, [100 * h["val_top1"] for h in r["history"]], label=f"{label} ({100 * r['val_top1']:.1f}%)")
     ax1.set(title="linear probe: training loss", xlabel="epoch", ylabel="cross-entropy")
     ax2.set(title="linear probe: held-out top-1", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax1, ax2):
@@ -35,7 +35,7 @@ def plot_knn(results: dict[str, dict], path: PathLike, title: str) -> Path:
     fig = new_figure(6, 4, DPI)
     ax = fig.subplots()
     for label, r in results.items():
-        ax.plot(r["curve"]["k"], [100 * a for a in r["curve"]["val_acc"]], marker="o", label=label)
+        ax.plot(r["curve"]["k"], [100 * a for a in r["curve"]["val_top1"]], marker="o", label=label)
     k = next(iter(results.values()))["k"]
     ax.axvline(k, color="grey", ls="--", lw=1, label=f"reported k = {k}")
     ax.set_xscale("log")

@@ -5,7 +5,6 @@ are cheap, deterministic functions of the features and a seed; every rank comput
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscale.eval.features import FeatureSet
+from vitscale.logging.metrics import mean_std
 from vitscale.optim import lr_at, peak_lr
 
 
@@ -42,7 +42,7 @@ def linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, *, epochs
     """Train BatchNorm(affine=False) + Linear on frozen features with SGD (momentum 0.9), lr = blr x batch / 256,
     linear warmup then cosine (the MAE recipe, with SGD in place of LARS: the head is a single layer).
 
-    Returns ``val_acc``, ``train_acc``, ``val_loss`` and per-epoch ``history`` (train loss, val accuracy)."""
+    Returns ``val_top1``, ``train_top1``, ``val_loss`` and per-epoch ``history`` (train loss, val accuracy)."""
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -73,11 +73,11 @@ def linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, *, epochs
         head.eval()
         with torch.no_grad():
             history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses),
-                            "val_acc": _accuracy(head(x_val), y_val)})
+                            "val_top1": _accuracy(head(x_val), y_val)})
     head.eval()
     with torch.no_grad():
         val_logits = head(x_val)
-        return {"val_acc": _accuracy(val_logits, y_val), "train_acc": _accuracy(head(x_train), y_train),
+        return {"val_top1": _accuracy(val_logits, y_val), "train_top1": _accuracy(head(x_train), y_train),
                 "val_loss": float(F.cross_entropy(val_logits, y_val)), "epochs": epochs, "batch_size": batch_size,
                 "lr": lr, "weight_decay": weight_decay, "seed": seed, "history": history}
 
@@ -104,7 +104,7 @@ def knn_predict(train: FeatureSet, queries: torch.Tensor, num_classes: int, k: i
 
 def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 20, temperature: float = 0.07,
              ks: Sequence[int] = (1, 5, 10, 20, 50, 100), device: Optional[torch.device] = None) -> dict:
-    """``val_acc`` at ``k``, plus the whole ``curve`` of accuracy over ``ks`` (for the plot)."""
+    """``val_top1`` at ``k``, plus the whole ``curve`` of accuracy over ``ks`` (for the plot)."""
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     if temperature <= 0:
@@ -114,8 +114,8 @@ def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 2
         if kk <= len(train):
             curve[kk] = _accuracy(knn_predict(train, val.features, num_classes, kk, temperature, device=device),
                                   val.labels)
-    return {"val_acc": curve[min(k, len(train))], "k": k, "temperature": temperature,
-            "curve": {"k": list(curve), "val_acc": list(curve.values())}}
+    return {"val_top1": curve[min(k, len(train))], "k": k, "temperature": temperature,
+            "curve": {"k": list(curve), "val_top1": list(curve.values())}}
 
 
 # ----- few-shot -------------------------------------------------------------------------------------------------
@@ -169,10 +169,7 @@ def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots:
             targets = 2.0 * F.one_hot(train.labels[idx], num_classes).double() - 1.0
             w = ridge_fit(x_train[idx], targets, reg)
             accs.append(_accuracy(ridge_predict(w, x_val), val.labels))
-        mean = sum(accs) / len(accs)
-        # the project's one convention (as sweep tables): sample std over the n = seeds draws, 0 for one draw
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        results[n] = {"mean": mean, "std": std, "per_seed": accs}
+        results[n] = {**mean_std(accs), "per_seed": accs}  # sample std over the n = seeds draws
     return {"shots": list(results), "mean": [r["mean"] for r in results.values()],
             "std": [r["std"] for r in results.values()], "per_seed": [r["per_seed"] for r in results.values()],
             "seeds": seeds, "reg": reg}

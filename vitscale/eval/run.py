@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from vitscale.data.shards import head_classes
 from vitscale.eval import plots
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
-    num_classes_of, reinit_, resolve_data)
+    reinit_, resolve_data)
 from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
@@ -186,7 +187,10 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
     model, info = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
     cache_dir = opts.cache_dir or info["data_config"].get("cache_dir") or "data_cache"
     train_set, val_set = resolve_data(opts.data, opts.val_data, cache_dir, info)
-    num_classes = num_classes_of(train_set, val_set)
+    num_classes = head_classes(None, train_set, val_set)[0]  # the trainer's rule; an evaluation has no data.* keys
+    if not num_classes:
+        raise ValueError("no classes: the shard manifests list none; this evaluation needs labelled shards "
+                         "written with a manifest (vitscale make-shards)")
     base = {"checkpoint": str(ckpt), "model": _model_summary(info),
             "data": dict(zip(("train", "val"), data_specs(opts.data, opts.val_data, info)),
                          num_classes=num_classes),
@@ -199,7 +203,7 @@ def _accuracy(s: _Session) -> None:
     require_classifier(s.model, "accuracy")
     res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
     s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
-    s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_acc"])])
+    s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_top1"])])
 
 
 def _print_summary(s: _Session) -> None:
@@ -265,14 +269,14 @@ def _probe_rows(probe: str, results: dict, opts: EvalOptions) -> list[list[str]]
     """Summary rows of one probe, one column per variant."""
     if probe == "fewshot":
         shots = next(iter(results.values()))["shots"]
-        return [[probe, f"{n}-shot top-1 (%)"] + [f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}"
-                                                 for r in results.values()] for i, n in enumerate(shots)]
+        return [[probe, f"{n}-shot top-1 (%), sample std n={opts.fewshot_seeds}"] + [
+            f"{_pct(r['mean'][i])} ± {_pct(r['std'][i])}" for r in results.values()] for i, n in enumerate(shots)]
     metric = "top-1 (%)" if probe == "linear" else f"top-1 (%), k={opts.k}, T={opts.temperature}"
-    return [[probe, metric] + [_pct(r["val_acc"]) for r in results.values()]]
+    return [[probe, metric] + [_pct(r["val_top1"]) for r in results.values()]]
 
 
 def _headline(probe: str, result: dict) -> float:
-    return result["mean"][-1] if probe == "fewshot" else result["val_acc"]
+    return result["mean"][-1] if probe == "fewshot" else result["val_top1"]
 
 
 def options_dict(opts: EvalOptions) -> dict:

@@ -5,8 +5,9 @@ import json
 import math
 import os
 import resource
+import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -32,10 +33,21 @@ class MetricsWriter:
             self._f = None
 
 
+# Metric names older runs wrote -> today's: the one place old results are translated (read_metrics, and the sweep's
+# reading of eval result files through current_name), so nothing else knows the old names.
+RENAMED = {"val_acc": "val_top1", "train_acc": "train_top1"}
+
+
+def current_name(key: str) -> str:
+    """Today's name of a metric key (also as the last part of ``linear/val_acc``)."""
+    head, sep, leaf = key.rpartition("/")
+    return head + sep + RENAMED.get(leaf, leaf)
+
+
 def read_metrics(path: Path, strict: bool = True) -> list[dict]:
-    """A run's ``metrics.jsonl`` records in order: the one reader (plot, sweep tables, tests). ``strict``: a line
-    that is not a JSON object is a ValueError naming ``path:line``; else it is skipped (the last line of a run
-    killed while writing it)."""
+    """A run's ``metrics.jsonl`` records in order, keys under today's names (:data:`RENAMED`): the one reader (plot,
+    sweep tables, tests). ``strict``: a line that is not a JSON object is a ValueError naming ``path:line``; else it
+    is skipped (the last line of a run killed while writing it)."""
     records = []
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -48,8 +60,18 @@ def read_metrics(path: Path, strict: bool = True) -> list[dict]:
             if strict:
                 raise ValueError(f"{path}:{i} is not valid JSON")
             continue
-        records.append(record)
+        records.append({current_name(k): v for k, v in record.items()})
     return records
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "std", "n"}``: the project's one spread convention (sweep tables, few-shot seeds): the sample
+    standard deviation (n - 1 in the denominator) over the n values, 0.0 for one value; n always stated."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std: no values")
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
 
 
 def peak_memory_gb() -> float:

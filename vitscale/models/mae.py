@@ -11,10 +11,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from vitscale.config.schema import ObjectiveConfig
 from vitscale.models.flops import blocks_flops, linear_flops, num_patches, vit_flops
 from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import sincos_2d
 from vitscale.models.vit import VisionTransformer, mlp_hidden
+
+_DEFAULTS = ObjectiveConfig()  # the schema is the one home of the MAE options' defaults
 
 
 def tokens_kept(num_patches: int, mask_ratio: float) -> int:
@@ -28,7 +31,8 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, decoder_embed_dim: int = 512,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, decoder_mlp_ratio: Optional[float] = None,
-                 norm_pix_loss: bool = True, mask_ratio: float = 0.75, **encoder_kwargs: Any):
+                 norm_pix_loss: bool = _DEFAULTS.norm_pix_loss, mask_ratio: float = _DEFAULTS.mask_ratio,
+                 **encoder_kwargs: Any):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")

@@ -159,7 +159,9 @@ class VisionTransformer(nn.Module):
     def prefix_tokens(self, batch: int) -> Optional[torch.Tensor]:
         """[CLS] and the register tokens, (batch, num_prefix_tokens, D), without position rows; None if neither."""
         parts = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        return torch.cat(parts, dim=1) if parts else None
+        if len(parts) < 2:  # a cat of one part is a copy (and a CatBackward) per step that timm does not pay
+            return parts[0] if parts else None
+        return torch.cat(parts, dim=1)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens + [CLS] + registers + position table: (B, prefix + N, D)."""

@@ -14,6 +14,9 @@ from vitscale.models.flops import forward_flops
 from vitscale.objectives.base import Objective, model_kwargs
 
 
+CLASSIFIER_SUMS = ("top1", "top5", "loss")  # what a held-out classifier evaluation sums: val_top1, val_top5, val_loss
+
+
 class Supervised(Objective):
     name = "supervised"
     classifies = True
@@ -46,11 +49,10 @@ class Supervised(Objective):
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return supervised_step(model, images, labels, label_smoothing=self.cfg.objective.label_smoothing)
 
-    eval_keys = ("acc", "loss")
+    eval_keys = CLASSIFIER_SUMS
 
     def eval_sums(self, model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        correct, loss_sum = count_correct(model, images, labels)
-        return {"acc": correct, "loss": loss_sum}
+        return classifier_sums(model, images, labels)
 
 
 def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
@@ -66,7 +68,11 @@ def supervised_step(model: Callable, images: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def count_correct(model: Callable, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, float]:
-    """(correct predictions, summed loss) for held-out evaluation."""
+def classifier_sums(model: Callable, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The one held-out classifier computation (end-of-run, periodic validation, ``vitscale eval accuracy``): the
+    batch's correct top-1 and top-5 predictions and summed cross-entropy (fp32 logits), keyed by CLASSIFIER_SUMS."""
     logits = model(images).float()
-    return int((logits.argmax(-1) == labels).sum()), float(F.cross_entropy(logits, labels, reduction="sum"))
+    topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hits = topk == labels[:, None]
+    return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=-1).sum()),
+            "loss": float(F.cross_entropy(logits, labels, reduction="sum"))}

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from pathlib import Path
 from typing import Sequence
 
 from vitscale.logging.figures import new_figure, save_figure
+from vitscale.logging.metrics import mean_std
 
 # Shown first, in this order, when present; every other metric follows alphabetically.
-PREFERRED = ("val_acc", "val_top1", "val_loss", "train_loss")
+PREFERRED = ("val_top1", "val_top5", "val_loss", "train_loss")
 HIDDEN = ("steps", "val_images")
 
 
@@ -34,8 +34,7 @@ def summarize(results: Sequence[dict]) -> dict:
         for m in metrics:
             values = [r["metrics"][m] for r in ok if r["group"] == row["group"] and m in r["metrics"]]
             if values:
-                row[m] = {"mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                row[m] = mean_std(values)
     failed = [{"name": r["name"], "error": r.get("error", "")} for r in results if r.get("status") == "failed"]
     pending = [r["name"] for r in results if r.get("status") not in ("ok", "failed")]
     return {"metrics": metrics, "rows": list(rows.values()), "failed": failed, "pending": pending}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vitscale.logging.metrics import read_metrics
+from vitscale.logging.metrics import current_name, read_metrics
 from vitscale.sweep.grid import Cell
 
 RESULT = "sweep_cell.json"
@@ -113,7 +113,7 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
 
 
 FINETUNE = "finetune"
-FINETUNE_METRICS = ("val_acc", "val_loss")  # of the fine-tuned model's end-of-run held-out evaluation
+FINETUNE_METRICS = ("val_top1", "val_top5", "val_loss")  # of the fine-tuned model's end-of-run held-out evaluation
 
 
 def cell_metrics(plan: SweepPlan, folder: Path) -> dict:
@@ -225,7 +225,7 @@ def _flatten(value, prefix: str, out: dict, depth: int) -> None:
             return
         for k, v in value.items():
             if k not in SETTINGS:
-                _flatten(v, f"{prefix}/{k}", out, depth + 1)
+                _flatten(v, f"{prefix}/{current_name(k)}", out, depth + 1)
 
 
 def _is_number(v) -> bool:

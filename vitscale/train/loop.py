@@ -22,8 +22,8 @@ from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.mix import resolve_train_set, shard_sets, train_stream_from_config
-from vitscale.data.pipeline import resume_stream_state
-from vitscale.data.shards import check_labels, resolve_shards
+from vitscale.data.resume import resume_stream_state
+from vitscale.data.shards import check_labels, head_classes, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager, tag_for, write_seconds
@@ -180,7 +180,7 @@ class Trainer:
         if self.settings.length_note:
             self.log(f"run length from epochs: {self.settings.length_note}")
         self.val_set = resolve_shards(cfg.data.val_shards, cfg.data.cache_dir) if cfg.data.val_shards else None
-        self.num_classes = cfg.data.num_classes or self.train_set.num_classes or 0
+        self.num_classes = head_classes(cfg.data.num_classes, self.train_set)[0]
         self.objective.check_data(self.num_classes)
         check_labels([*shard_sets(self.train_set), self.val_set], self.objective.label_classes(self.num_classes),
                      cfg.data.label_key)
@@ -437,8 +437,8 @@ class Trainer:
         return {"val_images": count, **{f"val_{k}": v / max(count, 1) for k, v in sums.items()}}
 
     def _report(self, summary: dict) -> None:
-        if "val_acc" in summary:
-            self.log(f"held-out accuracy: {100 * summary['val_acc']:.1f}% on {summary['val_images']} images "
+        if "val_top1" in summary:
+            self.log(f"held-out accuracy: {100 * summary['val_top1']:.1f}% on {summary['val_images']} images "
                      f"(val loss {summary['val_loss']:.4f})")
         elif "val_loss" in summary:
             self.log(f"held-out loss: {summary['val_loss']:.4f} on {summary['val_images']} images")

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from vitscale.data.pipeline import build_eval_loader
+from vitscale.data.evaluation import build_eval_loader
 from vitscale.pixels import normalize
 from vitscale.distributed import engine as eng
+from vitscale.objectives.supervised import CLASSIFIER_SUMS, classifier_sums
 
 BEST = "best"  # checkpoints/best: the tag of the best checkpoint so far (as checkpoints/latest)
 BEST_INFO = "best.json"  # its step and numbers
-SCORES = ("top1", "top5", "loss")  # what periodic validation sums per batch (see _scores)
 
 
 @torch.no_grad()
@@ -62,17 +61,9 @@ def held_out_sums(engine: Any, urls: list[str], batch_size: int, img_size: int, 
 def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
              crop_pct: float = 0.875, label_key: str = "cls") -> dict:
     """``{val_top1, val_top5, val_loss, val_images}`` over every held-out sample, the same on every rank."""
-    sums, count = held_out_sums(engine, urls, batch_size, img_size, rank, world_size, _scores, SCORES, crop_pct,
-                                label_key)
+    sums, count = held_out_sums(engine, urls, batch_size, img_size, rank, world_size, classifier_sums,
+                                CLASSIFIER_SUMS, crop_pct, label_key)
     return {**{f"val_{k}": v / max(count, 1) for k, v in sums.items()}, "val_images": count}
-
-
-def _scores(engine: Any, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    logits = engine(images).float()
-    topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    hits = topk == labels[:, None]
-    return {"top1": float(hits[:, 0].sum()), "top5": float(hits.any(dim=-1).sum()),
-            "loss": float(F.cross_entropy(logits, labels, reduction="sum"))}
 
 
 class PeriodicValidation:
