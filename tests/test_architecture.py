@@ -24,7 +24,8 @@ LAYERS = [
     ["vitscale.distributed"],
     ["vitscale.data"],
     ["vitscale.weights"],
-    ["vitscale.analysis", "vitscale.eval", "vitscale.train"],
+    ["vitscale.train"],
+    ["vitscale.analysis", "vitscale.eval"],  # the CNN baseline trains through Trainer.step
     ["vitscale.bench", "vitscale.sweep"],
     ["vitscale.cli"],
     ["vitscale.__main__"],

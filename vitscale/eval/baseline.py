@@ -1,6 +1,6 @@
-"""The CNN baseline of the robustness suite: torchvision's ResNet-18 adapted to small images, trained with a
-plain PyTorch loop under the evaluation's ``Accelerator`` (it is evaluation infrastructure, not the DeepSpeed
-trainer).
+"""The CNN baseline of the robustness suite: torchvision's ResNet-18 adapted to small images, trained by the trainer's
+own step (``Trainer.step`` over :class:`vitscale.train.plain.PlainEngine`, no DeepSpeed) under the evaluation's
+``Accelerator``.
 
 "Same data and steps" as the ViT: the same training shards through the same WebDataset stream (same seed,
 augmentation and batch size), for the same number of optimizer steps, with AdamW, warmup + cosine and label
@@ -15,17 +15,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitscale.config.schema import Config
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import ShardSet
-from vitscale.pixels import normalize
+from vitscale.distributed.env import detect_env
 from vitscale.distributed.safeload import safe_load
-from vitscale.optim import lr_at, param_groups
+from vitscale.train import TrainState, Trainer, Window
+from vitscale.train.plain import PlainEngine
 
 BASELINE_FILE = "baseline_resnet18.pt"
 MAX_WIDTH = 512  # widest baseline the sizing picks (64 = the standard ResNet-18, 11M parameters)
@@ -113,27 +114,43 @@ def forward_flops(model: nn.Module, img_size: int, device: Optional[torch.device
     return int(counter.get_total_flops())
 
 
+PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> train.precision
+
+
+def trainer_config(cfg: BaselineConfig, img_size: int, precision: str = "fp32") -> Config:
+    """The training config the baseline's steps run under: supervised cross-entropy with label smoothing, AdamW at
+    ``cfg.lr`` with warmup + cosine, no clipping (the baseline never clipped), the ViT run's batch and length."""
+    out = Config()
+    out.objective.name, out.objective.label_smoothing = "supervised", cfg.label_smoothing
+    out.optim.lr, out.optim.weight_decay, out.optim.warmup_steps = cfg.lr, cfg.weight_decay, cfg.warmup_steps
+    out.optim.grad_clip = 0.0
+    out.train.steps, out.train.precision, out.train.seed = cfg.steps, precision, cfg.seed
+    out.data.batch_size, out.model.img_size = cfg.batch_size, img_size
+    return out
+
+
 def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg: BaselineConfig, accelerator,
                    log=print) -> tuple[nn.Module, dict]:
-    """Train the ResNet-18 baseline; returns (model in eval mode, unwrapped; a record with the loss history)."""
+    """Train the ResNet-18 baseline through the trainer's own step (``Trainer.step`` over a plain-PyTorch engine;
+    under ``accelerate launch`` the model is DDP-wrapped, so its backward averages gradients over processes).
+    Returns (model in eval mode, unwrapped; a record with the loss history)."""
     if cfg.steps < 1:
         raise ValueError(f"baseline steps must be >= 1, got {cfg.steps}")
     torch.manual_seed(cfg.seed)  # same weights on every rank
-    model = resnet18_small(num_classes, cfg.width)
-    # BN weights and biases get no weight decay: the same grouping rule as the ViT's
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batches = iter(build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size,
-                                      seed=cfg.seed, rank=accelerator.process_index,
-                                      world_size=accelerator.num_processes, num_workers=cfg.num_workers,
-                                      crop_min_scale=cfg.crop_min_scale))
+    trainer = Trainer(trainer_config(cfg, img_size, PRECISION.get(str(accelerator.mixed_precision), "fp32")),
+                      detect_env())
+    model = accelerator.prepare(resnet18_small(num_classes, cfg.width))
+    trainer.engine = PlainEngine(model, trainer.cfg, accelerator.device)
+    batches = _labelled(build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size,
+                                           seed=cfg.seed, rank=accelerator.process_index,
+                                           world_size=accelerator.num_processes, num_workers=cfg.num_workers,
+                                           crop_min_scale=cfg.crop_min_scale))
     torch.manual_seed(cfg.seed * 1000 + 1 + accelerator.process_index)
-    model.train()
-    history, start = [], time.perf_counter()
+    history, start, window = [], time.perf_counter(), Window()
     log_every = max(1, cfg.steps // 10)
     for step in range(cfg.steps):
-        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-        history.append(_train_step(model, optimizer, next(batches), lr, cfg.label_smoothing, accelerator))
+        out = trainer.step(TrainState(step=step), batches, window)
+        history.append(float(out.losses[-1]))
         if (step + 1) % log_every == 0:
             log(f"baseline resnet18: step {step + 1}/{cfg.steps} loss {sum(history[-log_every:]) / log_every:.4f}")
     model = accelerator.unwrap_model(model).eval()
@@ -141,20 +158,11 @@ def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg:
     return model, record
 
 
-def _train_step(model: nn.Module, optimizer, batch: dict, lr: float, label_smoothing: float, accelerator) -> float:
-    """One optimizer step on one batch at learning rate ``lr``; returns the loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    labels = batch["label"].to(accelerator.device)
-    if bool((labels < 0).any()):
-        raise ValueError("baseline training needs labelled shards (.cls members)")
-    with accelerator.autocast():
-        logits = model(normalize(batch["image"], accelerator.device))
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    return float(loss.detach())
+def _labelled(loader) -> Iterator[dict]:
+    for batch in loader:
+        if bool((batch["label"] < 0).any()):
+            raise ValueError("baseline training needs labelled shards (.cls members)")
+        yield batch
 
 
 def save_baseline(model: nn.Module, record: dict, num_classes: int, path: Union[str, Path]) -> Path:
