@@ -19,7 +19,6 @@ data to the bundled photos unless the recipe's shards exist. Exit status 1 when 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import torch
 
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
-from vitscale.distributed.checkpoint import CheckpointManager, is_complete, read_trainer_state, tag_for
+from vitscale.distributed.checkpoint import CheckpointManager, is_complete, read_marker, read_trainer_state, tag_for
 
 GB = 2 ** 30
 POLL_S = 0.5
@@ -180,7 +179,7 @@ def other_stage(stage: int) -> int:
 
 
 def checkpoint_rows(ckpt: Path) -> list[Row]:
-    marker = json.loads((ckpt / "COMPLETE").read_text())
+    marker = read_marker(ckpt)
     size = sum(marker["files"].values())
     seconds = float(marker.get("write_s", 0.0))
     return [Row("checkpoint size", f"{size / GB:.2f} GB"),
@@ -335,7 +334,7 @@ def torn_write_row(procs: int, port: int, config: str, args: list[str], env: dic
     checkpoint's directory holds TORN_FRACTION of the previous one's bytes: the write is cut as an OOM kill or a lost
     node would cut it. The previous complete checkpoint must stay the resume point."""
     previous = CheckpointManager(ckpts, rank=0).find("auto")
-    prev_bytes = sum(json.loads((previous / "COMPLETE").read_text())["files"].values())
+    prev_bytes = sum(read_marker(previous)["files"].values())
     target = ckpts / tag_for(int(read_trainer_state(previous)["step"]) + 1)
     killed: dict[str, int] = {}
 

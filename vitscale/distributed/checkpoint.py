@@ -55,14 +55,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_marker(path: Path) -> dict:
+    """The COMPLETE marker of the checkpoint at PATH, the one reader of it: {} when it is missing or unreadable (an
+    interrupted save or a damaged file; :func:`is_complete` says which)."""
+    try:
+        marker = json.loads((Path(path) / COMPLETE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def is_complete(path: Path) -> tuple[bool, str]:
     """(ok, reason): the COMPLETE marker exists and every listed file is present with its recorded size."""
-    marker = path / COMPLETE
-    if not marker.is_file():
+    if not (path / COMPLETE).is_file():
         return False, "no COMPLETE marker (a save was interrupted)"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError, RecursionError):
+    files = read_marker(path).get("files")
+    if files is None:
         return False, "unreadable COMPLETE marker"
     if not isinstance(files, dict) or not all(type(n) is int for n in files.values()):
         return False, "unreadable COMPLETE marker (not a list of files and sizes)"
@@ -265,19 +273,13 @@ class CheckpointManager:
 
 def write_seconds(path: Path) -> Optional[float]:
     """How long the checkpoint at PATH took to write (every rank's shards), as recorded in its COMPLETE marker."""
-    try:
-        value = json.loads((path / COMPLETE).read_text()).get("write_s")
-    except (OSError, ValueError):
-        return None
-    return float(value) if value is not None else None
+    value = read_marker(path).get("write_s")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _current_universal(target: Path) -> bool:
     """TARGET is a complete universal conversion in today's layout (every ZeRO stage 1-3 reads it)."""
-    try:
-        return json.loads((target / COMPLETE).read_text()).get("layout") == LAYOUT_VERSION
-    except (OSError, ValueError):
-        return False
+    return read_marker(target).get("layout") == LAYOUT_VERSION
 
 
 def _load_plain(path: Path) -> dict:
