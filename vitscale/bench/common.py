@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from vitscale.config.schema import Config
-from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES
+from vitscale.data.demo import num_classes as demo_num_classes
 
 GB = 2 ** 30  # every "GB" printed by these tools is 2^30 bytes, like torch.cuda memory figures
 
@@ -26,8 +26,8 @@ def resolve_num_classes(cfg: Config, override: Optional[int] = None) -> tuple[in
     spec = cfg.data.train_shards
     if spec.startswith("demo:"):
         name = spec.split(":")[1]
-        if name in DEMO_NUM_CLASSES:
-            return DEMO_NUM_CLASSES[name], f"demo data {name}"
+        if demo_num_classes(name):
+            return demo_num_classes(name), f"demo data {name}"
     p = Path(spec)
     manifest = p if p.name == "manifest.json" else p / "manifest.json"
     if manifest.is_file():
