@@ -101,7 +101,7 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     # Training shards: brace pattern ("d/train-{000000..000099}.tar"), manifest.json, or "demo:digits" /
-    # "demo:photos" to build the bundled demo shards on first use.
+    # "demo:photos" / "demo:nature" / "demo:scenes" to build the demo shards on first use (docs/data.md).
     train_shards: str = "demo:digits"
     # Held-out shards for the end-of-run evaluation (same forms as train_shards; "" or null = no evaluation).
     val_shards: Optional[str] = ""
