@@ -141,3 +141,4 @@ def test_demo_names_and_class_counts():
         parse_name("natur")
     cfg = load_config(DEMO, ["data.train_shards=demo:scenes-32"])
     assert resolve_num_classes(cfg) == (34, "demo data scenes-32")
+    assert resolve_num_classes(load_config(DEMO)) == (10, "demo data digits")
