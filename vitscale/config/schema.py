@@ -101,8 +101,8 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     # Training shards: brace pattern ("d/train-{000000..000099}.tar"), manifest.json, or "demo:digits" /
-    # "demo:photos" to build the bundled demo shards on first use. Or several sources drawn at fixed proportions:
-    # a list of {shards: SPEC, weight: W, name: NAME} or "0.7*SPEC_A + cc=0.3*SPEC_B" (docs/data.md, "Mixing").
+    # "demo:photos" / "demo:nature" / "demo:scenes" to build the demo shards on first use. Or several sources drawn
+    # at fixed proportions: a list of {shards: SPEC, weight: W, name: NAME} or "0.7*SPEC_A + cc=0.3*SPEC_B" (docs/data.md, "Mixing").
     train_shards: Union[str, list] = "demo:digits"
     # Held-out shards for the end-of-run evaluation (same forms as train_shards; "" or null = no evaluation).
     val_shards: Optional[str] = ""

@@ -4,6 +4,9 @@
 samples in 8 shards (shuffled once, fixed seed) and 297 held-out val samples in 2 shards (stratified split).
 ``photos``: random 96x96 crops (JPEG) of scikit-image's colour photos, label = source photo; 8 train shards,
 2 val shards.
+``nature`` and ``scenes``: multi-scale crops of 34 real photographs (``nature.py``; 23 of them come with two Debian
+packages, which must be installed); ``nature`` is unlabelled and held out by photo, ``scenes`` is labelled by photo
+and held out by region. Their crop size is 64 px, or N px for ``nature-N`` / ``scenes-N``.
 
 The cache is ``<cache_dir>/demo-<name>-v1/{train,val}/``, each with a ``manifest.json``. It is built in a
 temporary directory and renamed into place, so concurrent builders (several ranks) are safe: the first rename
@@ -16,18 +19,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 import skimage.data
 
+from vitscale.data.nature import SCENES, build_nature, build_scenes, check_photos
 from vitscale.data.writer import MANIFEST, write_shards
 
 VERSION = 1
 SEED = 0
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-NUM_CLASSES = {"digits": 10, "photos": len(PHOTOS)}  # what each demo set's manifest will say, known before it is built
+# what each demo set's manifest will say, known before it is built (demo:nature is unlabelled)
+NUM_CLASSES = {"digits": 10, "photos": len(PHOTOS), "scenes": len(SCENES)}
+SIZED = {"nature": 64, "scenes": 64}  # sets whose crop size a name suffix sets ("nature-32"), with the default
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -98,7 +104,30 @@ def _build_photos(root: Path, n_train: int = 1000, n_val: int = 200, size: int =
                  class_names=names)
 
 
-BUILDERS = {"digits": _build_digits, "photos": _build_photos}
+BUILDERS = {"digits": _build_digits, "photos": _build_photos, "nature": build_nature, "scenes": build_scenes}
+
+
+def parse_name(name: str) -> tuple[str, dict]:
+    """``"nature-32"`` -> ``("nature", {"size": 32})``; a set in ``SIZED`` without a suffix gets its default size."""
+    base, _, suffix = name.partition("-")
+    if base in SIZED:
+        if not suffix:
+            return base, {"size": SIZED[base]}
+        if suffix.isdigit() and 8 <= int(suffix) <= 1024:
+            return base, {"size": int(suffix)}
+        raise ValueError(f"bad demo data set {name!r}: {base}-N takes a crop size N in 8..1024 px")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown demo data set {name!r}: choose one of "
+                         f"{', '.join(sorted([*BUILDERS, *(f'{b}-N' for b in SIZED)]))}")
+    return name, {}
+
+
+def num_classes(name: str) -> Optional[int]:
+    """Classes a demo set's manifest will say, without building it (None: unknown name or unlabelled)."""
+    try:
+        return NUM_CLASSES.get(parse_name(name)[0])
+    except ValueError:
+        return None
 
 
 def _paths(final: Path) -> dict:
@@ -107,18 +136,21 @@ def _paths(final: Path) -> dict:
 
 def ensure_demo_shards(name: str, cache_dir: str = "data_cache") -> dict:
     """Build the demo shards ``name`` under ``cache_dir`` unless present; return ``{train: path, val: path}``
-    (manifest paths). Safe when several processes call it at once."""
-    if name not in BUILDERS:
-        raise ValueError(f"unknown demo data set {name!r}: choose one of {', '.join(sorted(BUILDERS))}")
+    (manifest paths). Safe when several processes call it at once. A missing input (demo:nature's photos) is a
+    one-line error before anything is written."""
+    base, options = parse_name(name)
     cache = Path(cache_dir)
-    final = cache / f"demo-{name}-v{VERSION}"
+    canonical = f"{base}-{options['size']}" if "size" in options else base  # nature = nature-64: one cache
+    final = cache / f"demo-{canonical}-v{VERSION}"
     paths = _paths(final)
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
+    if base in ("nature", "scenes"):
+        check_photos(f"demo:{name}")  # before anything is written
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".demo-{name}-", dir=cache))
     try:
-        BUILDERS[name](tmp)
+        BUILDERS[base](tmp, **options)
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
         except OSError:

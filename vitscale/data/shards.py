@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import braceexpand
 
-from vitscale.data.demo import NUM_CLASSES as DEMO_NUM_CLASSES, ensure_demo_shards
+from vitscale.data.demo import ensure_demo_shards, num_classes as demo_num_classes
 from vitscale.data.tario import label_ext
 from vitscale.data.writer import MANIFEST
 
@@ -72,7 +72,7 @@ def described(spec: str) -> Optional[ShardSet]:
     classes (known before it is built; no urls), a local manifest, else None."""
     spec = str(spec).strip()
     if spec.startswith("demo:"):
-        classes = DEMO_NUM_CLASSES.get(spec.split(":")[1])
+        classes = demo_num_classes(spec.split(":")[1])
         return ShardSet(urls=[], num_classes=classes) if classes else None
     path = Path(_local(spec))
     manifest = path if path.name == MANIFEST else path / MANIFEST
