@@ -140,5 +140,5 @@ def test_demo_names_and_class_counts():
     with pytest.raises(ValueError, match="choose one of digits, nature, nature-N, photos, scenes, scenes-N"):
         parse_name("natur")
     cfg = load_config(DEMO, ["data.train_shards=demo:scenes-32"])
-    assert resolve_num_classes(cfg) == (34, "demo data scenes-32")
-    assert resolve_num_classes(load_config(DEMO)) == (10, "demo data digits")
+    assert resolve_num_classes(cfg) == (34, "the demo data")
+    assert resolve_num_classes(load_config(DEMO)) == (10, "the demo data")

@@ -62,8 +62,9 @@ def head_classes(configured: Optional[int], *sets: Optional[ShardSet]) -> tuple[
         return int(configured), "data.num_classes"
     for s in sets:
         if s is not None and s.num_classes:
-            urls = getattr(s, "urls", None)  # a mix of sources (data/mix.py:MixSet) has none of its own
-            return int(s.num_classes), f"the manifest of {urls[0] if urls else 'the demo data or the sources'}"
+            if not hasattr(s, "urls"):  # a mix of sources (data/mix.py:MixSet)
+                return int(s.num_classes), "the sources' manifests"
+            return int(s.num_classes), f"the manifest of {s.urls[0]}" if s.urls else "the demo data"
     return 0, "unknown"
 
 
