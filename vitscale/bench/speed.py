@@ -265,6 +265,17 @@ def _run_rounds(timed: list[Timed], timed_rounds: list[Timed], bench: _Bench, wa
     return step_waits
 
 
+def _paired_ratio(ours: dict, timm: dict) -> float:
+    """Speed of ``ours`` over timm's: the median over rounds of timm's round time / ours. The two rounds of one index
+    run back to back (the modes alternate), so each pair sees the same load from whatever else shares the machine;
+    the ratio of the two medians would mix rounds taken under different loads. Per-image, as img/s is."""
+    def images(mode: dict) -> float:  # a round's images: img_per_s was computed from the median round
+        return mode["img_per_s"] * statistics.median(mode["rounds_s"])
+
+    pairs = [(t / images(timm)) / (o / images(ours)) for o, t in zip(ours["rounds_s"], timm["rounds_s"])]
+    return statistics.median(pairs)
+
+
 def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmup: int = 3, rounds: int = 3,
               timm: bool = True, compile_blocks: bool = False, peak_tflops: Optional[float] = None,
               num_classes: Optional[int] = None) -> dict[str, Any]:
@@ -303,8 +314,8 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
         out["timm_params"] = bench.timm_params
     modes = out["modes"]
     if "timm" in modes:
-        base = modes["timm"]["img_per_s"]
-        out["ratios"] = {f"{k}/timm": modes[k]["img_per_s"] / base for k in ("model", "engine", "step") if k in modes}
+        out["ratios"] = {f"{k}/timm": _paired_ratio(modes[k], modes["timm"]) for k in ("model", "engine", "step")
+                         if k in modes}
     out["flops_per_image"] = flops
     out["device"] = device_label(device)  # again: DeepSpeed's CPU accelerator may have changed the thread count
     for t in timed:
