@@ -1,6 +1,7 @@
 """The verdicts of `vitscale preflight`'s rows, on checkpoint directories laid out by hand (the launches themselves
 run at real size in tests/test_preflight.py and in docs/benchmarks.md's rehearsals)."""
 import json
+from pathlib import Path
 
 from vitscale.bench.preflight import torn_verdict
 from vitscale.distributed.checkpoint import COMPLETE, tag_for
@@ -39,3 +40,21 @@ def test_a_marker_listing_a_file_cut_short_does_not_count(tmp_path):
     (torn / "a.pt").write_bytes(b"\0" * 4)
     row = torn_verdict(tmp_path, previous, torn, written=4, prev_bytes=10)
     assert row.ok and "step_00000002" in row.value, row
+
+
+def test_a_resume_that_does_not_fit_is_a_one_line_row_not_a_launch(tmp_path, monkeypatch):
+    """ViT-H/14 on 1 process at ZeRO-2 plans 20.6 GB: on a machine with less available the row says so in one line
+    and nothing is launched (the OOM killer would take the rank, or a neighbour)."""
+    from vitscale.bench import preflight
+    from vitscale.config.load import load_config
+
+    launched = []
+    monkeypatch.setattr(preflight, "available_bytes", lambda: 8 * 2 ** 30)
+    monkeypatch.setattr(preflight, "run", lambda *a, **k: launched.append(a))
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mae_vit_h14.yaml")
+    args = ["engine.zero_stage=3", "train.precision=fp32", "data.batch_size=1", "data.train_shards=demo:photos"]
+    rows = preflight.resume_rows(load_config(config, args), config, args, {}, tmp_path, 29999, "cpu")
+    assert launched == [] and len(rows) == 1 and not rows[0].ok
+    assert rows[0].what == "resume 1 proc ZeRO-2" and rows[0].value == "not run"
+    planned = float(rows[0].note.split(" plans ")[1].split(" GB")[0])
+    assert 18 < planned < 23 and rows[0].note.endswith("8.0 GB available here"), rows[0].note
