@@ -58,3 +58,22 @@ def test_a_resume_that_does_not_fit_is_a_one_line_row_not_a_launch(tmp_path, mon
     assert rows[0].what == "resume 1 proc ZeRO-2" and rows[0].value == "not run"
     planned = float(rows[0].note.split(" plans ")[1].split(" GB")[0])
     assert 18 < planned < 23 and rows[0].note.endswith("8.0 GB available here"), rows[0].note
+
+
+def test_a_fine_tuning_recipe_is_rehearsed_with_a_cut_batch_and_no_placeholder_init():
+    """finetune_mae_vit_h14_448.yaml gives data.global_batch_size=1024, warm-up in epochs and a model.init path that
+    exists only on the user's cluster: the rehearsal takes the batch a process would get, cut (CPU: 2), warms up over
+    one step and starts from random weights, at the recipe's model and resolution."""
+    from vitscale.bench.preflight import rehearsal_overrides
+    from vitscale.config.load import load_config
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_mae_vit_h14_448.yaml")
+    recipe = load_config(config)
+    cfg = load_config(config, rehearsal_overrides(recipe, cuda=False))
+    assert recipe.data.global_batch_size == 1024 and cfg.data.global_batch_size is None
+    assert cfg.data.batch_size == 2 and cfg.model.init == "" and cfg.optim.warmup_steps == 1
+    assert cfg.train.steps == 2 and cfg.train.epochs is None and cfg.train.precision == "fp32"
+    assert (cfg.model.name, cfg.model.img_size, cfg.engine.zero_stage) == \
+        (recipe.model.name, 448, recipe.engine.zero_stage)
+    gpu = load_config(config, rehearsal_overrides(recipe, cuda=True))
+    assert gpu.data.batch_size == 512 and gpu.train.precision == recipe.train.precision  # fit_batch cuts it on a GPU

@@ -74,12 +74,22 @@ def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
     out = ["train.epochs=null", "train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1",
            "train.progress=false", "train.eval_every=0", "logging.wandb.mode=disabled", "logging.image_every=0",
            "data.num_workers=0", "data.val_shards="]
+    if cfg.optim.warmup_epochs is not None:  # epochs of data the rehearsal does not read: warm up over 1 step
+        out += ["optim.warmup_epochs=null", "optim.warmup_steps=1"]
     try:
         resolve_train_set(cfg.data.train_shards, cfg.data.cache_dir)
     except (FileNotFoundError, ValueError, OSError):
         out.append("data.train_shards=demo:photos")
+    if cfg.model.init and not Path(cfg.model.init).exists():  # a fine-tuning recipe's placeholder path
+        print(f"preflight: model.init {cfg.model.init} does not exist here: the rehearsal starts from random weights",
+              flush=True)
+        out.append("model.init=")
+    batch = cfg.data.batch_size
+    if cfg.data.global_batch_size:  # the batch a process would get on 2 processes; fit_batch cuts it to what fits
+        batch = max(cfg.data.global_batch_size // (2 * max(cfg.train.grad_accum, 1)), 1)
+        out += ["data.global_batch_size=null", f"data.batch_size={batch}"]
     if not cuda:
-        out += ["train.precision=fp32", f"data.batch_size={min(cfg.data.batch_size or 2, 2)}"]
+        out += ["train.precision=fp32", f"data.batch_size={min(batch or 2, 2)}"]
     return out
 
 
@@ -200,12 +210,13 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     device = "gpu" if cuda else "cpu"
     procs = min(2, torch.cuda.device_count()) if cuda else 2
     recipe = load_config(config, overrides)
-    cfg, planned = fit_batch((config, [*overrides, *rehearsal_overrides(recipe, cuda)]), procs, device)
+    rehearsal = rehearsal_overrides(recipe, cuda)
+    cfg, planned = fit_batch((config, [*overrides, *rehearsal]), procs, device)
     out_dir = Path(out_dir).resolve()
     shutil.rmtree(out_dir / "preflight", ignore_errors=True)
     shutil.rmtree(out_dir / "logs", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [*overrides, *rehearsal_overrides(recipe, cuda), f"data.batch_size={cfg.data.batch_size}",
+    args = [*overrides, *rehearsal, f"data.batch_size={cfg.data.batch_size}",
             f"run.dir={out_dir}", "run.name=preflight"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     if not cuda:
