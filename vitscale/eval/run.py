@@ -189,7 +189,7 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
     train_set, val_set = resolve_data(opts.data, opts.val_data, cache_dir, info)
     num_classes = head_classes(None, train_set, val_set)[0]  # the trainer's rule; an evaluation has no data.* keys
     if not num_classes:
-        raise ValueError("no classes: the shard manifests list none; this evaluation needs labelled shards "
+        raise ValueError("no labels: the shard manifests list no classes; this evaluation needs labelled shards "
                          "written with a manifest (vitscale make-shards)")
     base = {"checkpoint": str(ckpt), "model": _model_summary(info),
             "data": dict(zip(("train", "val"), data_specs(opts.data, opts.val_data, info)),

@@ -414,8 +414,7 @@ class Trainer:
         summary: dict[str, Any] = {"step": state.step, "complete": state.step >= self.cfg.train.steps,
                                    "run_dir": str(self.run_dir)}
         if summary["complete"] and self.val_set is not None:
-            summary.update(self.evaluate())
-            self.metrics.write({"step": state.step, **{k: v for k, v in summary.items() if k.startswith("val_")}})
+            summary.update(self._final_validation(state.step))
             self.tracker.summarize(summary)
         self.metrics.close()
         self.tracker.finish()
@@ -426,6 +425,16 @@ class Trainer:
         self.log(f"run '{self.cfg.run.name}' is already complete: step {point.step} of {self.cfg.train.steps} "
                  f"(results in {self.run_dir}); raise train.steps to continue")
         return {"step": point.step, "complete": True, "run_dir": str(self.run_dir)}
+
+    def _final_validation(self, step: int) -> dict:
+        """The held-out figures of the finished model: periodic validation's record when it measured this very step
+        (same weights, same images: evaluating again would only repeat its line in metrics.jsonl), else evaluated."""
+        done = self.validation.last if self.validation is not None else None
+        if done is not None and done["step"] == step and all(f"val_{k}" in done for k in self.objective.eval_keys):
+            return {k: v for k, v in done.items() if k != "step"}
+        record = self.evaluate()
+        self.metrics.write({"step": step, **record})
+        return record
 
     def evaluate(self) -> dict:
         """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""

@@ -76,6 +76,7 @@ class PeriodicValidation:
         self.classifier = classifier  # top-1/top-5 need a classifier (Objective.classifies)
         self.dir, self.write, self.log = Path(ckpt_dir), write, log
         self.pending: Optional[dict] = None
+        self.last: Optional[dict] = None  # the latest record: the end of the run reuses it when it is of that step
         info = self.dir / BEST_INFO
         self.metric = cfg.train.best_metric
         self.best = json.loads(info.read_text()).get(self.metric, -1.0) if info.is_file() else -1.0
@@ -97,6 +98,7 @@ class PeriodicValidation:
                 record.update({f"{k}_ema": v for k, v in validate(engine, *args).items() if k != "val_images"})
             line += f"; EMA top-1 {100 * record['val_top1_ema']:.2f}%"
         self.write({"step": step, **record})
+        self.last = {"step": step, **record}
         self.log(f"step {step}: {line}")
         if record[self.metric] <= self.best:
             return False
