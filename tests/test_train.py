@@ -83,9 +83,11 @@ def test_device_decode_trains_exactly_like_worker_decode(tmp_path, data_cache):
 
 
 def test_demo_mae_config_reconstructs_photos(tmp_path, data_cache):
-    """configs/demo_mae.yaml (shortened): MAE on the bundled photos, loss falling, reconstruction PNG saved."""
+    """configs/demo_mae.yaml (shortened): MAE on the bundled photos, loss falling, reconstruction PNG saved. The
+    config pretrains on demo:nature, which needs two apt packages; the scikit-image photos need none."""
     mae_demo = str(ROOT / "configs" / "demo_mae.yaml")
     r = run_cli(["train", "--config", mae_demo, f"run.dir={tmp_path}", f"data.cache_dir={data_cache}",
+                 "data.train_shards=demo:photos", "data.val_shards=demo:photos:val",
                  "train.progress=false", "train.steps=40", "train.log_every=5", "data.batch_size=32",
                  "optim.warmup_steps=10"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
