@@ -23,7 +23,7 @@ from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
-from vitscale.distributed.host import return_freed_host_memory
+from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups
 from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, gradient_bucket, zero3_settings
@@ -65,23 +65,7 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
             kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
         if not torch.cuda.is_available():
-            _unlink_shared_memory_segment()
-
-
-# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) names one segment per local rank after the rendezvous.
-_SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
-
-
-def _unlink_shared_memory_segment() -> None:
-    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm segment per local rank and never unlinks it: every CPU
-    launch on a new port left 132 MB of RAM that nothing frees (82 segments, 5.3 GB, after a day of tests on the
-    24 GB machine, where the ViT-H/14 rehearsal then found too little memory for its 1-process resume). Once every
-    rank has mapped every other's segment (the barrier: DeepSpeed's initialisation maps them all before it returns),
-    each rank unlinks its own name; the mappings live on until the processes exit, however they exit."""
-    segment = Path(_SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
-                                       port=os.environ.get("MASTER_PORT", ""), rank=torch.distributed.get_rank()))
-    torch.distributed.barrier()
-    segment.unlink(missing_ok=True)
+            unlink_cpu_allreduce_segment()
 
 
 # Re-exported: callers use them as engine.device(), engine.all_reduce_sum(), ...
