@@ -25,7 +25,7 @@ from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import resolve_shards
 from vitscale.data.writer import write_shards
 from vitscale.data.transforms import DecodeError, DeferredJpeg, decode, eval_transform, materialize, train_transform
-from vitscale.pixels import normalize
+from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +178,40 @@ def test_transforms_are_seeded_uint8_and_decode_falls_back(digits_png):
         decode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     x = normalize(torch.full((2, 3, 4, 4), 124, dtype=torch.uint8))
     assert x.dtype == torch.float32 and abs(float(x[0, 0].mean())) < 0.02
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "progressive", "gray"])
+def test_jpeg_decoding_is_torchvisions_pixel_for_pixel_with_or_without_simplejpeg(kind, monkeypatch):
+    """decode() takes JPEGs through simplejpeg (less CPU) and, without it, torchvision: the same libjpeg-turbo
+    settings, so the pixels are identical to torchvision's decoder either way, on a real photo."""
+    import skimage.data
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+
+    from vitscale.data import transforms
+
+    img = Image.fromarray(skimage.data.camera() if kind == "gray" else skimage.data.chelsea())
+    kw = {"420": {}, "444": {"subsampling": 0}, "progressive": {"progressive": True}, "gray": {}}[kind]
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    data = buf.getvalue()
+    want = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    assert transforms.simplejpeg is not None  # a dependency: the fast path is what this test checks
+    assert torch.equal(decode(data), want)
+    monkeypatch.setattr(transforms, "simplejpeg", None)
+    assert torch.equal(decode(data), want)
+    with pytest.raises(DecodeError):  # what neither decoder reads is still refused with one line
+        decode(data[:len(data) // 3])
+
+
+def test_normalize_is_the_imagenet_formula():
+    """The fused normalisation gives (x / 255 - mean) / std per channel, to float32 rounding."""
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    want = (x.double() / 255 - mean.double()) / std.double()
+    got = normalize(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert float((got.double() - want).abs().max()) < 1e-5
 
 
 def test_device_decode_gives_the_worker_images(tmp_path, data_cache):

@@ -7,7 +7,7 @@ scale=(crop_min_scale, 1), ratio 3/4..4/3) + horizontal flip + ImageNet normalis
 in the consuming process, as the trainer does (on the device there), after uint8 batches cross the process
 boundary; torchvision's reference recipe normalises in the workers and ships float32 (4x the bytes).
 
-The decode-only limit decodes the same files (read + ``torchvision.io.decode_image``, the decoder our pipeline
+The decode-only limit decodes the same files (read + ``data.transforms.decode``: simplejpeg, the decoder our pipeline
 uses) in a bare loop in as many processes as there are workers. Per-image single-core costs (read, decode,
 crop+resize+flip, normalise) say what bounds the loader; "reduced decode" is what the loader does per image
 (data/reduced_decode.py: a JPEG whose crop is >= 6x the output decodes at 1/4-1/8 size) vs decode + transform.
