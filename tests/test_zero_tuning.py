@@ -4,7 +4,7 @@ import torch
 from conftest import DEMO
 from vitscale.bench.plan import model_shape, plan_memory
 from vitscale.config.load import load_config
-from vitscale.distributed.engine import build_ds_config
+from vitscale.distributed.ds_config import build_ds_config
 from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models import create_model
 

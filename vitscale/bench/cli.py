@@ -179,7 +179,7 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
     payload = {"plan": plan.to_dict()}
     if args.measure:
         from vitscale.bench.engine_step import measure_step_memory
-        from vitscale.distributed.engine import build_ds_config
+        from vitscale.distributed.ds_config import build_ds_config
 
         classes, _ = resolve_num_classes(cfg, args.num_classes)
         # The measured run is this machine's single process: plan the same (world 1, this machine's overlap).

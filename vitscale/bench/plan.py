@@ -53,7 +53,7 @@ from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models.layers import checkpoint_count
-from vitscale.distributed.engine import build_ds_config  # pure function: no DeepSpeed import
+from vitscale.distributed.ds_config import build_ds_config
 from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from tqdm import tqdm
 
 from vitscale import faults
 from vitscale.config.load import config_to_dict, save_config
@@ -31,16 +30,15 @@ from vitscale.distributed.ema import ModelEma
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
 from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memory_gb
+from vitscale.logging.progress import Progress
 from vitscale.logging.trackers import Tracker
 from vitscale.objectives import objective_for
 from vitscale.optim import lr_at, param_groups
 from vitscale.pixels import normalize
 from vitscale.train import model_init, validation
 from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
-from vitscale.train.state import Preemption, StepOutput, TrainState, Window, rng_state
-
-PREEMPT_CHECK_EVERY = 10  # steps between checks for a preemption signal when losses are not checked every step
-
+from vitscale.train.preemption import Preemption, grace_warning
+from vitscale.train.state import StepOutput, TrainState, Window, rng_state
 
 class Rollback(Exception):
     """Too many non-finite losses in a row: reload the last checkpoint and go on with a lower LR."""
@@ -77,7 +75,7 @@ class Trainer:
         self.batches: Optional[Iterator[dict]] = None
         self.tracker: Optional[Tracker] = None
         self.metrics: Optional[MetricsWriter] = None
-        self.bar = None  # tqdm on rank 0 with train.progress
+        self.progress: Optional[Progress] = None  # the bar of train.progress (rank 0)
         self.preemption: Optional[Preemption] = None  # signal handlers: installed by run() only
         self.init: Optional[model_init.InitPlan] = None  # model.init's fitted source (None: random init or resumed)
         self.augment = None  # data/augment.BatchAugment: random erasing, mixup/cutmix (fine-tuning)
@@ -108,7 +106,7 @@ class Trainer:
             except Rollback as why:
                 self.rollback(state, str(why))
                 window = Window()
-                self._progress(state.step)
+                self.progress.update(state.step)
                 continue
             state.step += 1
             state.samples += self.settings.global_batch
@@ -119,17 +117,19 @@ class Trainer:
             if state.step % cfg.train.log_every == 0 or last:
                 record = self.log_step(state, out, window)
                 window = Window()
-            self._progress(state.step, record)
+            self.progress.update(state.step, record)
             if self.objective.images_due(state.step, last):
                 self.save_picture(out.batch, state.step)
-            preempted = self._preempted(out.preempted, state.step, last)
+            preempted = self.preemption.agreed(out.preempted, state.step, last, cfg.train.skip_nonfinite,
+                                               cfg.train.log_every)
             best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step, self.ema)
             if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self.save(state)
                 self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
-                preempted = preempted or self._signalled_during_save(last)
+                preempted = preempted or self.preemption.during_save(last)
             if preempted:
-                self.log(f"preemption signal: checkpointed at step {state.step}, exiting{self._since_signal()}")
+                self.log(f"preemption signal: checkpointed at step {state.step}, "
+                         f"exiting{self.preemption.since_signal()}")
                 break
             faults.inject("after_step", rank=self.env.rank, step=state.step)
         return self.finish(state)
@@ -155,7 +155,9 @@ class Trainer:
         if point is not None:
             self.log(f"resumed from {point.path} at step {state.step} (loaded in "
                      f"{time.perf_counter() - started:.1f} s)")
-            self._check_preempt_grace(point.path, state)
+            late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
+            if late:
+                self.warn(late)
         ema_note = self.ema.start(self.engine, point.path if point else None)
         if ema_note:
             self.log(ema_note)
@@ -194,13 +196,12 @@ class Trainer:
             run_id=state.tracker_id)
         state.tracker_id = self.tracker.run_id or state.tracker_id
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if env.is_main else None)
-        self.preemption = Preemption()
+        self.preemption = Preemption(cfg.engine.preempt_grace_s)
         metrics, tracker = self.metrics, self.tracker
         self.validation = validation.PeriodicValidation(
             cfg, self.val_set.urls if self.val_set else None, env.rank, env.world_size, self.ckpt.dir,
             lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log, self.objective.classifies)
-        if env.is_main and cfg.train.progress:
-            self.bar = tqdm(total=cfg.train.steps, initial=state.step, desc=cfg.run.name, dynamic_ncols=True)
+        self.progress = Progress(env.is_main and cfg.train.progress, cfg.train.steps, state.step, cfg.run.name)
 
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
         """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
@@ -339,17 +340,6 @@ class Trainer:
             return None
         return self.flops_per_image * samples_per_s / (peak * self.env.world_size)
 
-    def _progress(self, step: int, record: Optional[dict] = None) -> None:
-        if self.bar is None:
-            return
-        if record is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['samples_per_s']:.0f}")
-        if step < self.bar.n:  # a rollback went back to the checkpoint's step
-            self.bar.n = step
-            self.bar.refresh()
-        else:
-            self.bar.update(step - self.bar.n)
-
     @torch.no_grad()
     def save_picture(self, batch: dict, step: int) -> None:
         """The objective's picture of the current model. Every rank runs the forward (ZeRO-3 gathers parameters
@@ -364,21 +354,6 @@ class Trainer:
             path = picture.draw(picture.panels, self.run_dir / "images" / picture.filename, picture.title)
             self.tracker.log_image(picture.key, path, step)
 
-    def _preempted(self, seen_in_step: bool, step: int, last: bool) -> bool:
-        """Every rank must stop at the same step, so the signal is agreed on with an all-reduce. step() does that
-        with its loss check; without it, only every few steps (an all-reduce is a host sync on GPUs)."""
-        if self.cfg.train.skip_nonfinite:
-            return seen_in_step
-        if last or step % min(self.cfg.train.log_every, PREEMPT_CHECK_EVERY) == 0:
-            return eng.any_rank(self.preemption.requested)
-        return False
-
-    def _signalled_during_save(self, last: bool) -> bool:
-        """A signal that arrived while a checkpoint was written makes that checkpoint the preemption's: stop now
-        rather than start a step the grace may not cover (at ViT-L size a step alone outlasts 30 s). Every rank saves
-        at the same steps, so this all-reduce, one a checkpoint, is collective."""
-        return not last and self.preemption is not None and eng.any_rank(self.preemption.requested)
-
     def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
                          "config": config_to_dict(self.cfg)}
@@ -390,31 +365,15 @@ class Trainer:
             self.log(f"checkpoint {path.name}: {size / 2**30:.2f} GB written in {seconds:.1f} s "
                      f"({size / 2**20 / max(seconds, 1e-9):.0f} MB/s)")
 
-    def _since_signal(self) -> str:
-        seconds = self.preemption.seconds() if self.preemption is not None else None
-        if seconds is None:
-            return ""
-        return f" ({seconds:.1f} s after the signal; engine.preempt_grace_s={self.cfg.engine.preempt_grace_s:g})"
-
-    def _check_preempt_grace(self, path: Path, state: TrainState) -> None:
-        """One line when the last measured step + checkpoint write exceeds the grace a preemption leaves."""
-        written, grace = write_seconds(path), self.cfg.engine.preempt_grace_s
-        if written is None or not state.step_s or state.step_s + written <= grace:
-            return
-        self.warn(f"the last step took {state.step_s:.1f} s and its checkpoint {written:.1f} s to write: "
-                  f"{state.step_s + written:.1f} s > engine.preempt_grace_s={grace:g}, so a preemption's checkpoint "
-                  "would be killed before it completes; signal earlier (Slurm --signal=USR1@N), raise KillWait or "
-                  "checkpoint more often (docs/multinode.md)")
-
     # ----- the end -----------------------------------------------------------------------------------------
     def finish(self, state: TrainState) -> dict:
         """Evaluate a complete run on the held-out shards, close the outputs and report."""
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         summary: dict[str, Any] = {"step": state.step, "complete": state.step >= self.cfg.train.steps,
                                    "run_dir": str(self.run_dir)}
         if summary["complete"] and self.val_set is not None:
-            summary.update(self._final_validation(state.step))
+            summary.update(self.validation.final(self.engine, state.step, self.objective,
+                                                      self.metrics.write))
             self.tracker.summarize(summary)
         self.metrics.close()
         self.tracker.finish()
@@ -425,25 +384,6 @@ class Trainer:
         self.log(f"run '{self.cfg.run.name}' is already complete: step {point.step} of {self.cfg.train.steps} "
                  f"(results in {self.run_dir}); raise train.steps to continue")
         return {"step": point.step, "complete": True, "run_dir": str(self.run_dir)}
-
-    def _final_validation(self, step: int) -> dict:
-        """The held-out figures of the finished model: periodic validation's record when it measured this very step
-        (same weights, same images: evaluating again would only repeat its line in metrics.jsonl), else evaluated."""
-        done = self.validation.last if self.validation is not None else None
-        if done is not None and done["step"] == step and all(f"val_{k}" in done for k in self.objective.eval_keys):
-            return {k: v for k, v in done.items() if k != "step"}
-        record = self.evaluate()
-        self.metrics.write({"step": step, **record})
-        return record
-
-    def evaluate(self) -> dict:
-        """val_images and val_<key> = the objective's per-batch sums over every rank's share / images."""
-        cfg = self.cfg
-        sums, count = validation.held_out_sums(
-            self.engine, self.val_set.urls, cfg.data.batch_size, cfg.model.img_size, self.env.rank,
-            self.env.world_size, self.objective.eval_sums, self.objective.eval_keys, cfg.data.eval_crop_pct,
-            cfg.data.label_key)
-        return {"val_images": count, **{f"val_{k}": v / max(count, 1) for k, v in sums.items()}}
 
     def _report(self, summary: dict) -> None:
         if "val_top1" in summary:

@@ -1,7 +1,6 @@
 """The training loop's small pieces of state (nothing here trains)."""
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -43,25 +42,6 @@ class StepOutput:
     metrics: list
     batch: dict
     preempted: bool = False
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 (Slurm's warning signals) ask for a checkpoint at the next step boundary. Installed by
-    ``Trainer.run`` only: building a Trainer (as bench does) leaves the process's signal handlers alone."""
-
-    def __init__(self):
-        self.requested = False
-        self.since: Optional[float] = None  # time.monotonic() of the first signal
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
-        self.since = self.since or time.monotonic()
-
-    def seconds(self) -> Optional[float]:
-        """Seconds since the signal arrived on this process (None: none arrived here, another rank's did)."""
-        return None if self.since is None else time.monotonic() - self.since
 
 
 def rng_state() -> dict:

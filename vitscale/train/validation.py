@@ -105,6 +105,22 @@ class PeriodicValidation:
         self.best, self.pending = record[self.metric], {"step": step, **record}
         return True
 
+    def final(self, engine: Any, step: int, objective: Any, write: Callable[[dict], None]) -> dict:
+        """The finished model's held-out figures, ``val_images`` and ``val_<key>`` of the objective's ``eval_keys``:
+        periodic validation's record when it measured this very step (same weights, same images: evaluating again
+        would only repeat its line in metrics.jsonl), else the objective's per-batch sums over every rank's share,
+        given to ``write`` (metrics.jsonl only: the tracker gets the figures as the run's summary)."""
+        done = self.last
+        if done is not None and done["step"] == step and all(f"val_{k}" in done for k in objective.eval_keys):
+            return {k: v for k, v in done.items() if k != "step"}
+        data = self.cfg.data
+        sums, count = held_out_sums(engine, self.urls, data.batch_size, self.cfg.model.img_size, self.rank,
+                                    self.world_size, objective.eval_sums, objective.eval_keys, data.eval_crop_pct,
+                                    data.label_key)
+        record = {"val_images": count, **{f"val_{k}": v / max(count, 1) for k, v in sums.items()}}
+        write({"step": step, **record})
+        return record
+
     def saved(self, tag: str, step: int) -> None:
         """The checkpoint ``tag`` of ``step`` is complete: point ``best`` at it if it is the pending best."""
         if self.pending is None or self.pending["step"] != step:
