@@ -179,15 +179,22 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
     payload = {"plan": plan.to_dict()}
     if args.measure:
         from vitscale.bench.engine_step import measure_step_memory
+        import torch
+
+        from vitscale.bench.plan import CPU_RUNTIME_BYTES
         from vitscale.distributed.ds_config import build_ds_config
 
         classes, _ = resolve_num_classes(cfg, args.num_classes)
         # The measured run is this machine's single process: plan the same (world 1, this machine's overlap).
         overlap = bool(build_ds_config(cfg, 1).get("zero_optimization", {}).get("overlap_comm", False))
+        # On CPU the step's AdamW temporaries are live tensors too (planned with device="cpu"); the process
+        # runtime that plan adds is not a tensor, so it is taken out again.
+        on_cpu = not torch.cuda.is_available()
         here = plan_memory(cfg, gpus=1, nodes=1, gpu_mem_gb=args.gpu_mem, reserve_gb=args.reserve_gb,
-                           num_classes=classes, overlap_comm=overlap)
+                           num_classes=classes, overlap_comm=overlap, device="cpu" if on_cpu else "gpu")
         row = here.row(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
         predicted = row.total_ckpt if cfg.model.grad_checkpointing else row.total
+        predicted -= CPU_RUNTIME_BYTES if on_cpu else 0
         m = measure_step_memory(cfg, classes)
         ratio = predicted / m["peak_bytes"]
         mb = 2 ** 20

@@ -27,16 +27,18 @@ blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the larg
 The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
-+ the fp32 copy of the gradient partition ZeRO-1/2 make for the update).
++ the fp32 copy of the gradient partition ZeRO-1/2 make in mixed precision, one parameter group at a time).
 
 ``--device cpu`` plans the CPU processes of a rehearsal (``vitscale preflight``, ``deepspeed --num_gpus N`` with
 DeepSpeed's CPU accelerator) instead of GPUs: the figure is a process's resident memory, so it adds the runtime
 every process carries before any tensor (Python, torch, DeepSpeed, gloo: :data:`CPU_RUNTIME_BYTES`, measured), and
-the optimizer step's temporaries of torch's AdamW on CPU, which is not fused: for each flat partition it steps, a
-flat copy of its gradients (ZeRO 1-3) and two temporaries of its size (the second moment's sqrt, then divided by
-its bias correction). The partition is the whole rank's share under ZeRO-1/2 (12 bytes a parameter / N: the
-largest term at batch 1-2) and one ``sub_group_size`` under ZeRO-3. Measured per process on 2 CPU processes in
-docs/benchmarks.md. It fits if peak + ``reserve_gb``
+the optimizer step's temporaries of torch's AdamW on CPU, which is not fused: two temporaries (the second moment's
+sqrt, then divided by its bias correction) the size of the flat partition it steps, plus a flat fp32 copy of that
+partition's gradients under ZeRO-3 (ZeRO-1/2 step the fp32 gradient partition in place; in bf16 its fp32 copy is
+the step-time term above). DeepSpeed steps one optimizer parameter group at a time, so the partition is the largest
+group's share (``ModelShape.largest_group`` / N): nearly the whole model for MAE pretraining, one block with
+``optim.layer_decay`` (a group per block), and at most one ``sub_group_size`` under ZeRO-3. Measured per process
+on 2 CPU processes in docs/benchmarks.md. It fits if peak + ``reserve_gb``
 (CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation) <= the GPU's memory. Checked on CPU against the
 live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vitscale.bench.memory`).
 """
@@ -55,6 +57,7 @@ from vitscale.distributed.zero_tuning import ModelSizes
 from vitscale.models.layers import checkpoint_count
 from vitscale.distributed.ds_config import build_ds_config
 from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
+from vitscale.optim import param_groups
 
 STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),
                    "sub_group_size": int(1e12)}
@@ -93,6 +96,13 @@ class ModelShape:
     outside_bytes: dict[int, int] = field(default_factory=dict)
     hybrid: bool = False
     sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
+    # Trainable parameters of the largest optimizer parameter group (optim.param_groups): DeepSpeed steps and makes
+    # step-time copies one group at a time. 0: unknown, taken as ``trainable``.
+    largest_group: int = 0
+
+    @property
+    def step_group(self) -> int:
+        return self.largest_group or self.trainable
 
 
 def stage3_settings(cfg: Config, sizes: ModelSizes, world: int = 1) -> dict[str, int]:
@@ -124,8 +134,11 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
 
     stacks = [stack(*spec) for spec in objective.block_stacks(model)]
     outside = {b: objective.outside_blocks_bytes(model, stacks, 1, b) for b in (2, 4)}
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)  # as training groups them
+    largest = max((sum(p.numel() for p in g["params"]) for g in groups), default=0)
     return ModelShape(cfg.model.name, cfg.objective.name, stacks=stacks, in_chans=enc.in_chans,
-                      num_classes=getattr(model, "num_classes", 0), outside_bytes=outside, hybrid=hybrid, **common)
+                      num_classes=getattr(model, "num_classes", 0), outside_bytes=outside, hybrid=hybrid,
+                      largest_group=largest, **common)
 
 
 # ----- activations ---------------------------------------------------------------------------------------------
@@ -251,16 +264,19 @@ def _ds_zero(cfg: Config, overlap_comm: Optional[bool], shape: ModelShape, world
     return bucket, overlap_comm, stage3
 
 
-def cpu_step_bytes(shape: ModelShape, opt: Option, world: int, stage3: Optional[dict] = None) -> int:
-    """The optimizer step's temporaries on a CPU process (see the module docstring): a flat fp32 copy of the
-    gradients of the partition being stepped (ZeRO 1-3) and two AdamW temporaries of its size."""
-    T, N = shape.trainable, world
+def cpu_step_bytes(shape: ModelShape, opt: Option, world: int, stage3: Optional[dict] = None,
+                   mixed: bool = False) -> int:
+    """The optimizer step's temporaries on a CPU process (see the module docstring), for the largest partition
+    stepped at once: two AdamW temporaries of its size (8 bytes an element) plus, under ZeRO-3, a flat fp32 copy of
+    its gradients (4). fp32 ZeRO-1/2 step their fp32 gradient partition in place; in bf16 they convert it to an
+    fp32 copy and free the bf16 one first (+4 - 2). Measured with ``plan --measure`` within 3% (ViT-S, 1 process)."""
     if opt.stage == 0 or opt.offload_optimizer:
         return 0  # stage 0: each parameter stepped alone (one tensor's temporaries); offload: in-place CPU Adam
-    chunk = T / N
+    chunk = shape.step_group / world
     if opt.stage == 3:
         chunk = min(chunk, (stage3 or STAGE3_DEFAULTS).get("sub_group_size", STAGE3_DEFAULTS["sub_group_size"]))
-    return int(chunk * 4 * 3)
+        return int(chunk * 12)
+    return int(chunk * (10 if mixed else 8))
 
 
 def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int, bucket: int,
@@ -290,7 +306,8 @@ def model_state_bytes(shape: ModelShape, opt: Option, precision: str, world: int
         if opt.offload_params:
             cpu += params
             params = 0
-    step_extra = 4 * T / N if (mixed and opt.stage in (1, 2) and not opt.offload_optimizer) else 0
+    # ZeRO-1/2 in mixed precision: the fp32 copy of one parameter group's gradient partition while it is stepped
+    step_extra = 4 * shape.step_group / N if (mixed and opt.stage in (1, 2) and not opt.offload_optimizer) else 0
     return {k: int(v) for k, v in dict(params=params, grads=grads, optimizer=optim, buffers=buffers,
                                          step_extra=step_extra, cpu=cpu).items()}
 
@@ -340,7 +357,8 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
                               ema=cfg.train.ema_decay > 0)
         if cpu:  # a process's resident memory: its runtime, and the unfused AdamW's temporaries at the step
             s["buffers"] += CPU_RUNTIME_BYTES
-            s["step_extra"] = max(s["step_extra"], cpu_step_bytes(shape, opt, world, stage3))
+            mixed = cfg.train.precision in ("bf16", "fp16")
+            s["step_extra"] = max(s["step_extra"], cpu_step_bytes(shape, opt, world, stage3, mixed))
         states = s["params"] + s["grads"] + s["optimizer"] + s["buffers"]
         a, ac = sum(act.values()), sum(act_ckpt.values())
         total = max(states + a, states + s["step_extra"])
