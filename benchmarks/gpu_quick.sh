@@ -11,7 +11,7 @@
 #   QUICK_DATA=/tmp/vitscale_quick_data           # where demo:photos shards are built on first use
 #
 # On a GPU box without registry access, build the wheels first on a machine with one (from the project root):
-#   bash ../shared/device/prepare-wheels.sh       # -> .whl/ (deepspeed, webdataset, wandb, omegaconf, ...)
+#   bash ../shared/device/prepare-wheels.sh simplejpeg  # -> .whl/ (deepspeed, webdataset, wandb, omegaconf, ..., simplejpeg)
 # and bring .whl/ along; this script installs them into /tmp/site when deepspeed is not importable.
 # Each measurement is its own `python3 -m vitscale bench ...` with its own timeout: a failure is a row with its
 # error, never a lost table. Commands, versions and every row: $OUT/gpu_quick.json; full output: gpu_quick.log.
