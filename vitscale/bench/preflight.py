@@ -225,7 +225,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     print(f"vitscale preflight: {cfg.model.name} at {cfg.model.img_size}px, {cfg.objective.name}, ZeRO-{stage}, "
           f"{procs} {'GPU' if cuda else 'CPU'} processes, batch {cfg.data.batch_size} a process, "
           f"{cfg.train.precision}, data {cfg.data.train_shards}", flush=True)
-    rows = rehearse(cfg, config, args, env, out_dir, procs, stage, planned, grace, port, preemption)
+    rows = rehearse(cfg, config, args, env, out_dir, procs, device, planned, grace, port, preemption)
     print_table(["check", "measured", "ok", "why / note"],
                 [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
     failed = [r for r in rows if not r.ok]
@@ -234,9 +234,11 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     return 1 if failed else 0
 
 
-def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path, procs: int, stage: int,
+def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path, procs: int, device: str,
              planned: int, grace: float, port: int, preemption: bool = True) -> list[Row]:
-    """The four launches, each adding its rows; a failed launch ends the rehearsal with the row saying why."""
+    """The four launches on ``device`` ("gpu" or "cpu"), each adding its rows; a failed launch ends the rehearsal
+    with the row saying why."""
+    stage = cfg.engine.zero_stage
     run_dir = out_dir / "preflight"
     ckpts = run_dir / "checkpoints"
     params = sum(p.numel() for p in _meta_model(cfg).parameters())
@@ -255,7 +257,7 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
     rows.append(Row("step time", f"{state['step_s']:.1f} s (first launch {first.seconds:.0f} s)"))
     rows += checkpoint_rows(ckpts / "step_00000002")
 
-    rows += resume_rows(cfg, config, args, env, out_dir, port + 1, "gpu" if torch.cuda.is_available() else "cpu")
+    rows += resume_rows(cfg, config, args, env, out_dir, port + 1, device)
     rows += export_rows(run_dir, out_dir, env)
     if preemption:
         rows.append(torn_write_row(procs, port + 2, config, args, env, out_dir, ckpts))
