@@ -164,7 +164,8 @@ def _timm_available(wanted: bool) -> bool:
 
 def run_plan_cmd(args: argparse.Namespace) -> int:
     from vitscale.bench.common import resolve_num_classes, write_json
-    from vitscale.bench.plan import plan_memory, print_plan
+    from vitscale.bench.plan import plan_memory
+    from vitscale.bench.plan_report import print_plan
     from vitscale.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)
