@@ -16,6 +16,7 @@ from fuzz_bounds import one_line, time_limit
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vitscale.data.reduced_decode import train_image
 from vitscale.data.transforms import (Crop, DecodeError, DeferredJpeg, TooLarge, decode, jpeg_size, materialize,
                                       read_header)
 
@@ -64,6 +65,7 @@ def _outcome(data: bytes):
             assert size is None or size[0] * size[1] <= MAX_PIXELS
         except TooLarge as e:
             one_line(str(e))
+        _train_images(data)
         try:
             img = decode(data, MAX_PIXELS)
         except DecodeError as e:
@@ -73,6 +75,18 @@ def _outcome(data: bytes):
     assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
     assert img.shape[1] * img.shape[2] <= MAX_PIXELS, f"decoded {tuple(img.shape)}: over max_pixels"
     return img
+
+
+def _train_images(data: bytes) -> None:
+    """What a loader worker does by default: reduced-size decoding (simplejpeg's 1/2-1/8 DCT scaling of the
+    48x64 seeds, at 12, 6 and 2 px outputs) or the full decode, then the crop. An image or DecodeError."""
+    for size in (12, 6, 2):
+        try:
+            img = train_image(data, size, torch.Generator().manual_seed(size), max_pixels=MAX_PIXELS)
+        except DecodeError as e:
+            one_line(str(e))
+            continue
+        assert img.dtype == torch.uint8 and tuple(img.shape) == (3, size, size)
 
 
 def test_every_seed_decodes_as_its_photo():

@@ -43,7 +43,7 @@ class StreamPlan:
     num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
-    reduced_decode: bool = True  # JPEGs whose crop is >= 6x the output decode at 1/4-1/8 size (reduced_decode.py)
+    reduced_decode: bool = True  # JPEGs whose crop is >= 3x the output decode at 1/2-1/8 size (reduced_decode.py)
     k: int = 1  # shards per block for epochs not in ``plans``
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
 
