@@ -92,6 +92,32 @@ def test_checkpoint_resumes_at_any_world_size_and_zero_stage(parity, saved, load
                                 what=f"ZeRO-{s} -> ZeRO-{t}")
 
 
+def test_a_conversion_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
+    """A checkpoint that must be converted (another world size) on a filesystem without room for the conversion's
+    peak: one line naming what is needed, what is free and the way out, before a byte is written."""
+    import shutil
+
+    from vitscale.distributed import checkpoint
+    from vitscale.errors import CheckpointReadError
+
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2, "config": {"engine": {
+        "zero_stage": 3}}}))
+    with open(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "wb") as f:
+        f.truncate(2 * 2 ** 30)  # 2 GB claimed, sparse: nothing on disk
+    (ckpt / "COMPLETE").write_text(json.dumps({"files": {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 2 * 2 ** 30}}))
+    before = sorted(p.name for p in ckpt.iterdir())
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real._replace(free=3 * 2 ** 30))
+    with pytest.raises(CheckpointReadError) as e:
+        checkpoint.CheckpointManager(tmp_path, rank=0).prepare(ckpt, 1, 3)
+    message = str(e.value)
+    assert "\n" not in message and "needs about 6.6 GB free on its filesystem (2.0 GB checkpoint, ZeRO-3), " \
+        "3.0 GB is free" in message and "resume at world size 2, engine.zero_stage=3" in message, message
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # no conversion begun, nothing removed
+
+
 def test_resume_between_zero0_and_sharded_stages_is_refused_before_anything_is_written(tmp_path):
     """ZeRO-0 files hold whole copies and torch's own optimizer state, no universal layout: a resume across that
     divide is one line naming both stages, raised before any conversion writes a file."""
