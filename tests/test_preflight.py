@@ -40,3 +40,7 @@ def test_preflight_at_vit_l16_size(tmp_path, data_cache):
     export = float(re.search(r", ([0-9.]+) GB", _row(out, "export --timm")).group(1))
     assert 1.1 < export < 1.3  # the encoder alone, fp32: 303M x 4 bytes
     assert "yes" in _row(out, "timm.create_model")
+    # what a rehearsal at ViT-H size would leave by the tens of GB: the universal copy, the timm export
+    assert not list((tmp_path / "preflight" / "checkpoints").glob("*/universal"))
+    assert not (tmp_path / "preflight_timm").exists()
+    assert re.search(r"preflight passed \(run directory .*, [0-9.]+ GB of checkpoints and logs to delete", out)

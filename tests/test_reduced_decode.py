@@ -6,7 +6,6 @@ import math
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from vitscale.bench.data_inputs import imagenet_like

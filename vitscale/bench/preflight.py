@@ -27,18 +27,18 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
 from vitscale.distributed.checkpoint import CheckpointManager, is_complete, read_marker, read_trainer_state, tag_for
 
 GB = 2 ** 30
-POLL_S = 0.5
 MEMORY_TOLERANCE = 0.15  # a measured peak above the plan by more than this fails: the plan would mislead
 
 
@@ -48,23 +48,6 @@ class Row:
     value: str
     ok: bool = True
     note: str = ""
-
-
-@dataclass
-class Launch:
-    """One subprocess's outcome: exit status, wall time, output, the peak resident memory of each rank."""
-    returncode: int
-    seconds: float
-    out: str
-    peaks: dict[int, int] = field(default_factory=dict)  # pid -> VmHWM bytes
-
-    def error(self) -> str:
-        """The line that says why: a rank's exception or our one-line error, not the launcher's epilogue."""
-        lines = [x.strip() for x in self.out.splitlines() if x.strip()]
-        launcher = ("launch.py", "runner.py")
-        errors = [x for x in lines if re.search(r"(Error|error:|Killed|killed)", x) and not any(
-            name in x for name in launcher)]
-        return (errors or lines or ["no output"])[-1][:240]
 
 
 def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
@@ -110,69 +93,6 @@ def fit_batch(cfg_args: tuple[str, list[str]], procs: int, device: str) -> tuple
             return cfg, int(planned)
         overrides = [*overrides, f"data.batch_size={max(1, cfg.data.batch_size // 2)}"]
         cfg = load_config(path, overrides)
-
-
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
-    """Run CMD, polling the peak resident memory (VmHWM) of every process it starts; ``on_output(text, proc)``
-    sees the output so far at each poll (for the SIGTERM step)."""
-    import psutil
-
-    logs = cwd / "logs"
-    logs.mkdir(exist_ok=True)
-    log = logs / f"{time.strftime('%H%M%S')}_{Path(cmd[0]).name}_{len(list(logs.iterdir()))}.log"  # kept: the why
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        # its own process group: a preemption signals every process of it, as Slurm signals every task
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        peaks: dict[int, int] = {}
-        members: dict[int, psutil.Process] = {}
-        try:
-            while _running(proc, members):
-                with contextlib.suppress(psutil.Error):
-                    members.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
-                for pid in members:
-                    peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
-                if on_output is not None:
-                    on_output(log.read_text(errors="replace"), proc)
-                time.sleep(POLL_S)
-        finally:  # interrupted, or a launcher gone before its ranks: leave no process of the rehearsal behind
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    out = log.read_text(errors="replace")
-    return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
-
-
-LINGER_S = 90  # how long ranks may outlive their launcher: deepspeed's launch.py gives them 30 s after SIGTERM
-
-
-def _running(proc: subprocess.Popen, members: dict) -> bool:
-    """Whether the launch is still running: its first process, or any process it started. The ``deepspeed`` runner
-    has no SIGTERM handler on one node and exits at once; its ranks, checkpointing within their grace, must not be
-    killed with it (preflight's SIGKILL of the group once the launch is over would cut that checkpoint short)."""
-    if proc.poll() is None:
-        return True
-    ended = getattr(proc, "_ended_at", None) or time.perf_counter()
-    proc._ended_at = ended
-    alive = [m for m in members.values() if m.is_running() and m.status() != "zombie"]
-    return bool(alive) and time.perf_counter() - ended < LINGER_S
-
-
-def _hwm(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def train_cmd(procs: int, port: int, config: str, overrides: list[str]) -> list[str]:
@@ -229,8 +149,10 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     print_table(["check", "measured", "ok", "why / note"],
                 [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
     failed = [r for r in rows if not r.ok]
+    kept = _bytes_in(out_dir / "preflight")
     print(f"preflight {'FAILED: ' + ', '.join(r.what for r in failed) if failed else 'passed'} "
-          f"(run directory {out_dir / 'preflight'}, each launch's output in {out_dir / 'logs'})")
+          f"(run directory {out_dir / 'preflight'}, {kept / GB:.1f} GB of checkpoints and logs to delete when "
+          f"done; each launch's output in {out_dir / 'logs'})")
     return 1 if failed else 0
 
 
@@ -258,11 +180,21 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
     rows += checkpoint_rows(ckpts / "step_00000002")
 
     rows += resume_rows(cfg, config, args, env, out_dir, port + 1, device)
+    drop_conversions(ckpts)
     rows += export_rows(run_dir, out_dir, env)
     if preemption:
         rows.append(torn_write_row(procs, port + 2, config, args, env, out_dir, ckpts))
         rows.append(preemption_row(procs, port + 3, config, args, env, out_dir, ckpts, grace))
+        drop_conversions(ckpts)
     return rows
+
+
+def drop_conversions(ckpts: Path) -> None:
+    """Remove the universal copies a stage-changing resume made once their row is done: at ViT-H size each is as
+    large as its checkpoint (8-10 GB), and the rehearsal's later launches and a look at its run directory need only
+    the checkpoints themselves."""
+    for conversion in ckpts.glob("*/universal"):
+        shutil.rmtree(conversion, ignore_errors=True)
 
 
 def resume_rows(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path, port: int,
@@ -306,6 +238,8 @@ def export_rows(run_dir: Path, out_dir: Path, env: dict) -> list[Row]:
     load = run([sys.executable, "-c", code], env, out_dir)
     rows.append(Row("timm.create_model(local-dir)", f"{load.seconds:.1f} s" if load.returncode == 0 else
                     f"exit {load.returncode}", load.returncode == 0, "" if load.returncode == 0 else load.error()))
+    if load.returncode == 0:  # a rehearsal's weights are worth nothing once timm has read them (2.5 GB at ViT-H)
+        shutil.rmtree(target, ignore_errors=True)
     return rows
 
 
