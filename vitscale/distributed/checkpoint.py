@@ -290,7 +290,7 @@ def _check_room_to_convert(path: Path, old_world: int, old_stage: int) -> None:
     """Refuse in one line, before writing a byte, a conversion the checkpoint's filesystem has no room for: it
     would run for minutes at real size and then die with ENOSPC (the part written is removed either way)."""
     size = sum(v for v in read_marker(path).get("files", {}).values() if isinstance(v, int))
-    need = int(CONVERSION_PEAK.get(old_stage, 3.3) * size)
+    need = int(CONVERSION_PEAK[old_stage] * size)  # stage 0 was refused before: ZeRO 1-3 only
     free = shutil.disk_usage(path).free
     if free < need:
         raise CheckpointReadError(
