@@ -20,6 +20,7 @@ import torch
 
 from vitscale import faults
 from vitscale.config.schema import Config
+from vitscale.distributed.child import run_in_fresh_python
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
@@ -311,11 +312,18 @@ def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     independent of world size), made readable by every ZeRO stage 1-3, so it can be resumed on another number of
     processes and at another stage.
 
-    Runs DeepSpeed's own converter (ds_to_universal) in this process; call it on one rank only."""
+    Runs DeepSpeed's own converter (ds_to_universal) in a fresh Python process, because it forks a pool of
+    workers and a fork of a trainer whose torch thread pools have run can hang (see :mod:`.child`); call it on one
+    rank only. Its errors come back with their one-line messages."""
+    run_in_fresh_python(f"{__name__}:_convert_here", str(ckpt_path), str(out_dir))
+
+
+def _convert_here(ckpt_path: str, out_dir: str) -> None:
+    """:func:`to_universal`'s work, in the process that calls it."""
     from deepspeed.checkpoint import ds_to_universal
 
     workers = max(1, min(8, os.cpu_count() or 1))
-    args = argparse.Namespace(input_folder=str(ckpt_path), output_folder=str(out_dir), num_extract_workers=workers,
+    args = argparse.Namespace(input_folder=ckpt_path, output_folder=out_dir, num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     with _quiet_stdout(), contextlib.redirect_stderr(io.StringIO()), deepspeed_file_loads():
