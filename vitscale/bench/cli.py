@@ -13,6 +13,11 @@ import sys
 
 
 def add_parsers(subparsers) -> None:
+    for add in (_add_bench, _add_plan, _add_preflight, _add_plot):
+        add(subparsers)
+
+
+def _add_bench(subparsers) -> None:
     b = subparsers.add_parser(
         "bench", help="img/s, MFU and memory: model alone (vs timm), engine step, loader, full step; or data loaders",
         description="Throughput of the configured training on this machine. --what picks the modes: model "
@@ -47,6 +52,8 @@ def add_parsers(subparsers) -> None:
                    help="also time our loader with webdataset's tar reader in place of vitscale's tarstream")
     b.set_defaults(func=run_bench_cmd)
 
+
+def _add_plan(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="memory per GPU for each ZeRO stage and offload choice: does it fit?",
         description="Analytic memory per GPU (params, grads, optimizer states, DeepSpeed buffers, activations with "
@@ -70,6 +77,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", default=None, help="also write the plan (and measurement) to this JSON file")
     p.set_defaults(func=run_plan_cmd)
 
+
+def _add_preflight(subparsers) -> None:
     f = subparsers.add_parser(
         "preflight", help="rehearse a recipe at its true size here: memory, checkpoint, resume, export, SIGTERM",
         description="Before a cluster launch: the recipe's model at its size and resolution on this machine (CPU "
@@ -86,6 +95,8 @@ def add_parsers(subparsers) -> None:
     f.add_argument("--skip-preemption", action="store_true", help="leave out the kill -9 and SIGTERM launches (CI: minutes less)")
     f.set_defaults(func=run_preflight_cmd)
 
+
+def _add_plot(subparsers) -> None:
     q = subparsers.add_parser("plot", help="PNG of loss, lr, throughput, MFU and data-wait over steps",
                               description="Plot RUN_DIR/metrics.jsonl into one PNG (default RUN_DIR/metrics.png).")
     q.add_argument("run_dir", help="run directory (runs/<name>) or its metrics.jsonl")
