@@ -1,7 +1,6 @@
 """vitscale.distributed.universal: a universal directory written for one family of ZeRO stages is rewritten so that
 every stage 1-3 reads it (a synthetic directory in DeepSpeed 0.19's layouts; the real conversions and loads are
 tests/test_engine.py's, at every stage pair); and the room DeepSpeed's converter needs on disk, measured."""
-import os
 import shutil
 import threading
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli, train_args
+from vitscale.bench.common import bytes_under
 from vitscale.distributed.checkpoint import CONVERSION_PEAK, read_marker
 from vitscale.distributed.engine import to_universal
 
@@ -66,17 +66,6 @@ def test_restore_param_groups_undoes_the_zero3_loader(tmp_path):
     assert saved_param_groups(tmp_path, lambda p: torch.load(p, weights_only=False))[1]["lr_scale"] == 0.5
 
 
-def _bytes_under(root) -> int:
-    total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(folder, name))
-            except OSError:  # written and removed between the listing and the stat
-                pass
-    return total
-
-
 def _record_failure(failed: list, fn, *args) -> None:
     try:
         fn(*args)
@@ -100,7 +89,7 @@ def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_
 
     def poll():
         while not done.is_set():
-            peak[0] = max(peak[0], _bytes_under(out))
+            peak[0] = max(peak[0], bytes_under(out))
             done.wait(0.01)
 
     watcher = threading.Thread(target=poll)
@@ -116,6 +105,6 @@ def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_
     watcher.join()
     assert not converter.is_alive(), "the conversion hung"
     assert not failed, failed
-    assert size > 200 * 2 ** 20 and _bytes_under(out) <= peak[0], (size, peak[0])
+    assert size > 200 * 2 ** 20 and bytes_under(out) <= peak[0], (size, peak[0])
     assert peak[0] <= CONVERSION_PEAK[stage] * size, (stage, size, peak[0], peak[0] / size)
     shutil.rmtree(out)

@@ -1,6 +1,7 @@
 """Helpers shared by ``bench``, ``plan`` and the engine-step runner: classes, devices, formatting, JSON."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,15 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings cover it (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bytes_under(path: Path) -> int:
+    """Bytes of the files under ``path`` now (0 if it is gone), counted while something may still be writing there."""
+    total = 0
+    for p in Path(path).rglob("*"):
+        with contextlib.suppress(OSError):  # a file renamed or removed while we count
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 def fmt_gb(nbytes: Optional[float], digits: int = 2) -> str:

@@ -18,7 +18,6 @@ data to the bundled photos unless the recipe's shards exist. Exit status 1 when 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from vitscale.bench.common import bytes_under
 from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
@@ -149,7 +149,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     print_table(["check", "measured", "ok", "why / note"],
                 [[r.what, r.value, "yes" if r.ok else "FAIL", r.note] for r in rows])
     failed = [r for r in rows if not r.ok]
-    kept = _bytes_in(out_dir / "preflight")
+    kept = bytes_under(out_dir / "preflight")
     print(f"preflight {'FAILED: ' + ', '.join(r.what for r in failed) if failed else 'passed'} "
           f"(run directory {out_dir / 'preflight'}, {kept / GB:.1f} GB of checkpoints and logs to delete when "
           f"done; each launch's output in {out_dir / 'logs'})")
@@ -279,14 +279,6 @@ def preemption_row(procs: int, port: int, config: str, args: list[str], env: dic
 TORN_FRACTION = 0.25  # of the previous checkpoint's bytes on disk when the kill lands: well inside the write
 
 
-def _bytes_in(path: Path) -> int:
-    total = 0
-    for p in path.rglob("*"):
-        with contextlib.suppress(OSError):  # a file renamed or removed while we count
-            total += p.stat().st_size if p.is_file() else 0
-    return total
-
-
 def torn_write_row(procs: int, port: int, config: str, args: list[str], env: dict, out_dir: Path,
                    ckpts: Path) -> Row:
     """Resume on PROCS processes for one step with a checkpoint, and SIGKILL every process of the launch once that
@@ -298,7 +290,7 @@ def torn_write_row(procs: int, port: int, config: str, args: list[str], env: dic
     killed: dict[str, int] = {}
 
     def kill_mid_write(text: str, proc: subprocess.Popen) -> None:
-        if not killed and target.is_dir() and (written := _bytes_in(target)) >= TORN_FRACTION * prev_bytes:
+        if not killed and target.is_dir() and (written := bytes_under(target)) >= TORN_FRACTION * prev_bytes:
             os.killpg(proc.pid, signal.SIGKILL)
             killed["bytes"] = written
 
