@@ -92,12 +92,13 @@ def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_
             peak[0] = max(peak[0], bytes_under(out))
             done.wait(0.01)
 
-    watcher = threading.Thread(target=poll)
+    failed = []  # either thread's exception, asserted below (a dead watcher would under-report the peak)
+    watcher = threading.Thread(target=lambda: _record_failure(failed, poll))
     watcher.start()
-    # torch's thread pool has run in this process, as in a trainer that built its model: the converter forks
-    # workers, and when it ran in the calling process, they hung here (10+ minutes); it now runs in a fresh one
+    # torch's thread pool has run in this process (as in the trainer's rollback path, after training steps): the
+    # converter forks workers, and when it ran in the calling process, they hung here forever; it now runs in a
+    # fresh one
     torch.randn(1024, 1024) @ torch.randn(1024, 1024)
-    failed = []
     converter = threading.Thread(target=lambda: _record_failure(failed, to_universal, ckpt, out), daemon=True)
     converter.start()
     converter.join(timeout=600)  # ~20 s when it works: a regression fails here instead of hanging the suite

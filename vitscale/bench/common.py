@@ -55,11 +55,13 @@ def sync(device: torch.device) -> None:
 
 
 def bytes_under(path: Path) -> int:
-    """Bytes of the files under ``path`` now (0 if it is gone), counted while something may still be writing there."""
+    """Bytes of the files under ``path`` now (0 if it is gone), counted while something may still be writing or
+    removing there: os.walk skips a folder that vanishes mid-walk, where pathlib's rglob raises."""
     total = 0
-    for p in Path(path).rglob("*"):
-        with contextlib.suppress(OSError):  # a file renamed or removed while we count
-            total += p.stat().st_size if p.is_file() else 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file renamed or removed while we count
+                total += os.path.getsize(os.path.join(folder, name))
     return total
 
 
