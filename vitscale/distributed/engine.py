@@ -307,24 +307,36 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
+# Below this a checkpoint converts in the calling process, one tensor after another: 0.2 s for a 2 MB checkpoint,
+# where a fresh interpreter alone takes 2-3 s to start (the test suite converts dozens of tiny checkpoints).
+SERIAL_CONVERSION_BYTES = 64 * 2 ** 20
+
+
 def to_universal(ckpt_path: Path, out_dir: Path) -> None:
     """Rewrite a ZeRO-1/2/3 checkpoint into DeepSpeed's universal layout (one file per parameter and state,
     independent of world size), made readable by every ZeRO stage 1-3, so it can be resumed on another number of
-    processes and at another stage.
+    processes and at another stage. Call it on one rank only.
 
-    Runs DeepSpeed's own converter (ds_to_universal) in a fresh Python process, because it forks a pool of
-    workers and a fork of a trainer whose torch thread pools have run can hang (see :mod:`.child`); call it on one
-    rank only. Its errors come back with their one-line messages."""
-    run_in_fresh_python(f"{__name__}:_convert_here", str(ckpt_path), str(out_dir))
+    Runs DeepSpeed's own converter (ds_to_universal). With more than one worker it forks a pool, and a fork of a
+    process whose torch thread pools have run can hang (see :mod:`.child`): so a checkpoint of
+    ``SERIAL_CONVERSION_BYTES`` or more converts with a pool in a fresh Python process, a smaller one serially
+    here (that path forks nothing). Either way its errors come with their one-line messages."""
+    size = sum(p.stat().st_size for p in Path(ckpt_path).iterdir() if p.is_file())
+    if size < SERIAL_CONVERSION_BYTES:
+        _convert_here(str(ckpt_path), str(out_dir), "1")
+    else:
+        workers = max(1, min(8, os.cpu_count() or 1))
+        run_in_fresh_python(f"{__name__}:_convert_here", str(ckpt_path), str(out_dir), str(workers))
 
 
-def _convert_here(ckpt_path: str, out_dir: str) -> None:
-    """:func:`to_universal`'s work, in the process that calls it."""
+def _convert_here(ckpt_path: str, out_dir: str, workers: str) -> None:
+    """:func:`to_universal`'s work, in the process that calls it, with ``workers`` extracting processes (1: none,
+    and nothing is forked)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    args = argparse.Namespace(input_folder=ckpt_path, output_folder=out_dir, num_extract_workers=workers,
-                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+    extract = int(workers)
+    args = argparse.Namespace(input_folder=ckpt_path, output_folder=out_dir, num_extract_workers=extract,
+                              num_merge_workers=max(1, extract // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     with _quiet_stdout(), contextlib.redirect_stderr(io.StringIO()), deepspeed_file_loads():
         ds_to_universal.main(args)  # its worker processes are forked inside the safe-loading block: they inherit it
