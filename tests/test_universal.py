@@ -1,6 +1,7 @@
 """vitscale.distributed.universal: a universal directory written for one family of ZeRO stages is rewritten so that
 every stage 1-3 reads it (a synthetic directory in DeepSpeed 0.19's layouts; the real conversions and loads are
 tests/test_engine.py's, at every stage pair); and the room DeepSpeed's converter needs on disk, measured."""
+import os
 import shutil
 import threading
 
@@ -9,9 +10,8 @@ import torch
 
 from conftest import run_cli, train_args
 from vitscale.bench.common import bytes_under
-from vitscale.distributed.checkpoint import CONVERSION_PEAK, read_marker
+from vitscale.distributed.checkpoint import CONVERSION_PEAK, conversion_workers, read_marker
 from vitscale.distributed.engine import to_universal
-
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups, saved_param_groups
 
 GROUPS = [{"weight_decay": 0.0, "lr_scale": 1.0, "params": [0]}, {"weight_decay": 0.05, "lr_scale": 0.5,
@@ -99,7 +99,10 @@ def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_
     # converter forks workers, and when it ran in the calling process, they hung here forever; it now runs in a
     # fresh one
     torch.randn(1024, 1024) @ torch.randn(1024, 1024)
-    converter = threading.Thread(target=lambda: _record_failure(failed, to_universal, ckpt, out), daemon=True)
+    workers = conversion_workers(size)  # as the trainer's resume decides: a pool, in a fresh process
+    assert workers > 1 or (os.cpu_count() or 1) == 1, workers
+    converter = threading.Thread(target=lambda: _record_failure(failed, to_universal, ckpt, out, workers),
+                                 daemon=True)
     converter.start()
     converter.join(timeout=600)  # ~20 s when it works: a regression fails here instead of hanging the suite
     done.set()

@@ -248,7 +248,6 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
     vectorised CPU AdamW (built once by JIT and cached; torch's AdamW on CPU tensors would be far slower)."""
     groups = list(param_groups)
     if cfg.optim.name != "adamw":  # sgd, lars: vitscale/optim/optimizers.py
-
         optimizer = build_optimizer(groups, cfg)
     elif cfg.engine.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -307,25 +306,14 @@ def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
-# Below this a checkpoint converts in the calling process, one tensor after another: 0.2 s for a 2 MB checkpoint,
-# where a fresh interpreter alone takes 2-3 s to start (the test suite converts dozens of tiny checkpoints).
-SERIAL_CONVERSION_BYTES = 64 * 2 ** 20
-
-
-def to_universal(ckpt_path: Path, out_dir: Path) -> None:
-    """Rewrite a ZeRO-1/2/3 checkpoint into DeepSpeed's universal layout (one file per parameter and state,
-    independent of world size), made readable by every ZeRO stage 1-3, so it can be resumed on another number of
-    processes and at another stage. Call it on one rank only.
-
-    Runs DeepSpeed's own converter (ds_to_universal). With more than one worker it forks a pool, and a fork of a
-    process whose torch thread pools have run can hang (see :mod:`.child`): so a checkpoint of
-    ``SERIAL_CONVERSION_BYTES`` or more converts with a pool in a fresh Python process, a smaller one serially
-    here (that path forks nothing). Either way its errors come with their one-line messages."""
-    size = sum(p.stat().st_size for p in Path(ckpt_path).iterdir() if p.is_file())
-    if size < SERIAL_CONVERSION_BYTES:
+def to_universal(ckpt_path: Path, out_dir: Path, workers: int = 1) -> None:
+    """Rewrite a ZeRO-1/2/3 checkpoint into DeepSpeed's universal layout (one file per parameter and state),
+    readable by every ZeRO stage 1-3 at any world size, with DeepSpeed's converter; on one rank only. One worker
+    converts serially here and forks nothing; more fork a pool, and a fork of a process whose torch thread pools
+    have run can hang (:mod:`.child`), so they convert in a fresh Python process. Errors come as one line."""
+    if workers <= 1:
         _convert_here(str(ckpt_path), str(out_dir), "1")
     else:
-        workers = max(1, min(8, os.cpu_count() or 1))
         run_in_fresh_python(f"{__name__}:_convert_here", str(ckpt_path), str(out_dir), str(workers))
 
 
