@@ -23,6 +23,18 @@ def mlp_hidden(dim: int, mlp_ratio: float) -> int:
     return int(dim * mlp_ratio + 1e-6)
 
 
+def _check_options(global_pool: str, pos_embed: str, class_token: bool, reg_tokens: int) -> None:
+    """One line naming the first option a VisionTransformer cannot be built with."""
+    if global_pool not in POOLS:
+        raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+    if global_pool == "token" and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg')")
+    if reg_tokens < 0:
+        raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al.) with pre-norm blocks.
 
@@ -48,14 +60,7 @@ class VisionTransformer(nn.Module):
                  hybrid_layers: Optional[Sequence[int]] = None, head_norm: bool = False, qk_norm: bool = False,
                  reg_tokens: int = 0):
         super().__init__()
-        if global_pool not in POOLS:
-            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg')")
-        if reg_tokens < 0:
-            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+        _check_options(global_pool, pos_embed, class_token, reg_tokens)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
