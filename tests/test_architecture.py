@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +177,13 @@ def test_logging_needs_neither_data_nor_objectives(module):
                 reach.add(t)
                 todo.append(t)
     assert not {m for m in reach if m.startswith(("vitscale.data", "vitscale.objectives"))}
+
+
+def test_the_command_line_parses_before_torch_loads():
+    """Every `vitscale` call registers all subcommands first: none of their parsers may import torch, numpy or
+    PIL (1.2-2.6 s here), or `vitscale --help`, a mistyped option and the train command's 'loading PyTorch' line
+    all wait for it. Run in a fresh interpreter: this test process has imported torch long ago."""
+    code = ("import sys; from vitscale.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'yaml') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (recorded in manifest.json)")
     s.set_defaults(func=_make_shards)
 
-    from vitscale.data.check import add_parser as add_check  # light: no torch until it runs
+    from vitscale.data.cli import add_parser as add_check  # light: argparse only
 
     add_check(sub)
 
