@@ -3,6 +3,8 @@ run at real size in tests/test_preflight.py and in docs/benchmarks.md's rehearsa
 import json
 from pathlib import Path
 
+import pytest
+
 from vitscale.bench.preflight import torn_verdict
 from vitscale.distributed.checkpoint import COMPLETE, tag_for
 
@@ -77,3 +79,20 @@ def test_a_fine_tuning_recipe_is_rehearsed_with_a_cut_batch_and_no_placeholder_i
         (recipe.model.name, 448, recipe.engine.zero_stage)
     gpu = load_config(config, rehearsal_overrides(recipe, cuda=True))
     assert gpu.data.batch_size == 512 and gpu.train.precision == recipe.train.precision  # fit_batch cuts it on a GPU
+
+
+def test_rewind_makes_a_checkpoint_the_newest_again_and_refuses_an_incomplete_one(tmp_path):
+    """What the rehearsal does after its stage-changing resume row: the recipe's step-2 checkpoint becomes what
+    `latest`, a resume ("auto") and an export of the run find; later ones are gone."""
+    from vitscale.distributed.checkpoint import CheckpointManager, resolve_checkpoint
+
+    _checkpoint(tmp_path, 2, {"a.pt": 10})
+    _checkpoint(tmp_path, 3, {"a.pt": 10})
+    _checkpoint(tmp_path, 4, {"a.pt": 10}, complete=False)
+    (tmp_path / "latest").write_text(tag_for(3) + "\n")
+    manager = CheckpointManager(tmp_path, rank=0)
+    with pytest.raises(FileNotFoundError, match="cannot rewind to .*step_00000004: not a complete checkpoint"):
+        manager.rewind(4)
+    manager.rewind(2)
+    assert manager.steps() == [2] and (tmp_path / "latest").read_text() == tag_for(2) + "\n"
+    assert resolve_checkpoint(tmp_path) == manager.find("auto") == tmp_path / tag_for(2)

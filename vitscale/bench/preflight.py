@@ -7,10 +7,12 @@ runs the recipe as a cluster launch would, only shorter, and prints one table:
    under the recipe's ZeRO stage train 2 steps and write a checkpoint: parameters, planned
    (``vitscale plan --device cpu|gpu``) vs measured peak memory a process, step time, checkpoint size, write time;
 2. 1 process at another ZeRO stage resumes it (universal conversion) and takes a step: conversion and load time;
-3. ``vitscale export --timm`` and ``timm.create_model("local-dir:...")``: export time and size, timm loads it;
-4. 2 processes resume for one more step and are SIGKILLed while its checkpoint is being written (a quarter of the
-   bytes on disk): the previous checkpoint must stay the resume point (as after an OOM kill or a lost node);
-5. 2 processes resume again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
+3. ``vitscale export --timm`` of 1.'s checkpoint and ``timm.create_model("local-dir:...")``: export time and size,
+   timm loads it;
+4. 2 processes resume the checkpoint of 1. (the one 2. wrote is removed once its row is done) for one more step
+   and are SIGKILLed while its checkpoint is being written (a quarter of the bytes on disk): the previous
+   checkpoint must stay the resume point (as after an OOM kill or a lost node);
+5. 2 processes resume it again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
    against ``--grace`` (the launcher's and Slurm's default: 30 s before SIGKILL).
 
 The batch is cut to 2 a process on CPU (to what fits when less), precision to fp32 on CPU (no bf16 units), the
@@ -181,6 +183,10 @@ def rehearse(cfg: Config, config: str, args: list[str], env: dict, out_dir: Path
 
     rows += resume_rows(cfg, config, args, env, out_dir, port + 1, device)
     drop_conversions(ckpts)
+    # The resume row's checkpoint (the other stage, 1 process) has served its row. The rows below resume the
+    # recipe's own, as a relaunch of the real run would; left the newest, it was converted to the universal layout
+    # once more by the next launch (minutes at ViT-H, and up to 3x its size on disk).
+    CheckpointManager(ckpts, rank=0).rewind(int(state["step"]))
     rows += export_rows(run_dir, out_dir, env)
     if preemption:
         rows.append(torn_write_row(procs, port + 2, config, args, env, out_dir, ckpts))

@@ -154,6 +154,17 @@ class CheckpointManager:
         self._agree(error, path)
         return path
 
+    def rewind(self, step: int) -> None:
+        """Rank 0: make STEP's checkpoint the run's newest again: ``latest`` points at it and every later checkpoint
+        is removed, so the next launch resumes STEP (``vitscale preflight`` ends a branch it is done with so)."""
+        keep = self.dir / tag_for(step)
+        ok, why = is_complete(keep)
+        if not ok:
+            raise FileNotFoundError(f"cannot rewind to {keep}: not a complete checkpoint ({why})")
+        _write_atomic(self.dir / "latest", tag_for(step) + "\n")  # first: an interrupted rewind leaves it valid
+        for later in (s for s in self.steps() if s > step):
+            shutil.rmtree(self.dir / tag_for(later), ignore_errors=True)
+
     def _agree(self, error: str, path: Path) -> None:
         """Collective: raise on every rank, naming the rank that failed and why, if the write failed on any."""
         failure = eng.first_failure(error)
