@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_cli, train_args
 from vitscale.bench.common import bytes_under
-from vitscale.distributed.checkpoint import CONVERSION_PEAK, conversion_workers, read_marker
+from vitscale.distributed.checkpoint import CONVERSION_PEAK, checkpoint_bytes, conversion_workers
 from vitscale.distributed.engine import to_universal
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups, saved_param_groups
 
@@ -84,7 +84,7 @@ def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_
                            *(["train.precision=bf16"] if stage == 1 else [])), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = tmp_path / "s" / "checkpoints" / "step_00000001"
-    size = sum(read_marker(ckpt)["files"].values())
+    size = checkpoint_bytes(ckpt)
     out, peak, done = ckpt / ".universal.tmp", [0], threading.Event()
 
     def poll():

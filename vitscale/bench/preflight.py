@@ -38,7 +38,8 @@ from vitscale.bench.common import bytes_under
 from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
-from vitscale.distributed.checkpoint import CheckpointManager, is_complete, read_marker, read_trainer_state, tag_for
+from vitscale.distributed.checkpoint import (CheckpointManager, checkpoint_bytes, is_complete, read_trainer_state, tag_for,
+                                             write_seconds)
 
 GB = 2 ** 30
 MEMORY_TOLERANCE = 0.15  # a measured peak above the plan by more than this fails: the plan would mislead
@@ -111,9 +112,8 @@ def other_stage(stage: int) -> int:
 
 
 def checkpoint_rows(ckpt: Path) -> list[Row]:
-    marker = read_marker(ckpt)
-    size = sum(marker["files"].values())
-    seconds = float(marker.get("write_s", 0.0))
+    size = checkpoint_bytes(ckpt)
+    seconds = write_seconds(ckpt) or 0.0
     return [Row("checkpoint size", f"{size / GB:.2f} GB"),
             Row("checkpoint write", f"{seconds:.1f} s ({size / 2**20 / max(seconds, 1e-9):.0f} MB/s)")]
 
@@ -291,7 +291,7 @@ def torn_write_row(procs: int, port: int, config: str, args: list[str], env: dic
     checkpoint's directory holds TORN_FRACTION of the previous one's bytes: the write is cut as an OOM kill or a lost
     node would cut it. The previous complete checkpoint must stay the resume point."""
     previous = CheckpointManager(ckpts, rank=0).find("auto")
-    prev_bytes = sum(read_marker(previous)["files"].values())
+    prev_bytes = checkpoint_bytes(previous)
     target = ckpts / tag_for(int(read_trainer_state(previous)["step"]) + 1)
     killed: dict[str, int] = {}
 

@@ -246,7 +246,7 @@ class CheckpointManager:
             tmp = path / f".{UNIVERSAL}.tmp"
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
-                size = _checkpoint_bytes(path)
+                size = checkpoint_bytes(path)
                 _check_room_to_convert(path, size, old_world, old_stage)
                 eng.to_universal(path, tmp, conversion_workers(size))
                 _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage,
@@ -308,7 +308,7 @@ def conversion_workers(size: int) -> int:
     return 1 if size < SERIAL_CONVERSION_BYTES else max(1, min(8, os.cpu_count() or 1))
 
 
-def _checkpoint_bytes(path: Path) -> int:
+def checkpoint_bytes(path: Path) -> int:
     """The checkpoint's size, from the file sizes its COMPLETE marker records (no walk of the directory)."""
     return sum(v for v in read_marker(path).get("files", {}).values() if isinstance(v, int))
 
