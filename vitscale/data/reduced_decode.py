@@ -80,8 +80,8 @@ def train_image(data: bytes, img_size: int, g: torch.Generator, crop_min_scale: 
     allows (see the module docstring). Raises what :func:`transforms.decode` raises."""
     head = read_header(data, max_pixels)
     if head.format != "JPEG" or head.orientation != 1 or head.mode not in ("RGB", "L"):
-        return train_transform(decode(data, max_pixels), img_size, g, crop_min_scale, randaug=randaug)
+        return train_transform(decode(data, max_pixels, head), img_size, g, crop_min_scale, randaug=randaug)
     crop = train_crop(head.height, head.width, img_size, g, crop_min_scale, randaug=randaug)
     scale = reduced_scale(crop)
     img = reduced_crop(data, head, crop, scale) if scale > 1 else None
-    return img if img is not None else apply_crop(decode(data, max_pixels), crop)
+    return img if img is not None else apply_crop(decode(data, max_pixels, head), crop)

@@ -210,14 +210,15 @@ def _decode_jpeg_fast(data: bytes) -> Optional[torch.Tensor]:
     return img if img.dtype == torch.uint8 else None
 
 
-def decode(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, head: Optional[Header] = None) -> torch.Tensor:
     """Image bytes (PNG/JPEG/WebP/...) -> uint8 tensor (3,H,W), RGB, EXIF orientation applied. Any PIL mode and
     bit depth is accepted (grayscale repeated to 3 channels, alpha dropped, 16-bit scaled to 8). Images over
     ``max_pixels`` (from the header) raise :class:`TooLarge` undecoded; unreadable ones :class:`DecodeError`.
     8-bit JPEGs stored upright use libjpeg-turbo directly (:func:`_decode_jpeg_fast`); the rest, or what it
     rejects, PIL. (Never torchvision for PNG: its decode_png crashes the process, SIGSEGV, on a PNG whose
-    compressed data is damaged.)"""
-    head = read_header(data, max_pixels)
+    compressed data is damaged.) ``head``: what :func:`read_header` returned for these bytes, when the caller has
+    read it already."""
+    head = read_header(data, max_pixels) if head is None else head
     img = None
     if head.format == "JPEG" and head.orientation == 1 and head.mode in ("RGB", "L"):
         img = _decode_jpeg_fast(data)
