@@ -298,8 +298,9 @@ def finish_crop(out: torch.Tensor, crop: Crop) -> torch.Tensor:
     out = out.flip(-1) if crop.flip else out
     if crop.randaug:
         out = randaugment(out.contiguous(), crop.randaug, crop.aug_seed)
-    # Decoded JPEGs are channels-last views and stay so through crop and resize (torch's fast uint8 kernel); no
-    # .contiguous() here: the batch's torch.stack does that layout change once, straight into the batch.
+    # No .contiguous() here: the resize of a decoded JPEG's channels-last view already returns a channels-first
+    # contiguous image (measured), and the rare crop that needs no resize stays a view that the batch's torch.stack
+    # copies once, straight into the batch.
     return out
 
 
