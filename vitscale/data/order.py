@@ -74,8 +74,12 @@ def default_plan(order: Order, k: int) -> EpochPlan:
 
 
 def shard_permutation(order: Order, epoch: int) -> list[int]:
+    """Epoch ``epoch``'s shard order. Unshuffled: the shards in order, rotated by one shard an epoch, so that over
+    the epochs each reader slot reads every shard (without it a slot always read the same block, and a small
+    block's samples were read as many times more often as it was smaller)."""
     if not order.shuffle:
-        return list(range(order.num_shards))
+        n = order.num_shards
+        return [(epoch + i) % n for i in range(n)]
     return torch.randperm(order.num_shards, generator=generator("shards", order.seed, epoch)).tolist()
 
 

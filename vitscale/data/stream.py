@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from vitscale.data.batch_ring import Ring
-from vitscale.data.order import Order, block_stream, epoch_plan, generator, slot_index
+from vitscale.data.order import Order, block_shards, block_stream, epoch_plan, generator, slot_index
 from vitscale.data.reduced_decode import train_image
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -65,6 +65,7 @@ class WorkerStream:
         self.epoch, self.item, self.offset = pos["epoch"], pos["item"], pos["offset"]
         self.seen, self.skipped, self.bad_shards = pos["seen"], pos["skipped"], pos["bad_shards"]
         self.where = f"rank {plan.rank} worker {worker}"
+        self.fruitless: set[int] = set()  # shards of this worker's whole epochs in a row that gave no sample
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "item": self.item, "offset": self.offset, "seen": self.seen,
@@ -83,10 +84,20 @@ class WorkerStream:
                     produced = True
                     yield out
                 self.item, self.offset = self.item + 1, 0
-            if whole and not produced:  # looping on would hang the run without a word
-                raise DataError(f"data {self.where} read no valid sample in epoch {self.epoch} from its "
-                                f"{len(mine)} block(s) of shards, e.g. {p.urls[0]}")
+            self._note_fruitless(plan.k, mine, whole and not produced)
             self.epoch, self.item, self.offset = self.epoch + 1, 0, 0
+
+    def _note_fruitless(self, k: int, mine: list, fruitless: bool) -> None:
+        """Stop a worker that would loop forever without a sample: once its whole epochs in a row that gave nothing
+        have covered every shard. One damaged or empty shard only costs the worker that epoch: the next epoch
+        deals it other shards (shuffled, or the unshuffled order's rotation)."""
+        if not fruitless:
+            self.fruitless.clear()
+            return
+        self.fruitless.update(i for block, _ in mine for i in block_shards(self.plan.order, self.epoch, k, block))
+        if len(self.fruitless) >= self.plan.order.num_shards:
+            raise DataError(f"data {self.where} read no valid sample from any of the {len(self.fruitless)} shards "
+                            f"in its last epochs (each damaged, empty or without an image), e.g. {self.plan.urls[0]}")
 
     def _read_item(self, k: int, block: int, start: int) -> Iterator[tuple]:
         """The block's entries from ``start + offset`` on; those before are read but not decoded."""
