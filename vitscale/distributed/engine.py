@@ -23,6 +23,7 @@ from vitscale.config.schema import Config
 from vitscale.distributed.child import run_in_fresh_python
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
+from vitscale.distributed.fp32_masters import masters_by_name
 from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups
@@ -283,26 +284,25 @@ def _compile_blocks(ds_engine: Any) -> None:
     per-block hooks run eagerly around it. A compiler failure: one warning (rank 0), then eager."""
     _ds().utils.nvtx.enable_nvtx = False  # as DeepSpeed's own engine.compile(): NVTX ranges break graphs
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    compile_blocks(ds_engine.module, ds_engine.device, warn=_warn if rank0 else (lambda message: None))
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    warn = (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+    compile_blocks(ds_engine.module, ds_engine.device, warn=warn)
 
 
 def consolidated_state_dict(ckpt_path: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a whole model from a (possibly sharded) DeepSpeed checkpoint directory, on CPU."""
+    """fp32 weights of a whole model from a (possibly sharded) DeepSpeed checkpoint directory, on CPU. ZeRO 1-3:
+    the fp32 masters are sharded over the optimizer files (a bf16 run's are named ``bf16_zero_pp_rank_*``)."""
     ckpt_path = Path(ckpt_path)
-    if any(ckpt_path.glob("zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 masters are sharded
+    if any(ckpt_path.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with _quiet_stdout(), deepspeed_file_loads():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
-    else:  # ZeRO-0: the full module is in the rank-0 model file
+    else:  # ZeRO-0: the full module is in the rank-0 model file (and a bf16 run's fp32 masters beside it)
         files = sorted(ckpt_path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt_path}")
-        sd = safe_load(files[0], allowed=_deepspeed_file_types())["module"]
+        states = _load_deepspeed_file(files[0])
+        sd = masters_by_name(states["module"], states.get("optimizer")) or states["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
