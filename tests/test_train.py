@@ -205,3 +205,24 @@ def test_a_recipe_in_epochs_trains_the_derived_steps_and_saves_them(tmp_path, da
     assert (saved.train.steps, saved.train.epochs, saved.optim.warmup_steps) == (steps, None, warmup)
     assert "# train.steps=" in (tmp_path / "ep" / "config.yaml").read_text()
     assert [m["step"] for m in read_metrics(tmp_path / "ep" / "metrics.jsonl") if "loss" in m][-1] == steps
+
+
+def test_resuming_an_older_checkpoint_branches_without_losing_either_history(tmp_path, data_cache, trained_run):
+    """train.resume=PATH names step 2 of a run that has step 4. The new branch's checkpoints used to be pruned
+    as the oldest (keep_last keeps the highest steps: step 3 went as soon as it was written, while `latest`
+    named it) and a later train.resume=auto went back to the old branch's step 4. Now the later checkpoint is set
+    aside (renamed, not deleted), and the new branch is what `latest`, pruning and auto-resume see."""
+    run = copy_run(trained_run, tmp_path)
+    ckpts = run / "checkpoints"
+    r = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=5", "train.ckpt_every=3", "train.keep_last=2",
+                           f"train.resume={ckpts / 'step_00000002'}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
+    assert steps[:2] == ["step_00000003", "step_00000004.replaced-" + steps[1].split("-")[-1]], steps
+    assert "starts a new branch of this run" in r.stderr
+    assert steps[2:] == ["step_00000005"] and (ckpts / "latest").read_text().strip() == "step_00000005"
+    # the old branch's checkpoint is whole: it still loads as a checkpoint of its own
+    assert json.loads((ckpts / steps[1] / "trainer_state.json").read_text())["step"] == 4
+    again = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=6"), cwd=tmp_path)
+    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
+    assert "step_00000005 at step 5" in again.stdout + again.stderr

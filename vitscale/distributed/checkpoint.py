@@ -165,6 +165,21 @@ class CheckpointManager:
         for later in (s for s in self.steps() if s > step):
             shutil.rmtree(self.dir / tag_for(later), ignore_errors=True)
 
+    def branch(self, step: int) -> list[Path]:
+        """Rank 0, after a resume at STEP: this run's complete checkpoints of later steps are another
+        branch of its history (train.resume=PATH named an older one), so they are set aside (renamed, never
+        deleted) and ``latest`` names the newest one left. Otherwise keep_last would prune the new branch's first
+        checkpoints as the oldest, and the next train.resume=auto would go back to the old branch. Returns where
+        they went."""
+        later = [self.dir / tag_for(s) for s in self.steps() if s > step and is_complete(self.dir / tag_for(s))[0]]
+        moved = [self._set_aside(path, warn=False) for path in later]
+        left = [s for s in self.steps() if s <= step and is_complete(self.dir / tag_for(s))[0]]
+        if moved and left:
+            _write_atomic(self.dir / "latest", tag_for(left[-1]) + "\n")
+        elif moved:
+            (self.dir / "latest").unlink(missing_ok=True)
+        return moved
+
     def _agree(self, error: str, path: Path) -> None:
         """Collective: raise on every rank, naming the rank that failed and why, if the write failed on any."""
         failure = eng.first_failure(error)
@@ -183,16 +198,18 @@ class CheckpointManager:
             else ""
         raise CheckpointWriteError(f"could not write checkpoint {path}{where}: {cause}; {kept}")
 
-    def _set_aside(self, path: Path) -> None:
+    def _set_aside(self, path: Path, warn: bool = True) -> Optional[Path]:
         """Make room for a new save at an existing tag: an incomplete attempt is removed; a complete checkpoint
-        (resumed from an older one with train.resume=PATH) is renamed, never deleted."""
+        (resumed from an older one with train.resume=PATH) is renamed, never deleted. Returns its new path."""
         if not is_complete(path)[0]:
             shutil.rmtree(path)
-            return
+            return None
         aside = path.with_name(f"{path.name}.replaced-{int(time.time())}")
-        warnings.warn(f"{path} is a complete checkpoint from an earlier branch of this run: moved to {aside}",
-                      stacklevel=3)
+        if warn:
+            warnings.warn(f"{path} is a complete checkpoint from an earlier branch of this run: moved to {aside}",
+                          stacklevel=3)
         os.replace(path, aside)
+        return aside
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

@@ -155,6 +155,10 @@ class Trainer:
         if point is not None:
             self.log(f"resumed from {point.path} at step {state.step} (loaded in "
                      f"{time.perf_counter() - started:.1f} s)")
+            moved = self.ckpt.branch(state.step) if env.is_main else []
+            if moved:
+                self.warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
+                          f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
             late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
             if late:
                 self.warn(late)
