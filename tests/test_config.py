@@ -250,3 +250,86 @@ def test_old_checkpoints_without_the_new_model_keys_still_resume(tmp_path):
     check_resumable(saved, cfg, tmp_path)
     with pytest.raises(ConfigError, match=r"model.pos_embed=None there, 'sincos' here"):
         check_resumable(saved, load_config(ROOT / "configs/demo.yaml", ["model.pos_embed=sincos"]), tmp_path)
+
+
+DEMO_MAE = "configs/demo_mae.yaml"
+
+
+@pytest.mark.parametrize("config, override, words", [
+    ("configs/demo.yaml", "model.patch_size=0", ["model.patch_size", ">= 1"]),  # was ZeroDivisionError
+    ("configs/demo.yaml", "model.patch_size=-4", ["model.patch_size", ">= 1"]),
+    ("configs/demo.yaml", "model.num_heads=0", ["model.num_heads", ">= 1"]),
+    ("configs/demo.yaml", "model.embed_dim=0", ["model.embed_dim", ">= 1"]),
+    ("configs/demo.yaml", "model.depth=0", ["model.depth", ">= 1"]),  # was a ViT without blocks
+    (DEMO_MAE, "model.decoder_embed_dim=0", ["model.decoder_embed_dim", ">= 1"]),
+    (DEMO_MAE, "model.decoder_depth=0", ["model.decoder_depth", ">= 1"]),
+    (DEMO_MAE, "model.decoder_num_heads=0", ["model.decoder_num_heads", ">= 1"]),
+    ("configs/demo.yaml", "train.steps=0", ["train.steps", ">= 1"]),  # was 1000 steps
+    ("configs/demo.yaml", "data.global_batch_size=0", ["data.global_batch_size", ">= 1"]),
+    ("configs/demo.yaml", "optim.betas=[0.9]", ["optim.betas", "two numbers in [0, 1)"]),
+    ("configs/demo.yaml", "optim.betas=[a,b]", ["optim.betas", "two numbers in [0, 1)"]),
+    ("configs/demo.yaml", "optim.betas=[0.9,1.5]", ["optim.betas", "two numbers in [0, 1)"]),
+    ("configs/demo.yaml", "objective.label_smoothing=2", ["objective.label_smoothing", "[0, 1)"]),
+    ("configs/demo.yaml", "data.eval_crop_pct=0", ["data.eval_crop_pct", "(0, 1]"]),
+    (DEMO_MAE, "objective.mask_ratio=0", ["objective.mask_ratio", "(0, 1)", "mae"]),
+    ("configs/demo.yaml", "optim.lr=-0.001", ["optim.lr", ">= 0"]),
+    ("configs/demo.yaml", "optim.lr=.nan", ["optim.lr", "finite"]),
+    ("configs/demo.yaml", "optim.lr=.inf", ["optim.lr", "finite"]),
+    ("configs/demo.yaml", "optim.blr=-1e-3", ["optim.blr", ">= 0"]),
+    ("configs/demo.yaml", "data.crop_min_scale=2", ["data.crop_min_scale", "(0, 1]"]),
+    ("configs/demo.yaml", "data.mixup_prob=5", ["data.mixup_prob", "[0, 1]"]),
+    ("configs/demo.yaml", "data.random_erasing=2", ["data.random_erasing", "[0, 1]"]),
+    ("configs/demo.yaml", "data.mixup=-1", ["data.mixup", ">= 0"]),
+    ("configs/demo.yaml", "optim.momentum=5", ["optim.momentum", "[0, 1)"]),
+    ("configs/demo.yaml", "optim.grad_clip=-1", ["optim.grad_clip", ">= 0"]),
+    ("configs/demo.yaml", "optim.layer_decay=0", ["optim.layer_decay", "(0, 1]"]),
+    ("configs/demo.yaml", "optim.weight_decay=-1", ["optim.weight_decay", ">= 0"]),
+    ("configs/demo.yaml", "run.name=", ["run.name", "non-empty"]),
+    ("configs/demo.yaml", "run.name=..", ["run.name", "'..'"]),
+    ("configs/demo.yaml", "run.name=a/b", ["run.name", "'/'"]),
+    ("configs/demo.yaml", "train.eval_every=-1", ["train.eval_every", ">= 0"]),
+    (DEMO_MAE, "logging.image_count=0", ["logging.image_count", ">= 1"]),
+])
+def test_out_of_range_values_are_one_line_naming_the_key(config, override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / config, [override])
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_range_edges_and_nulls_keep_their_meaning():
+    from vitscale.config.resolve import resolve
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        "train.steps=null", "data.global_batch_size=null", "model.patch_size=null", "model.depth=null",
+        "optim.lr=0", "optim.grad_clip=0", "optim.momentum=0", "optim.layer_decay=1", "data.eval_crop_pct=1",
+        "data.mixup_prob=0", "train.eval_every=0", "run.name=a..b", "objective.mask_ratio=0"])
+    assert resolve(cfg, 1).cfg.train.steps == 1000  # null is still the default length
+    load_config(ROOT / DEMO_MAE, ["objective.mask_ratio=0.9", "optim.lr=null", "optim.blr=1e-4"])
+
+
+def test_config_file_not_utf8_or_unreadable_is_one_line(tmp_path, monkeypatch):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xfc\x00 not text")
+    with pytest.raises(ConfigError, match=r"^config file .*bin.yaml is not UTF-8 text \(byte 0xfc at position 0\)$"):
+        load_config(binary)
+    readable = tmp_path / "c.yaml"
+    readable.write_text("train:\n  steps: 3\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # mode 000 does not stop root
+    with pytest.raises(ConfigError, match=r"^config file .*c.yaml cannot be read: Permission denied$"):
+        load_config(readable)
+
+
+def test_bad_value_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
+    from conftest import DEMO, run_cli
+
+    r = run_cli(["train", "--config", DEMO, f"run.dir={tmp_path / 'runs'}", "run.name=bad",
+                 f"data.cache_dir={tmp_path / 'cache'}", "model.patch_size=0"], cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitscale: error: ") and "model.patch_size" in last, r.stderr
+    assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []  # no runs/bad/config.yaml

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from vitscale.config.checks import check_ranges
 from vitscale.config.schema import Config, choices
 from vitscale.config.sources import parse_sources
 from vitscale.errors import ConfigError
@@ -218,14 +219,28 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_text(path: str) -> str:
+    """The config file's text; a file that is missing, unreadable or not UTF-8 is a one-line ConfigError naming it
+    (the CLI prints ConfigErrors without a traceback, not every OSError)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = p.read_bytes()
+    except OSError as e:  # e.g. PermissionError: mode 000, or a folder on the way that cannot be searched
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or type(e).__name__}") from None
+    try:
+        return raw.decode("utf-8")  # YAML is UTF-8 text, whatever the locale
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start})"
+                          ) from None
+
+
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
     """Read `path` (YAML), apply `key=value` overrides, validate, and return the Config."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = p.read_text()
+        text = _read_text(path)
         _check_nesting(text, f"config file {path}")
         try:
             data = yaml.safe_load(text) or {}
@@ -243,14 +258,14 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
 
 def check_consistency(cfg: Config) -> None:
     """Cross-key checks that a type system cannot express."""
-    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps or 1,
+    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
                 "train.grad_accum": cfg.train.grad_accum, "train.ckpt_every": cfg.train.ckpt_every,
                 "train.log_every": cfg.train.log_every, "model.img_size": cfg.model.img_size,
-                "train.rollback_after": cfg.train.rollback_after, "data.global_batch_size": cfg.data.global_batch_size
-                or 1}
+                "train.rollback_after": cfg.train.rollback_after, "data.global_batch_size": cfg.data.global_batch_size}
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:  # null (train.steps, data.global_batch_size) means derived; 0 is not
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    check_ranges(cfg)  # single-key ranges, model sizes first: the divisibility check below divides by them
     _check_length(cfg)
     _check_ema(cfg)
     parse_sources(cfg.data.train_shards)  # a mix of sources: each one's keys, weights and names

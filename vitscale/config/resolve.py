@@ -29,6 +29,11 @@ DEFAULT_STEPS = 1000  # train.steps when neither it nor train.epochs is set
 DEFAULT_WARMUP_STEPS = 100  # optim.warmup_steps when neither it nor optim.warmup_epochs is set
 
 
+def _steps(steps: Optional[int]) -> int:
+    """train.steps, or the default when it is null (only null: a 0 is refused by the config checks, never 1000)."""
+    return DEFAULT_STEPS if steps is None else steps
+
+
 @dataclass(frozen=True)
 class RunLength:
     """``steps`` and ``warmup_steps`` of a run; ``note`` says how they were derived from epochs ("" when the
@@ -50,12 +55,12 @@ def run_length(cfg: Config, global_batch: int, train_samples: Optional[int], nee
     an epoch-given length None instead of asking for the count; ``need=True`` without a count is a ConfigError."""
     t, o = cfg.train, cfg.optim
     if t.epochs is None and o.warmup_epochs is None:
-        return RunLength(t.steps or DEFAULT_STEPS,
+        return RunLength(_steps(t.steps),
                          DEFAULT_WARMUP_STEPS if o.warmup_steps is None else o.warmup_steps)
     # A mix's size is the sum of its sources' (those with a weight > 0): an epoch draws that many samples.
     if train_samples is None or train_samples < 1:
         if not need:
-            return RunLength(None if t.epochs is not None else (t.steps or DEFAULT_STEPS),
+            return RunLength(None if t.epochs is not None else _steps(t.steps),
                              None if o.warmup_epochs is not None else o.warmup_steps)
         key = "train.epochs" if t.epochs is not None else "optim.warmup_epochs"
         which = describe(cfg.data.train_shards)
@@ -64,7 +69,7 @@ def run_length(cfg: Config, global_batch: int, train_samples: Optional[int], nee
                           f"length in steps (train.steps, optim.warmup_steps) or use a manifest (vitscale "
                           f"make-shards writes one)")
     per = f"{train_samples} samples / global batch {global_batch}"
-    steps, warmup, notes = t.steps or DEFAULT_STEPS, o.warmup_steps, []
+    steps, warmup, notes = _steps(t.steps), o.warmup_steps, []
     if t.epochs is not None:
         steps = epochs_to_steps(t.epochs, train_samples, global_batch)
         notes.append(f"train.steps={steps} (train.epochs={t.epochs:g} x {per})")

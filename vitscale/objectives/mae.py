@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ObjectiveConfig
+from vitscale.errors import ConfigError
 from vitscale.logging.figures import new_figure, save_figure
 from vitscale.models import create_model
 from vitscale.models.mae import tokens_kept
@@ -37,6 +38,15 @@ class MAE(Objective):
     name = "mae"
     probe_pool = "avg"  # the MAE paper probes mean-pooled patch tokens of the encoder
     timm_reference = "vitscale.bench.timm_ref:timm_block_mae"  # the paper's code on timm blocks
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        # The loss is on the hidden patches only: a mask ratio of 0 hides none (no loss to learn from). The [0, 1)
+        # range every objective gets is checked by the config; this is MAE's stricter lower end.
+        ratio = cfg.objective.mask_ratio
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio must be in (0, 1) for objective.name=mae (the loss is on the "
+                              f"hidden patches), got {ratio}")
 
     @classmethod
     def export_part(cls, state_dict: dict[str, torch.Tensor], full: bool) -> tuple[dict[str, torch.Tensor], str]:
