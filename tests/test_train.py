@@ -226,3 +226,20 @@ def test_resuming_an_older_checkpoint_branches_without_losing_either_history(tmp
     again = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=6"), cwd=tmp_path)
     assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
     assert "step_00000005 at step 5" in again.stdout + again.stderr
+
+
+def test_a_launch_killed_during_its_final_evaluation_is_finished_by_the_next(tmp_path, data_cache):
+    """Killed (as by a time limit or the OOM killer) after its last checkpoint, during the held-out evaluation:
+    the relaunch used to say 'already complete' and metrics.jsonl never got the final val_top1."""
+    args = train_args(tmp_path, "f", data_cache, "train.steps=3", "train.eval_every=0")
+    r = run_cli(args, cwd=tmp_path, env_extra={"VITSCALE_FAULT": "kill@final_eval"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not any("val_top1" in m for m in read_metrics(tmp_path / "f" / "metrics.jsonl", strict=False))
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "before its held-out evaluation" in again.stdout and "held-out accuracy" in again.stdout
+    final = [m for m in read_metrics(tmp_path / "f" / "metrics.jsonl") if "val_top1" in m]
+    assert [m["step"] for m in final] == [3] and final[0]["val_images"] > 0
+    third = run_cli(args, cwd=tmp_path)  # now it is complete: nothing runs, nothing is added
+    assert third.returncode == 0 and "already complete" in third.stdout
+    assert len([m for m in read_metrics(tmp_path / "f" / "metrics.jsonl") if "val_top1" in m]) == 1

@@ -6,7 +6,8 @@ triggered at a named point of a real run, in a real process, so the tests exerci
 Kinds and where they act:
   kill    SIGKILL this process (as ``kill -9`` or an OOM kill would), at ``after_step`` (end of step N), ``mid_step``
           (step N, after backward, before the optimizer step) or ``ckpt_write`` (saving step N: after the shards,
-          before the checkpoint is marked complete); at ``worker``, DataLoader worker W of rank R SIGKILLs itself
+          before the checkpoint is marked complete), ``final_eval`` (the end-of-run held-out evaluation, after the
+          last checkpoint); at ``worker``, DataLoader worker W of rank R SIGKILLs itself
           when it produces its batch A (``batches=A``), as when the OOM killer takes a worker
   stop    SIGSTOP this process (a hung rank: alive, holding its connections, doing nothing) at ``mid_step``
   enospc  raise ``OSError(ENOSPC)`` at ``ckpt_write``, or at ``ds_save`` (inside DeepSpeed's save_checkpoint, when
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 ENV = "VITSCALE_FAULT"
-KINDS = {"kill": ("after_step", "mid_step", "ckpt_write", "worker"), "stop": ("mid_step",),
+KINDS = {"kill": ("after_step", "mid_step", "ckpt_write", "worker", "final_eval"), "stop": ("mid_step",),
          "enospc": ("ckpt_write", "ds_save"), "term": ("ckpt_write",), "nan": ("loss",)}
 
 

@@ -35,3 +35,24 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, data_cache, trained_ru
     assert (tmp_path / "m" / "config.yaml").read_text() == config  # untouched
     assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").glob("step_*")) == ["step_00000002",
                                                                                       "step_00000004"]
+
+
+@pytest.mark.parametrize("override, diff", [
+    ("optim.name=sgd", "optim.name='adamw' there, 'sgd' here"),
+    ("optim.layer_decay=0.75", "optim.layer_decay=1.0 there, 0.75 here"),
+    ("model.freeze=encoder", "model.freeze='' there, 'encoder' here"),
+    ("train.precision=bf16", "train.precision='fp32' there, 'bf16' here"),
+], ids=["optimizer", "layer-decay-groups", "freeze", "precision"])
+def test_a_checkpoint_whose_optimizer_state_this_config_cannot_load_is_refused(tmp_path, data_cache, trained_run,
+                                                                              override, diff):
+    """These used to fail inside DeepSpeed's load with a traceback (KeyError 'momentum', a parameter-alignment
+    RuntimeError, KeyError 'cls_token', a missing bf16_zero_pp_rank file), after config.yaml was overwritten."""
+    copy_run(trained_run, tmp_path, "m")
+    config = (tmp_path / "m" / "config.yaml").read_text()
+    r = run_cli(train_args(tmp_path, "m", data_cache, "train.steps=6", override), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    ckpt = tmp_path / "m" / "checkpoints" / "step_00000004"
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"vitscale: error: checkpoint {ckpt} holds optimizer state this config cannot load ({diff}): resume with "
+        f"the checkpoint's values, or start a new run from its weights with model.init={ckpt}")
+    assert (tmp_path / "m" / "config.yaml").read_text() == config  # untouched

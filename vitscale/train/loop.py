@@ -67,6 +67,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, self.cfg.train.keep_last)
         self.objective = objective_for(self.cfg)
         self.log = print if env.is_main else (lambda *a, **k: None)
+        self.warn = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if env.is_main else (lambda m: None)
         self.num_classes = 0
         self.train_set = self.val_set = None  # ShardSets
         self.engine: Optional[eng.Engine] = None
@@ -85,17 +86,16 @@ class Trainer:
         self.bad_in_a_row = 0
         self.ema = ModelEma.from_config(self.cfg)  # train.ema_decay (a no-op when 0)
 
-    def warn(self, message: str) -> None:
-        if self.env.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-
     # ----- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         self._open_data()  # missing shards fail here, before anything is written; their size fixes train.epochs
         cfg = self.cfg
         point = find_resume(self.ckpt, cfg)  # a checkpoint of another model is refused before anything is written
-        if point is not None and point.step >= cfg.train.steps:  # a finished run costs nothing
-            return self._already_complete(point)
+        if point is not None and point.step >= cfg.train.steps:  # a finished run costs nothing ...
+            if self.val_set is None or validation.final_figures_recorded(self.run_dir, point.step, self.objective):
+                return self._already_complete(point)
+            self.log("the run's last launch ended before its held-out evaluation: evaluating the final checkpoint")
+            return self.finish(self.setup(point))  # ... but for what a kill during its final evaluation left out
         state = self.setup(point)
         window = Window()
         while state.step < cfg.train.steps:
@@ -118,8 +118,6 @@ class Trainer:
                 record = self.log_step(state, out, window)
                 window = Window()
             self.progress.update(state.step, record)
-            if self.objective.images_due(state.step, last):
-                self.save_picture(out.batch, state.step)
             preempted = self.preemption.agreed(out.preempted, state.step, last, cfg.train.skip_nonfinite,
                                                cfg.train.log_every)
             best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step, self.ema)
@@ -127,6 +125,8 @@ class Trainer:
                 self.save(state)
                 self.validation.saved(tag_for(state.step), state.step)  # checkpoints/best follows the best top-1
                 preempted = preempted or self.preemption.during_save(last)
+            if self.objective.images_due(state.step, last):  # after the checkpoint: a failing figure costs no state
+                self.save_picture(out.batch, state.step)
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, "
                          f"exiting{self.preemption.since_signal()}")
@@ -146,17 +146,17 @@ class Trainer:
         runlock.acquire(self.run_dir, env)  # one writer per run directory (rank 0 holds it; all ranks agree)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml", comment=self.settings.length_note)
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
         started = time.perf_counter()
         state, rank_state = load_state(self.ckpt, self.engine, point, universal)
+        if env.is_main:  # once the checkpoint has loaded: a resume that fails leaves the run's config as it was
+            save_config(cfg, self.run_dir / "config.yaml", comment=self.settings.length_note)
         if point is not None:
             self.log(f"resumed from {point.path} at step {state.step} (loaded in "
                      f"{time.perf_counter() - started:.1f} s)")
-            moved = self.ckpt.branch(state.step) if env.is_main else []
-            if moved:
+            if env.is_main and (moved := self.ckpt.branch(state.step)):
                 self.warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
                           f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
             late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
@@ -391,8 +391,8 @@ class Trainer:
 
     def _report(self, summary: dict) -> None:
         if "val_top1" in summary:
-            self.log(f"held-out accuracy: {100 * summary['val_top1']:.1f}% on {summary['val_images']} images "
-                     f"(val loss {summary['val_loss']:.4f})")
+            self.log(f"held-out accuracy: {100 * summary['val_top1']:.1f}% on {summary['val_images']} images (val "
+                     f"loss {summary['val_loss']:.4f})")
         elif "val_loss" in summary:
             self.log(f"held-out loss: {summary['val_loss']:.4f} on {summary['val_images']} images")
         state = "complete" if summary["complete"] else "stopped early (resume with the same command)"

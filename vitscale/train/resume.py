@@ -23,6 +23,9 @@ ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.
                      "model.qk_norm", "model.reg_tokens",
                      "objective.name",
                      "data.num_classes")
+# Keys that change the optimizer's parameter groups or the files its state is in: a checkpoint's optimizer state
+# cannot be loaded under other values (DeepSpeed fails deep inside the load, after minutes at real size).
+OPTIMIZER_LAYOUT_KEYS = ("optim.name", "model.freeze", "train.precision")
 
 
 @dataclass
@@ -50,16 +53,31 @@ def find_resume(ckpt: CheckpointManager, cfg: Config) -> Optional[ResumePoint]:
 def check_resumable(saved_config: dict[str, Any], cfg: Config, path: Path) -> None:
     """Refuse a checkpoint written for another model, naming every key that differs. A key the checkpoint's
     config lacks (written before the key existed) had its default value."""
+    diffs = _differences(saved_config, cfg, ARCHITECTURE_KEYS)
+    if diffs:
+        raise ConfigError(f"checkpoint {path} was written for another model ({'; '.join(diffs)}): use a new "
+                          f"run.name to start fresh, or train.resume=never")
+    diffs = _differences(saved_config, cfg, OPTIMIZER_LAYOUT_KEYS)
+    old_decay = saved_config.get("optim", {}).get("layer_decay", 1.0)
+    if (old_decay == 1.0) != (cfg.optim.layer_decay == 1.0):  # on: a parameter group per layer; off: one
+        diffs.append(f"optim.layer_decay={old_decay!r} there, {cfg.optim.layer_decay!r} here")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} holds optimizer state this config cannot load ({'; '.join(diffs)}): "
+                          f"resume with the checkpoint's values, or start a new run from its weights with "
+                          f"model.init={path}")
+
+
+def _differences(saved_config: dict[str, Any], cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """'key=old there, new here' for each of KEYS whose value differs (a key the checkpoint's config lacks, written
+    before the key existed, had its default)."""
     now, default = config_to_dict(cfg), config_to_dict(Config())
     diffs = []
-    for key in ARCHITECTURE_KEYS:
+    for key in keys:
         section, name = key.split(".")
         old, new = saved_config.get(section, {}).get(name, default[section][name]), now[section][name]
         if old != new:
             diffs.append(f"{key}={old!r} there, {new!r} here")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} was written for another model ({'; '.join(diffs)}): use a new "
-                          f"run.name to start fresh, or train.resume=never")
+    return diffs
 
 
 def seed_training_rng(rank_state: Optional[dict], seed: int, rank: int) -> None:

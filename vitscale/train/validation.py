@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from vitscale import faults
 from vitscale.data.evaluation import build_eval_loader
+from vitscale.logging.metrics import read_metrics
 from vitscale.pixels import normalize
 from vitscale.distributed import engine as eng
 from vitscale.objectives.supervised import CLASSIFIER_SUMS, classifier_sums
@@ -113,6 +115,7 @@ class PeriodicValidation:
         done = self.last
         if done is not None and done["step"] == step and all(f"val_{k}" in done for k in objective.eval_keys):
             return {k: v for k, v in done.items() if k != "step"}
+        faults.inject("final_eval", rank=self.rank, step=step)
         data = self.cfg.data
         sums, count = held_out_sums(engine, self.urls, data.batch_size, self.cfg.model.img_size, self.rank,
                                     self.world_size, objective.eval_sums, objective.eval_keys, data.eval_crop_pct,
@@ -141,3 +144,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def final_figures_recorded(run_dir: Path, step: int, objective: Any) -> bool:
+    """Whether the run's metrics.jsonl holds the held-out figures of STEP (every ``val_<key>`` of the objective's
+    ``eval_keys``): a launch killed during the end-of-run evaluation (a time limit, an out-of-memory kill) has
+    written its last checkpoint without them."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.is_file() and any(r.get("step") == step and all(f"val_{k}" in r for k in objective.eval_keys)
+                                  for r in read_metrics(path, strict=False))
