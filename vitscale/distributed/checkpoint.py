@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
@@ -33,6 +32,7 @@ from vitscale.distributed.safeload import safe_load
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 from vitscale.objectives import objective_class
+from vitscale.outfile import check_weights_path, save_weights
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -376,6 +376,7 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     downstream use needs, unless ``full``). The run's model and objective config travel in the file's metadata
     so eval/analyze can rebuild the model.
     """
+    check_weights_path(Path(out))  # before minutes of consolidation at real size
     path = resolve_checkpoint(ckpt)
     state = read_trainer_state(path)
     sd = eng.consolidated_state_dict(path)
@@ -385,7 +386,5 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     sd, part = objective_class(objective["name"]).export_part(sd, full)
     meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective["name"],
             "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"])}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata=meta)
+    save_weights(sd, Path(out), metadata=meta)
     return {"path": str(out), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()), **meta}

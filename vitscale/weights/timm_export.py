@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors.torch import save_file
 
 from vitscale.data.transforms import EVAL_CROP_FRACTION
 from vitscale.distributed.checkpoint import resolve_checkpoint
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 from vitscale.models.embed import HybridEmbed
+from vitscale.outfile import check_folder_path, check_weights_path, save_weights
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.load import load_model
 from vitscale.weights.sources import WeightsError
@@ -84,6 +84,9 @@ def timm_config(enc: Any, crop_pct: float = EVAL_CROP_FRACTION) -> dict[str, Any
 def export_timm(ckpt: Union[str, Path], out_dir: Union[str, Path], ema: bool = False) -> dict[str, Any]:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (``ema``: the model EMA's weights);
     returns a summary."""
+    out = Path(out_dir)
+    check_folder_path(out)  # before the model is built and loaded
+    check_weights_path(out / "model.safetensors")
     model, info = load_model(ckpt)
     if ema:
         params = dict(model.named_parameters())
@@ -94,9 +97,7 @@ def export_timm(ckpt: Union[str, Path], out_dir: Union[str, Path], ema: bool = F
     config = timm_config(enc)
     eps = enc.head_norm.eps if isinstance(enc.head_norm, torch.nn.BatchNorm1d) else 0.0
     sd = fold_head_norm({k: v.detach().float().contiguous() for k, v in enc.state_dict().items()}, eps)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(sd, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"path": str(out), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()),
             "architecture": config["architecture"], "step": info["step"]}

@@ -1,4 +1,4 @@
-"""`vitscale export` of a bf16 run writes the fp32 master weights, at every ZeRO stage.
+"""`vitscale export`: a bf16 run's fp32 master weights at every ZeRO stage, and never over a file it did not write.
 
 DeepSpeed names a bf16 run's optimizer files ``bf16_zero_pp_rank_*``; export looked for ``zero_pp_rank_*`` only, so
 at ZeRO 1-2 it wrote the bf16 copies widened to fp32 (every value bf16-representable), and at ZeRO-3, where no
@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, train_args
+from conftest import copy_run, run_cli, train_args
+from vitscale.distributed.checkpoint import is_complete
 from vitscale.config.load import load_config
 from vitscale.objectives import build_model
 from vitscale.optim import param_groups
@@ -52,3 +53,29 @@ def test_a_bf16_run_exports_its_fp32_masters(tmp_path, data_cache, stage):
         masters = _masters_from_the_optimizer_groups(run, run / "checkpoints" / "step_00000003")
         for name, m in masters.items():
             assert torch.equal(sd[name], m), name
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path, trained_run):
+    """An export onto the run's own checkpoint shard used to replace it (the only checkpoint was lost: 'not a
+    complete checkpoint ... truncated?'), and onto its config.yaml the same; a folder gave a SafetensorError
+    traceback. Each is now one line, before any work, and the file is untouched; an earlier export is replaced."""
+    run = copy_run(trained_run, tmp_path)
+    ckpt = run / "checkpoints" / "step_00000004"
+    shard = next(ckpt.glob("*model_states.pt"))
+    for target in (shard, run / "config.yaml"):
+        before = target.read_bytes()
+        r = run_cli(["export", str(run), str(target)], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (f"vitscale: error: {target} exists and is not a safetensors "
+                                                     f"file: not overwriting it (choose another path)")
+        assert target.read_bytes() == before
+    assert is_complete(ckpt)[0]
+    r = run_cli(["export", str(run), str(run)], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"vitscale: error: {run} is a folder")
+    r = run_cli(["export", str(run), str(run / "config.yaml"), "--timm"], cwd=tmp_path)
+    assert r.returncode == 2 and "exists and is not a folder" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "w.safetensors"
+    for _ in range(2):  # the second replaces the first
+        r = run_cli(["export", str(run), str(out)], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert load_file(str(out)) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".w.")] == []
