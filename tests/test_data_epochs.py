@@ -103,3 +103,24 @@ def test_unshuffled_order_is_the_shards_in_order_within_an_epoch(tmp_path):
     order = [f"s{s}_{i}" for s in range(3) for i in range(6)]
     assert keys[:18] == order
     assert keys[18:36] == order[6:] + order[:6]
+
+
+@pytest.mark.parametrize("sizes, slots, distinct", [([40] * 9, 4, (0.88, 0.96)), ([40] * 8, 4, (1.0, 1.0))])
+def test_uneven_slot_epochs_are_measured_and_announced(tmp_path, caplog, sizes, slots, distinct):
+    """9 shards over 4 reader slots (2 ranks x 2 workers): blocks of 2 shards, one slot gets 3. All slots read at
+    the same rate, so an epoch's worth of batches reads only part of the data once: measured here, announced at
+    start with the same estimate. 8 shards divide evenly: every sample once, and no warning."""
+    urls = _tar_shards(tmp_path, sizes)
+    keys = []
+    with caplog.at_level(logging.WARNING, logger="vitscale.data"):
+        for rank in range(2):
+            loader = build_train_loader(urls, **_kw(rank=rank, world_size=2, num_workers=2, batch_size=10))
+            keys += [k for b in _take(loader, sum(sizes) // 20) for k in b["key"]]
+    share = len(set(keys)) / sum(sizes)
+    assert distinct[0] <= share <= distinct[1], share
+    warned = [r.getMessage() for r in caplog.records if "reader slots" in r.getMessage()]
+    if sizes == [40] * 9:
+        assert len(warned) == 1 and "give slots 2-3 shards an epoch" in warned[0] and "about 92%" in warned[0] \
+            and "multiple of 8" in warned[0]  # (measured: 93%)
+    else:
+        assert warned == []

@@ -134,6 +134,17 @@ class _Run:
         self.log(f"note: {msg}")
 
 
+def _check_out(out: Path) -> None:
+    """A one-line error, before any work, when the folder ``out`` (or a folder above it) is a file: mkdir would
+    fail with a FileExistsError traceback. An existing folder is fine: re-running writes into it again."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out {out} exists and is not a folder" if p == out else
+                                 f"--out {out}: {p} is a file, not a folder")
+            return
+
+
 def _sections(only: Optional[Sequence[str]]) -> set[str]:
     todo = set(SECTIONS if not only else only)
     unknown = sorted(todo - set(SECTIONS))
@@ -252,6 +263,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     """
     todo = _sections(only)
     out = Path(out)
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _prepare(path, images, out, device, head, model_name, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},

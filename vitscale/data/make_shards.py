@@ -161,6 +161,11 @@ def _list_items(src, shuffle: bool, seed: int) -> tuple[list, Optional[list[str]
     items, class_names = list_source(src)
     if not items:
         raise ValueError(f"make-shards: no images found in {src}")
+    # a list naming no file that exists (e.g. a text file that is no image list) would write 0 images: stop here,
+    # before OUT is touched; any() stops at the first file found, so a good list costs one stat
+    if not Path(src).is_dir() and not any(os.path.isfile(p) for p, _ in items):
+        raise ValueError(f"make-shards: every image listed in {src} is missing ({len(items)} listed, "
+                         f"e.g. {items[0][0]})")
     if shuffle:
         random.Random(seed).shuffle(items)
     return items, class_names
@@ -239,6 +244,17 @@ def _write_images(writer: _ShardWriter, items: list, start: int, resize: Optiona
             pool.terminate()
 
 
+def _none_readable(src, out: Path, created: bool, skipped: list) -> None:
+    """Not one image could be read: a one-line error instead of an empty manifest, and OUT as it was before (the
+    progress file cleared, the folder removed if this call made it and it is empty)."""
+    (out / PROGRESS).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+    first = f" (e.g. {skipped[0][1]}: {skipped[0][2]})" if skipped else ""
+    raise ValueError(f"make-shards: none of the {len(skipped)} image(s) of {src} could be read{first}; nothing "
+                     f"written")
+
+
 def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None, resize: Optional[int] = None,
                 prefix: str = "train", overwrite: bool = False, workers: Optional[int] = None, shuffle: bool = True,
                 seed: int = 0) -> dict:
@@ -249,12 +265,15 @@ def make_shards(src, out, *, maxcount: int = 1000, maxsize: Optional[int] = None
     params = {"src": str(Path(src).resolve()), "maxcount": maxcount, "maxsize": maxsize, "resize": resize,
               "prefix": prefix, "items": len(items), "shuffle": shuffle, "seed": seed}
     fingerprint = _fingerprint(items, params)
+    created = not out.exists()
     done_shards, start, skipped = _prepare_out(out, prefix, overwrite, fingerprint)
     writer = _ShardWriter(out, prefix, maxcount, maxsize, start_index=len(done_shards))
     writer.shards = list(done_shards)
     writer.next_item = start
     _Progress(writer, out / PROGRESS, fingerprint, params, skipped)
     _write_images(writer, items, start, resize, workers, skipped)
+    if not writer.shards:
+        _none_readable(src, out, created, skipped)
     bad = {i for i, _, _ in skipped}
     labels = label_summary(lab for i, (_, lab) in enumerate(items) if i not in bad)
     manifest = build_manifest(prefix, writer.shards, class_names, labels["max"], labels=labels,

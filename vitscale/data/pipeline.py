@@ -36,7 +36,7 @@ from vitscale import faults
 from vitscale.data import worker_death
 from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import worker_init
-from vitscale.data.order import Order, block_size, plans_from_json, plans_to_json
+from vitscale.data.order import Order, block_size, plans_from_json, plans_to_json, slot_shards
 from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -206,6 +206,21 @@ def _check_slots(num_shards: int, world_size: int, num_workers: int) -> None:
                          f"{world_size * w} readers: write more, smaller shards or lower data.num_workers")
 
 
+def _warn_uneven_epochs(order: Order, slots: int) -> None:
+    """Say when the reader slots' epochs differ in length by more than 10%: each "epoch" of steps then reads only
+    part of the data once (order.slot_shards). A shard count that is a multiple of slots x k evens it out."""
+    loads = slot_shards(order, slots)
+    if max(loads) <= 1.1 * min(loads):
+        return
+    seen = sum(min(x, order.num_shards / slots) for x in loads) / order.num_shards
+    k = block_size(order, slots)
+    log.warning("vitscale.data: %d shards over %d reader slots (ranks x workers) give slots %d-%d shards an epoch: "
+                "a slot with fewer starts its next epoch sooner, so an epoch's worth of steps reads about %.0f%% of "
+                "the samples, some twice (the rest in later epochs); a shard count that is a multiple of %d (%d slots "
+                "x %d shards a block) evens it out", order.num_shards, slots, min(loads), max(loads), 100 * seen,
+                slots * k, slots, k)
+
+
 def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, seed: int, rank: int,
                        world_size: int, num_workers: int, shuffle: bool = True, crop_min_scale: float = 0.35,
                        state: Union[dict, list, None] = None, max_bad_fraction: float = 0.01,
@@ -230,6 +245,8 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     order = Order(seed=int(seed), num_shards=len(urls), shuffle=bool(shuffle),
                   shards_in_flight=int(shards_in_flight), shuffle_buffer=int(shuffle_buffer))
     workers = max(num_workers, 1)
+    if rank == 0:
+        _warn_uneven_epochs(order, world_size * workers)
     plan = StreamPlan(urls=tuple(urls), order=order, rank=rank, world_size=world_size, num_workers=workers,
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,

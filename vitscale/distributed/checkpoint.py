@@ -228,9 +228,8 @@ class CheckpointManager:
             return None
         if resume != "auto":
             path = Path(resume)
-            ok, why = is_complete(path)
-            if not ok:
-                raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint ({why})")
+            if not is_complete(path)[0]:
+                raise FileNotFoundError(f"train.resume={resume}: {_not_a_checkpoint(path)}")
             return path
         for step in reversed(self.steps()):
             path = self.dir / tag_for(step)
@@ -360,12 +359,29 @@ def resolve_checkpoint(path: Path) -> Path:
         if (base / "latest").is_file():
             path = base / (base / "latest").read_text().strip()
             break
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ok, why = is_complete(path)
-    if not ok:
-        raise FileNotFoundError(f"{path} is not a complete checkpoint ({why})")
+    if not is_complete(path)[0]:
+        raise FileNotFoundError(_not_a_checkpoint(path))
     return path
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A checkpoint folder, complete or not: named by its step, or holding what a save writes first."""
+    return bool(TAG_RE.match(path.name)) or (path / TRAINER_STATE).exists() or any(path.glob("*.pt"))
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why PATH (not a complete checkpoint) is none, in one line: an interrupted save is told apart from a path
+    that was never a checkpoint (missing, a file, a run or checkpoints/ folder with nothing saved yet)."""
+    if not path.exists():
+        return f"checkpoint not found: {path}"
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint folder"
+    for base in (path, path / "checkpoints"):
+        if (base / "latest").is_file():  # a run dir where one checkpoint is wanted (train.resume=PATH)
+            return f"{path} is a run folder, not a checkpoint (its latest: {base / (base / 'latest').read_text().strip()})"
+    if not _looks_like_checkpoint(path):
+        return f"no checkpoint in {path} (the run has not saved one yet)"
+    return f"{path} is not a complete checkpoint ({is_complete(path)[1]})"
 
 
 def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False) -> dict:

@@ -42,6 +42,17 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (a probe batch of 0 divides by zero; 0 epochs would report an untrained probe's accuracy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -86,8 +97,8 @@ def _feature_flags(f) -> None:
                    help="evaluate the same architecture with seeded random weights instead of the checkpoint's")
     f.add_argument("--with-random-init", action="store_true",
                    help="also evaluate the random-init baseline, side by side (JSON, plots, summary)")
-    f.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs (default 100)")
-    f.add_argument("--probe-batch-size", type=int, default=256)
+    f.add_argument("--probe-epochs", type=_positive_int, default=100, help="linear probe epochs (default 100)")
+    f.add_argument("--probe-batch-size", type=_positive_int, default=256)
     f.add_argument("--probe-blr", type=float, default=0.1, help="linear probe base LR (lr = blr x batch / 256)")
     f.add_argument("--probe-weight-decay", type=float, default=0.0)
     f.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")

@@ -43,6 +43,8 @@ def linear_probe(train: FeatureSet, val: FeatureSet, num_classes: int, *, epochs
     linear warmup then cosine (the MAE recipe, with SGD in place of LARS: the head is a single layer).
 
     Returns ``val_top1``, ``train_top1``, ``val_loss`` and per-epoch ``history`` (train loss, val accuracy)."""
+    if epochs < 1 or batch_size < 1:  # a batch of 0 divides by zero; 0 epochs would score an untrained head
+        raise ValueError(f"linear probe: epochs and batch size must be at least 1 (got {epochs} and {batch_size})")
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
