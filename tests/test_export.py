@@ -79,3 +79,21 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path, trained_run):
         r = run_cli(["export", str(run), str(out)], cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
     assert load_file(str(out)) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".w.")] == []
+
+
+def test_the_ema_of_a_bf16_zero0_run_averages_its_fp32_masters(tmp_path, data_cache):
+    """At ZeRO-0 in bf16 the EMA averaged the bf16 weights (DeepSpeed's unfused bf16 optimizer keeps the masters
+    in lists beside the parameters, not linked to them): with a decay of ~0 the EMA is the latest weights, and it
+    was bf16-exact everywhere. Now it is the fp32 masters, as at ZeRO 1-3."""
+    r = run_cli(train_args(tmp_path, "e", data_cache, "train.steps=3", "train.eval_every=0", "train.precision=bf16",
+                           "engine.zero_stage=0", "train.ema_decay=1e-9"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for flag in ([], ["--ema"]):
+        e = run_cli(["export", str(tmp_path / "e"), str(tmp_path / "w.safetensors"), *flag], cwd=tmp_path)
+        assert e.returncode == 0, e.stderr[-2000:]
+        sd = load_file(str(tmp_path / "w.safetensors"))
+        if not flag:
+            masters = sd
+    for k in (k for k in sd if k.startswith("blocks.")):
+        assert _bf16_exact(sd[k]) < 0.5, k
+        torch.testing.assert_close(sd[k], masters[k], rtol=1e-6, atol=1e-7)

@@ -23,7 +23,7 @@ from vitscale.config.schema import Config
 from vitscale.distributed.child import run_in_fresh_python
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
-from vitscale.distributed.fp32_masters import masters_by_name
+from vitscale.distributed.fp32_masters import masters_by_name, unfused_masters
 from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups
@@ -222,9 +222,9 @@ def fp32_fragments(engine: Engine) -> tuple[list[Fragment], bool]:
     """``(fragments, replicated)``: the parts of the fp32 master weights this rank holds, with no communication.
     ZeRO-3: each parameter's partition (rank r holds [r x part, (r + 1) x part)); ZeRO-1/2 and DeepSpeed's bf16
     optimizer: the fragments of the flat fp32 partition (a parameter may be split between ranks or absent here);
-    otherwise (ZeRO-0 in fp32) the parameters themselves, whole on every rank (``replicated``)."""
+    otherwise (ZeRO-0) the parameters, or in bf16 their fp32 masters, whole on every rank (``replicated``)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    out, partitioned = [], False
+    out, partitioned, masters = [], False, unfused_masters(engine.ds.optimizer)  # ZeRO-0 bf16: beside the params
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -239,7 +239,7 @@ def fp32_fragments(engine: Engine) -> tuple[list[Fragment], bool]:
                 out.append(Fragment(name, p._hp_mapping.lp_fragment_address.start,
                                     p._hp_mapping.get_hp_fragment().view(-1), numel))
         else:
-            out.append(Fragment(name, 0, p.detach().view(-1), numel))
+            out.append(Fragment(name, 0, masters.get(id(p), p).detach().view(-1), numel))
     return out, not partitioned
 
 

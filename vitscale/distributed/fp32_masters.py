@@ -1,4 +1,4 @@
-"""The fp32 master weights of a ZeRO-0 bf16 checkpoint, by parameter name.
+"""The fp32 master weights of a ZeRO-0 bf16 run, by parameter name (from a checkpoint) or by parameter (training).
 
 At ZeRO-0 with bf16 DeepSpeed keeps the fp32 masters in the rank-0 model-states file, as
 ``optimizer["fp32_groups"]``: one list of tensors per optimizer group, with no names. The file's ``module`` holds
@@ -49,3 +49,18 @@ def _next_match(module: dict, names: list[str], used: set, start: int, master: t
         if torch.equal(weight, rounded):
             return i
     return None
+
+
+def unfused_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """While training at ZeRO-0 in bf16: ``id(bf16 parameter) -> its fp32 master``, from DeepSpeed's unfused
+    mixed-precision optimizer (parallel lists ``fp16_groups`` / ``fp32_groups``, the bf16 run's as well); {} for
+    any other optimizer (ZeRO's link their masters to the parameters themselves)."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list) or len(low) != len(high):
+        return {}
+    out = {}
+    for params, masters in zip(low, high):
+        if not isinstance(masters, list) or len(params) != len(masters):
+            return {}
+        out.update({id(p): m for p, m in zip(params, masters) if m.shape == p.shape})
+    return out
