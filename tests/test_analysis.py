@@ -378,3 +378,21 @@ def test_analyze_a_vit_trained_on_the_demo_digits(tmp_path, trained_run):
     assert len(doc["files"]) == 6 and doc["images"] == ["digit", "digit_2"] and doc["model"]["step"] == 4
     assert np.array(doc["attention"]["mean_distance_px"]).shape == (2, 2)  # depth x heads of the TINY model
     assert doc["pos_embed"]["diagonal_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_analyze_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out is a folder: a file there was a FileExistsError traceback; now one line, before the model is read (the
+    checkpoint here is no model at all), and the file is untouched. An existing folder is still fine (re-runs)."""
+    from vitscale.analysis.run import _check_out
+    from vitscale.cli import main
+
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    taken = tmp_path / "taken.json"
+    taken.write_text("keep me")
+    for out, line in ((taken, f"--out {taken} exists and is not a folder"),
+                      (taken / "sub", f"--out {taken / 'sub'}: {taken} is a file, not a folder")):
+        assert main(["analyze", str(tmp_path / "no_model.safetensors"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"vitscale: error: {line}\n"
+    assert taken.read_text() == "keep me"
+    _check_out(tmp_path)  # an existing folder
+    _check_out(tmp_path / "new" / "deeper")  # one to be made

@@ -40,3 +40,47 @@ def test_an_unknown_option_is_still_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", "configs/demo.yaml", "--no-such-option", "train.steps=5"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def _error(argv, capsys, monkeypatch):
+    """(exit code, stderr) of `vitscale ARGV` as a user sees it (no traceback: VITSCALE_DEBUG unset)."""
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_what_is_no_checkpoint_is_named_for_what_it_is(tmp_path, capsys, monkeypatch):
+    """A missing path, a file and a run without checkpoints all said 'not a complete checkpoint (no COMPLETE
+    marker (a save was interrupted))'; each now says what it is, for export and for train.resume=PATH alike. A
+    checkpoint folder whose save was interrupted keeps that message."""
+    from vitscale.distributed.checkpoint import CheckpointManager
+
+    run, file, interrupted = tmp_path / "emptyrun", tmp_path / "notckpt.txt", tmp_path / "r" / "step_00000002"
+    (run / "checkpoints").mkdir(parents=True)
+    file.write_text("x")
+    interrupted.mkdir(parents=True)
+    (interrupted / "rank_00000.pt").write_bytes(b"partial")
+    cases = {tmp_path / "nonexistent": f"checkpoint not found: {tmp_path / 'nonexistent'}",
+             file: f"{file} is a file, not a checkpoint folder",
+             run: f"no checkpoint in {run} (the run has not saved one yet)",
+             run / "checkpoints": f"no checkpoint in {run / 'checkpoints'} (the run has not saved one yet)",
+             interrupted: f"{interrupted} is not a complete checkpoint (no COMPLETE marker (a save was interrupted))"}
+    manager = CheckpointManager(run / "checkpoints", rank=0)
+    for path, line in cases.items():
+        rc, err = _error(["export", str(path), str(tmp_path / "w.safetensors")], capsys, monkeypatch)
+        assert (rc, err) == (2, f"vitscale: error: {line}\n")
+        with pytest.raises(FileNotFoundError) as e:
+            manager.find(str(path))
+        assert str(e.value) == f"train.resume={path}: {line}"
+    (interrupted.parent / "latest").write_text("step_00000001\n")  # a run folder where one checkpoint is wanted
+    with pytest.raises(FileNotFoundError, match=r"is a run folder, not a checkpoint \(its latest: .*step_00000001\)"):
+        manager.find(str(interrupted.parent))
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
+    """--out without a suffix: matplotlib writes OUT.png, and the line said 'wrote OUT'."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "d2")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'd2.png'}: ")
+    assert (tmp_path / "d2.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "d2").exists()

@@ -436,6 +436,33 @@ def test_make_shards_from_folder_and_csv(tmp_path, digits_png):
         assert all(n.endswith((".jpg", ".cls")) for n in t.getnames())
 
 
+def test_make_shards_that_would_write_no_image_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """A list naming only missing files (a text file that is no list, a CSV of moved images) or a source whose
+    every image is unreadable printed 'wrote 0 images' and left an empty manifest; now one line naming the source
+    and why, and OUT is not left behind."""
+    from vitscale.cli import main
+
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    (tmp_path / "notckpt.txt").write_text("hello\n")
+    (tmp_path / "list.csv").write_text("path,label\na.png,0\nb.png,1\n")
+    lines = {"notckpt.txt": f"every image listed in {tmp_path / 'notckpt.txt'} is missing (1 listed, e.g. "
+                            f"{tmp_path / 'hello'})",
+             "list.csv": f"every image listed in {tmp_path / 'list.csv'} is missing (2 listed, e.g. "
+                         f"{tmp_path / 'a.png'})"}
+    for name, line in lines.items():
+        assert main(["make-shards", str(tmp_path / name), str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"vitscale: error: make-shards: {line}\n"
+        assert not (tmp_path / "out").exists()
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert main(["make-shards", str(src), str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitscale: error: make-shards: none of the 1 image(s) of {src} could be read (e.g. "
+                          f"{src / 'x.jpg'}: ") and err.endswith("; nothing written\n") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_make_shards_resumes_an_interrupted_conversion(tmp_path, digits_png, monkeypatch):
     import vitscale.data.make_shards as ms
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY, train_args
 from vitscale.eval.corruptions import CORRUPTIONS, corrupt
 from vitscale.eval.features import FeatureSet, reinit_
-from vitscale.eval.probes import fewshot_eval, knn_predict, ridge_fit, ridge_predict
+from vitscale.eval.probes import fewshot_eval, knn_predict, linear_probe, ridge_fit, ridge_predict
 from vitscale.eval.robustness import occlude_box, occlude_patches, shuffle_patches
 from vitscale.eval.run import parse_evaluations
 from vitscale.models import create_model
@@ -427,3 +427,26 @@ def test_other_data_is_scored_on_its_own_held_out_split():
     assert data_specs("demo:digits", "/v/x.tar", run) == ("demo:digits", "/v/x.tar")
     with pytest.raises(ValueError, match="pass --val-data"):
         data_specs("/data/train-{0..9}.tar", None, run)
+
+
+def test_out_that_is_a_file_and_probe_sizes_below_one_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out (a folder) naming a file failed with a FileExistsError traceback after the whole evaluation; now one
+    line before the checkpoint is read (it is no model here), the file untouched. --probe-batch-size 0 divided by
+    zero and --probe-epochs 0 reported an untrained probe: both are refused by argparse."""
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    ckpt, taken = tmp_path / "ckpt.safetensors", tmp_path / "taken"
+    ckpt.write_bytes(b"not read")
+    taken.write_text("keep me")
+    rc, err = _main(["eval", "knn", str(ckpt), "--data", "demo:digits", "--out", str(taken)], capsys)
+    assert rc == 2 and err == f"vitscale: error: --out {taken} exists and is not a folder\n"
+    assert taken.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors",
+                                                                                             "taken"]
+    for flag in ("--probe-batch-size", "--probe-epochs"):
+        with pytest.raises(SystemExit) as e:
+            _main(["eval", "linear", str(ckpt), "--out", str(tmp_path / "o"), flag, "0"], capsys)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.splitlines()[-1] == f"vitscale eval: error: argument {flag}: must be at " \
+                                                             f"least 1, got 0"
+    feats = _features(torch.randn(8, 4), torch.arange(8) % 2)
+    with pytest.raises(ValueError, match="epochs and batch size must be at least 1"):
+        linear_probe(feats, feats, 2, epochs=1, batch_size=0)

@@ -366,7 +366,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def _looks_like_checkpoint(path: Path) -> bool:
     """A checkpoint folder, complete or not: named by its step, or holding what a save writes first."""
-    return bool(TAG_RE.match(path.name)) or (path / TRAINER_STATE).exists() or any(path.glob("*.pt"))
+    return (bool(TAG_RE.match(path.name)) or any((path / f).exists() for f in (COMPLETE, TRAINER_STATE))
+            or any(path.glob("*.pt")))
 
 
 def _not_a_checkpoint(path: Path) -> str:
@@ -378,7 +379,8 @@ def _not_a_checkpoint(path: Path) -> str:
         return f"{path} is a file, not a checkpoint folder"
     for base in (path, path / "checkpoints"):
         if (base / "latest").is_file():  # a run dir where one checkpoint is wanted (train.resume=PATH)
-            return f"{path} is a run folder, not a checkpoint (its latest: {base / (base / 'latest').read_text().strip()})"
+            latest = base / (base / "latest").read_text().strip()
+            return f"{path} is a run folder, not a checkpoint (its latest: {latest})"
     if not _looks_like_checkpoint(path):
         return f"no checkpoint in {path} (the run has not saved one yet)"
     return f"{path} is not a complete checkpoint ({is_complete(path)[1]})"

@@ -58,6 +58,8 @@ def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> d
     path = _find_metrics(run)
     records, evals = load_steps(path)
     out = Path(out) if out is not None else path.parent / "metrics.png"
+    if not out.suffix:  # matplotlib appends .png to a name without one: name the file it really writes
+        out = out.with_name(out.name + ".png")
     fig = new_figure(15, 3.4)
     axes = fig.subplots(1, len(PANELS))
     unavailable = []
