@@ -1,10 +1,12 @@
-"""An epoch's global sample order, independent of the world size, and resuming it on another world size.
+"""An epoch's global sample order, cut into equal work for the reader slots, and resuming it on another layout.
 
 Epoch ``e`` permutes the shards with an RNG seeded from ``(seed, e)`` and cuts the permutation into *blocks* of
-``k`` consecutive shards. A block's samples are one deterministic stream: its ``k`` shards are open at once and
+near-equal size, as many as a multiple of the reader slots and of at most ``k`` shards each
+(:func:`block_layout`). A block's samples are one deterministic stream: its shards are open at once and
 interleaved through a seeded buffer of ``shuffle_buffer`` samples (:func:`block_stream`), so a block's stream
-depends on ``(seed, e, k, block)`` and the shards' bytes, nothing else. The blocks are the work *items* of the
-epoch; reader slot ``s`` of ``S`` (``S`` = ranks x workers) reads ``items[s::S]`` in order.
+depends on ``(seed, e, cut, block)`` and the shards' bytes, nothing else. The blocks are the work *items* of the
+epoch; reader slot ``s`` of ``S`` (``S`` = ranks x workers) reads ``items[s::S]`` in order, the same number of
+shards as every other slot (to one shard a block).
 
 An item is ``(block, start)``: the block's stream from entry ``start`` on (0 unless a resume split the block).
 A slot's position is ``(epoch, item, offset)`` = the next entry it would read is entry ``start + offset`` of its
@@ -13,8 +15,9 @@ per epoch in progress what is left (the unfinished remainders first read by nobo
 that to the new slots: no entry is read twice, none is lost, and a sample keeps its augmentation (seeded by
 block and entry, not by slot).
 
-``k`` is ``data.shards_in_flight``, lowered for a new epoch when there are fewer shards than ``k`` per slot
-(every slot needs a block); an epoch in progress keeps the ``k`` it started with.
+The cut depends on the number of slots (it is what keeps their epochs equal), so the global order is the same
+on another layout only where both cut alike. An epoch in progress keeps the cut it started with, whatever the
+layout that resumes it (states saved before 2026-12-06 cut into chunks of ``k`` and keep that).
 """
 from __future__ import annotations
 
@@ -60,26 +63,42 @@ class Order:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    k: int  # shards per block
+    k: int  # shards per block (at most)
     items: tuple  # ((block, start), ...)
+    blocks: int = 0  # > 0: the epoch's shards cut into this many blocks of near-equal size; 0: consecutive chunks of
+    # k shards (the only cut before 2026-12-06: a state saved then keeps it, so its resume stays exact)
 
 
-def block_size(order: Order, slots: int) -> int:
-    """Shards per block for new epochs: ``shards_in_flight``, but small enough that every slot gets a block."""
-    return max(1, min(order.shards_in_flight, order.num_shards // max(slots, 1)))
+def block_layout(order: Order, slots: int) -> tuple[int, int]:
+    """``(k, blocks)`` for new epochs: as many blocks as a multiple of the reader slots, each of at most
+    ``shards_in_flight`` shards and of near-equal size, so that every slot's epoch holds the same number of shards
+    (to one shard a block). Slots read at the same batch rate, so a slot with fewer starts its next epoch sooner:
+    with chunks of 16, 1281 shards over 64 slots gave slots 16 or 32 shards and an epoch's worth of steps read
+    ~85% of the samples; 128 blocks of 10-11 give 20-21."""
+    slots = max(slots, 1)
+    blocks = min(slots * -(-order.num_shards // (slots * order.shards_in_flight)), order.num_shards)
+    return -(-order.num_shards // blocks), blocks
+
+
+def _bounds(num_shards: int, k: int, blocks: int, block: int) -> tuple[int, int]:
+    """Where ``block`` starts and ends in the epoch's permutation. Near-equal blocks: the first ``num_shards %
+    blocks`` have one shard more, so that dealt round-robin no slot gets more than one larger block than another."""
+    if blocks:
+        size, extra = divmod(num_shards, blocks)
+        start = block * size + min(block, extra)
+        return start, start + size + (block < extra)
+    return block * k, min((block + 1) * k, num_shards)
 
 
 def slot_shards(order: Order, slots: int) -> list[int]:
-    """Shards each reader slot reads in a new epoch. Slots read at the same batch rate, so a slot with fewer runs
-    its epochs faster: with loads of 16 and 32 shards (1281 shards, 64 slots), an epoch's worth of steps reads
-    about 85% of the samples once (and some twice), not each sample once."""
-    k = block_size(order, slots)
-    sizes = [min(k, order.num_shards - b * k) for b in range(-(-order.num_shards // k))]
+    """Shards each reader slot reads in a new epoch (equal to one shard a block, unless there are few shards)."""
+    k, blocks = block_layout(order, slots)
+    sizes = [hi - lo for lo, hi in (_bounds(order.num_shards, k, blocks, b) for b in range(blocks))]
     return [sum(sizes[s::slots]) for s in range(slots)]
 
 
-def default_plan(order: Order, k: int) -> EpochPlan:
-    return EpochPlan(k, tuple((b, 0) for b in range(-(-order.num_shards // k))))
+def default_plan(order: Order, k: int, blocks: int = 0) -> EpochPlan:
+    return EpochPlan(k, tuple((b, 0) for b in range(blocks or -(-order.num_shards // k))), blocks)
 
 
 def shard_permutation(order: Order, epoch: int) -> list[int]:
@@ -92,23 +111,24 @@ def shard_permutation(order: Order, epoch: int) -> list[int]:
     return torch.randperm(order.num_shards, generator=generator("shards", order.seed, epoch)).tolist()
 
 
-def block_shards(order: Order, epoch: int, k: int, block: int) -> list[int]:
-    """Shard indices of ``block`` in ``epoch`` (``k`` shards per block)."""
-    return shard_permutation(order, epoch)[block * k:(block + 1) * k]
+def block_shards(order: Order, epoch: int, k: int, block: int, blocks: int = 0) -> list[int]:
+    """Shard indices of ``block`` in ``epoch`` (cut as :class:`EpochPlan` ``k`` and ``blocks`` say)."""
+    lo, hi = _bounds(order.num_shards, k, blocks, block)
+    return shard_permutation(order, epoch)[lo:hi]
 
 
 Entry = Union[dict, ShardError]
 
 
 def block_stream(urls: Sequence[str], order: Order, epoch: int, k: int, block: int,
-                 label_ext: str = "cls") -> Iterator[Entry]:
+                 label_ext: str = "cls", blocks: int = 0) -> Iterator[Entry]:
     """A block's entries: samples (dicts) and the errors of damaged shards, where they occur.
 
     With shuffling, the block's shards are open together; a seeded RNG picks which open shard gives the next
     sample to the buffer and which buffered sample leaves next (once the buffer is full, or the shards are
     drained). Memory: the buffer plus one sample per open shard, whatever the shards' size. Without shuffling,
     the shards are read one after another in order."""
-    shards = [urls[i] for i in block_shards(order, epoch, k, block)]
+    shards = [urls[i] for i in block_shards(order, epoch, k, block, blocks)]
     if not order.shuffle:
         for url in shards:
             yield from iter_shard(url, label_ext)
@@ -137,11 +157,13 @@ def block_stream(urls: Sequence[str], order: Order, epoch: int, k: int, block: i
 
 # ----- resuming on another layout ------------------------------------------------------------------------------
 def plans_to_json(plans: dict) -> list:
-    return [[e, p.k, [list(it) for it in p.items]] for e, p in sorted(plans.items())]
+    return [[e, p.k, [list(it) for it in p.items], p.blocks] for e, p in sorted(plans.items())]
 
 
 def plans_from_json(raw) -> dict:
-    return {int(e): EpochPlan(int(k), tuple((int(b), int(s)) for b, s in items)) for e, k, items in raw or []}
+    """(A plan saved before 2026-12-06 has no block count: chunks of k.)"""
+    return {int(e): EpochPlan(int(k), tuple((int(b), int(s)) for b, s in items), int(rest[0]) if rest else 0)
+            for e, k, items, *rest in raw or []}
 
 
 def _left_in_epoch(epoch: int, plan: EpochPlan, slots: int, positions: list[dict]) -> list[tuple[int, int]]:
@@ -162,15 +184,16 @@ def _left_in_epoch(epoch: int, plan: EpochPlan, slots: int, positions: list[dict
     return sorted(left)
 
 
-def elastic_plans(order: Order, old_k: int, old_plans: dict, old_positions: list[dict]) -> tuple[int, dict]:
+def elastic_plans(order: Order, old_k: int, old_plans: dict, old_positions: list[dict],
+                  old_blocks: int = 0) -> tuple[int, dict]:
     """From every old slot's position (slot order), the epoch new slots start in and the plans of the epochs in
-    progress, holding exactly what no old slot read."""
+    progress, holding exactly what no old slot read (cut as the old layout cut them)."""
     first = min(p["epoch"] for p in old_positions)
     last = max(p["epoch"] for p in old_positions)
     plans = {}
     for e in range(first, last + 1):
-        plan = old_plans.get(e) or default_plan(order, old_k)
-        plans[e] = EpochPlan(plan.k, tuple(_left_in_epoch(e, plan, len(old_positions), old_positions)))
+        plan = old_plans.get(e) or default_plan(order, old_k, old_blocks)
+        plans[e] = EpochPlan(plan.k, tuple(_left_in_epoch(e, plan, len(old_positions), old_positions)), plan.blocks)
     return first, plans
 
 
@@ -179,6 +202,6 @@ def slot_index(rank: int, world_size: int, worker: int) -> int:
     return rank + world_size * worker
 
 
-def epoch_plan(plans: dict, order: Order, k: int, epoch: int) -> EpochPlan:
+def epoch_plan(plans: dict, order: Order, k: int, epoch: int, blocks: int = 0) -> EpochPlan:
     got: Optional[EpochPlan] = plans.get(epoch)
-    return got if got is not None else default_plan(order, k)
+    return got if got is not None else default_plan(order, k, blocks)

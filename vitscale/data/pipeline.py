@@ -36,7 +36,7 @@ from vitscale import faults
 from vitscale.data import worker_death
 from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import worker_init
-from vitscale.data.order import Order, block_size, plans_from_json, plans_to_json, slot_shards
+from vitscale.data.order import Order, block_layout, plans_from_json, plans_to_json, slot_shards
 from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -103,7 +103,8 @@ class TrainLoader:
         counters. Give every rank's dict back (a list) to resume on another world size or worker count."""
         first = min(w["epoch"] for w in self.positions)
         plans = {e: p for e, p in self.plan.plans.items() if e >= first}
-        return {"version": STATE_VERSION, **self._layout(), "k": self.plan.k, "plans": plans_to_json(plans),
+        return {"version": STATE_VERSION, **self._layout(), "k": self.plan.k, "blocks": self.plan.blocks,
+                "plans": plans_to_json(plans),
                 "batches": self.batches, "workers": copy.deepcopy(self.positions), "carried": dict(self.carried)}
 
     def skipped(self) -> tuple[int, int]:
@@ -123,7 +124,9 @@ class TrainLoader:
             self.positions = [_position(w) for w in s["workers"]]
             self.batches = int(s["batches"])
             self.carried = {c: int((s.get("carried") or {}).get(c, 0)) for c in COUNTERS}
-            self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")))
+            # the cut of new epochs as saved: chunks of k for a state saved before block_layout (exact either way)
+            self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")), k=int(s["k"]),
+                                            blocks=int(s.get("blocks", 0)))
             return
         why = not_elastic(states, self.plan.order)
         if why is None:
@@ -207,18 +210,16 @@ def _check_slots(num_shards: int, world_size: int, num_workers: int) -> None:
 
 
 def _warn_uneven_epochs(order: Order, slots: int) -> None:
-    """Say when the reader slots' epochs differ in length by more than 10%: each "epoch" of steps then reads only
-    part of the data once (order.slot_shards). A shard count that is a multiple of slots x k evens it out."""
+    """Say when the reader slots' epochs still differ in length by more than 10% (few shards a slot: blocks of
+    near-equal size even out the rest): each "epoch" of steps then reads only part of the data once."""
     loads = slot_shards(order, slots)
     if max(loads) <= 1.1 * min(loads):
         return
     seen = sum(min(x, order.num_shards / slots) for x in loads) / order.num_shards
-    k = block_size(order, slots)
     log.warning("vitscale.data: %d shards over %d reader slots (ranks x workers) give slots %d-%d shards an epoch: "
                 "a slot with fewer starts its next epoch sooner, so an epoch's worth of steps reads about %.0f%% of "
-                "the samples, some twice (the rest in later epochs); a shard count that is a multiple of %d (%d slots "
-                "x %d shards a block) evens it out", order.num_shards, slots, min(loads), max(loads), 100 * seen,
-                slots * k, slots, k)
+                "the samples, some twice (the rest in later epochs); a shard count that is a multiple of %d, or "
+                "more shards, evens it out", order.num_shards, slots, min(loads), max(loads), 100 * seen, slots)
 
 
 def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, seed: int, rank: int,
@@ -245,13 +246,14 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     order = Order(seed=int(seed), num_shards=len(urls), shuffle=bool(shuffle),
                   shards_in_flight=int(shards_in_flight), shuffle_buffer=int(shuffle_buffer))
     workers = max(num_workers, 1)
+    k, blocks = block_layout(order, world_size * workers)
     if rank == 0:
         _warn_uneven_epochs(order, world_size * workers)
     plan = StreamPlan(urls=tuple(urls), order=order, rank=rank, world_size=world_size, num_workers=workers,
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
-                      num_classes=int(num_classes), max_pixels=max_pixels, k=block_size(order, world_size * workers),
-                      randaug=randaug, reduced_decode=reduced_decode)
+                      num_classes=int(num_classes), max_pixels=max_pixels, k=k, blocks=blocks, randaug=randaug,
+                      reduced_decode=reduced_decode)
     return TrainLoader(plan, num_workers, state)
 
 

@@ -52,7 +52,7 @@ def merge_states(states: list[dict], order: Order) -> tuple[int, dict, dict]:
             positions[slot_index(int(s["rank"]), world, w)] = pos
             for c in COUNTERS:
                 totals[c] += pos[c]
-    first, plans = elastic_plans(order, int(states[0]["k"]), old_plans, positions)
+    first, plans = elastic_plans(order, int(states[0]["k"]), old_plans, positions, int(states[0].get("blocks", 0)))
     return first, plans, totals
 
 

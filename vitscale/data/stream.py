@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from vitscale.data.batch_ring import Ring
-from vitscale.data.order import Order, block_shards, block_stream, epoch_plan, generator, slot_index
+from vitscale.data.order import EpochPlan, Order, block_shards, block_stream, epoch_plan, generator, slot_index
 from vitscale.data.reduced_decode import train_image
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -44,7 +44,8 @@ class StreamPlan:
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
     reduced_decode: bool = True  # JPEGs whose crop is >= 3x the output decode at 1/2-1/8 size (reduced_decode.py)
-    k: int = 1  # shards per block for epochs not in ``plans``
+    k: int = 1  # shards per block (at most) for epochs not in ``plans``
+    blocks: int = 0  # and their number (order.block_layout; 0: chunks of k, a state saved before 2026-12-06)
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
 
     @property
@@ -74,36 +75,37 @@ class WorkerStream:
     def __iter__(self) -> Iterator[tuple]:
         p = self.plan
         while True:
-            plan = epoch_plan(p.plans, p.order, p.k, self.epoch)
+            plan = epoch_plan(p.plans, p.order, p.k, self.epoch, p.blocks)
             mine = plan.items[self.slot::p.slots]
             whole = self.item == 0 and self.offset == 0 and bool(mine) and all(s == 0 for _, s in mine)
             produced = False
             while self.item < len(mine):
                 block, start = mine[self.item]
-                for out in self._read_item(plan.k, block, start):
+                for out in self._read_item(plan, block, start):
                     produced = True
                     yield out
                 self.item, self.offset = self.item + 1, 0
-            self._note_fruitless(plan.k, mine, whole and not produced)
+            self._note_fruitless(plan, mine, whole and not produced)
             self.epoch, self.item, self.offset = self.epoch + 1, 0, 0
 
-    def _note_fruitless(self, k: int, mine: list, fruitless: bool) -> None:
+    def _note_fruitless(self, plan: EpochPlan, mine: list, fruitless: bool) -> None:
         """Stop a worker that would loop forever without a sample: once its whole epochs in a row that gave nothing
         have covered every shard. One damaged or empty shard only costs the worker that epoch: the next epoch
         deals it other shards (shuffled, or the unshuffled order's rotation)."""
         if not fruitless:
             self.fruitless.clear()
             return
-        self.fruitless.update(i for block, _ in mine for i in block_shards(self.plan.order, self.epoch, k, block))
+        self.fruitless.update(i for block, _ in mine
+                              for i in block_shards(self.plan.order, self.epoch, plan.k, block, plan.blocks))
         if len(self.fruitless) >= self.plan.order.num_shards:
             raise DataError(f"data {self.where} read no valid sample from any of the {len(self.fruitless)} shards "
                             f"in its last epochs (each damaged, empty or without an image), e.g. {self.plan.urls[0]}")
 
-    def _read_item(self, k: int, block: int, start: int) -> Iterator[tuple]:
+    def _read_item(self, plan: EpochPlan, block: int, start: int) -> Iterator[tuple]:
         """The block's entries from ``start + offset`` on; those before are read but not decoded."""
         skip = start + self.offset
-        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, k, block,
-                                               self.label_ext)):
+        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, plan.k, block,
+                                               self.label_ext, plan.blocks)):
             if j < skip:
                 continue
             self.offset = j + 1 - start
@@ -113,7 +115,7 @@ class WorkerStream:
                 continue
             self.seen += 1
             try:
-                img, label = self._sample(entry, k, block, j)
+                img, label = self._sample(entry, plan.k, block, j)
             except Exception as e:
                 self._bad(f"skipping bad sample {entry['__key__']} in {entry['__url__']}: {e}")
                 continue
