@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {info['path']}/model.safetensors + config.json: {info['tensors']} tensors, "
               f"{info['params'] / 1e6:.2f}M parameters ({info['architecture']}, step {info['step']})")
         return 0
-    from vitscale.distributed.checkpoint import export_weights
+    from vitscale.weights.export import export_weights
 
     info = export_weights(args.ckpt, args.out, full=args.full, ema=args.ema)
     print(f"wrote {info['path']}: {info['tensors']} tensors, {info['params'] / 1e6:.2f}M parameters "

@@ -27,12 +27,9 @@ import torch
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
-from vitscale.distributed.ema import consolidated_ema
 from vitscale.distributed.safeload import safe_load
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
-from vitscale.objectives import objective_class
-from vitscale.outfile import check_weights_path, save_weights
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -384,25 +381,3 @@ def _not_a_checkpoint(path: Path) -> str:
     if not _looks_like_checkpoint(path):
         return f"no checkpoint in {path} (the run has not saved one yet)"
     return f"{path} is not a complete checkpoint ({is_complete(path)[1]})"
-
-
-def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False) -> dict:
-    """Consolidate sharded weights into one fp32 safetensors file with timm-compatible keys (``ema``: the model
-    EMA's weights for every trained parameter, see :mod:`vitscale.distributed.ema`).
-
-    The objective decides which part is written (``Objective.export_part``: an MAE its encoder alone, what
-    downstream use needs, unless ``full``). The run's model and objective config travel in the file's metadata
-    so eval/analyze can rebuild the model.
-    """
-    check_weights_path(Path(out))  # before minutes of consolidation at real size
-    path = resolve_checkpoint(ckpt)
-    state = read_trainer_state(path)
-    sd = eng.consolidated_state_dict(path)
-    if ema:
-        sd.update({k: v.view(sd[k].shape) for k, v in consolidated_ema(path).items()})
-    objective = state["config"]["objective"]
-    sd, part = objective_class(objective["name"]).export_part(sd, full)
-    meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective["name"],
-            "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"])}
-    save_weights(sd, Path(out), metadata=meta)
-    return {"path": str(out), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()), **meta}

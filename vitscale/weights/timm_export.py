@@ -20,7 +20,7 @@ from vitscale.distributed.checkpoint import resolve_checkpoint
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
 from vitscale.models.embed import HybridEmbed
-from vitscale.outfile import check_folder_path, check_weights_path, save_weights
+from vitscale.weights.outfile import check_folder_path, check_weights_path, save_weights
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.load import load_model
 from vitscale.weights.sources import WeightsError
