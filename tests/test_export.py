@@ -25,7 +25,8 @@ def _masters_from_the_optimizer_groups(run_dir, ckpt) -> dict:
     grouped by vitscale.optim.param_groups, zipped with the file's fp32_groups (independent of the export's
     matching by rounded value)."""
     cfg = load_config(str(run_dir / "config.yaml"))
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)  # a test's own file
+    # (a file this test's own run wrote: a full load is safe here)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     with torch.device("meta"):  # (the demo's classes come from its data: the head's rows)
         model = build_model(cfg, states["module"]["head.weight"].shape[0])
     names = {id(p): n for n, p in model.named_parameters()}

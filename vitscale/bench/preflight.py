@@ -38,8 +38,8 @@ from vitscale.bench.common import bytes_under
 from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
-from vitscale.distributed.checkpoint import (CheckpointManager, checkpoint_bytes, is_complete, read_trainer_state, tag_for,
-                                             write_seconds)
+from vitscale.distributed.checkpoint import (CheckpointManager, checkpoint_bytes, is_complete, read_trainer_state,
+                                             tag_for, write_seconds)
 
 GB = 2 ** 30
 MEMORY_TOLERANCE = 0.15  # a measured peak above the plan by more than this fails: the plan would mislead
