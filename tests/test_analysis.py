@@ -383,8 +383,8 @@ def test_analyze_a_vit_trained_on_the_demo_digits(tmp_path, trained_run):
 def test_analyze_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys, monkeypatch):
     """--out is a folder: a file there was a FileExistsError traceback; now one line, before the model is read (the
     checkpoint here is no model at all), and the file is untouched. An existing folder is still fine (re-runs)."""
-    from vitscale.analysis.run import _check_out
     from vitscale.cli import main
+    from vitscale.weights.outfile import check_folder_path
 
     monkeypatch.setenv("VITSCALE_DEBUG", "")
     taken = tmp_path / "taken.json"
@@ -394,5 +394,5 @@ def test_analyze_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys,
         assert main(["analyze", str(tmp_path / "no_model.safetensors"), "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"vitscale: error: {line}\n"
     assert taken.read_text() == "keep me"
-    _check_out(tmp_path)  # an existing folder
-    _check_out(tmp_path / "new" / "deeper")  # one to be made
+    check_folder_path(tmp_path, "--out")  # an existing folder
+    check_folder_path(tmp_path / "new" / "deeper", "--out")  # one to be made

@@ -25,6 +25,7 @@ from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
 from vitscale.pixels import denormalize, normalize
 from vitscale.objectives import OBJECTIVES, objective_class
 from vitscale.models.vit import VisionTransformer
+from vitscale.weights.outfile import check_folder_path
 
 HYBRID_FILTERS_NOTE = ("not applicable to hybrid models: the first layer is the ResNet stem's 7x7 stride-2 "
                        "convolution, not a linear projection of pixel patches; tokens are a 1x1 projection of "
@@ -132,17 +133,6 @@ class _Run:
     def note(self, msg: str) -> None:
         self.notes.append(msg)
         self.log(f"note: {msg}")
-
-
-def _check_out(out: Path) -> None:
-    """A one-line error, before any work, when the folder ``out`` (or a folder above it) is a file: mkdir would
-    fail with a FileExistsError traceback. An existing folder is fine: re-running writes into it again."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"--out {out} exists and is not a folder" if p == out else
-                                 f"--out {out}: {p} is a file, not a folder")
-            return
 
 
 def _sections(only: Optional[Sequence[str]]) -> set[str]:
@@ -263,7 +253,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     """
     todo = _sections(only)
     out = Path(out)
-    _check_out(out)
+    check_folder_path(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     run = _prepare(path, images, out, device, head, model_name, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},

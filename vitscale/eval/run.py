@@ -23,6 +23,7 @@ from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
 from vitscale.objectives import objective_class
+from vitscale.weights.outfile import check_folder_path
 
 EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
 # Fine-tuning is a mode of `vitscale train` (one training loop: ZeRO, resume, validation, augmentation).
@@ -177,19 +178,8 @@ def _check_options(ckpt: str, opts: EvalOptions) -> None:
         raise ValueError("--random-init and --with-random-init exclude each other")
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    _check_out(Path(opts.out))
+    check_folder_path(Path(opts.out), "--out")  # the first file is written after minutes of evaluation
     opts.robustness.validate()
-
-
-def _check_out(out: Path) -> None:
-    """The output folder ``out`` must be a folder or creatable as one: checked here, because the first JSON is
-    written only after an evaluation ran (minutes). An existing folder is fine: re-running writes into it again."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"--out {out} exists and is not a folder" if p == out else
-                                 f"--out {out}: {p} is a file, not a folder")
-            return
 
 
 def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:

@@ -42,10 +42,18 @@ def check_weights_path(out: Path) -> None:
         raise ValueError(f"{out} exists and is not a safetensors file: not overwriting it (choose another path)")
 
 
-def check_folder_path(out_dir: Path) -> None:
-    """Refuse an output folder that is a file."""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"{out_dir} exists and is not a folder: give a folder to write into")
+def check_folder_path(out_dir: Path, what: str = "") -> None:
+    """Refuse, in one line and before any work, an output folder that is a file or lies under one (mkdir would
+    raise FileExistsError after minutes of work). An existing folder is fine: writing into it again replaces
+    what an earlier run wrote. ``what``: how the command names it (e.g. ``--out``)."""
+    out = Path(out_dir)
+    name = f"{what} {out}" if what else str(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{name} exists and is not a folder" if p == out else
+                                 f"{name}: {p} is a file, not a folder")
+            return
 
 
 def save_weights(sd: dict[str, torch.Tensor], out: Path, metadata: Optional[dict[str, str]] = None) -> None:
