@@ -168,9 +168,9 @@ class CheckpointManager:
         deleted) and ``latest`` names the newest one left. Otherwise keep_last would prune the new branch's first
         checkpoints as the oldest, and the next train.resume=auto would go back to the old branch. Returns where
         they went."""
-        later = [self.dir / tag_for(s) for s in self.steps() if s > step and is_complete(self.dir / tag_for(s))[0]]
-        moved = [self._set_aside(path, warn=False) for path in later]
-        left = [s for s in self.steps() if s <= step and is_complete(self.dir / tag_for(s))[0]]
+        complete = [s for s in self.steps() if is_complete(self.dir / tag_for(s))[0]]
+        moved = [self._set_aside(self.dir / tag_for(s), warn=False) for s in complete if s > step]
+        left = [s for s in complete if s <= step]
         if moved and left:
             _write_atomic(self.dir / "latest", tag_for(left[-1]) + "\n")
         elif moved:
