@@ -19,7 +19,7 @@ import torch
 
 from conftest import PicklePayload
 from vitscale.data.demo import ensure_demo_shards
-from vitscale.data.order import Order, block_shards
+from vitscale.data.order import Cut, Order, block_shards
 from vitscale.data.evaluation import build_eval_loader
 from vitscale.data.pipeline import build_train_loader
 from vitscale.data.shards import resolve_shards
@@ -297,7 +297,7 @@ def test_resume_skips_to_the_recorded_block(tmp_path, demo):
     state = first.state_dict()
     assert state["workers"][0]["epoch"] == 0 and state["workers"][0]["item"] == 1
     order = Order(seed=5, num_shards=8, shuffle=True, shards_in_flight=2, shuffle_buffer=1000)
-    for i in block_shards(order, 0, 2, 0):
+    for i in block_shards(order, 0, Cut(2), 0):
         Path(urls[i]).write_bytes(b"not a tar any more" * 100)
     resumed = _take(build_train_loader(urls, **kw, state=state), 4)
     _same_batches(resumed, full[13:])

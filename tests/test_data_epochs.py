@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitscale.data.order import Order, block_layout, block_shards, slot_shards
+from vitscale.data.order import Cut, Order, block_layout, block_shards, slot_shards
 from vitscale.data.pipeline import build_train_loader
 from vitscale.errors import DataError
 
@@ -135,10 +135,10 @@ def test_every_reader_slot_gets_an_equal_epoch():
     for shards, slots, most in ((1281, 64, 16), (3000, 128, 16), (10000, 512, 16), (2048, 64, 16), (20, 4, 4)):
         order = Order(seed=0, num_shards=shards, shuffle=True, shards_in_flight=most, shuffle_buffer=1000)
         loads = slot_shards(order, slots)
-        k, blocks = block_layout(order, slots)
+        cut = block_layout(order, slots)
         assert sum(loads) == shards and max(loads) - min(loads) <= 1, (shards, slots, loads)
-        assert blocks % slots == 0 and k <= most
-        assert sorted(i for b in range(blocks) for i in block_shards(order, 3, k, b, blocks)) == list(range(shards))
+        assert cut.blocks % slots == 0 and cut.k <= most
+        assert sorted(i for b in range(cut.blocks) for i in block_shards(order, 3, cut, b)) == list(range(shards))
 
 
 def test_an_epoch_of_steps_reads_every_sample_when_the_shards_allow_it(tmp_path, caplog):
@@ -165,7 +165,7 @@ def test_a_state_saved_before_the_equal_cut_resumes_exactly(tmp_path):
     def legacy(state=None):
         loader = build_train_loader(urls, **kw, state=state)
         if state is None:  # what the loader of before 2026-12-06 built
-            loader.plan = dataclasses.replace(loader.plan, k=4, blocks=0)
+            loader.plan = dataclasses.replace(loader.plan, cut=Cut(4))
         return loader
 
     straight = [b["key"] for b in _take(legacy(), 30)]

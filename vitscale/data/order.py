@@ -62,43 +62,52 @@ class Order:
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class Cut:
+    """How an epoch's shard permutation is cut into blocks. ``k`` also seeds a block's mixing and augmentation."""
     k: int  # shards per block (at most)
+    blocks: int = 0  # > 0: this many blocks of near-equal size; 0: consecutive chunks of k shards (the only cut
+    # before 2026-12-06: a state saved then keeps it, so its resume stays exact)
+
+    def count(self, num_shards: int) -> int:
+        return self.blocks or -(-num_shards // self.k)
+
+    def bounds(self, num_shards: int, block: int) -> tuple[int, int]:
+        """Where ``block`` starts and ends in the epoch's permutation. Near-equal blocks: the first ``num_shards %
+        blocks`` have one shard more, so that dealt round-robin no slot gets more than one larger block than
+        another."""
+        if self.blocks:
+            size, extra = divmod(num_shards, self.blocks)
+            start = block * size + min(block, extra)
+            return start, start + size + (block < extra)
+        return block * self.k, min((block + 1) * self.k, num_shards)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    cut: Cut
     items: tuple  # ((block, start), ...)
-    blocks: int = 0  # > 0: the epoch's shards cut into this many blocks of near-equal size; 0: consecutive chunks of
-    # k shards (the only cut before 2026-12-06: a state saved then keeps it, so its resume stays exact)
 
 
-def block_layout(order: Order, slots: int) -> tuple[int, int]:
-    """``(k, blocks)`` for new epochs: as many blocks as a multiple of the reader slots, each of at most
+def block_layout(order: Order, slots: int) -> Cut:
+    """The cut of new epochs: as many blocks as a multiple of the reader slots, each of at most
     ``shards_in_flight`` shards and of near-equal size, so that every slot's epoch holds the same number of shards
     (to one shard a block). Slots read at the same batch rate, so a slot with fewer starts its next epoch sooner:
     with chunks of 16, 1281 shards over 64 slots gave slots 16 or 32 shards and an epoch's worth of steps read
     ~85% of the samples; 128 blocks of 10-11 give 20-21."""
     slots = max(slots, 1)
     blocks = min(slots * -(-order.num_shards // (slots * order.shards_in_flight)), order.num_shards)
-    return -(-order.num_shards // blocks), blocks
-
-
-def _bounds(num_shards: int, k: int, blocks: int, block: int) -> tuple[int, int]:
-    """Where ``block`` starts and ends in the epoch's permutation. Near-equal blocks: the first ``num_shards %
-    blocks`` have one shard more, so that dealt round-robin no slot gets more than one larger block than another."""
-    if blocks:
-        size, extra = divmod(num_shards, blocks)
-        start = block * size + min(block, extra)
-        return start, start + size + (block < extra)
-    return block * k, min((block + 1) * k, num_shards)
+    return Cut(-(-order.num_shards // blocks), blocks)
 
 
 def slot_shards(order: Order, slots: int) -> list[int]:
     """Shards each reader slot reads in a new epoch (equal to one shard a block, unless there are few shards)."""
-    k, blocks = block_layout(order, slots)
-    sizes = [hi - lo for lo, hi in (_bounds(order.num_shards, k, blocks, b) for b in range(blocks))]
+    cut = block_layout(order, slots)
+    sizes = [hi - lo for lo, hi in (cut.bounds(order.num_shards, b) for b in range(cut.count(order.num_shards)))]
     return [sum(sizes[s::slots]) for s in range(slots)]
 
 
-def default_plan(order: Order, k: int, blocks: int = 0) -> EpochPlan:
-    return EpochPlan(k, tuple((b, 0) for b in range(blocks or -(-order.num_shards // k))), blocks)
+def default_plan(order: Order, cut: Cut) -> EpochPlan:
+    return EpochPlan(cut, tuple((b, 0) for b in range(cut.count(order.num_shards))))
 
 
 def shard_permutation(order: Order, epoch: int) -> list[int]:
@@ -111,29 +120,29 @@ def shard_permutation(order: Order, epoch: int) -> list[int]:
     return torch.randperm(order.num_shards, generator=generator("shards", order.seed, epoch)).tolist()
 
 
-def block_shards(order: Order, epoch: int, k: int, block: int, blocks: int = 0) -> list[int]:
-    """Shard indices of ``block`` in ``epoch`` (cut as :class:`EpochPlan` ``k`` and ``blocks`` say)."""
-    lo, hi = _bounds(order.num_shards, k, blocks, block)
+def block_shards(order: Order, epoch: int, cut: Cut, block: int) -> list[int]:
+    """Shard indices of ``block`` in ``epoch``."""
+    lo, hi = cut.bounds(order.num_shards, block)
     return shard_permutation(order, epoch)[lo:hi]
 
 
 Entry = Union[dict, ShardError]
 
 
-def block_stream(urls: Sequence[str], order: Order, epoch: int, k: int, block: int,
-                 label_ext: str = "cls", blocks: int = 0) -> Iterator[Entry]:
+def block_stream(urls: Sequence[str], order: Order, epoch: int, cut: Cut, block: int,
+                 label_ext: str = "cls") -> Iterator[Entry]:
     """A block's entries: samples (dicts) and the errors of damaged shards, where they occur.
 
     With shuffling, the block's shards are open together; a seeded RNG picks which open shard gives the next
     sample to the buffer and which buffered sample leaves next (once the buffer is full, or the shards are
     drained). Memory: the buffer plus one sample per open shard, whatever the shards' size. Without shuffling,
     the shards are read one after another in order."""
-    shards = [urls[i] for i in block_shards(order, epoch, k, block, blocks)]
+    shards = [urls[i] for i in block_shards(order, epoch, cut, block)]
     if not order.shuffle:
         for url in shards:
             yield from iter_shard(url, label_ext)
         return
-    rng = random.Random(seed_of("mix", order.seed, epoch, k, block))
+    rng = random.Random(seed_of("mix", order.seed, epoch, cut.k, block))
     sources = [iter_shard(u, label_ext) for u in shards]
     live = list(range(len(sources)))
     buf: list = []
@@ -157,12 +166,12 @@ def block_stream(urls: Sequence[str], order: Order, epoch: int, k: int, block: i
 
 # ----- resuming on another layout ------------------------------------------------------------------------------
 def plans_to_json(plans: dict) -> list:
-    return [[e, p.k, [list(it) for it in p.items], p.blocks] for e, p in sorted(plans.items())]
+    return [[e, p.cut.k, [list(it) for it in p.items], p.cut.blocks] for e, p in sorted(plans.items())]
 
 
 def plans_from_json(raw) -> dict:
     """(A plan saved before 2026-12-06 has no block count: chunks of k.)"""
-    return {int(e): EpochPlan(int(k), tuple((int(b), int(s)) for b, s in items), int(rest[0]) if rest else 0)
+    return {int(e): EpochPlan(Cut(int(k), int(rest[0]) if rest else 0), tuple((int(b), int(s)) for b, s in items))
             for e, k, items, *rest in raw or []}
 
 
@@ -184,16 +193,15 @@ def _left_in_epoch(epoch: int, plan: EpochPlan, slots: int, positions: list[dict
     return sorted(left)
 
 
-def elastic_plans(order: Order, old_k: int, old_plans: dict, old_positions: list[dict],
-                  old_blocks: int = 0) -> tuple[int, dict]:
+def elastic_plans(order: Order, old_cut: Cut, old_plans: dict, old_positions: list[dict]) -> tuple[int, dict]:
     """From every old slot's position (slot order), the epoch new slots start in and the plans of the epochs in
     progress, holding exactly what no old slot read (cut as the old layout cut them)."""
     first = min(p["epoch"] for p in old_positions)
     last = max(p["epoch"] for p in old_positions)
     plans = {}
     for e in range(first, last + 1):
-        plan = old_plans.get(e) or default_plan(order, old_k, old_blocks)
-        plans[e] = EpochPlan(plan.k, tuple(_left_in_epoch(e, plan, len(old_positions), old_positions)), plan.blocks)
+        plan = old_plans.get(e) or default_plan(order, old_cut)
+        plans[e] = EpochPlan(plan.cut, tuple(_left_in_epoch(e, plan, len(old_positions), old_positions)))
     return first, plans
 
 
@@ -202,6 +210,6 @@ def slot_index(rank: int, world_size: int, worker: int) -> int:
     return rank + world_size * worker
 
 
-def epoch_plan(plans: dict, order: Order, k: int, epoch: int, blocks: int = 0) -> EpochPlan:
+def epoch_plan(plans: dict, order: Order, cut: Cut, epoch: int) -> EpochPlan:
     got: Optional[EpochPlan] = plans.get(epoch)
-    return got if got is not None else default_plan(order, k, blocks)
+    return got if got is not None else default_plan(order, cut)

@@ -37,7 +37,7 @@ from vitscale.data import worker_death
 from vitscale.data.batch_ring import Releases, Ring
 from vitscale.data.evaluation import worker_init
 from vitscale.data.order import Order, block_layout, plans_from_json, plans_to_json, slot_shards
-from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic
+from vitscale.data.resume import COUNTERS, STATE_VERSION, merge_states, not_elastic, saved_cut
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
 from vitscale.data.stream import StreamPlan, iter_worker_batches
@@ -103,7 +103,7 @@ class TrainLoader:
         counters. Give every rank's dict back (a list) to resume on another world size or worker count."""
         first = min(w["epoch"] for w in self.positions)
         plans = {e: p for e, p in self.plan.plans.items() if e >= first}
-        return {"version": STATE_VERSION, **self._layout(), "k": self.plan.k, "blocks": self.plan.blocks,
+        return {"version": STATE_VERSION, **self._layout(), "k": self.plan.cut.k, "blocks": self.plan.cut.blocks,
                 "plans": plans_to_json(plans),
                 "batches": self.batches, "workers": copy.deepcopy(self.positions), "carried": dict(self.carried)}
 
@@ -124,9 +124,8 @@ class TrainLoader:
             self.positions = [_position(w) for w in s["workers"]]
             self.batches = int(s["batches"])
             self.carried = {c: int((s.get("carried") or {}).get(c, 0)) for c in COUNTERS}
-            # the cut of new epochs as saved: chunks of k for a state saved before block_layout (exact either way)
-            self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")), k=int(s["k"]),
-                                            blocks=int(s.get("blocks", 0)))
+            # the cut of new epochs as saved (a state saved before block_layout cut chunks of k): exact either way
+            self.plan = dataclasses.replace(self.plan, plans=plans_from_json(s.get("plans")), cut=saved_cut(s))
             return
         why = not_elastic(states, self.plan.order)
         if why is None:
@@ -246,13 +245,13 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
     order = Order(seed=int(seed), num_shards=len(urls), shuffle=bool(shuffle),
                   shards_in_flight=int(shards_in_flight), shuffle_buffer=int(shuffle_buffer))
     workers = max(num_workers, 1)
-    k, blocks = block_layout(order, world_size * workers)
+    cut = block_layout(order, world_size * workers)
     if rank == 0:
         _warn_uneven_epochs(order, world_size * workers)
     plan = StreamPlan(urls=tuple(urls), order=order, rank=rank, world_size=world_size, num_workers=workers,
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
-                      num_classes=int(num_classes), max_pixels=max_pixels, k=k, blocks=blocks, randaug=randaug,
+                      num_classes=int(num_classes), max_pixels=max_pixels, cut=cut, randaug=randaug,
                       reduced_decode=reduced_decode)
     return TrainLoader(plan, num_workers, state)
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 from vitscale.distributed.safeload import safe_load
 
-from vitscale.data.order import Order, elastic_plans, plans_from_json, slot_index
+from vitscale.data.order import Cut, Order, elastic_plans, plans_from_json, slot_index
 
 # A worker's position: the next entry it would read, and cumulative counters. ``skipped`` counts every bad
 # sample and every damaged shard (what data.max_bad_fraction limits); ``bad_shards`` the damaged shards alone.
@@ -21,6 +21,11 @@ def fresh_position(epoch: int = 0) -> dict:
 
 def position(d: dict) -> dict:
     return {k: int(d.get(k, 0)) for k in POSITION_KEYS}
+
+
+def saved_cut(state: dict) -> Cut:
+    """The cut of new epochs a state was saved with (no ``blocks``: saved before 2026-12-06, chunks of k)."""
+    return Cut(int(state["k"]), int(state.get("blocks", 0)))
 
 
 def not_elastic(states: list[dict], order: Order) -> Optional[str]:
@@ -52,7 +57,7 @@ def merge_states(states: list[dict], order: Order) -> tuple[int, dict, dict]:
             positions[slot_index(int(s["rank"]), world, w)] = pos
             for c in COUNTERS:
                 totals[c] += pos[c]
-    first, plans = elastic_plans(order, int(states[0]["k"]), old_plans, positions, int(states[0].get("blocks", 0)))
+    first, plans = elastic_plans(order, saved_cut(states[0]), old_plans, positions)
     return first, plans, totals
 
 

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from vitscale.data.batch_ring import Ring
-from vitscale.data.order import EpochPlan, Order, block_shards, block_stream, epoch_plan, generator, slot_index
+from vitscale.data.order import Cut, EpochPlan, Order, block_shards, block_stream, epoch_plan, generator, slot_index
 from vitscale.data.reduced_decode import train_image
 from vitscale.data.resume import fresh_position as _fresh_position
 from vitscale.data.resume import position as _position
@@ -44,8 +44,7 @@ class StreamPlan:
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
     reduced_decode: bool = True  # JPEGs whose crop is >= 3x the output decode at 1/2-1/8 size (reduced_decode.py)
-    k: int = 1  # shards per block (at most) for epochs not in ``plans``
-    blocks: int = 0  # and their number (order.block_layout; 0: chunks of k, a state saved before 2026-12-06)
+    cut: Cut = Cut(1)  # of epochs not in ``plans`` (order.block_layout, or a saved state's)
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
 
     @property
@@ -75,7 +74,7 @@ class WorkerStream:
     def __iter__(self) -> Iterator[tuple]:
         p = self.plan
         while True:
-            plan = epoch_plan(p.plans, p.order, p.k, self.epoch, p.blocks)
+            plan = epoch_plan(p.plans, p.order, p.cut, self.epoch)
             mine = plan.items[self.slot::p.slots]
             whole = self.item == 0 and self.offset == 0 and bool(mine) and all(s == 0 for _, s in mine)
             produced = False
@@ -96,7 +95,7 @@ class WorkerStream:
             self.fruitless.clear()
             return
         self.fruitless.update(i for block, _ in mine
-                              for i in block_shards(self.plan.order, self.epoch, plan.k, block, plan.blocks))
+                              for i in block_shards(self.plan.order, self.epoch, plan.cut, block))
         if len(self.fruitless) >= self.plan.order.num_shards:
             raise DataError(f"data {self.where} read no valid sample from any of the {len(self.fruitless)} shards "
                             f"in its last epochs (each damaged, empty or without an image), e.g. {self.plan.urls[0]}")
@@ -104,8 +103,8 @@ class WorkerStream:
     def _read_item(self, plan: EpochPlan, block: int, start: int) -> Iterator[tuple]:
         """The block's entries from ``start + offset`` on; those before are read but not decoded."""
         skip = start + self.offset
-        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, plan.k, block,
-                                               self.label_ext, plan.blocks)):
+        for j, entry in enumerate(block_stream(self.plan.urls, self.plan.order, self.epoch, plan.cut, block,
+                                               self.label_ext)):
             if j < skip:
                 continue
             self.offset = j + 1 - start
@@ -115,7 +114,7 @@ class WorkerStream:
                 continue
             self.seen += 1
             try:
-                img, label = self._sample(entry, plan.k, block, j)
+                img, label = self._sample(entry, plan.cut.k, block, j)
             except Exception as e:
                 self._bad(f"skipping bad sample {entry['__key__']} in {entry['__url__']}: {e}")
                 continue
