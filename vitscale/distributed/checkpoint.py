@@ -349,13 +349,17 @@ def _load_plain(path: Path) -> dict:
     return safe_load(path)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir, a checkpoints/ dir (its latest) or a run dir (its latest) -> a complete checkpoint."""
-    path = Path(path)
+def _latest_in(path: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names in a checkpoints/ folder PATH or a run folder PATH, if it has one."""
     for base in (path, path / "checkpoints"):
         if (base / "latest").is_file():
-            path = base / (base / "latest").read_text().strip()
-            break
+            return base / (base / "latest").read_text().strip()
+    return None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, a checkpoints/ dir (its latest) or a run dir (its latest) -> a complete checkpoint."""
+    path = _latest_in(Path(path)) or Path(path)
     if not is_complete(path)[0]:
         raise FileNotFoundError(_not_a_checkpoint(path))
     return path
@@ -374,10 +378,9 @@ def _not_a_checkpoint(path: Path) -> str:
         return f"checkpoint not found: {path}"
     if not path.is_dir():
         return f"{path} is a file, not a checkpoint folder"
-    for base in (path, path / "checkpoints"):
-        if (base / "latest").is_file():  # a run dir where one checkpoint is wanted (train.resume=PATH)
-            latest = base / (base / "latest").read_text().strip()
-            return f"{path} is a run folder, not a checkpoint (its latest: {latest})"
+    latest = _latest_in(path)
+    if latest is not None:  # a run dir where one checkpoint is wanted (train.resume=PATH)
+        return f"{path} is a run folder, not a checkpoint (its latest: {latest})"
     if not _looks_like_checkpoint(path):
         return f"no checkpoint in {path} (the run has not saved one yet)"
     return f"{path} is not a complete checkpoint ({is_complete(path)[1]})"
