@@ -84,3 +84,17 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "d2")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'd2.png'}: ")
     assert (tmp_path / "d2.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "d2").exists()
+
+
+def test_deepspeed_refusing_its_config_is_one_line_naming_the_field():
+    """DeepSpeed checks its config with pydantic, whose first line ("1 validation error for DeepSpeedZeroConfig")
+    named no field."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from vitscale.cli import one_line
+
+    with pytest.raises(ValueError) as e:
+        DeepSpeedZeroConfig(sub_group_size="abc", stage=7)
+    line = one_line(e.value)
+    assert "\n" not in line and line.startswith("DeepSpeedZeroConfig (engine.ds_config) refused: "), line
+    assert "sub_group_size: " in line and "(got 'abc')" in line and "stage: " in line, line

@@ -177,6 +177,25 @@ def test_ds_config_keys_no_schema_key_sets_are_allowed():
                                     "fp16": {"loss_scale_window": 500}}
 
 
+def test_ds_config_overrides_of_values_vitscale_sets_keep_their_kind():
+    """DeepSpeed checks the types of some keys at initialize and of others never: steps_per_print="abc" failed
+    with a TypeError at the first step, after the run had started writing."""
+    from vitscale.distributed.ds_config import build_ds_config
+
+    for override, words in (("steps_per_print=abc", "steps_per_print must be a number"),
+                            ("wall_clock_breakdown=1", "wall_clock_breakdown must be true or false"),
+                            ("zero_optimization.contiguous_gradients=yes!", "must be true or false")):
+        with pytest.raises(ConfigError, match=words):
+            build_ds_config(load_config(None, [f"engine.ds_config.{override}"]), 1)
+    # YAML reads 5e8 as a string (it wants 5.0e+8): a number where vitscale's value is one
+    ds = build_ds_config(load_config(None, ["engine.ds_config.zero_optimization.reduce_bucket_size=5e8",
+                                            "engine.ds_config.steps_per_print=100",
+                                            "engine.ds_config.wall_clock_breakdown=true"]), 1)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert type(ds["zero_optimization"]["reduce_bucket_size"]) is int
+    assert (ds["steps_per_print"], ds["wall_clock_breakdown"]) == (100, True)
+
+
 def test_resolve_derives_the_batch_once_without_changing_the_config():
     from vitscale.config.resolve import resolve
     from vitscale.distributed.engine import build_ds_config
@@ -288,6 +307,7 @@ DEMO_MAE = "configs/demo_mae.yaml"
     ("configs/demo.yaml", "run.name=..", ["run.name", "'..'"]),
     ("configs/demo.yaml", "run.name=a/b", ["run.name", "'/'"]),
     ("configs/demo.yaml", "train.eval_every=-1", ["train.eval_every", ">= 0"]),
+    ("configs/demo.yaml", "data.num_classes=-1", ["data.num_classes", ">= 0"]),  # was "not in the shard manifest"
     (DEMO_MAE, "logging.image_count=0", ["logging.image_count", ">= 1"]),
 ])
 def test_out_of_range_values_are_one_line_naming_the_key(config, override, words):

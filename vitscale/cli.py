@@ -164,11 +164,23 @@ def run() -> None:
 def one_line(error: BaseException) -> str:
     """The user-facing line of an error; one re-raised from a DataLoader worker carries the worker's whole
     traceback in its message, whose last line is the original error."""
+    checked = getattr(error, "errors", None)
+    if callable(checked) and hasattr(error, "title"):  # pydantic's: the first line alone names no field
+        return _validation_line(error.title, checked())
     lines = str(error).strip().splitlines() or [type(error).__name__]
     if len(lines) > 1 and lines[0].startswith("Caught "):
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return lines[0]
+
+
+
+def _validation_line(title: str, problems: list) -> str:
+    """A pydantic validation error (DeepSpeed checks its config with pydantic) as one line naming each field."""
+    where = " (engine.ds_config)" if title.startswith("DeepSpeed") else ""
+    said = "; ".join(f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg', '')} (got {p.get('input')!r})"
+                     for p in problems)
+    return f"{title}{where} refused: {said}"
 
 
 if __name__ == "__main__":

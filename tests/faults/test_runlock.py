@@ -67,3 +67,31 @@ def test_holder_on_another_host_counts_as_dead_only_without_heartbeat(tmp_path):
     finally:
         lock.release()
     assert not (tmp_path / "stale" / runlock.LOCK_NAME).exists()
+
+
+def test_a_first_launch_that_fails_before_writing_leaves_no_run_folder(tmp_path, data_cache):
+    """The lock made the run folder; a launch that fails after taking it (here DeepSpeed refusing a config value
+    at initialize) left an empty runs/NAME behind. The folder goes with the lock when nothing else was written."""
+    r = run_cli(train_args(tmp_path, "r", data_cache, *ARGS, "engine.ds_config.zero_optimization.sub_group_size=abc"),
+                cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "vitscale: error: DeepSpeedZeroConfig (engine.ds_config) refused: sub_group_size: "), r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_lock_removes_only_an_empty_folder_it_made(tmp_path):
+    made = runlock.RunLock(tmp_path / "new")
+    made.acquire()
+    made.release()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    kept = runlock.RunLock(tmp_path / "old")  # a folder that was there before this launch stays, even empty
+    kept.acquire()
+    kept.release()
+    assert (tmp_path / "old").is_dir()
+    written = runlock.RunLock(tmp_path / "w")
+    written.acquire()
+    (tmp_path / "w" / "config.yaml").write_text("x: 1\n")
+    written.release()
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["config.yaml"]

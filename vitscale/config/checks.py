@@ -78,6 +78,7 @@ def _check_betas(betas: Any) -> None:
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
+    _at_least("data.num_classes", d.num_classes, 0)  # 0 = from the shard manifest
     _in_range("data.crop_min_scale", d.crop_min_scale, 0.0, 1.0, closed_low=False, closed_high=True)
     # Held-out images are resized to img_size / eval_crop_pct before the centre crop.
     _in_range("data.eval_crop_pct", d.eval_crop_pct, 0.0, 1.0, closed_low=False, closed_high=True)

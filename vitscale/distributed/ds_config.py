@@ -12,6 +12,7 @@ import torch
 from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.distributed.zero_tuning import ModelSizes, bucket_elems, gradient_bucket, zero3_settings
+from vitscale.errors import ConfigError
 
 
 def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
@@ -64,8 +65,33 @@ def build_ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     return _deep_merge(ds, cfg.engine.ds_config)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def _deep_merge(base: dict, extra: dict, path: str = "") -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        here = f"{path}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, here + ".")
+        else:
+            out[k] = _same_kind(here, out.get(k), v)
     return out
+
+
+def _same_kind(path: str, ours: Any, theirs: Any) -> Any:
+    """An engine.ds_config override of a value vitscale sets must be of its kind: DeepSpeed checks some keys'
+    types at initialize, others not at all (steps_per_print="abc" failed with a TypeError at the first step).
+    A number written as YAML reads "5e8" (a string: YAML wants "5.0e+8") is taken as the number."""
+    if isinstance(ours, bool):
+        if isinstance(theirs, bool):
+            return theirs
+        raise ConfigError(f"engine.ds_config.{path} must be true or false, got {theirs!r}")
+    if isinstance(ours, (int, float)):
+        number = theirs
+        if isinstance(theirs, str):
+            try:
+                number = float(theirs)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"engine.ds_config.{path} must be a number (vitscale's is {ours}), got {theirs!r}")
+        return int(number) if isinstance(ours, int) and float(number).is_integer() else number
+    return theirs

@@ -66,6 +66,7 @@ class RunLock:
         self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.made_dir = False  # this launch created the run directory (removed at release if still empty)
 
     def _record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
@@ -84,6 +85,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunDirectoryInUse` naming the holder (creates the run directory)."""
+        self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -137,6 +139,11 @@ class RunLock:
             _held.remove(self)
         if (self._read() or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        if self.made_dir:  # a launch that failed before writing anything (a bad model.name) leaves no empty run
+            try:
+                os.rmdir(self.path.parent)  # only ever removes an empty folder
+            except OSError:
+                pass
 
 
 def describe(holder: Optional[dict]) -> str:
