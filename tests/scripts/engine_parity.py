@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -57,7 +58,9 @@ def batch_for_rank(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
 
 
-def train_steps(engine, cfg, rank: int, world: int, steps: int = STEPS, first: int = 0) -> list[float]:
+def train_steps(engine, cfg, rank: int, world: int, steps: int = STEPS, first: int = 0,
+                norms: Optional[list] = None) -> list[float]:
+    """The losses of ``steps`` steps (and into ``norms``, the gradient norm each step reports)."""
     images, labels = batch_for_rank(rank, world)
     losses = []
     engine.train()
@@ -65,11 +68,13 @@ def train_steps(engine, cfg, rank: int, world: int, steps: int = STEPS, first: i
         engine.set_lr(1e-3)
         torch.manual_seed(100 + step)  # MAE masks: the same on every run at this world size
         if cfg.objective.name == "mae":
-            loss, _, _ = engine(images, mask_ratio=0.75)
+            loss, _, _ = engine(images.to(engine.dtype), mask_ratio=0.75)
         else:
-            loss = torch.nn.functional.cross_entropy(engine(images), labels)
+            loss = torch.nn.functional.cross_entropy(engine(images.to(engine.dtype)).float(), labels)
         engine.backward(loss)
         engine.step()
+        if norms is not None:
+            norms.append(engine.grad_norm())
         losses.append(eng.all_reduce_sum([float(loss)])[0] / world)
     return losses
 
@@ -89,7 +94,12 @@ def mode_losses(rank: int, world: int) -> dict:
         engine = build_engine(cfg)
         if stage == 3:
             out["zero3_init_max_diff"] = init_matches_unsharded(engine, cfg)
-        out[f"vit_stage{stage}"] = train_steps(engine, cfg, rank, world)
+        out[f"vit_stage{stage}_grad_norm"] = norms = []
+        out[f"vit_stage{stage}"] = train_steps(engine, cfg, rank, world, norms=norms)
+    for stage in (0, 1):  # bf16: ZeRO-0 trains with DeepSpeed's unfused optimizer, ZeRO-1 with its ZeRO optimizer
+        cfg = make_config(stage, world, "train.precision=bf16")
+        out[f"vit_bf16_stage{stage}_grad_norm"] = norms = []
+        out[f"vit_bf16_stage{stage}"] = train_steps(build_engine(cfg), cfg, rank, world, norms=norms)
     cfg = make_config(3, world, "model.grad_checkpointing=true")
     out["vit_stage3_ckpt"] = train_steps(build_engine(cfg), cfg, rank, world)
     for ckpt in ("false", "true"):

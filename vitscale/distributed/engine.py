@@ -18,13 +18,13 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from vitscale import faults
 from vitscale.config.schema import Config
 from vitscale.distributed.child import run_in_fresh_python
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
 from vitscale.distributed.env import DistEnv
 from vitscale.distributed.fp32_masters import masters_by_name, unfused_masters
 from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
+from vitscale.distributed.recorded_writes import writes_recorded
 from vitscale.distributed.safeload import safe_load, weights_only_loads
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups
 from vitscale.distributed.zero_tuning import ModelSizes  # noqa: F401 (re-exported: engine.ModelSizes)
@@ -97,6 +97,10 @@ class Engine:
 
     def __init__(self, ds_engine: Any):
         self.ds = ds_engine
+        # DeepSpeed keeps the global gradient norm only in its ZeRO and mixed-precision optimizers; at ZeRO-0 it
+        # clips with a norm it drops, so the norm (before clipping, as DeepSpeed reports it) is measured here.
+        self._measure_norm = ds_engine.zero_optimization_stage() == 0 and not ds_engine.fp16_enabled()
+        self._norm: Optional[float] = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -127,6 +131,10 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self._measure_norm and self.ds.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            self._norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                                     for g in grads]))) if grads else None
         self.ds.step()
 
     def set_lr(self, lr: float) -> None:
@@ -136,7 +144,7 @@ class Engine:
     def grad_norm(self) -> Optional[float]:
         norm = self.ds.get_global_grad_norm()
         if norm is None:
-            return None
+            return self._norm
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     def loss_scale(self) -> Optional[float]:
@@ -156,7 +164,7 @@ class Engine:
         A write that fails inside DeepSpeed (disk full on this rank only) must not leave this rank's collectives
         out of step with the others', who would wait in DeepSpeed's barrier: the failed write is recorded, DeepSpeed
         goes on through its barriers, and the error is raised once save_checkpoint has returned on every rank."""
-        with _writes_recorded(self.ds, int(client_state.get("step", -1))) as failed:
+        with writes_recorded(self.ds, int(client_state.get("step", -1))) as failed:
             self.ds.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
         if failed:
             raise failed[0]
@@ -262,6 +270,11 @@ def initialize(model: torch.nn.Module, param_groups: Iterable[dict], cfg: Config
     if cfg.engine.zero_stage == 3:
         _gather_per_block(model)
     ds_engine, _, _, _ = _ds().initialize(model=model, optimizer=optimizer, config=ds_config)
+    if unfused_masters(ds_engine.optimizer):
+        # DeepSpeed's unfused mixed-precision optimizer (ZeRO-0 in bf16) steps once with zero gradients when built,
+        # to create its state: AdamW's step count then started at 1 and the first real steps were damped (0.74x at
+        # step 1, the gap to ZeRO 1-3 fading over ~20 steps). Cleared: the first step is AdamW's first.
+        ds_engine.optimizer.optimizer.state.clear()
     if cfg.train.compile:
         _compile_blocks(ds_engine)
     return Engine(ds_engine)
@@ -332,43 +345,6 @@ def _convert_here(ckpt_path: str, out_dir: str, workers: str) -> None:
     # The converter also points a `latest_universal` file in out_dir's parent at out_dir; we resume by explicit
     # path, so drop it rather than leave a second, differently named "latest" next to the checkpoint.
     (Path(out_dir).parent / "latest_universal").unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _writes_recorded(ds_engine: Any, step: int):
-    """Inside: DeepSpeed's file writes (its checkpoint engine's save/makedirs, the recovery-script copy) record an
-    OSError in the yielded list instead of raising it, and remove the partial file."""
-    failed: list[OSError] = []
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-    def recorded(write, path_arg: int):
-        def call(*args, **kwargs):
-            if failed:
-                return None  # the checkpoint is lost already; spare the disk
-            try:
-                faults.inject("ds_save", rank=rank, step=step)
-                return write(*args, **kwargs)
-            except OSError as e:
-                failed.append(e)
-                path = args[path_arg] if len(args) > path_arg else None
-                if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-                    os.unlink(path)
-        return call
-
-    ckpt_engine = ds_engine.checkpoint_engine
-    patched = [(ckpt_engine, "save", 1), (ckpt_engine, "makedirs", 0), (ds_engine, "_copy_recovery_script", 0)]
-    patched = [(obj, name, obj.__dict__.get(name), getattr(obj, name), i) for obj, name, i in patched
-               if hasattr(obj, name)]
-    for obj, name, _own, original, i in patched:
-        setattr(obj, name, recorded(original, i))  # an instance attribute, shadowing the class's method
-    try:
-        yield failed
-    finally:
-        for obj, name, own, _original, _i in patched:
-            if own is None:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, own)
 
 
 def _deepspeed_file_types() -> list[type]:
