@@ -391,6 +391,28 @@ def test_random_init_is_seeded_and_differs_from_trained_weights():
     assert not torch.equal(a.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.parametrize("pos_embed", ["learn", "sincos"])
+def test_random_init_redoes_every_tensor_whatever_the_trained_weights(pos_embed):
+    """The random-init baseline is a function of the architecture and the seed alone: re-initialising a model whose
+    every tensor was moved (trained) gives exactly what re-initialising an untouched one gives, LayerScale's
+    gammas, qk-norm's LayerNorms and the registers included."""
+    def build():
+        torch.manual_seed(0)
+        return create_model("vit_micro_patch4", img_size=32, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                            init_values=0.1, qk_norm=True, reg_tokens=2, global_pool="avg", pos_embed=pos_embed)
+    fresh, trained = build(), build()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.3 + 0.5)
+    moved = {k: v.clone() for k, v in trained.state_dict().items()}
+    reinit_(fresh, 7), reinit_(trained, 7)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+        assert not torch.equal(v, moved[k]), k
+    assert torch.equal(trained.blocks[1].ls2.gamma, torch.full((64,), 0.1))
+    assert torch.equal(trained.blocks[0].attn.q_norm.weight, torch.ones(32))
+
+
 def test_options_parse_and_validate(tmp_path):
     assert parse_evaluations("probes,robustness") == ["linear", "knn", "fewshot", "robustness"]
     assert parse_evaluations("kNN, linear") == ["linear", "knn"]

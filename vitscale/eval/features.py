@@ -50,12 +50,19 @@ def reinit_(model: VisionTransformer, seed: int) -> VisionTransformer:
     """Replace every weight with a fresh seeded initialisation (the "random init" baseline of the same
     architecture). Each leaf layer re-runs its own ``reset_parameters``; tokens and a sin-cos table are redone
     by the model's ``_init_tokens``."""
+    resetters = [m for m in model.modules() if m is not model and hasattr(m, "reset_parameters")]
+    # A parameter no reset_parameters owns would keep its trained value and pass for random (LayerScale's gammas
+    # once did): refuse rather than report a baseline that is partly trained.
+    covered = {id(p) for m in resetters for p in m.parameters(recurse=False)}
+    covered |= {id(t) for t in (model.pos_embed, model.cls_token, model.reg_token) if t is not None}
+    missed = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ValueError(f"random init cannot re-initialise {', '.join(missed)} (no reset_parameters)")
     devices = {p.device for p in model.parameters()}
     with torch.random.fork_rng(devices=[d for d in devices if d.type == "cuda"]):
         torch.manual_seed(seed)
-        for module in model.modules():
-            if module is not model and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        for module in resetters:
+            module.reset_parameters()
         model._init_tokens()
     return model
 

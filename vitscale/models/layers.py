@@ -89,6 +89,12 @@ class LayerScale(nn.Module):
         self.init_values = init_values
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Re-initialising a model (eval's random-init baseline) walks every leaf's reset_parameters; without this
+        # the trained gammas would survive it.
+        self.gamma.fill_(float(self.init_values))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
 
