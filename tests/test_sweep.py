@@ -143,3 +143,17 @@ def test_parallel_cells_share_the_cores():
     assert child_threads(2, {}) == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
     assert child_threads(cores * 4, {}) == {"OMP_NUM_THREADS": "1"}
     assert child_threads(2, {"OMP_NUM_THREADS": "3"}) == {}  # the caller's choice stands
+
+
+def test_long_values_keep_cells_and_seeds_apart():
+    long = "p" * 160  # e.g. a model.init path or a shard spec longer than a cell name may be
+    cells = expand_grid([("logging.wandb.project", [long + "A", long + "B"])], [], seeds=[0, 1])
+    names = [c.name for c in cells]
+    assert len(set(names)) == 4  # cut at 150 after the seed suffix, all four shared one folder
+    assert all(len(n) <= 150 for n in names)
+    assert [n[-4:] for n in names] == ["__s0", "__s1", "__s0", "__s1"]  # the seed stays readable
+    assert names[0][:-4] == names[1][:-4] != names[2][:-4]  # one grid point's seeds differ only in their suffix
+    assert expand_grid([("logging.wandb.project", [long + "A"])], [], seeds=[0])[0].name == names[0]  # stable
+    assert expand_grid([("model.depth", ["1"])], [], seeds=[0])[0].name == "depth-1__s0"  # short names unchanged
+    with pytest.raises(SweepError, match=r"\(data.train_shards=a/b\) and \(data.train_shards=a:b\) would share the folder"):
+        expand_grid([("data.train_shards", ["a/b", "a:b"])], [], seeds=[0])

@@ -1,7 +1,9 @@
 """The grid: ``KEY=V1,V2`` axes times seeds -> cells, each a named list of ``key=value`` overrides."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,12 +30,22 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """A file-system-safe, unique, readable name: the run's `run.name` and its folder."""
-        parts = [f"{_short(k)}-{v}" for k, v in self.params] + [f"s{self.seed}"]
-        return re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))[:150]
+        """A file-system-safe, readable name: the run's `run.name` and its folder. The seed suffix is always kept;
+        axis values too long to show whole are cut and followed by a hash of all of them, so two cells that differ
+        only past the cut (long init paths, shard specs) still get folders of their own."""
+        body = re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(f"{_short(k)}-{v}" for k, v in self.params))
+        seed = f"s{self.seed}"
+        if len(body) + len(seed) + 2 > MAX_NAME:
+            digest = hashlib.sha256(json.dumps(self.params).encode()).hexdigest()[:HASH_CHARS]
+            body = f"{body[:MAX_NAME - len(seed) - HASH_CHARS - 3]}-{digest}"
+        return f"{body}__{seed}" if body else seed
 
     def overrides(self) -> list[str]:
         return [*self.fixed, *(f"{k}={v}" for k, v in self.params), f"run.seed={self.seed}"]
+
+
+MAX_NAME = 150  # well under the 255 bytes a file name may have, with room for what train adds
+HASH_CHARS = 10  # of the params' sha256: a collision among a grid's cells is out of reach
 
 
 def _short(key: str) -> str:
@@ -90,4 +102,17 @@ def expand_grid(axes: Sequence[tuple[str, list[str]]], fixed: Sequence[str], see
     """Every combination of axis values, for every seed; seed varies fastest so groups stay together."""
     keys = [k for k, _ in axes]
     combos = itertools.product(*(values for _, values in axes)) if axes else [()]
-    return [Cell(tuple(zip(keys, combo)), seed, tuple(fixed)) for combo in combos for seed in seeds]
+    cells = [Cell(tuple(zip(keys, combo)), seed, tuple(fixed)) for combo in combos for seed in seeds]
+    check_unique_names(cells)
+    return cells
+
+
+def check_unique_names(cells: Sequence[Cell]) -> None:
+    """Two cells with one name would train into one folder and report each other's results: refuse the grid.
+    (Values that differ only in characters a folder name cannot hold, e.g. ``a/b`` and ``a:b``, share a name.)"""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        other = seen.setdefault(cell.name, cell)
+        if other is not cell:
+            raise SweepError(f"cells ({other.group}) and ({cell.group}) would share the folder {cell.name!r}: "
+                             "their values differ only in characters a folder name cannot hold; rename one")
