@@ -86,6 +86,8 @@ def _data_flags(g) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of probes, random init, fine-tuning, perturbations")
     g.add_argument("--model", dest="model_name", default=None,
                    help="model name, only for safetensors files without vitscale metadata")
+    g.add_argument("--num-heads", type=_positive_int, default=None,
+                   help="attention heads of such a file when its width is not --model's (no qk-norm to tell)")
 
 
 def _feature_flags(f) -> None:

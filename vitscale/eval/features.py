@@ -68,7 +68,8 @@ def reinit_(model: VisionTransformer, seed: int) -> VisionTransformer:
 
 
 def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu", random_init: bool = False,
-                 seed: int = 0, model_name: Optional[str] = None) -> tuple[VisionTransformer, dict[str, Any]]:
+                 seed: int = 0, model_name: Optional[str] = None, num_heads: Optional[int] = None
+                 ) -> tuple[VisionTransformer, dict[str, Any]]:
     """The ViT that sees the images (an MAE's encoder), in eval mode, frozen, fp32, on ``device``.
 
     ``random_init`` keeps the architecture and re-initialises the weights with ``seed``; ``info["init"]``
@@ -76,7 +77,7 @@ def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    model, info = load_model(path, device=device, model_name=model_name)
+    model, info = load_model(path, device=device, model_name=model_name, num_heads=num_heads)
     encoder = objective_class(info["objective"]).encoder(model)
     if random_init:
         reinit_(encoder, seed)

@@ -50,6 +50,7 @@ class EvalOptions:
     random_init: bool = False
     with_random_init: bool = False
     model_name: Optional[str] = None
+    num_heads: Optional[int] = None  # a timm file's head count, where --model's variant has another width
     probe_epochs: int = 100
     probe_batch_size: int = 256
     probe_blr: float = 0.1
@@ -186,7 +187,8 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
     """The accelerator, the model under evaluation and its labelled data."""
     accelerator = make_accelerator(opts.device, opts.precision)
     say = (log or print) if accelerator.is_main_process else (lambda *a, **k: None)
-    model, info = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name)
+    model, info = load_encoder(ckpt, accelerator.device, opts.random_init, opts.seed, opts.model_name,
+                               opts.num_heads)
     cache_dir = opts.cache_dir or info["data_config"].get("cache_dir") or "data_cache"
     train_set, val_set = resolve_data(opts.data, opts.val_data, cache_dir, info)
     num_classes = head_classes(None, train_set, val_set)[0]  # the trainer's rule; an evaluation has no data.* keys

@@ -2,7 +2,8 @@
 ``model.init``, see :mod:`vitscale.weights.init`).
 
 Sources are those of :func:`vitscale.weights.read_weights`. vitscale runs and exports carry their model config;
-a plain timm-style file needs ``model_name`` (the other sizes are inferred from the tensor shapes). The model is
+a plain timm-style file needs ``model_name`` (the other sizes are inferred from the tensor shapes; the head count
+only where qk-norm records it, else it is the named variant's, or given when the widths differ). The model is
 built on the meta device and the weights are assigned to it, so a large model costs its weights once in memory
 and no random initialisation.
 """
@@ -16,12 +17,13 @@ import torch
 from torch import nn
 
 from vitscale.models.embed import HybridEmbed
-from vitscale.models.registry import parse_name
+from vitscale.models.registry import VARIANTS, parse_name
 from vitscale.objectives import build_saved_model, objective_class, objective_of_weights
 from vitscale.weights.sources import WeightsError, read_weights
 
 
-def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) -> dict[str, Any]:
+def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str,
+                     num_heads: Optional[int] = None) -> dict[str, Any]:
     """Sizes of a timm-style ViT from its tensor shapes (no metadata)."""
     _, _, named = parse_name(model_name)
     cfg: dict[str, Any] = {"name": model_name}
@@ -44,16 +46,38 @@ def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str) 
         if side * side == n:
             cfg["img_size"] = side * patch
     q_norm = sd.get(prefix + "blocks.0.attn.q_norm.weight")
-    if q_norm is not None:  # qk-norm: the norm's width is the head width, so the head count is known exactly
+    if q_norm is not None:
         cfg["qk_norm"] = True
-        cfg["num_heads"] = cfg.get("embed_dim", named["embed_dim"]) // q_norm.shape[0]
-    elif cfg.get("embed_dim") and cfg["embed_dim"] != named["embed_dim"]:
-        cfg["num_heads"] = max(1, cfg["embed_dim"] // 64)  # the usual 64-wide heads
+    heads = _num_heads(cfg.get("embed_dim", named["embed_dim"]), q_norm, model_name, num_heads)
+    if heads is not None:
+        cfg["num_heads"] = heads
     return cfg
 
 
+def _num_heads(width: int, q_norm: Optional[torch.Tensor], model_name: str, num_heads: Optional[int]
+               ) -> Optional[int]:
+    """The head count of a timm-style file: exact from qk-norm (its width is the head width), else as given,
+    else the named variant's (None) when the widths agree. A guess (width // 64) would build another network
+    that loads without complaint, so a width the variant does not have is refused, naming what to pass."""
+    if q_norm is not None:
+        return width // q_norm.shape[0]
+    if num_heads is not None:
+        if num_heads < 1 or width % num_heads:
+            raise WeightsError(f"--num-heads {num_heads} does not divide the weights' width {width}")
+        return num_heads
+    _, _, named = parse_name(model_name)
+    if width == named["embed_dim"]:
+        return None
+    same = [f"--model vit_{size}_patch{named['patch_size']} ({v['num_heads']} heads)"
+            for size, v in VARIANTS.items() if v["embed_dim"] == width]
+    raise WeightsError(f"the weights are {width} wide but {model_name} is {named['embed_dim']} wide, and a file "
+                       f"without qk-norm does not record its head count: pass --num-heads N"
+                       + "".join(f" or {s}" for s in same))
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-               model_name: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+               model_name: Optional[str] = None, num_heads: Optional[int] = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained model (eval mode, fp32, on ``device``) and describe it.
 
     Returns ``(model, info)``. ``model`` is what the objective that trained it rebuilds for these weights
@@ -62,7 +86,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     ``objective_cfg`` (the run's objective section; {} when unknown), ``part``, ``step``, ``is_hybrid``,
     ``img_size``, ``patch_size`` (pixel stride between tokens), ``grid_size``, ``num_prefix_tokens``,
     ``num_classes``, ``pos_embed_type`` ("learn" | "sincos" | "none"), ``params``, ``model_cfg``.
-    ``model_name`` is only needed for safetensors files without vitscale metadata.
+    ``model_name`` is only needed for files without vitscale metadata; ``num_heads`` too when such a file's width is
+    not the named variant's and it has no qk-norm (the only tensors that record the head count).
     """
     path = Path(path)
     w = read_weights(path)
@@ -73,11 +98,14 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         objective, sd = objective_of_weights(sd)
     part = w.part or "full"
     m = w.model_cfg
+    if m is not None and num_heads is not None:
+        raise WeightsError(f"{path} records its model (vitscale metadata): --num-heads is only for files without it")
     if m is None:
         if model_name is None:
             raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
                                f"vit_base_patch16)")
-        m = _infer_model_cfg(sd, model_name, "encoder." if any(k.startswith("encoder.") for k in sd) else "")
+        m = _infer_model_cfg(sd, model_name, "encoder." if any(k.startswith("encoder.") for k in sd) else "",
+                             num_heads)
     elif model_name is not None:
         m = {**m, "name": model_name}
 

@@ -1,0 +1,54 @@
+"""Rebuilding a model from a timm state dict that carries no vitscale metadata (`vitscale eval --model NAME`): what
+the tensors say is inferred from them, what they do not say is asked for in one line, never guessed."""
+import pytest
+import torch
+
+from vitscale.weights import WeightsError, load_model
+from vitscale.weights.load import _infer_model_cfg
+
+X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _timm(**kw):
+    import timm.models.vision_transformer as timm_vit
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    args.update(kw)
+    model = timm_vit.VisionTransformer(**args).eval()
+    with torch.no_grad():  # away from the init, so that a lost or misread tensor shows in the outputs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _max_diff(ours, theirs) -> float:
+    with torch.no_grad():
+        return (ours(X) - theirs(X)).abs().max().item()
+
+
+def test_head_count_is_never_guessed_from_the_width(tmp_path):
+    """96 wide with 2 heads of 48 under --model vit_micro_patch4 (128 wide): the old width // 64 guess built a 1-head
+    network whose logits were 4.9 off. Refused unless given; given, the outputs are timm's."""
+    theirs = _timm(embed_dim=96, num_heads=2)
+    path = tmp_path / "heads96x2.pth"
+    torch.save(theirs.state_dict(), path)
+    with pytest.raises(WeightsError, match=r"96 wide but vit_micro_patch4 is 128 wide.*pass --num-heads N$"):
+        load_model(path, model_name="vit_micro_patch4")
+    with pytest.raises(WeightsError, match="--num-heads 5 does not divide the weights' width 96"):
+        load_model(path, model_name="vit_micro_patch4", num_heads=5)
+    model, info = load_model(path, model_name="vit_micro_patch4", num_heads=2)
+    assert info["num_heads"] == 2 and _max_diff(model, theirs) <= 1e-5
+
+
+def test_a_registered_width_names_its_variant_and_qk_norm_gives_the_head_count(tmp_path):
+    import timm.models.vision_transformer as timm_vit
+
+    with torch.device("meta"):  # ViT-H/14's shapes at no cost
+        huge = timm_vit.VisionTransformer(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+    with pytest.raises(WeightsError, match=r"pass --num-heads N or --model vit_huge_patch14 \(16 heads\)$"):
+        _infer_model_cfg(huge.state_dict(), "vit_large_patch14", "")  # the old guess: 20 heads
+    theirs = _timm(embed_dim=96, num_heads=2, qk_norm=True)  # q_norm is head_dim (48) wide: 2 heads, exactly
+    torch.save(theirs.state_dict(), tmp_path / "qk.pth")
+    model, info = load_model(tmp_path / "qk.pth", model_name="vit_micro_patch4")
+    assert info["num_heads"] == 2 and _max_diff(model, theirs) <= 1e-5
