@@ -24,7 +24,10 @@ logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp
 loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
 (B*N*D*b) and one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N
 blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient) is added.
-The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1.
+The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1. ``model.freeze`` applies
+as in training (:func:`vitscale.models.freeze.freeze`): frozen parameters have no gradients or optimizer states,
+and blocks with no trainable parameter at or below them save nothing (autograd records no graph there), so a
+linear probe's frozen encoder keeps no block activations.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
 + the fp32 copy of the gradient partition ZeRO-1/2 make in mixed precision, one parameter group at a time).
@@ -54,6 +57,7 @@ from vitscale.bench.common import GB, resolve_num_classes
 from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.distributed.zero_tuning import ModelSizes
+from vitscale.models.freeze import freeze, records_graph
 from vitscale.models.layers import checkpoint_count
 from vitscale.distributed.ds_config import build_ds_config
 from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
@@ -78,6 +82,13 @@ class Stack:
     mlp: int
     heads: int
     block_params: int
+    # Leading blocks autograd records nothing for (model.freeze: no parameter at or below them trains), so they
+    # save no activations: a linear probe's frozen encoder keeps none (vitscale.models.freeze.records_graph).
+    frozen: int = 0
+
+    @property
+    def live(self) -> int:
+        return self.depth - self.frozen
 
 
 @dataclass
@@ -117,6 +128,7 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
     """Dimensions and parameter counts of the configured model, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(cfg, num_classes)
+    freeze(model, cfg.model.freeze)  # as training does: frozen parameters have no gradients or optimizer states
     sizes = ModelSizes.of(model)
     threshold = stage3_settings(cfg, sizes)["stage3_param_persistence_threshold"]
     ps = list(model.parameters())
@@ -130,7 +142,8 @@ def model_shape(cfg: Config, num_classes: int) -> ModelShape:
     def stack(name, blocks, tokens):
         blk = blocks[0]
         return Stack(name, len(blocks), tokens, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
-                     blk.attn.num_heads, sum(p.numel() for p in blk.parameters()))
+                     blk.attn.num_heads, sum(p.numel() for p in blk.parameters()),
+                     frozen=sum(not records_graph(model, b) for b in blocks))
 
     stacks = [stack(*spec) for spec in objective.block_stacks(model)]
     outside = {b: objective.outside_blocks_bytes(model, stacks, 1, b) for b in (2, 4)}
@@ -167,16 +180,18 @@ def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: Union[boo
     when backward starts and the checkpointed inputs plus one recomputed block (whose input is among its own
     activations); the estimate never grows with N (checkpointing the last block saves nothing)."""
     B, S = batch, shape.img_size
-    ckpt = checkpointed_blocks(shape, grad_ckpt)
+    # Frozen leading blocks (Stack.frozen) save nothing, checkpointed or not; they are among the first N.
+    ckpt = [max(n - st.frozen, 0) for st, n in zip(shape.stacks, checkpointed_blocks(shape, grad_ckpt))]
+    whole = [st.depth - st.frozen - n for st, n in zip(shape.stacks, ckpt)]  # saved in full
     inputs = [B * st.tokens * st.dim * b for st in shape.stacks]
     full = [block_activation_bytes(B, st, b) for st in shape.stacks]
-    saved = sum(n * i + (st.depth - n) * f for st, n, i, f in zip(shape.stacks, ckpt, inputs, full))
+    saved = sum(n * i + w * f for n, w, i, f in zip(ckpt, whole, inputs, full))
     recompute = sum(n * i for n, i in zip(ckpt, inputs)) + max(
         [f - i for n, i, f in zip(ckpt, inputs, full) if n > 0], default=0)
     blocks = max(saved, recompute)
     other = B * shape.in_chans * S * S * (1 + b)  # uint8 batch on the device + the images in compute dtype
     other += B * shape.outside_bytes[b]  # the objective's: loss, final norms, head
-    transient = max(B * st.tokens * st.mlp * b for st in shape.stacks)
+    transient = max((B * st.tokens * st.mlp * b for st in shape.stacks if st.live), default=0)
     return {"blocks": int(blocks), "other": int(other), "transient": int(transient)}
 
 

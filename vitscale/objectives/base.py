@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import Config
+from vitscale.models.freeze import records_graph
 
 # model.<key> -> keyword of ``vitscale.models.create_model`` (None values keep the variant's default). A new model
 # option is one line here plus its field in config/schema.py.
@@ -115,7 +116,10 @@ class Objective(abc.ABC):
         By default a classifier: the final norm (all tokens for [CLS] pooling, else the pooled features) and
         the logits with their fp32 log-softmax."""
         st = stacks[0]
-        if getattr(model, "global_pool", "token") == "token":
+        norm = getattr(model, "norm", None)
+        if isinstance(norm, nn.Module) and any(True for _ in norm.parameters()) and not records_graph(model, norm):
+            out = batch * st.dim * b  # a frozen encoder: only the head's input is kept (model.freeze=encoder)
+        elif getattr(model, "global_pool", "token") == "token":
             out = 2 * batch * st.tokens * st.dim * b  # final norm: its input, and its output kept by the [CLS] view
         else:
             out = 2 * batch * st.dim * b  # pooled features and fc_norm output

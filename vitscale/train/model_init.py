@@ -14,11 +14,10 @@ from torch import nn
 
 from vitscale.config.schema import Config
 from vitscale.distributed import engine as eng
-from vitscale.errors import ConfigError
+from vitscale.models.freeze import freeze  # one implementation, shared with the planner
 from vitscale.weights.fit import encoder_of
 from vitscale.weights.init import InitPlan, plan_init
 
-HEAD_PARAMS = ("head.", "head_norm.")  # what trains when model.freeze=encoder
 
 
 def plan(cfg: Config, build_model: Callable[[], nn.Module], resuming: bool,
@@ -60,27 +59,3 @@ def init_head(model: nn.Module, std: float, seed: int) -> None:
     with eng.gathered_params([head.weight, head.bias]):
         head.weight.data.copy_(weight.to(head.weight.device, head.weight.dtype))
         head.bias.data.zero_()
-
-
-def freeze(model: nn.Module, spec: str) -> list[str]:
-    """Stop gradients for the parameters ``spec`` names ("encoder" = all but the head); returns their names."""
-    items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not items:
-        return []
-    names = [n for n, _ in model.named_parameters()]
-    frozen: set[str] = set()
-    for item in items:
-        if item == "encoder":
-            hit = [n for n in names if not n.startswith(HEAD_PARAMS)]
-        else:
-            hit = [n for n in names if n == item or n.startswith(item.rstrip(".") + ".")]
-        if not hit:
-            raise ConfigError(f"model.freeze: {item!r} names no parameter (use 'encoder' or a prefix such as "
-                              f"'blocks.0' or 'patch_embed')")
-        frozen.update(hit)
-    if len(frozen) == len(names):
-        raise ConfigError(f"model.freeze={spec!r} freezes every parameter: nothing would train")
-    for n, p in model.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
-    return sorted(frozen)

@@ -1,0 +1,80 @@
+"""The planner against what autograd really saves and computes: model.freeze (a linear probe's frozen encoder keeps
+no block activations and costs no backward), qk_norm and LayerScale. Micro ViTs measured on CPU; real recipes only
+on the meta device."""
+from pathlib import Path
+
+import torch
+
+from conftest import DEMO
+from vitscale.bench.plan import block_activation_bytes, model_shape, plan_memory
+from vitscale.config.load import load_config
+from vitscale.objectives import build_model
+from vitscale.train.model_init import freeze  # the trainer's own freeze
+
+LINPROBE = str(Path(__file__).resolve().parents[1] / "configs" / "linprobe_mae_vit_l16.yaml")
+MICRO = ["model.embed_dim=64", "model.depth=4", "model.num_heads=2", "data.num_classes=10", "data.batch_size=8"]
+
+
+def _block_saved_bytes(model, x):
+    """Bytes of the distinct storages autograd saves while a block of ``model`` runs forward (the blocks' own
+    activations, as the plan's ``blocks`` term counts them)."""
+    inside, seen = [False], {}
+    hooks = [h for blk in model.blocks for h in (
+        blk.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        blk.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
+
+    def pack(t):
+        if inside[0]:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values())
+
+
+def test_plan_applies_model_freeze_like_training():
+    """configs/linprobe_mae_vit_l16.yaml freezes the encoder: the plan counts the head's 1.025M parameters
+    (1024 x 1000 + 1000) as trainable, not 304M, and no block activations (it planned 155 GB at ZeRO-0)."""
+    cfg = load_config(LINPROBE, ["model.init="])
+    plan = plan_memory(cfg, gpus=8, nodes=4, num_classes=1000)
+    assert plan.params > 300e6 and plan.trainable == 1024 * 1000 + 1000
+    r = plan.row(0)
+    assert r.grads == 4 * plan.trainable and r.optimizer == 8 * plan.trainable  # fp32: grads, two moments
+    assert plan.activation_detail["no_ckpt"]["blocks"] == 0 and plan.activation_detail["no_ckpt"]["transient"] == 0
+    assert r.fits and r.total < 2 * 2 ** 30, r.total
+
+
+def test_frozen_blocks_save_what_the_plan_counts():
+    """Micro ViT, batch 8, fp32: freezing the encoder saves nothing in the blocks (plan 0); freezing the embedding
+    and block 0 leaves 3 of 4 blocks saving a full block's activations each (block 0 has no trainable input)."""
+    for spec, live in [("encoder", 0), ("patch_embed,cls_token,pos_embed,blocks.0", 3), ("blocks.0", 4)]:
+        cfg = load_config(DEMO, [*MICRO, f"model.freeze={spec}"])
+        shape = model_shape(cfg, 10)
+        st = shape.stacks[0]
+        assert (st.depth, st.frozen) == (4, 4 - live)
+        planned = plan_memory(cfg, gpus=1, shape=shape).activation_detail["no_ckpt"]["blocks"]
+        assert planned == live * block_activation_bytes(8, st, 4)
+        torch.manual_seed(0)
+        model = build_model(cfg, 10).train()
+        freeze(model, spec)
+        measured = _block_saved_bytes(model, torch.randn(8, 3, 32, 32))
+        if live == 0:
+            assert measured == 0
+        else:
+            assert abs(planned - measured) / measured < 0.15, (spec, planned, measured)
+
+
+def test_preflight_fit_batch_follows_model_freeze(monkeypatch):
+    """The linear-probe rehearsal on 2 CPU processes with 4 GB each: ViT-L's fp32 weights and runtime (~2.1 GB)
+    fit at the rehearsal's batch 2; planned as if all 304M parameters trained (~5.7 GB) it was cut to 1."""
+    from vitscale.bench import preflight
+
+    monkeypatch.setattr(preflight, "available_bytes", lambda: 8 * 2 ** 30)
+    recipe = load_config(LINPROBE, ["model.init="])
+    overrides = ["model.init=", *preflight.rehearsal_overrides(recipe, cuda=False)]
+    cfg, planned = preflight.fit_batch((LINPROBE, overrides), 2, "cpu")
+    assert cfg.data.batch_size == 2 and 1.5 * 2 ** 30 < planned < 2.5 * 2 ** 30, planned
