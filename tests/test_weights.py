@@ -118,8 +118,10 @@ def test_mae_release_format_into_an_avg_pool_classifier(tmp_path):
             assert torch.equal(dict(model.named_parameters())[name], p), name
     assert torch.equal(model.fc_norm.weight, torch.ones(64))  # fresh LayerNorm, as MAE fine-tuning starts it
     # the same file as an MAE model for analysis: the loader maps the release's keys too
-    loaded, info = load_model(tmp_path / "mae_pretrain.pth", model_name="mae_vit_micro_patch4")
+    # 64 wide under a 128-wide name, no qk-norm: the head count is given (it was guessed as 1; the MAE has 2)
+    loaded, info = load_model(tmp_path / "mae_pretrain.pth", model_name="mae_vit_micro_patch4", num_heads=2)
     assert info["objective"] == "mae" and info["part"] == "full"  # adopted as the MAE it is, decoder included
+    assert info["num_heads"] == 2
     assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
 
 
@@ -241,3 +243,4 @@ def test_timm_encoder_into_an_mae_starts_the_decoder_fresh():
     copy_state(mae, to_model_keys(mae, fit.state_dict))
     assert torch.equal(mae.encoder.blocks[1].attn.qkv.weight, theirs.blocks[1].attn.qkv.weight)
     assert torch.equal(mae.decoder_pred.weight, decoder_before)
+
