@@ -244,3 +244,20 @@ def test_timm_encoder_into_an_mae_starts_the_decoder_fresh():
     assert torch.equal(mae.encoder.blocks[1].attn.qkv.weight, theirs.blocks[1].attn.qkv.weight)
     assert torch.equal(mae.decoder_pred.weight, decoder_before)
 
+
+def test_mae_release_into_an_mae_at_another_size_keeps_its_own_sincos_tables(tmp_path):
+    """Continued MAE pretraining at 48 px from a 32 px MAE release: both fixed sin-cos tables are the model's own
+    exact 12x12 ones (a bicubic resample of the 8x8 table was 1.89 off the exact one), everything else loads."""
+    from vitscale.models.pos_embed import sincos_2d
+
+    src = _mae_release(tmp_path / "mae_pretrain.pth")
+    plan = plan_init(str(tmp_path / "mae_pretrain.pth"), lambda: create_model("mae_vit_micro_patch4", img_size=48,
+                                                                               **DIMS))
+    assert plan.report.endswith("(MAE release format); pos_embed and decoder_pos_embed: the model's own sin-cos "
+                                "tables for 12x12 (fixed, not resampled)")
+    mae = create_model("mae_vit_micro_patch4", img_size=48, **DIMS)
+    plan.apply(mae, log=lambda s: None)
+    assert torch.equal(mae.encoder.pos_embed, sincos_2d(64, (12, 12), 1)[None])
+    assert torch.equal(mae.decoder_pos_embed, sincos_2d(mae.decoder_pos_embed.shape[-1], (12, 12), 1)[None])
+    assert torch.equal(mae.encoder.blocks[1].attn.qkv.weight, src.encoder.blocks[1].attn.qkv.weight)
+    assert torch.equal(mae.encoder.cls_token, src.encoder.cls_token)

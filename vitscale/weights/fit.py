@@ -9,7 +9,8 @@ Tolerated differences (each reported): the decoder and mask token dropped (ViT t
 target without them in the source); the classifier head started fresh when the source has none or another class
 count (or dropped when the target has none); MAE-style pooling (``fc_norm`` fresh, the source's final ``norm``
 dropped, as MAE fine-tuning does) and the reverse; the head's BatchNorm statistics; ``pos_embed`` resampled to the
-target's patch grid. Anything else missing, unexpected or of another shape is a :class:`WeightsError`.
+target's patch grid -- or, for a fixed sin-cos table (an MAE's), the target's own exact table kept. Anything else
+missing, unexpected or of another shape is a :class:`WeightsError`.
 """
 from __future__ import annotations
 
@@ -112,26 +113,36 @@ def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], what: str 
         src = {k: v for k, v in src.items() if not HEAD_RE.match(k)}
     fit.fresh += [k for k in target if HEAD_NORM_RE.match(k) and k not in src]  # BatchNorm statistics
     _fit_norms(target, src, fit)
-    bad_shape = []
+    bad_shape, kept = [], []
     for key, value in src.items():
         if key not in target or key in fit.fresh:
             continue
         if tuple(value.shape) != target[key]:
-            if key == "pos_embed":
-                value, note = resample_pos_embed(value, target[key], enc.num_prefix_tokens,
-                                                 tuple(enc.patch_embed.grid_size))
-                fit.notes.append(note)
-            elif key == "decoder_pos_embed":  # a fixed sin-cos table: the target's own is already right
+            if key in _fixed_tables(enc):  # the target's own sin-cos table is exact at its grid; resampling is not
                 fit.fresh.append(key)
+                kept.append(key)
                 continue
-            else:
+            if key != "pos_embed":
                 bad_shape.append(f"{key} {tuple(value.shape)} vs {target[key]}")
                 continue
+            value, note = resample_pos_embed(value, target[key], enc.num_prefix_tokens,
+                                             tuple(enc.patch_embed.grid_size))
+            fit.notes.append(note)
         fit.state_dict[key] = value
+    if kept:
+        grid = "x".join(map(str, enc.patch_embed.grid_size))
+        fit.notes.append(f"{' and '.join(sorted(kept, key=len))}: the model's own sin-cos table"
+                         f"{'s' if len(kept) > 1 else ''} for {grid} (fixed, not resampled)")
     missing = sorted(k for k in target if k not in fit.state_dict and k not in fit.fresh)
     unexpected = sorted(k for k in src if k not in target)
     _refuse(what, missing, unexpected, bad_shape)
     return fit
+
+
+def _fixed_tables(enc: nn.Module) -> set[str]:
+    """Canonical keys of fixed (not trained) sin-cos position tables: an MAE's decoder table, and the encoder's when
+    it is built as sin-cos."""
+    return {"decoder_pos_embed"} | ({"pos_embed"} if getattr(enc, "pos_embed_type", None) == "sincos" else set())
 
 
 def _fit_norms(target: dict, src: dict, fit: Fit) -> None:
