@@ -157,3 +157,56 @@ def test_long_values_keep_cells_and_seeds_apart():
     assert expand_grid([("model.depth", ["1"])], [], seeds=[0])[0].name == "depth-1__s0"  # short names unchanged
     with pytest.raises(SweepError, match=r"\(data.train_shards=a/b\) and \(data.train_shards=a:b\) would share the folder"):
         expand_grid([("data.train_shards", ["a/b", "a:b"])], [], seeds=[0])
+
+
+def _fake_training(calls: list):
+    """Stands in for the child `vitscale train` (the sweep's bookkeeping is under test, not training): its final
+    loss is 1 / train.steps, so a reused result shows which settings made it."""
+    def child(plan, args, log_path):
+        given = dict(a.split("=", 1) for a in args if "=" in a)
+        calls.append(given["run.name"])
+        steps = int(given["train.steps"])
+        (log_path.parent / "metrics.jsonl").write_text(json.dumps({"step": steps, "loss": 1 / steps}) + "\n")
+        return None
+    return child
+
+
+def test_relaunch_with_other_settings_is_refused_and_an_unchanged_one_resumes(tmp_path, monkeypatch):
+    from vitscale.config.load import load_config, save_config
+    from vitscale.sweep import runner
+    from vitscale.sweep.run import SweepOptions, sweep
+
+    calls: list = []
+    monkeypatch.setattr(runner, "_child", _fake_training(calls))
+    out = tmp_path / "sw"
+
+    def launch(*shared):
+        opts = SweepOptions(config=DEMO, grid=["optim.lr=1e-3,2e-3", *shared], out=str(out))
+        return sweep(opts, log=lambda _: None)
+
+    first = launch("train.steps=3")
+    assert len(calls) == 2 and first["rows"][0]["train_loss"]["mean"] == pytest.approx(1 / 3)
+    report = (out / "sweep.json").read_text()
+    with pytest.raises(SweepError, match=r"lr-1e-3__s0 \(and 1 more cells of .*\) was run with other settings "
+                                         r"\(optim\.weight_decay 0\.05 -> 0\.3, train\.steps 3 -> 6\).*new --out"):
+        launch("train.steps=6", "optim.weight_decay=0.3")  # was: both cells reused, reported as 6-step results
+    with pytest.raises(SweepError, match=r"--eval \"\" -> knn"):
+        sweep(SweepOptions(config=DEMO, grid=["optim.lr=1e-3,2e-3", "train.steps=3"], out=str(out), evals=["knn"]))
+    assert len(calls) == 2 and (out / "sweep.json").read_text() == report  # nothing ran, nothing rewritten
+
+    same = launch("train.steps=3", "optim.weight_decay=0.050")  # the config's own value, spelled out: same settings
+    assert same["rows"] == first["rows"] and len(calls) == 2  # kept
+    record = out / "cells" / "lr-2e-3__s0" / "sweep_cell.json"
+    killed = {**json.loads(record.read_text()), "status": "running"}  # what a sweep killed mid-cell leaves
+    record.write_text(json.dumps(killed))
+    launch("train.steps=3")
+    assert calls[2:] == ["lr-2e-3__s0"]  # the interrupted cell runs again (its training resumes), the other is kept
+
+    # folders of a vitscale before these records: the run's own config.yaml says what it was trained with (one
+    # without a config.yaml never reached training: nothing to compare)
+    for cell in ("lr-1e-3__s0", "lr-2e-3__s0"):
+        path = out / "cells" / cell / "sweep_cell.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "settings"}))
+    save_config(load_config(DEMO, ["optim.lr=2e-3", "train.steps=3"]), record.parent / "config.yaml")
+    with pytest.raises(SweepError, match=r"lr-2e-3__s0 was run with other settings \(train\.steps 3 -> 4\)"):
+        launch("train.steps=4")

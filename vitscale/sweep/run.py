@@ -10,6 +10,7 @@ from vitscale.errors import VitscaleError
 from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import summarize, write_report
 from vitscale.sweep.runner import FINETUNE, SweepPlan, finetune_overrides, load_result, run_cells, train_overrides
+from vitscale.sweep.settings import cell_settings, check_recorded, finetune_settings
 
 OWNED_KEYS = ("run.dir", "run.name", "run.seed")  # the sweep sets these for each cell
 
@@ -37,6 +38,7 @@ def sweep(opts: SweepOptions, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the sweep; returns the summary written to ``sweep.json``."""
     cells, plan = plan_sweep(opts)
     invalid = validate_cells(plan, cells)
+    check_recorded(plan, cells)
     mine = [c for i, c in enumerate(cells) if i % opts.shard[1] == opts.shard[0]]
     if opts.dry_run:
         for c in mine:
@@ -106,13 +108,17 @@ def check_finetune(opts: SweepOptions) -> None:
 
 
 def validate_cells(plan: SweepPlan, cells: Sequence[Cell]) -> dict[str, str]:
-    """``{cell name: one-line error}`` for cells whose config does not validate; all invalid is an error."""
+    """``{cell name: one-line error}`` for cells whose config does not validate; all invalid is an error. Records
+    what each valid cell computes in ``plan.settings`` (from the config loaded here: one load per cell)."""
     invalid: dict[str, str] = {}
+    finetune = finetune_settings(plan)
     for cell in cells:
         try:
-            load_config(plan.config, train_overrides(plan, cell))
+            cfg = load_config(plan.config, train_overrides(plan, cell))
         except (VitscaleError, ValueError) as e:
             invalid[cell.name] = str(e).splitlines()[0]
+        else:
+            plan.settings[cell.name] = cell_settings(plan, cfg, finetune)
     if invalid and len(invalid) == len(cells):
         raise SweepError(f"no cell of the sweep has a valid config: {next(iter(invalid.values()))}")
     return invalid

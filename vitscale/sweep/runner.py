@@ -1,8 +1,9 @@
 """Run the cells of a sweep: each is a real `vitscale train` (and `vitscale eval`) in a child process.
 
 A cell's folder is its run directory (`OUT/cells/<name>/`: config.yaml, metrics.jsonl, checkpoints) plus
-`sweep_cell.json` (status and metrics) and `train.log`. A cell whose `sweep_cell.json` says ok is not run
-again; a failed or interrupted one is (its training resumes from its own checkpoints).
+`sweep_cell.json` (status, metrics and the settings it runs with, written before it starts) and `train.log`. A cell
+whose `sweep_cell.json` says ok is not run again; a failed or interrupted one is (its training resumes from its own
+checkpoints). Both only when the settings match this sweep's (checked before anything runs: sweep/settings.py).
 
 The ``finetune`` evaluation is a second `vitscale train` (fine-tuning is a mode of training, not of eval): the
 ``finetune_config`` initialised from the cell's run (``model.init``), in ``<cell>/finetune/``, same seed; its
@@ -44,6 +45,7 @@ class SweepPlan:
     jobs: int = 1
     timeout_s: Optional[float] = None
     extra_env: dict = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)  # cell name -> what it computes (sweep/settings.py)
 
     @property
     def cells_dir(self) -> Path:
@@ -97,7 +99,11 @@ def _run_one(plan: SweepPlan, cell: Cell, log: Callable[[str], None]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = {"name": cell.name, "group": cell.group, "params": dict(cell.params), "seed": cell.seed,
-              "status": "ok", "metrics": {}}
+              "status": "running", "metrics": {}, "overrides": cell.overrides(),
+              "settings": plan.settings.get(cell.name)}
+    # Recorded before the child starts: a relaunch after a kill must know what the checkpoints here were made with.
+    (folder / RESULT).write_text(json.dumps(result, indent=1) + "\n")
+    result["status"] = "ok"
     log(f"sweep: {cell.name}: training")
     error = _child(plan, ["train", "--config", plan.config, *train_overrides(plan, cell)], folder / "train.log")
     if error is None and plan.evals:
