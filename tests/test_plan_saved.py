@@ -78,3 +78,40 @@ def test_preflight_fit_batch_follows_model_freeze(monkeypatch):
     overrides = ["model.init=", *preflight.rehearsal_overrides(recipe, cuda=False)]
     cfg, planned = preflight.fit_batch((LINPROBE, overrides), 2, "cpu")
     assert cfg.data.batch_size == 2 and 1.5 * 2 ** 30 < planned < 2.5 * 2 ** 30, planned
+
+
+def _counted_train_flops(objective, model, images, labels):
+    """FLOPs torch counts in one training step (forward, backward) per image. Attention runs on SDPA's math
+    path: torch's counter does not count the CPU flash kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = objective(model, images, labels)
+        loss.backward()
+    return fc.get_total_flops() / len(images)
+
+
+def test_flops_per_image_counts_backward_only_for_what_gets_gradients():
+    """MFU's numerator against torch's FLOP counter on micro models (batch 2): with the encoder frozen the step is
+    a forward and the head's backward (~1.0x forward, was reported 3x); block 0 frozen with the embedding drops its
+    backward; frozen later blocks still pass gradients down (weight gradients only are skipped); MAE likewise."""
+    from vitscale.models.flops import forward_flops
+    from vitscale.objectives import objective_for
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    cases = [("supervised", "", 3.0), ("supervised", "encoder", 1.0),
+             ("supervised", "patch_embed,cls_token,pos_embed,blocks.0", 2.5), ("supervised", "blocks.3", 2.75),
+             ("mae", "encoder.patch_embed,encoder.cls_token,encoder.blocks", None)]
+    for name, spec, ratio in cases:
+        cfg = load_config(DEMO, [*MICRO, f"objective.name={name}", f"model.freeze={spec}"])
+        objective = objective_for(cfg)
+        model = objective.build_model(10)
+        freeze(model, spec)
+        planned = objective.flops_per_image(model)
+        counted = _counted_train_flops(objective, model, images, labels)
+        assert abs(planned - counted) / counted < 0.1, (name, spec, planned, counted)
+        if ratio is not None:
+            assert abs(planned / forward_flops(model) - ratio) < 0.02, (spec, planned / forward_flops(model))

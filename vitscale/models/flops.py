@@ -1,7 +1,8 @@
 """Analytic forward FLOPs and parameter counts (no forward pass, no memory).
 
 FLOPs count matmuls and convolutions as 2*M*N*K, like ``torch.utils.flop_counter.FlopCounterMode``;
-norms, activations, softmax and elementwise ops are not counted. Training costs ~3x the forward.
+norms, activations, softmax and elementwise ops are not counted. Training costs ~3x the forward, less with frozen
+parameters (:func:`train_flops`).
 The count reads only the model's configuration, so it also works on meta or ZeRO-3-sharded models.
 """
 from __future__ import annotations
@@ -40,23 +41,61 @@ def num_patches(vit: nn.Module, img_size: tuple[int, int]) -> int:
     return (img_size[0] // ph) * (img_size[1] // pw)
 
 
+# A model's forward FLOPs per image part by part, in forward order: (prefixes of the part's parameter names, FLOPs).
+Parts = list[tuple[tuple[str, ...], int]]
+
+
+def vit_flop_parts(vit: nn.Module, img_size: tuple[int, int], visible: Optional[int] = None,
+                   with_head: bool = True, prefix: str = "") -> Parts:
+    """:func:`vit_flops` part by part: the embedding (with [CLS], registers and position table), each block, and
+    the final norms with the head; ``prefix`` is the ViT's name inside a larger model (e.g. "encoder.")."""
+    n = num_patches(vit, img_size) if visible is None else visible
+    block = blocks_flops(n + vit.num_prefix_tokens, vit.embed_dim, vit.num_heads, vit.mlp_hidden_dim, 1)
+    head = linear_flops(1, vit.embed_dim, vit.num_classes) if with_head and vit.num_classes > 0 else 0
+
+    def names(*parts: str) -> tuple[str, ...]:
+        return tuple(prefix + x for x in parts)
+
+    return [(names("patch_embed", "cls_token", "reg_token", "pos_embed"), _embed(vit, img_size)),
+            *[(names(f"blocks.{i}"), block) for i in range(vit.depth)],
+            (names("norm", "fc_norm", "head_norm", "head"), head)]
+
+
 def vit_flops(vit: nn.Module, img_size: tuple[int, int], visible: Optional[int] = None,
               with_head: bool = True) -> int:
     """Encoder FLOPs per image; ``visible`` = patch tokens that enter the blocks (default: all)."""
-    n = num_patches(vit, img_size) if visible is None else visible
-    tokens = n + vit.num_prefix_tokens
-    total = _embed(vit, img_size) + blocks_flops(tokens, vit.embed_dim, vit.num_heads, vit.mlp_hidden_dim, vit.depth)
-    if with_head and vit.num_classes > 0:
-        total += linear_flops(1, vit.embed_dim, vit.num_classes)
+    return sum(f for _, f in vit_flop_parts(vit, img_size, visible, with_head))
+
+
+def train_flops(model: nn.Module, parts: Parts) -> int:
+    """Forward + backward FLOPs per image of a training step, from the forward FLOPs of ``model``'s ``parts``.
+
+    A part's backward costs its forward once for the gradients of its own weights, if any of them trains, and once
+    for the gradient of its input, if any parameter at or below it trains (a part that contains the first trainable
+    parameter is counted whole, as 3 x forward counts the patch embedding's). With nothing frozen this is the usual
+    3 x forward; with ``model.freeze=encoder`` the encoder is a forward alone and only the head has a backward."""
+    model = unwrap(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    total, below = 0, False
+    for prefixes, flops in parts:
+        own = any(n == pre or n.startswith(pre + ".") for n in trained for pre in prefixes)
+        below = below or own
+        total += flops * (1 + int(own) + int(below))
     return total
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a wrapper such as a DeepSpeed engine (``.module``); the model itself otherwise."""
+    if not hasattr(model, "forward_flops") and isinstance(getattr(model, "module", None), nn.Module):
+        return model.module
+    return model
 
 
 def forward_flops(model: nn.Module, img_size: Union[int, tuple[int, int], None] = None,
                   mask_ratio: Optional[float] = None) -> int:
     """Forward FLOPs for one image: the model's own ``forward_flops`` (every vitscale model has one; an MAE's
     ``mask_ratio`` defaults to its own, a plain ViT takes none). A wrapper (e.g. a DeepSpeed engine) is unwrapped."""
-    if not hasattr(model, "forward_flops") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    model = unwrap(model)
     if not hasattr(model, "forward_flops"):
         raise TypeError(f"forward_flops supports vitscale's models, got {type(model).__name__}")
     size = to_2tuple(img_size) if img_size is not None else None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vitscale.config.schema import ObjectiveConfig
-from vitscale.models.flops import blocks_flops, linear_flops, num_patches, vit_flops
+from vitscale.models.flops import Parts, blocks_flops, linear_flops, num_patches, vit_flop_parts
 from vitscale.models.layers import Block, LayerNorm, Linear, checkpoint_count, run_blocks
 from vitscale.models.pos_embed import sincos_2d
 from vitscale.models.vit import VisionTransformer, mlp_hidden
@@ -188,13 +188,19 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_flops(self, img_size: Optional[tuple[int, int]] = None, mask_ratio: Optional[float] = None) -> int:
         """Forward FLOPs per image: the encoder on the kept patches (+ prefix tokens), the decoder on all of them;
         ``mask_ratio`` defaults to the model's own."""
+        return int(sum(f for _, f in self.flop_parts(img_size, mask_ratio)))
+
+    def flop_parts(self, img_size: Optional[tuple[int, int]] = None, mask_ratio: Optional[float] = None) -> Parts:
+        """:meth:`forward_flops` part by part in forward order, each named by its parameters' prefixes (what
+        :func:`vitscale.models.flops.train_flops` needs to leave frozen parts out of the backward)."""
         enc = self.encoder
         size = img_size or enc.patch_embed.img_size
         n = num_patches(enc, size)
         keep = tokens_kept(n, self.mask_ratio if mask_ratio is None else mask_ratio)
         npt, dd = self.num_prefix_tokens, self.decoder_embed_dim
-        total = vit_flops(enc, size, visible=keep, with_head=False)
-        total += linear_flops(keep + npt, enc.embed_dim, dd)  # decoder_embed
-        total += blocks_flops(n + npt, dd, self.decoder_num_heads, self.decoder_mlp_hidden_dim, self.decoder_depth)
+        block = blocks_flops(n + npt, dd, self.decoder_num_heads, self.decoder_mlp_hidden_dim, 1)
         p = enc.patch_embed.patch_size
-        return int(total + linear_flops(n + npt, dd, p[0] * p[1] * self.in_chans))  # decoder_pred
+        return [*vit_flop_parts(enc, size, visible=keep, with_head=False, prefix="encoder."),
+                (("decoder_embed", "mask_token", "decoder_pos_embed"), linear_flops(keep + npt, enc.embed_dim, dd)),
+                *[((f"decoder_blocks.{i}",), block) for i in range(self.decoder_depth)],
+                (("decoder_norm", "decoder_pred"), linear_flops(n + npt, dd, p[0] * p[1] * self.in_chans))]

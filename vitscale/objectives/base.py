@@ -138,7 +138,9 @@ class Objective(abc.ABC):
 
     @abc.abstractmethod
     def flops_per_image(self, model: nn.Module) -> float:
-        """Training FLOPs per image (forward + backward = 3 x forward) of ``model``."""
+        """Training FLOPs per image of ``model``: forward + backward, 3 x forward when everything trains; frozen
+        parts (``model.freeze``) have no weight-gradient backward, and no backward at all below the first trainable
+        parameter (:func:`vitscale.models.flops.train_flops`)."""
 
     @abc.abstractmethod
     def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor

@@ -20,7 +20,7 @@ from vitscale.errors import ConfigError
 from vitscale.logging.figures import new_figure, save_figure
 from vitscale.models import create_model
 from vitscale.models.mae import tokens_kept
-from vitscale.models.flops import forward_flops
+from vitscale.models.flops import train_flops, unwrap
 from vitscale.objectives.base import Objective, Picture, model_kwargs
 from vitscale.pixels import denormalize
 
@@ -129,7 +129,8 @@ class MAE(Objective):
         return model
 
     def flops_per_image(self, model: nn.Module) -> float:
-        return 3 * forward_flops(model)  # at the model's own mask ratio (objective.mask_ratio, set at build)
+        mae = unwrap(model)  # at the model's own mask ratio (objective.mask_ratio, set at build); frozen parts
+        return float(train_flops(mae, mae.flop_parts()))  # (model.freeze) have no backward
 
     def __call__(self, model: Callable, images: torch.Tensor, labels: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

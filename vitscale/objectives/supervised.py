@@ -10,7 +10,7 @@ from torch import nn
 from vitscale.config.schema import Config
 from vitscale.errors import ConfigError
 from vitscale.models import create_model
-from vitscale.models.flops import forward_flops
+from vitscale.models.flops import train_flops, unwrap, vit_flop_parts
 from vitscale.objectives.base import Objective, model_kwargs
 
 
@@ -43,7 +43,8 @@ class Supervised(Objective):
         return model
 
     def flops_per_image(self, model: nn.Module) -> float:
-        return 3 * forward_flops(model)
+        vit = unwrap(model)  # frozen parts (model.freeze) have no backward
+        return float(train_flops(vit, vit_flop_parts(vit, vit.patch_embed.img_size)))
 
     def __call__(self, model: Callable, images: torch.Tensor, labels: torch.Tensor
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
