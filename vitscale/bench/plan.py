@@ -19,7 +19,10 @@ Activations (what autograd saves for backward, per micro-batch; b = bytes per el
 per transformer block with N tokens, width D, MLP width M and h heads, B * N * ((8D + 2M) * b + (4 + h) * 4):
 block input, LN1 output, qkv (3D), attention output (flash/SDPA keeps no N x N matrix; the projection input is
 a view of it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp32 LayerNorm statistics and the
-attention log-sum-exp. Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
+attention log-sum-exp. ``model.qk_norm`` adds 3D * b + 4h * 4 (the normalised queries and keys, a copy of the
+attention output as the projection's input, no longer a view of it, and the norms' fp32 mean and rstd), LayerScale
+(``model.init_values``) 2D * b (the two branch outputs its gammas multiply): measured with saved-tensor hooks on
+one block (tests/test_plan_saved.py). Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
 logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
 loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
 (B*N*D*b) and one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N
@@ -47,152 +50,24 @@ live tensor bytes of a real engine step (``vitscale plan --measure``, :mod:`vits
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
-
-import torch
+from typing import Any, Optional
 
 from vitscale.bench.common import GB, resolve_num_classes
+from vitscale.bench.plan_shape import (DEFAULT_BUCKET, STAGE3_DEFAULTS, ModelShape, Stack, activation_bytes,
+                                       block_activation_bytes, checkpointed_blocks, model_shape, stage3_settings)
 from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
-from vitscale.distributed.zero_tuning import ModelSizes
-from vitscale.models.freeze import freeze, records_graph
-from vitscale.models.layers import checkpoint_count
 from vitscale.distributed.ds_config import build_ds_config
-from vitscale.objectives import build_model, objective_for  # the one model factory: same model as training
-from vitscale.optim import param_groups
 
-STAGE3_DEFAULTS = {"stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),
-                   "sub_group_size": int(1e12)}
+__all__ = ["CPU_RUNTIME_BYTES", "DEFAULT_BUCKET", "OPTIONS", "STAGE3_DEFAULTS", "ModelShape", "Option", "Plan", "Row",
+           "Stack", "activation_bytes", "block_activation_bytes", "checkpointed_blocks", "cpu_step_bytes",
+           "model_shape", "model_state_bytes", "plan_memory", "stage3_settings"]
+
 # Resident memory of a training process besides its model: Python, torch, DeepSpeed, gloo, the data pipeline
 # (measured: 0.53 GB after engine setup; 0.89 GB peak for a whole `vitscale train` of a 0.1M-parameter ViT in each
 # of 2 `deepspeed --num_gpus 2` CPU processes, data decoded in-process).
 CPU_RUNTIME_BYTES = int(0.88 * 2 ** 30)
-DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (engine.build_ds_config caps it at the model size)
-
-
-@dataclass
-class Stack:
-    """``depth`` identical pre-norm transformer blocks over ``tokens`` tokens."""
-    name: str
-    depth: int
-    tokens: int
-    dim: int
-    mlp: int
-    heads: int
-    block_params: int
-    # Leading blocks autograd records nothing for (model.freeze: no parameter at or below them trains), so they
-    # save no activations: a linear probe's frozen encoder keeps none (vitscale.models.freeze.records_graph).
-    frozen: int = 0
-
-    @property
-    def live(self) -> int:
-        return self.depth - self.frozen
-
-
-@dataclass
-class ModelShape:
-    name: str
-    objective: str  # objective.name: what the step computes around the blocks
-    params: int  # every parameter (frozen ones included: they are cast and stored too)
-    trainable: int  # parameters with gradients and optimizer state
-    small_params: int  # parameters in tensors below ZeRO-3's persistence threshold
-    stacks: list[Stack]
-    img_size: int
-    in_chans: int
-    num_classes: int  # of the head (0: the objective trains no classifier)
-    # Activation bytes one image keeps outside the blocks (the objective's loss, norms, head), by bytes per
-    # element of the compute dtype (2 or 4): Objective.outside_blocks_bytes, which is linear in the batch.
-    outside_bytes: dict[int, int] = field(default_factory=dict)
-    hybrid: bool = False
-    sizes: Optional[ModelSizes] = None  # what ZeRO-3's settings are sized from
-    # Trainable parameters of the largest optimizer parameter group (optim.param_groups): DeepSpeed steps and makes
-    # step-time copies one group at a time. 0: unknown, taken as ``trainable``.
-    largest_group: int = 0
-
-    @property
-    def step_group(self) -> int:
-        return self.largest_group or self.trainable
-
-
-def stage3_settings(cfg: Config, sizes: ModelSizes, world: int = 1) -> dict[str, int]:
-    """The ZeRO-3 settings training would use for this model (sized from it, user overrides applied), whatever
-    engine.zero_stage the config has: the plan prints a ZeRO-3 row either way."""
-    cfg3 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=3))
-    zero = build_ds_config(cfg3, world, sizes=sizes)["zero_optimization"]
-    return {k: int(zero.get(k, v)) for k, v in {**STAGE3_DEFAULTS, "reduce_bucket_size": DEFAULT_BUCKET}.items()}
-
-
-def model_shape(cfg: Config, num_classes: int) -> ModelShape:
-    """Dimensions and parameter counts of the configured model, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_model(cfg, num_classes)
-    freeze(model, cfg.model.freeze)  # as training does: frozen parameters have no gradients or optimizer states
-    sizes = ModelSizes.of(model)
-    threshold = stage3_settings(cfg, sizes)["stage3_param_persistence_threshold"]
-    ps = list(model.parameters())
-    common = dict(sizes=sizes, params=sum(p.numel() for p in ps),
-                  trainable=sum(p.numel() for p in ps if p.requires_grad),
-                  small_params=sum(p.numel() for p in ps if p.numel() < threshold), img_size=cfg.model.img_size)
-    objective = objective_for(cfg)
-    enc = objective.encoder(model)
-    hybrid = hasattr(enc.patch_embed, "backbone")  # HybridEmbed: a ResNet stem before the projection
-
-    def stack(name, blocks, tokens):
-        blk = blocks[0]
-        return Stack(name, len(blocks), tokens, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
-                     blk.attn.num_heads, sum(p.numel() for p in blk.parameters()),
-                     frozen=sum(not records_graph(model, b) for b in blocks))
-
-    stacks = [stack(*spec) for spec in objective.block_stacks(model)]
-    outside = {b: objective.outside_blocks_bytes(model, stacks, 1, b) for b in (2, 4)}
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)  # as training groups them
-    largest = max((sum(p.numel() for p in g["params"]) for g in groups), default=0)
-    return ModelShape(cfg.model.name, cfg.objective.name, stacks=stacks, in_chans=enc.in_chans,
-                      num_classes=getattr(model, "num_classes", 0), outside_bytes=outside, hybrid=hybrid,
-                      largest_group=largest, **common)
-
-
-# ----- activations ---------------------------------------------------------------------------------------------
-def block_activation_bytes(batch: int, st: Stack, b: int) -> int:
-    """Bytes one block saves for backward (see the module docstring)."""
-    return batch * st.tokens * ((8 * st.dim + 2 * st.mlp) * b + (4 + st.heads) * 4)
-
-
-def checkpointed_blocks(shape: ModelShape, grad_ckpt: Union[bool, int]) -> list[int]:
-    """Blocks recomputed per stack for ``model.grad_checkpointing`` (the first N in forward order, as the models
-    do: :func:`vitscale.models.layers.checkpoint_count`)."""
-    left = checkpoint_count(grad_ckpt, sum(st.depth for st in shape.stacks))
-    out = []
-    for st in shape.stacks:
-        out.append(min(left, st.depth))
-        left -= out[-1]
-    return out
-
-
-def activation_bytes(shape: ModelShape, batch: int, b: int, grad_ckpt: Union[bool, int]) -> dict[str, int]:
-    """Saved-activation bytes of one micro-batch: ``blocks``, ``other`` (outside the blocks), ``transient``.
-
-    ``grad_ckpt``: True (every block), False, or N (the first N blocks in forward order) recomputed. A recomputed
-    block keeps only its input (B*N*D*b). Backward runs the un-checkpointed (later) blocks first and frees their
-    activations, then recomputes the checkpointed ones one at a time, so the peak is the larger of what is saved
-    when backward starts and the checkpointed inputs plus one recomputed block (whose input is among its own
-    activations); the estimate never grows with N (checkpointing the last block saves nothing)."""
-    B, S = batch, shape.img_size
-    # Frozen leading blocks (Stack.frozen) save nothing, checkpointed or not; they are among the first N.
-    ckpt = [max(n - st.frozen, 0) for st, n in zip(shape.stacks, checkpointed_blocks(shape, grad_ckpt))]
-    whole = [st.depth - st.frozen - n for st, n in zip(shape.stacks, ckpt)]  # saved in full
-    inputs = [B * st.tokens * st.dim * b for st in shape.stacks]
-    full = [block_activation_bytes(B, st, b) for st in shape.stacks]
-    saved = sum(n * i + w * f for n, w, i, f in zip(ckpt, whole, inputs, full))
-    recompute = sum(n * i for n, i in zip(ckpt, inputs)) + max(
-        [f - i for n, i, f in zip(ckpt, inputs, full) if n > 0], default=0)
-    blocks = max(saved, recompute)
-    other = B * shape.in_chans * S * S * (1 + b)  # uint8 batch on the device + the images in compute dtype
-    other += B * shape.outside_bytes[b]  # the objective's: loss, final norms, head
-    transient = max((B * st.tokens * st.mlp * b for st in shape.stacks if st.live), default=0)
-    return {"blocks": int(blocks), "other": int(other), "transient": int(transient)}
 
 
 # ----- model states --------------------------------------------------------------------------------------------
