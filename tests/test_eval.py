@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY, train_args
 from vitscale.eval.corruptions import CORRUPTIONS, corrupt
 from vitscale.eval.features import FeatureSet, reinit_
-from vitscale.eval.probes import fewshot_eval, knn_predict, linear_probe, ridge_fit, ridge_predict
+from vitscale.eval.probes import fewshot_eval, knn_eval, knn_predict, linear_probe, ridge_fit, ridge_predict
 from vitscale.eval.robustness import occlude_box, occlude_patches, shuffle_patches
 from vitscale.eval.run import parse_evaluations
 from vitscale.models import create_model
@@ -346,6 +346,20 @@ def test_knn_votes_by_hand():
     assert torch.allclose(scores[0], expected) and scores[0].argmax() == 0
     # k=5 with every point: class 1 has three votes but they are weaker
     assert knn_predict(train, q, 2, k=5, temperature=0.05)[0].argmax() == 0
+
+
+def test_knn_k_beyond_the_training_set_is_refused_and_k_at_its_size_is_computed_there():
+    """k = 50 on 30 training samples was a KeyError, k = 200 on 100 a JSON saying k 200 computed at 100."""
+    g = torch.Generator().manual_seed(0)
+    train = _features(torch.randn(30, 8, generator=g), [i % 3 for i in range(30)])
+    val = _features(torch.randn(9, 8, generator=g), [i % 3 for i in range(9)])
+    for k in (31, 200):
+        with pytest.raises(ValueError, match=f"--k {k} is more than the 30 training samples: pass --k 30 or less"):
+            knn_eval(train, val, 3, k=k)
+    r = knn_eval(train, val, 3, k=30)
+    every = knn_predict(train, val.features, 3, k=30, temperature=0.07).argmax(1)
+    assert r["k"] == 30 and r["curve"]["k"] == [1, 5, 10, 20, 30]
+    assert r["val_top1"] == r["curve"]["val_top1"][-1] == float((every == val.labels).float().mean())
 
 
 def test_fewshot_on_separable_clusters_is_perfect_and_seeded():

@@ -104,11 +104,21 @@ def knn_predict(train: FeatureSet, queries: torch.Tensor, num_classes: int, k: i
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
 
 
-def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 20, temperature: float = 0.07,
-             ks: Sequence[int] = (1, 5, 10, 20, 50, 100), device: Optional[torch.device] = None) -> dict:
-    """``val_top1`` at ``k``, plus the whole ``curve`` of accuracy over ``ks`` (for the plot)."""
+def check_k(k: int, train_samples: int) -> None:
+    """kNN's k must be a number of training samples there are: a silent clamp would report one k and compute
+    another."""
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
+    if k > train_samples:
+        raise ValueError(f"--k {k} is more than the {train_samples} training samples: pass --k {train_samples} "
+                         f"or less")
+
+
+def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 20, temperature: float = 0.07,
+             ks: Sequence[int] = (1, 5, 10, 20, 50, 100), device: Optional[torch.device] = None) -> dict:
+    """``val_top1`` at ``k``, plus the whole ``curve`` of accuracy over ``ks`` (for the plot; the ks above the
+    training set's size are left out)."""
+    check_k(k, len(train))
     if temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {temperature}")
     curve = {}
@@ -116,7 +126,7 @@ def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 2
         if kk <= len(train):
             curve[kk] = _accuracy(knn_predict(train, val.features, num_classes, kk, temperature, device=device),
                                   val.labels)
-    return {"val_top1": curve[min(k, len(train))], "k": k, "temperature": temperature,
+    return {"val_top1": curve[k], "k": k, "temperature": temperature,
             "curve": {"k": list(curve), "val_top1": list(curve.values())}}
 
 

@@ -19,7 +19,7 @@ from vitscale.eval import plots
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
     reinit_, resolve_data)
-from vitscale.eval.probes import fewshot_eval, knn_eval, linear_probe
+from vitscale.eval.probes import check_k, fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
 from vitscale.objectives import objective_class
@@ -233,6 +233,8 @@ def _probes(s: _Session, probes: list[str]) -> None:
     sizes: dict[str, int] = {}
     for variant, model in variants.items():
         feats = _features(s, model, pool)
+        if "knn" in probes:  # before the linear probe's minutes, not after them
+            check_k(s.opts.k, len(feats["train"]))
         sizes = {"train_samples": len(feats["train"]), "val_samples": len(feats["val"]),
                  "feature_dim": int(feats["train"].features.shape[1])}
         for p in probes:
