@@ -16,11 +16,20 @@ from vitscale.pixels import normalize
 from vitscale.eval.features import check_labels
 
 
-def require_classifier(model: nn.Module, what: str) -> None:
-    """Evaluations of the model's own predictions need a classification head."""
-    if getattr(model, "num_classes", 0) in (0, None):
+def require_classifier(model: nn.Module, what: str, data_classes: int = 0) -> None:
+    """Evaluations of the model's own predictions need a classification head with a logit for every class of the
+    data (``data_classes``, 0 = unknown); more logits than classes are fine (a subset of the head's classes)."""
+    head = getattr(model, "num_classes", 0) or 0
+    if not head:
         raise ValueError(f"{what} needs a classifier, but this checkpoint has no head (an MAE encoder?): "
                          f"fine-tune it first (`vitscale train` with model.init: docs/finetune.md)")
+    if data_classes > head:
+        raise ValueError(_too_few(what, head, f"the data has {data_classes} classes"))
+
+
+def _too_few(what: str, head: int, data: str) -> str:
+    return (f"{what}: the checkpoint's head has {head} classes but {data}: evaluate it on data labelled "
+            f"0..{head - 1}, or fine-tune a head for these classes first")
 
 
 @torch.no_grad()
@@ -35,6 +44,9 @@ def evaluate_classifier(model: nn.Module, shards: ShardSet, accelerator, *, img_
     sums = torch.zeros(len(CLASSIFIER_SUMS) + 1, dtype=torch.float64)  # the sums, then the image count
     for batch in loader:
         check_labels(batch["label"], "evaluation shards")
+        top = int(batch["label"].max())
+        if top >= getattr(model, "num_classes", 0):  # a manifest that under-counts its classes gets here
+            raise ValueError(_too_few("evaluation", model.num_classes, f"the data has label {top}"))
         labels = batch["label"].to(accelerator.device)
         with accelerator.autocast():
             got = classifier_sums(model, normalize(batch["image"], accelerator.device), labels)

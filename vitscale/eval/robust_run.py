@@ -67,7 +67,7 @@ def run_robustness(vit: nn.Module, info: dict, train_set, val_set, num_classes: 
                    opts, base: dict, robustness_tables: list, say) -> dict:
     """The robustness evaluation of ``vit`` (and the CNN baseline): the JSON document; writes the PNGs and appends
     the summary table to ``robustness_tables``."""
-    require_classifier(vit, "robustness")
+    require_classifier(vit, "robustness", num_classes)
     if opts.baseline not in ("resnet18", "none"):
         raise ValueError(f"--baseline must be resnet18 or none, got {opts.baseline!r}")
     cfg = opts.robustness

@@ -159,6 +159,9 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
     names = parse_evaluations(",".join(evaluations) if not isinstance(evaluations, str) else evaluations)
     _check_options(ckpt, opts)
     s = _open_session(ckpt, opts, log)
+    for name in ("accuracy", "robustness"):  # before the probes' minutes, not after them
+        if name in names:
+            require_classifier(s.model, name, s.num_classes)
     if "accuracy" in names:
         _accuracy(s)
     probes = [n for n in names if n in PROBES]
@@ -204,7 +207,7 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
 
 
 def _accuracy(s: _Session) -> None:
-    require_classifier(s.model, "accuracy")
+    require_classifier(s.model, "accuracy", s.num_classes)
     res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
     s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
     s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_top1"])])

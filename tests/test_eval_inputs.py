@@ -1,0 +1,35 @@
+"""`vitscale eval` on inputs that cannot work as given: one line `vitscale: error: ...` naming the problem, exit 2,
+before any evaluation runs. The models are untrained timm files (no training here); the data is the bundled digits."""
+import pytest
+import torch
+
+DATA = ["--model", "vit_micro_patch4", "--data", "demo:digits"]
+
+
+def _timm(**kw):
+    import timm.models.vision_transformer as timm_vit
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, num_classes=10)
+    args.update(kw)
+    return timm_vit.VisionTransformer(**args).eval()
+
+
+def _main(argv, capsys):
+    from vitscale.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.parametrize("evaluation", ["accuracy", "robustness"])
+def test_a_head_with_fewer_classes_than_the_data_is_one_line(evaluation, tmp_path, data_cache, capsys, monkeypatch):
+    """A 5-class head on the 10 digit classes was an IndexError traceback ("Target 8 is out of bounds")."""
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    torch.save(_timm(num_classes=5).state_dict(), tmp_path / "cls5.pth")
+    rc, cap = _main(["eval", evaluation, str(tmp_path / "cls5.pth"), *DATA, "--cache-dir", str(data_cache),
+                     "--out", str(tmp_path / "out"), "--baseline", "none"], capsys)
+    assert rc == 2 and cap.err.count("\n") == 1, cap.err
+    assert cap.err.startswith(f"vitscale: error: {evaluation}: the checkpoint's head has 5 classes but the data has "
+                              f"10 classes"), cap.err
+    assert not (tmp_path / "out" / f"{evaluation}.json").exists()
