@@ -96,3 +96,22 @@ def test_rewind_makes_a_checkpoint_the_newest_again_and_refuses_an_incomplete_on
     manager.rewind(2)
     assert manager.steps() == [2] and (tmp_path / "latest").read_text() == tag_for(2) + "\n"
     assert resolve_checkpoint(tmp_path) == manager.find("auto") == tmp_path / tag_for(2)
+
+
+def test_a_rehearsal_that_does_not_fit_at_batch_1_is_refused_in_one_line_before_launching(tmp_path, monkeypatch):
+    """ViT-e/14 (3.8B parameters) plans ~59 GB a process at ZeRO-2 and batch 1: with 8 GB available a process
+    preflight refuses in one line naming the plan and the memory, launches nothing and writes nothing (it used to
+    launch both ranks into the OOM killer)."""
+    from vitscale.bench import preflight
+    from vitscale.errors import VitscaleError
+
+    launched = []
+    monkeypatch.setattr(preflight, "available_bytes", lambda: 16 * 2 ** 30)
+    monkeypatch.setattr(preflight, "run", lambda *a, **k: launched.append(a))
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mae_vit_h14.yaml")
+    with pytest.raises(VitscaleError) as e:
+        preflight.preflight(config, ["model.name=vit_e_patch14"], tmp_path / "out", preemption=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "vit_e_patch14 does not fit" in msg and "8.0 GB available a process" in msg, msg
+    assert 55 < float(msg.split(" plan ")[1].split(" GB")[0]) < 62, msg
+    assert launched == [] and not (tmp_path / "out").exists()

@@ -15,7 +15,8 @@ runs the recipe as a cluster launch would, only shorter, and prints one table:
 5. 2 processes resume it again and get SIGTERM in their first step: time from the signal to a complete checkpoint,
    against ``--grace`` (the launcher's and Slurm's default: 30 s before SIGKILL).
 
-The batch is cut to 2 a process on CPU (to what fits when less), precision to fp32 on CPU (no bf16 units), the
+The batch is cut to 2 a process on CPU (to what fits when less; a recipe that does not fit at batch 1 is refused
+in one line before anything is launched), precision to fp32 on CPU (no bf16 units), the
 data to the bundled photos unless the recipe's shards exist. Exit status 1 when any row fails; the row says why.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vitscale.bench.common import bytes_under
 from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
 from vitscale.config.schema import Config
+from vitscale.errors import VitscaleError
 from vitscale.distributed.checkpoint import (CheckpointManager, checkpoint_bytes, is_complete, read_trainer_state,
                                              tag_for, write_seconds)
 
@@ -79,8 +81,18 @@ def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
     return out
 
 
+class DoesNotFit(VitscaleError, RuntimeError):
+    """The rehearsal's plan does not fit this machine even at batch 1: preflight refuses before launching (the
+    launch would only feed the OOM killer, which may take a neighbour's process instead)."""
+
+    def __init__(self, message: str, planned: float, budget: float):
+        super().__init__(message)
+        self.planned, self.budget = planned, budget  # bytes a process: planned at batch 1, and what there is
+
+
 def fit_batch(cfg_args: tuple[str, list[str]], procs: int, device: str) -> tuple[Config, int]:
-    """Halve the batch until the plan fits this machine's available memory (CPU) or the GPU; (config, planned)."""
+    """Halve the batch until the plan fits this machine's available memory (CPU) or the GPU; (config, planned).
+    Raises :class:`DoesNotFit` when a process does not fit at batch 1."""
     from vitscale.bench.common import resolve_num_classes
     from vitscale.bench.plan import plan_memory
 
@@ -92,8 +104,13 @@ def fit_batch(cfg_args: tuple[str, list[str]], procs: int, device: str) -> tuple
         plan = plan_memory(cfg, gpus=procs, num_classes=classes, device=device, gpu_mem_gb=budget / GB, reserve_gb=0)
         row = plan.row(cfg.engine.zero_stage, cfg.engine.offload_optimizer, cfg.engine.offload_params)
         planned = row.total_ckpt if cfg.model.grad_checkpointing else row.total
-        if planned <= budget or cfg.data.batch_size <= 1:
+        if planned <= budget:
             return cfg, int(planned)
+        if cfg.data.batch_size <= 1:
+            where = f"{budget / GB:.1f} GB available a process" if device == "cpu" else f"a {budget / GB:.1f} GB GPU"
+            raise DoesNotFit(f"preflight: {cfg.model.name} does not fit here: {procs} processes at ZeRO-"
+                             f"{cfg.engine.zero_stage} plan {planned / GB:.1f} GB each at batch 1, {where} (vitscale "
+                             f"plan --device {device} --gpus {procs}); nothing launched", planned, budget)
         overrides = [*overrides, f"data.batch_size={max(1, cfg.data.batch_size // 2)}"]
         cfg = load_config(path, overrides)
 
@@ -209,11 +226,11 @@ def resume_rows(cfg: Config, config: str, args: list[str], env: dict, out_dir: P
     process's plan does not fit the memory at hand (ViT-H/14 at ZeRO-2 plans 20.6 GB), the row fails in one line
     instead of launching into the OOM killer, and the rehearsal goes on with the export and the preemption rows."""
     other = other_stage(cfg.engine.zero_stage)
-    one, planned = fit_batch((config, [*args, f"engine.zero_stage={other}"]), 1, device)  # the batch cut to fit
-    budget = available_bytes() if device == "cpu" else torch.cuda.get_device_properties(0).total_memory
-    if planned > budget:
+    try:
+        one, _ = fit_batch((config, [*args, f"engine.zero_stage={other}"]), 1, device)  # the batch cut to fit
+    except DoesNotFit as e:
         return [Row(f"resume 1 proc ZeRO-{other}", "not run", False,
-                    f"1 process at ZeRO-{other} plans {planned / GB:.1f} GB, {budget / GB:.1f} GB available here")]
+                    f"1 process at ZeRO-{other} plans {e.planned / GB:.1f} GB, {e.budget / GB:.1f} GB available here")]
     second = run(train_cmd(1, port, config, [*args, f"data.batch_size={one.data.batch_size}", "train.steps=3",
                                              f"engine.zero_stage={other}"]), env, out_dir)
     if second.returncode != 0:
