@@ -1,5 +1,6 @@
 """The verdicts of `vitscale preflight`'s rows, on checkpoint directories laid out by hand (the launches themselves
 run at real size in tests/test_preflight.py and in docs/benchmarks.md's rehearsals)."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -115,3 +116,45 @@ def test_a_rehearsal_that_does_not_fit_at_batch_1_is_refused_in_one_line_before_
     assert "\n" not in msg and "vit_e_patch14 does not fit" in msg and "8.0 GB available a process" in msg, msg
     assert 55 < float(msg.split(" plan ")[1].split(" GB")[0]) < 62, msg
     assert launched == [] and not (tmp_path / "out").exists()
+
+
+def test_sigterm_to_preflight_stops_the_launch_it_is_watching(tmp_path):
+    """A stub launch (a shell and its `sleep`, in their own session as a deepspeed launch is) watched by
+    launch_watch.run in a child Python; SIGTERM to that Python (timeout, scancel) must leave no process of the launch
+    running (the launcher and its ranks used to outlive preflight), exit 143, and restore the previous handler."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pids = tmp_path / "pids"
+    script = (
+        "import signal, sys\nfrom pathlib import Path\nfrom vitscale.bench.launch_watch import run\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "try:\n"
+        f"    run(['bash', '-c', 'sleep 60 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait'], {{}}, "
+        f"Path({str(tmp_path)!r}))\n"
+        "finally:\n"
+        "    print('handler restored', signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)\n")
+    watcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if pids.exists():
+                break
+            time.sleep(0.1)
+        launch = [int(p) for p in pids.read_text().split()]
+        assert all(psutil.pid_exists(p) for p in launch)
+        watcher.send_signal(signal.SIGTERM)
+        out, _ = watcher.communicate(timeout=30)
+        time.sleep(0.5)
+        alive = [p for p in launch if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert alive == [] and watcher.returncode == 128 + signal.SIGTERM, (alive, watcher.returncode)
+        assert "handler restored True" in out, out
+    finally:  # on failure, end the stub's group (only what this test started)
+        watcher.kill()
+        if pids.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pids.read_text().split()[0]), signal.SIGKILL)

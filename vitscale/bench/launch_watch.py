@@ -7,9 +7,11 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 POLL_S = 0.5
 
@@ -48,12 +50,12 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
     logs.mkdir(exist_ok=True)
     log = logs / f"{time.strftime('%H%M%S')}_{Path(cmd[0]).name}_{len(list(logs.iterdir()))}.log"  # kept: the why
     start = time.perf_counter()
-    with open(log, "w") as f:
+    peaks: dict[int, int] = {}
+    members: dict[int, psutil.Process] = {}
+    with open(log, "w") as f, _signals_raise():
         # its own process group: a preemption signals every process of it, as Slurm signals every task
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        peaks: dict[int, int] = {}
-        members: dict[int, psutil.Process] = {}
         try:
             while _running(proc, members):
                 with contextlib.suppress(psutil.Error):
@@ -63,11 +65,32 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
                 if on_output is not None:
                     on_output(log.read_text(errors="replace"), proc)
                 time.sleep(POLL_S)
-        finally:  # interrupted, or a launcher gone before its ranks: leave no process of the rehearsal behind
+        finally:  # interrupted (^C, SIGTERM, SIGHUP), or a launcher gone before its ranks: leave no process behind
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text(errors="replace")
     return Launch(proc.returncode, time.perf_counter() - start, out, {k: v for k, v in peaks.items() if v})
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while a launch runs, so that :func:`run`'s cleanup kills the
+    launch's process group: the launch has its own session, and the default action of these signals (``timeout``,
+    ``scancel``, a closed terminal) ends preflight at once and leaves the launcher and its ranks running. The
+    previous handlers come back afterwards. Outside the main thread Python cannot set handlers; nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 LINGER_S = 90  # how long ranks may outlive their launcher: deepspeed's launch.py gives them 30 s after SIGTERM
