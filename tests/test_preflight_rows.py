@@ -158,3 +158,20 @@ def test_sigterm_to_preflight_stops_the_launch_it_is_watching(tmp_path):
         if pids.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pids.read_text().split()[0]), signal.SIGKILL)
+
+
+def test_an_indivisible_global_batch_is_refused_in_one_line_like_training(tmp_path, monkeypatch):
+    """data.global_batch_size=4095 cannot be shared by 2 processes: preflight refuses with training's one-line
+    ConfigError and launches nothing (it floored it to 2047 a process, then 2, without a word); 4096 gives 2048."""
+    from vitscale.bench import preflight
+    from vitscale.config.load import load_config
+    from vitscale.errors import ConfigError
+
+    launched = []
+    monkeypatch.setattr(preflight, "run", lambda *a, **k: launched.append(a))
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mae_vit_l16.yaml")
+    with pytest.raises(ConfigError, match=r"^data.global_batch_size=4095 is not divisible by 2 process\(es\)"):
+        preflight.preflight(config, ["data.global_batch_size=4095"], tmp_path / "out", preemption=False)
+    assert launched == [] and not (tmp_path / "out").exists()
+    even = preflight.rehearsal_overrides(load_config(config, ["data.global_batch_size=4096"]), cuda=True)
+    assert "data.batch_size=2048" in even and "data.global_batch_size=null" in even

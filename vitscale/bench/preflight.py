@@ -38,6 +38,7 @@ import torch
 from vitscale.bench.common import bytes_under
 from vitscale.bench.launch_watch import available_bytes, run
 from vitscale.config.load import load_config
+from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.errors import VitscaleError
 from vitscale.distributed.checkpoint import (CheckpointManager, checkpoint_bytes, is_complete, read_trainer_state,
@@ -55,8 +56,9 @@ class Row:
     note: str = ""
 
 
-def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
-    """What preflight changes in the recipe: short, local, quiet; model, resolution and ZeRO stage untouched."""
+def rehearsal_overrides(cfg: Config, cuda: bool, procs: int = 2) -> list[str]:
+    """What preflight changes in the recipe: short, local, quiet; model, resolution and ZeRO stage untouched. A
+    ``data.global_batch_size`` that ``procs`` processes cannot share whole is the ConfigError training gives."""
     from vitscale.data.mix import resolve_train_set
 
     out = ["train.epochs=null", "train.steps=2", "train.ckpt_every=2", "train.keep_last=0", "train.log_every=1",
@@ -73,8 +75,8 @@ def rehearsal_overrides(cfg: Config, cuda: bool) -> list[str]:
               flush=True)
         out.append("model.init=")
     batch = cfg.data.batch_size
-    if cfg.data.global_batch_size:  # the batch a process would get on 2 processes; fit_batch cuts it to what fits
-        batch = max(cfg.data.global_batch_size // (2 * max(cfg.train.grad_accum, 1)), 1)
+    if cfg.data.global_batch_size:  # the batch a process gets on ``procs`` processes; fit_batch cuts it to what fits
+        batch = resolve(cfg, procs, need_length=False).cfg.data.batch_size  # training's own derivation and check
         out += ["data.global_batch_size=null", f"data.batch_size={batch}"]
     if not cuda:
         out += ["train.precision=fp32", f"data.batch_size={min(batch or 2, 2)}"]
@@ -149,7 +151,7 @@ def preflight(config: str, overrides: list[str], out_dir: Path, grace: float = 3
     device = "gpu" if cuda else "cpu"
     procs = min(2, torch.cuda.device_count()) if cuda else 2
     recipe = load_config(config, overrides)
-    rehearsal = rehearsal_overrides(recipe, cuda)
+    rehearsal = rehearsal_overrides(recipe, cuda, procs)
     cfg, planned = fit_batch((config, [*overrides, *rehearsal]), procs, device)
     out_dir = Path(out_dir).resolve()
     shutil.rmtree(out_dir / "preflight", ignore_errors=True)
