@@ -1,6 +1,7 @@
 """End-to-end training through the CLI and DeepSpeed: learning, checkpoints, exact resume, 2 processes."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,20 @@ def test_a_launch_killed_during_its_final_evaluation_is_finished_by_the_next(tmp
     third = run_cli(args, cwd=tmp_path)  # now it is complete: nothing runs, nothing is added
     assert third.returncode == 0 and "already complete" in third.stdout
     assert len([m for m in read_metrics(tmp_path / "f" / "metrics.jsonl") if "val_top1" in m]) == 1
+
+
+def test_a_resume_with_other_optimizer_settings_applies_them(tmp_path, data_cache, trained_run):
+    """optim.weight_decay and optim.betas changed on resume: DeepSpeed's load put the checkpoint's values back into
+    the param groups, so the new ones were silently ignored (steps 3-4 equal to the old run's to the bit) while
+    config.yaml recorded them. Now they apply from the first step after the checkpoint, and the log says so."""
+    run = copy_run(trained_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    r = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=4", "train.ckpt_every=2", "train.keep_last=0",
+                           "optim.weight_decay=5.0", "optim.betas=[0.5,0.6]"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming with other optimizer settings than the checkpoint's (optim.weight_decay=0.05 there, 5.0 here; " \
+           "optim.betas=[0.9, 0.999] there, [0.5, 0.6] here): this config's apply from step 3" in r.stderr, r.stderr
+    before, after = _losses(trained_run), _losses(run)
+    assert after[3]["loss"] == before[3]["loss"]  # the step from the loaded weights: the change is not yet applied
+    assert abs(after[4]["loss"] - before[4]["loss"]) > 1e-5, (after[4]["loss"], before[4]["loss"])

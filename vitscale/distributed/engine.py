@@ -92,6 +92,11 @@ def gathered_params(params: Iterable[torch.nn.Parameter], modifier_rank: Optiona
     return _ds().zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+# Param-group settings the config owns (optim.weight_decay, betas, momentum, layer_decay's lr_scale); the rest of a
+# group's state (AdamW's step count, DeepSpeed's bookkeeping) comes from the checkpoint.
+CONFIG_GROUP_KEYS = ("weight_decay", "lr_scale", "betas", "momentum")
+
+
 class Engine:
     """A thin, explicit surface over DeepSpeedEngine: what the trainer needs and nothing more."""
 
@@ -101,6 +106,8 @@ class Engine:
         # clips with a norm it drops, so the norm (before clipping, as DeepSpeed reports it) is measured here.
         self._measure_norm = ds_engine.zero_optimization_stage() == 0 and not ds_engine.fp16_enabled()
         self._norm: Optional[float] = None
+        # The config's share of each param group, as built; a checkpoint's load puts the saved values back.
+        self._config_groups = [{k: g[k] for k in CONFIG_GROUP_KEYS if k in g} for g in ds_engine.optimizer.param_groups]
 
     @property
     def module(self) -> torch.nn.Module:
@@ -184,6 +191,8 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         if self.ds.load_universal_checkpoint() and load_optimizer:  # DeepSpeed's ZeRO-3 loader: see universal.py
             restore_param_groups(self.ds.optimizer, Path(load_dir) / tag, _load_deepspeed_file)
+        for group, ours in zip(self.ds.optimizer.param_groups, self._config_groups):
+            group.update(ours)  # a resume with another optim.weight_decay/betas/... uses it (train/resume.py says so)
         return client_state or {}
 
     def full_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:

@@ -160,8 +160,8 @@ class Trainer:
                 self.warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
                           f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
             late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
-            if late:
-                self.warn(late)
+            for note in filter(None, [*point.notes, late]):
+                self.warn(note)
         ema_note = self.ema.start(self.engine, point.path if point else None)
         if ema_note:
             self.log(ema_note)

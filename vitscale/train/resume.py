@@ -2,7 +2,7 @@
 it, and the per-rank state (RNG, data position) to restore. The files themselves are distributed/checkpoint.py's."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +26,8 @@ ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.
 # Keys that change the optimizer's parameter groups or the files its state is in: a checkpoint's optimizer state
 # cannot be loaded under other values (DeepSpeed fails deep inside the load, after minutes at real size).
 OPTIMIZER_LAYOUT_KEYS = ("optim.name", "model.freeze", "train.precision")
+# Settings a resume may change: the optimizer's groups take this config's values from the first step on.
+OPTIMIZER_SETTING_KEYS = ("optim.weight_decay", "optim.layer_decay", "optim.betas", "optim.momentum")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ResumePoint:
     """A complete checkpoint this run continues from, and its trainer_state.json."""
     path: Path
     saved: dict
+    notes: list = field(default_factory=list)  # what the resume changes, for the log
 
     @property
     def step(self) -> int:
@@ -47,7 +50,10 @@ def find_resume(ckpt: CheckpointManager, cfg: Config) -> Optional[ResumePoint]:
         return None
     saved = read_trainer_state(path)
     check_resumable(saved.get("config", {}), cfg, path)
-    return ResumePoint(path, saved)
+    changed = _differences(saved.get("config", {}), cfg, OPTIMIZER_SETTING_KEYS)
+    notes = [f"resuming with other optimizer settings than the checkpoint's ({'; '.join(changed)}): this config's "
+             f"apply from step {int(saved['step']) + 1}"] if changed else []
+    return ResumePoint(path, saved, notes)
 
 
 def check_resumable(saved_config: dict[str, Any], cfg: Config, path: Path) -> None:
