@@ -47,8 +47,33 @@ def test_a_registered_width_names_its_variant_and_qk_norm_gives_the_head_count(t
     with torch.device("meta"):  # ViT-H/14's shapes at no cost
         huge = timm_vit.VisionTransformer(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
     with pytest.raises(WeightsError, match=r"pass --num-heads N or --model vit_huge_patch14 \(16 heads\)$"):
-        _infer_model_cfg(huge.state_dict(), "vit_large_patch14", "")  # the old guess: 20 heads
+        _infer_model_cfg(huge.state_dict(), "vit_large_patch14")  # the old guess: 20 heads
     theirs = _timm(embed_dim=96, num_heads=2, qk_norm=True)  # q_norm is head_dim (48) wide: 2 heads, exactly
     torch.save(theirs.state_dict(), tmp_path / "qk.pth")
     model, info = load_model(tmp_path / "qk.pth", model_name="vit_micro_patch4")
     assert info["num_heads"] == 2 and _max_diff(model, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [
+    dict(class_token=False, global_pool="avg"), dict(global_pool="avg"),
+    dict(init_values=0.1), dict(mlp_ratio=2.0), dict(qkv_bias=False),
+    dict(class_token=False, global_pool="avg", init_values=1e-5, mlp_ratio=3.0, qkv_bias=False, reg_tokens=4,
+         qk_norm=True)])
+def test_what_a_timm_file_says_is_read_from_its_keys(options, tmp_path):
+    """No [CLS] (avg pooling), fc_norm, LayerScale, another MLP width, no qkv bias: each was a raw RuntimeError
+    traceback or "weights do not match model"; now the network rebuilt is timm's, output for output."""
+    theirs = _timm(embed_dim=128, num_heads=4, **options)
+    torch.save({"model": theirs.state_dict()}, tmp_path / "timm.pth")
+    model, info = load_model(tmp_path / "timm.pth", model_name="vit_micro_patch4")
+    assert info["num_classes"] == theirs.num_classes and info["num_prefix_tokens"] == theirs.num_prefix_tokens
+    assert _max_diff(model, theirs) <= 1e-5
+
+
+def test_a_file_that_does_not_fit_is_one_line_naming_the_keys(tmp_path):
+    """timm's no_embed_class table (patch rows only, beside a [CLS]) gives no image size to infer (so the variant's 224
+    px stays); torch's RuntimeError traceback is now one line naming the tensor and both shapes."""
+    theirs = _timm(embed_dim=128, num_heads=4, no_embed_class=True)
+    torch.save(theirs.state_dict(), tmp_path / "nec.pth")
+    with pytest.raises(WeightsError, match=r"nec.pth: the weights \(as vit_micro_patch4\) do not fit the model: "
+                                           r"shape mismatch pos_embed \(1, 64, 128\) vs \(1, 3137, 128\)$"):
+        load_model(tmp_path / "nec.pth", model_name="vit_micro_patch4")

@@ -135,7 +135,7 @@ def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], what: str 
                          f"{'s' if len(kept) > 1 else ''} for {grid} (fixed, not resampled)")
     missing = sorted(k for k in target if k not in fit.state_dict and k not in fit.fresh)
     unexpected = sorted(k for k in src if k not in target)
-    _refuse(what, missing, unexpected, bad_shape)
+    refuse(what, missing, unexpected, bad_shape)
     return fit
 
 
@@ -156,7 +156,8 @@ def _fit_norms(target: dict, src: dict, fit: Fit) -> None:
             fit.notes.append(f"{have} dropped, {want} initialised (pooling differs from the source's)")
 
 
-def _refuse(what: str, missing: list, unexpected: list, bad_shape: list) -> None:
+def refuse(what: str, missing: list, unexpected: list, bad_shape: list) -> None:
+    """One line ``WHAT do not fit the model: missing ...; unexpected ...; shape mismatch ...`` if any is non-empty."""
     def named(keys: list) -> str:
         more = f" (+{len(keys) - MAX_NAMED} more)" if len(keys) > MAX_NAMED else ""
         return ", ".join(keys[:MAX_NAMED]) + more

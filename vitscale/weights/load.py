@@ -18,39 +18,74 @@ from torch import nn
 
 from vitscale.models.embed import HybridEmbed
 from vitscale.models.registry import VARIANTS, parse_name
+from vitscale.models.vit import mlp_hidden
 from vitscale.objectives import build_saved_model, objective_class, objective_of_weights
+from vitscale.weights.fit import canonical, refuse
 from vitscale.weights.sources import WeightsError, read_weights
 
+# LayerScale's starting gamma for a file that does not record it: timm's and CaiT's usual 1e-5. The trained gammas
+# load over it; only the random-init baseline (eval --random-init) starts from it.
+LAYERSCALE_INIT = 1e-5
 
-def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, prefix: str,
-                     num_heads: Optional[int] = None) -> dict[str, Any]:
-    """Sizes of a timm-style ViT from its tensor shapes (no metadata)."""
+
+def _infer_model_cfg(sd: dict[str, torch.Tensor], model_name: str, num_heads: Optional[int] = None
+                     ) -> dict[str, Any]:
+    """What a timm-style ViT's tensors say about it (no metadata): sizes, prefix tokens, pooling and block options,
+    read from key names and shapes; ``model_name`` supplies the rest (and a head count the tensors do not record)."""
     _, _, named = parse_name(model_name)
-    cfg: dict[str, Any] = {"name": model_name}
-    w = sd.get(prefix + "patch_embed.proj.weight")
+    t = canonical(sd)  # the encoder's keys unprefixed, as model.init's fitting reads them
+    cfg: dict[str, Any] = {"name": model_name, **_sizes(t, named), **_options(t)}
+    heads = _num_heads(cfg.get("embed_dim", named["embed_dim"]), t.get("blocks.0.attn.q_norm.weight"), model_name,
+                       num_heads)
+    if heads is not None:
+        cfg["num_heads"] = heads
+    return cfg
+
+
+def _sizes(t: dict[str, torch.Tensor], named: dict[str, Any]) -> dict[str, Any]:
+    """Width, patch, depth, MLP width, registers and image size from the tensor shapes."""
+    cfg: dict[str, Any] = {}
+    w = t.get("patch_embed.proj.weight")
     if w is not None:
         cfg["embed_dim"] = w.shape[0]
         if "hybrid_layers" not in named:
             cfg["patch_size"] = w.shape[-1]
-    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
+    width = cfg.get("embed_dim", named["embed_dim"])
+    depth = len({k.split(".")[1] for k in t if k.startswith("blocks.")})
     if depth:
         cfg["depth"] = depth
-    pos = sd.get(prefix + "pos_embed")
-    patch = cfg.get("patch_size", named["patch_size"])
-    reg = sd.get(prefix + "reg_token")
-    if reg is not None:
-        cfg["reg_tokens"] = reg.shape[1]
+    fc1 = t.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.shape[0] != mlp_hidden(width, named.get("mlp_ratio", 4.0)):
+        cfg["mlp_ratio"] = fc1.shape[0] / width  # mlp_hidden gives fc1's width back exactly
+    if "reg_token" in t:
+        cfg["reg_tokens"] = t["reg_token"].shape[1]
+    pos = t.get("pos_embed")
     if pos is not None:
-        n = pos.shape[1] - (1 if prefix + "cls_token" in sd else 0) - cfg.get("reg_tokens", 0)
+        n = pos.shape[1] - (1 if "cls_token" in t else 0) - cfg.get("reg_tokens", 0)
         side = math.isqrt(n)
         if side * side == n:
-            cfg["img_size"] = side * patch
-    q_norm = sd.get(prefix + "blocks.0.attn.q_norm.weight")
-    if q_norm is not None:
+            cfg["img_size"] = side * cfg.get("patch_size", named["patch_size"])
+    return cfg
+
+
+def _options(t: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Options a key's presence or absence tells: [CLS], pooling and its norm, LayerScale, qkv bias, qk-norm and
+    the position table. Only what differs from the model defaults is set."""
+    cfg: dict[str, Any] = {}
+    if "cls_token" not in t:
+        cfg["class_token"] = False
+    if "cls_token" not in t or "fc_norm.weight" in t:  # timm's avg pooling puts its norm after the pooling
+        cfg["global_pool"] = "avg"
+        if "fc_norm.weight" not in t:
+            cfg["fc_norm"] = False
+    if "blocks.0.ls1.gamma" in t:  # the trained gammas load; their start (only random init uses it) is not saved
+        cfg["init_values"] = LAYERSCALE_INIT
+    if "blocks.0.attn.qkv.weight" in t and "blocks.0.attn.qkv.bias" not in t:
+        cfg["qkv_bias"] = False
+    if "blocks.0.attn.q_norm.weight" in t:
         cfg["qk_norm"] = True
-    heads = _num_heads(cfg.get("embed_dim", named["embed_dim"]), q_norm, model_name, num_heads)
-    if heads is not None:
-        cfg["num_heads"] = heads
+    if "patch_embed.proj.weight" in t and "pos_embed" not in t:
+        cfg["pos_embed"] = "none"
     return cfg
 
 
@@ -104,8 +139,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         if model_name is None:
             raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
                                f"vit_base_patch16)")
-        m = _infer_model_cfg(sd, model_name, "encoder." if any(k.startswith("encoder.") for k in sd) else "",
-                             num_heads)
+        m = _infer_model_cfg(sd, model_name, num_heads)
     elif model_name is not None:
         m = {**m, "name": model_name}
 
@@ -135,11 +169,17 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
 
 
 def _assign(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, name: str) -> None:
-    """Load ``sd`` into the meta-device ``model`` by assignment; every tensor must match and none be left."""
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise WeightsError(f"{path}: weights do not match model {name!r} "
-                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    """Load ``sd`` into the meta-device ``model`` by assignment; every tensor must match and none be left. What does
+    not match is one line naming the keys, as model.init's (``fit.refuse``)."""
+    target = model.state_dict(keep_vars=True)
+    bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
+                 if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    refuse(f"{path}: the weights (as {name})", sorted(set(target) - set(sd)), sorted(set(sd) - set(target)),
+           bad_shape)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # anything the checks above did not foresee is still one line
+        raise WeightsError(f"{path}: weights do not load into {name}: {str(e).splitlines()[-1].strip()}") from None
     meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if meta_left:
         raise WeightsError(f"{path}: no weights for {meta_left[:5]}")
