@@ -118,7 +118,7 @@ def test_a_conversion_the_disk_has_no_room_for_is_refused_before_writing(tmp_pat
     peak: one line naming what is needed, what is free and the way out, before a byte is written."""
     import shutil
 
-    from vitscale.distributed import checkpoint
+    from vitscale.distributed import checkpoint, conversion
     from vitscale.errors import CheckpointReadError
 
     ckpt = tmp_path / "step_00000004"
@@ -130,7 +130,7 @@ def test_a_conversion_the_disk_has_no_room_for_is_refused_before_writing(tmp_pat
     (ckpt / "COMPLETE").write_text(json.dumps({"files": {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 2 * 2 ** 30}}))
     before = sorted(p.name for p in ckpt.iterdir())
     real = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real._replace(free=3 * 2 ** 30))
+    monkeypatch.setattr(conversion.shutil, "disk_usage", lambda p: real._replace(free=3 * 2 ** 30))
     with pytest.raises(CheckpointReadError) as e:
         checkpoint.CheckpointManager(tmp_path, rank=0).prepare(ckpt, 1, 3)
     message = str(e.value)

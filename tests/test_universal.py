@@ -10,7 +10,8 @@ import torch
 
 from conftest import run_cli, train_args
 from vitscale.bench.common import bytes_under
-from vitscale.distributed.checkpoint import CONVERSION_PEAK, checkpoint_bytes, conversion_workers
+from vitscale.distributed.checkpoint import checkpoint_bytes
+from vitscale.distributed.conversion import CONVERSION_PEAK, conversion_workers
 from vitscale.distributed.engine import to_universal
 from vitscale.distributed.universal import make_stage_independent, restore_param_groups, saved_param_groups
 
@@ -75,7 +76,7 @@ def _record_failure(failed: list, fn, *args) -> None:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_universal_conversion_stays_within_the_room_the_free_space_check_asks_for(tmp_path, data_cache, stage):
-    """The free-space check before a conversion (checkpoint.CONVERSION_PEAK x the checkpoint's bytes) must bound what
+    """The free-space check before a conversion (conversion.CONVERSION_PEAK x the checkpoint's bytes) must bound what
     DeepSpeed's converter really writes at its peak, for each stage's checkpoint of a ViT-S-sized model (21M
     parameters, 0.25-0.35 GB: large enough that per-file overheads do not count). Polled every 10 ms, so the true
     peak can only be higher than what is seen; measured 2.96x at ZeRO-3, 1.51x at ZeRO-2, 1.72x at ZeRO-1 bf16."""

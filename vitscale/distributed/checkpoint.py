@@ -27,6 +27,7 @@ import torch
 
 from vitscale import faults
 from vitscale.distributed import engine as eng
+from vitscale.distributed.conversion import check_room_to_convert, conversion_workers
 from vitscale.distributed.safeload import safe_load
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
@@ -201,7 +202,12 @@ class CheckpointManager:
         if not is_complete(path)[0]:
             shutil.rmtree(path)
             return None
-        aside = path.with_name(f"{path.name}.replaced-{int(time.time())}")
+        stamp = int(time.time())
+        aside = path.with_name(f"{path.name}.replaced-{stamp}")
+        for n in range(2, 1000):  # the same tag set aside twice within a second: os.replace cannot merge folders
+            if not aside.exists():
+                break
+            aside = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
         if warn:
             warnings.warn(f"{path} is a complete checkpoint from an earlier branch of this run: moved to {aside}",
                           stacklevel=3)
@@ -260,7 +266,7 @@ class CheckpointManager:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 size = checkpoint_bytes(path)
-                _check_room_to_convert(path, size, old_world, old_stage)
+                check_room_to_convert(path, size, old_world, old_stage)
                 eng.to_universal(path, tmp, conversion_workers(size))
                 _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage,
                                                           "layout": LAYOUT_VERSION}))
@@ -304,38 +310,9 @@ def write_seconds(path: Path) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-# Peak bytes DeepSpeed's converter writes, per byte of the checkpoint: per-rank fragments of every state under its
-# tmp/, then one file per parameter and state, then tmp/ is removed. Measured on ViT-S/16 checkpoints (1 process):
-# ZeRO-3 2.96x (its model files hold no weights, so the checkpoint is smaller than what it expands to), ZeRO-2
-# fp32 1.51x, ZeRO-1 bf16 1.72x; a margin on top.
-CONVERSION_PEAK = {1: 1.9, 2: 1.9, 3: 3.3}
-
-
-# Below this a checkpoint converts serially in the calling process: 0.2 s for a 2 MB checkpoint, where the fresh
-# interpreter a pool of workers needs (engine.to_universal) takes 2-3 s to start; the tests convert dozens.
-SERIAL_CONVERSION_BYTES = 64 * 2 ** 20
-
-
-def conversion_workers(size: int) -> int:
-    """How many processes DeepSpeed's converter extracts a checkpoint of SIZE bytes with (1: serially, no fork)."""
-    return 1 if size < SERIAL_CONVERSION_BYTES else max(1, min(8, os.cpu_count() or 1))
-
-
 def checkpoint_bytes(path: Path) -> int:
     """The checkpoint's size, from the file sizes its COMPLETE marker records (no walk of the directory)."""
     return sum(v for v in read_marker(path).get("files", {}).values() if isinstance(v, int))
-
-
-def _check_room_to_convert(path: Path, size: int, old_world: int, old_stage: int) -> None:
-    """Refuse in one line, before writing a byte, a conversion the checkpoint's filesystem has no room for: it
-    would run for minutes at real size and then die with ENOSPC (the part written is removed either way)."""
-    need = int(CONVERSION_PEAK[old_stage] * size)  # stage 0 was refused before: ZeRO 1-3 only
-    free = shutil.disk_usage(path).free
-    if free < need:
-        raise CheckpointReadError(
-            f"converting it needs about {need / 2**30:.1f} GB free on its filesystem ({size / 2**30:.1f} GB "
-            f"checkpoint, ZeRO-{old_stage}), {free / 2**30:.1f} GB is free: free space there, or resume at world "
-            f"size {old_world}, engine.zero_stage={old_stage} as it was written")
 
 
 def _current_universal(target: Path) -> bool:
@@ -357,9 +334,26 @@ def _latest_in(path: Path) -> Optional[Path]:
     return None
 
 
+def _newest_complete(path: Path) -> Optional[Path]:
+    """The complete checkpoint of the highest step in a checkpoints/ folder PATH or a run folder PATH."""
+    for base in (path, path / "checkpoints"):
+        steps = sorted((int(m.group(1)), d) for d in (base.iterdir() if base.is_dir() else [])
+                       if (m := TAG_RE.match(d.name)) and is_complete(d)[0])
+        if steps:
+            return steps[-1][1]
+    return None
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir, a checkpoints/ dir (its latest) or a run dir (its latest) -> a complete checkpoint."""
-    path = _latest_in(Path(path)) or Path(path)
+    """A checkpoint dir, a checkpoints/ dir or a run dir -> a complete checkpoint: the one ``latest`` names, else
+    (a run copied without ``latest``, or the checkpoint it names damaged since) the newest complete one, said."""
+    latest, newest = _latest_in(Path(path)), _newest_complete(Path(path))
+    if newest is not None and (latest is None or not is_complete(latest)[0]):
+        if latest is not None:
+            warnings.warn(f"{latest}, which {path}'s latest names, is not a complete checkpoint "
+                          f"({is_complete(latest)[1]}): using {newest}", stacklevel=2)
+        latest = newest
+    path = latest or Path(path)
     if not is_complete(path)[0]:
         raise FileNotFoundError(_not_a_checkpoint(path))
     return path

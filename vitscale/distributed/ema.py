@@ -101,7 +101,8 @@ class ModelEma:
                 if name not in self.values:
                     continue
                 if numel != self.where[name][1]:
-                    raise ValueError(f"{checkpoint}: the EMA of {name} has {numel} elements, the model {self.where[name][1]}")
+                    raise ValueError(f"{checkpoint}: the EMA of {name} has {numel} elements, the model "
+                                     f"{self.where[name][1]}")
                 _copy_overlap(self.values[name], self.where[name][0], values, start, filled[name])
         missing = [n for n, f in filled.items() if not bool(f.all())]
         if missing:
