@@ -6,6 +6,8 @@ forward_loss). The encoder is a plain ``VisionTransformer`` held as ``self.encod
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any, Optional, Union
 
 import torch
@@ -21,8 +23,11 @@ _DEFAULTS = ObjectiveConfig()  # the schema is the one home of the MAE options' 
 
 
 def tokens_kept(num_patches: int, mask_ratio: float) -> int:
-    """Patches the encoder sees per image: the one formula (the masking, FLOPs, the planner, the benchmarks)."""
-    return int(num_patches * (1 - mask_ratio))
+    """Patches the encoder sees per image: the one formula (the masking, FLOPs, the planner, the benchmarks).
+
+    floor(L x (1 - mask_ratio)) as the MAE paper's code, but on the ratio as written (its shortest decimal form,
+    exactly): in floats 100 x (1 - 0.9) is 9.999999999999998, which the paper's int() floors to 9, not 10."""
+    return math.floor(num_patches * (1 - Fraction(repr(float(mask_ratio)))))
 
 
 class MaskedAutoencoderViT(nn.Module):

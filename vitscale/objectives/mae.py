@@ -18,7 +18,7 @@ from torch import nn
 from vitscale.config.schema import ObjectiveConfig
 from vitscale.errors import ConfigError
 from vitscale.logging.figures import new_figure, save_figure
-from vitscale.models import create_model
+from vitscale.models import create_model, parse_name
 from vitscale.models.mae import tokens_kept
 from vitscale.models.flops import train_flops, unwrap
 from vitscale.objectives.base import Objective, Picture, model_kwargs
@@ -122,6 +122,8 @@ class MAE(Objective):
 
     def build_model(self, num_classes: int = 0) -> nn.Module:
         m, o = self.cfg.model, self.cfg.objective
+        if not m.name.startswith("mae_"):
+            parse_name(m.name)  # an unknown encoder is named as the user wrote it, not as the mae_ name made from it
         name = m.name if m.name.startswith("mae_") else "mae_" + m.name
         model = create_model(name, norm_pix_loss=o.norm_pix_loss, mask_ratio=o.mask_ratio, **model_kwargs(self.cfg),
                              **model_kwargs(self.cfg, DECODER_KWARGS))
