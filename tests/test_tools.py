@@ -348,3 +348,16 @@ def test_bench_without_timm_skips_only_the_timm_row(monkeypatch, capsys):
     assert _timm_available(True) is False
     assert capsys.readouterr().out.strip().splitlines() == [
         "bench: timm is not installed, so the timm reference is skipped (pip install timm, or --no-timm)"]
+
+
+def test_plan_refuses_a_reserve_as_large_as_the_gpu_and_names_fp32_states(tmp_path, capsys):
+    """`plan --gpu-mem 2 --reserve-gb 4` is one line (every row said NO); the footer gives the bytes/param of the
+    run's precision: 4+4+8 for fp32 (it said 2+2+12 bf16/fp16 whatever the precision)."""
+    from vitscale.bench.plan_report import print_plan
+
+    err = _one_line_error(run_cli(["plan", "--config", DEMO, "--gpu-mem", "2", "--reserve-gb", "4"], cwd=tmp_path))
+    assert "--reserve-gb 4 must be less than --gpu-mem 2" in err
+    for precision, text in (("fp32", "4+4+8 bytes/param (fp32"), ("bf16", "2+2+12 bytes/param (bf16/fp16)")):
+        print_plan(plan_memory(load_config(DEMO, [f"train.precision={precision}"]), gpus=1), False)
+        out = capsys.readouterr().out
+        assert text in out and out.count("bytes/param") == 1, out

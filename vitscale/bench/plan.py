@@ -15,22 +15,22 @@ DeepSpeed buffers on top (read from the generated DeepSpeed config): ZeRO-1/2 al
 a working set of gathered parameters (the prefetch bucket plus the two largest blocks) and keeps parameters
 below ``stage3_param_persistence_threshold`` elements whole on every rank.
 
-Activations (what autograd saves for backward, per micro-batch; b = bytes per element of the compute dtype):
-per transformer block with N tokens, width D, MLP width M and h heads, B * N * ((8D + 2M) * b + (4 + h) * 4):
-block input, LN1 output, qkv (3D), attention output (flash/SDPA keeps no N x N matrix; the projection input is
-a view of it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp32 LayerNorm statistics and the
-attention log-sum-exp. ``model.qk_norm`` adds 3D * b + 4h * 4 (the normalised queries and keys, a copy of the
-attention output as the projection's input, no longer a view of it, and the norms' fp32 mean and rstd), LayerScale
-(``model.init_values``) 2D * b (the two branch outputs its gammas multiply): measured with saved-tensor hooks on
-one block (tests/test_plan_saved.py). Around the blocks: the uint8 batch and its cast copy, the final norm's input and output,
-logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
-loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input
-(B*N*D*b) and one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N
-blocks (see :func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient) is added.
-The encoder of an MAE sees int(L * (1 - mask_ratio)) + 1 tokens, its decoder L + 1. ``model.freeze`` applies
-as in training (:func:`vitscale.models.freeze.freeze`): frozen parameters have no gradients or optimizer states,
-and blocks with no trainable parameter at or below them save nothing (autograd records no graph there), so a
-linear probe's frozen encoder keeps no block activations.
+Activations (what autograd saves for backward, per micro-batch; b = bytes per element of the compute dtype): per
+transformer block with N tokens, width D, MLP width M and h heads, B * N * ((8D + 2M) * b + (4 + h) * 4): block
+input, LN1 output, qkv (3D), attention output (flash/SDPA keeps no N x N matrix; the projection input is a view of
+it), residual, LN2 output, fc1 output (M) and GELU output (M), plus fp32 LayerNorm statistics and the attention
+log-sum-exp. ``model.qk_norm`` adds 3D * b + 4h * 4 (the normalised queries and keys, a copy of the attention output
+as the projection's input, no longer a view of it, and the norms' fp32 mean and rstd), LayerScale
+(``model.init_values``) 2D * b (the two branch outputs its gammas multiply): measured with saved-tensor hooks on one
+block (tests/test_plan_saved.py). Around the blocks: the uint8 batch and its cast copy, the final norm's input and
+output, logits (supervised) or, for MAE, the encoder's and decoder's final norms, the fp32 target and error of the
+loss and the index tensors of the masking. With gradient checkpointing each block keeps only its input (B*N*D*b) and
+one block is recomputed at a time; ``model.grad_checkpointing=N`` recomputes only the first N blocks (see
+:func:`activation_bytes`). A backward transient of B*N*M*b (the largest MLP gradient) is added. The encoder of an
+MAE sees floor(L * (1 - mask_ratio)) + 1 tokens (:func:`vitscale.models.mae.tokens_kept`), its decoder L + 1.
+``model.freeze`` applies as in training (:func:`vitscale.models.freeze.freeze`): frozen parameters have no gradients
+or optimizer states, and blocks with no trainable parameter at or below them save nothing (autograd records no graph
+there), so a linear probe's frozen encoder keeps no block activations.
 
 Peak = max(backward: model states + buckets + activations + transient, optimizer step: model states + buckets
 + the fp32 copy of the gradient partition ZeRO-1/2 make in mixed precision, one parameter group at a time).
@@ -215,6 +215,9 @@ def plan_memory(cfg: Config, gpus: int = 1, nodes: int = 1, gpu_mem_gb: float = 
         raise ValueError(f"--gpus and --nodes must be >= 1, got gpus={gpus}, nodes={nodes}")
     if gpu_mem_gb <= 0 or reserve_gb < 0:
         raise ValueError(f"--gpu-mem must be > 0 and --reserve-gb >= 0, got {gpu_mem_gb} and {reserve_gb}")
+    if reserve_gb >= gpu_mem_gb:
+        raise ValueError(f"--reserve-gb {reserve_gb:g} must be less than --gpu-mem {gpu_mem_gb:g}: it would leave "
+                         f"nothing of the GPU for the run")
     classes, source = resolve_num_classes(cfg, num_classes)
     shape = shape or model_shape(cfg, classes)
     world = gpus * nodes

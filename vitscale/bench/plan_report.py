@@ -34,7 +34,9 @@ def print_plan(plan: Plan, grad_ckpt_configured: bool) -> None:
     print_table(headers, rows)
     ckpt = "off" if not grad_ckpt_configured else (
         "on" if plan.ckpt_blocks == plan.blocks else f"the first {plan.ckpt_blocks} of {plan.blocks} blocks")
-    print(f"* = the config's engine setting (model.grad_checkpointing is {ckpt}). Model states use the ZeRO "
-          "paper's 2+2+12 bytes/param (bf16/fp16) divided by the GPUs per stage; see docs/benchmarks.md.")
+    states = ("the ZeRO paper's 2+2+12 bytes/param (bf16/fp16)" if plan.precision in ("bf16", "fp16") else
+              "4+4+8 bytes/param (fp32: params, grads, Adam moments; +4 from ZeRO-1 on, DeepSpeed's fp32 partition)")
+    print(f"* = the config's engine setting (model.grad_checkpointing is {ckpt}). Model states use {states} "
+          f"divided by the {'CPU processes' if plan.device == 'cpu' else 'GPUs'} per stage; see docs/benchmarks.md.")
     for note in plan.notes:
         print(f"note: {note}")
