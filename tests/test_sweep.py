@@ -1,6 +1,11 @@
 """`vitscale sweep`: the grid, the table (mean +- std over seeds), resume, and one failing cell among good ones."""
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -210,3 +215,50 @@ def test_relaunch_with_other_settings_is_refused_and_an_unchanged_one_resumes(tm
     save_config(load_config(DEMO, ["optim.lr=2e-3", "train.steps=3"]), record.parent / "config.yaml")
     with pytest.raises(SweepError, match=r"lr-2e-3__s0 was run with other settings \(train\.steps 3 -> 4\)"):
         launch("train.steps=4")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its (new) parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_training_with_it(tmp_path, data_cache):
+    cell = tmp_path / "sw" / "cells" / "s0"
+    args = [sys.executable, "-m", "vitscale", "sweep", "--config", DEMO, f"data.cache_dir={data_cache}", *TINY,
+            "data.val_shards=null", "train.steps=100000", "--out", str(tmp_path / "sw")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    parent = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = None
+    try:
+        assert _wait_for(lambda: '"step"' in _text(cell / "metrics.jsonl"), 300), _text(cell / "train.log")
+        trainer = json.loads((cell / "WRITER.lock").read_text())["pid"]  # the cell's training, holding its lock
+        assert _running(trainer)
+        parent.send_signal(signal.SIGKILL)  # no handler runs: the OOM killer, kill -9
+        parent.wait()
+        assert _wait_for(lambda: not _running(trainer), 30)  # was: it trained on, holding WRITER.lock
+    finally:
+        parent.kill()
+        parent.wait()
+        if trainer is not None and _running(trainer):
+            os.kill(trainer, signal.SIGKILL)
+
+
+def _text(path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from vitscale.logging.metrics import current_name, read_metrics
+from vitscale.sweep import cellproc
 from vitscale.sweep.grid import Cell
 
 RESULT = "sweep_cell.json"
@@ -89,8 +89,12 @@ def run_cells(plan: SweepPlan, cells: Sequence[Cell], log: Callable[[str], None]
     if len(todo) < len(cells):
         log(f"sweep: {len(cells) - len(todo)} of {len(cells)} cells already finished, running {len(todo)}")
     with ThreadPoolExecutor(max_workers=max(1, plan.jobs)) as pool:
-        for result in pool.map(lambda c: _run_one(plan, c, log), todo):
-            results[result["name"]] = result
+        try:
+            for result in pool.map(lambda c: _run_one(plan, c, log), todo):
+                results[result["name"]] = result
+        except BaseException:  # Ctrl-C: the pool's exit waits for the running cells, so stop them first
+            cellproc.interrupt_all()
+            raise
     return [results[c.name] for c in cells]
 
 
@@ -165,8 +169,7 @@ def _child(plan: SweepPlan, args: list[str], log_path: Path) -> Optional[str]:
         out.write(f"$ vitscale {' '.join(args)}\n")
         out.flush()
         try:
-            rc = subprocess.run([sys.executable, "-m", "vitscale", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, timeout=plan.timeout_s).returncode
+            rc = cellproc.run(args, out, env, plan.timeout_s)  # a child that dies with the sweep
         except subprocess.TimeoutExpired:
             return f"timed out after {plan.timeout_s:g} s (log: {log_path})"
     if rc == 0:
