@@ -78,11 +78,10 @@ def recorded_settings(plan: SweepPlan, cell: Cell) -> Optional[dict[str, Any]]:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key old -> new`` for each setting that differs; an old record from config.yaml has training keys only, so
-    only the keys it has are compared."""
-    keys = [k for k in new if k in old] if "--eval" not in old else [*new, *(k for k in old if k not in new)]
-    return [f"{k} {_shown(old.get(k, '(unset)'))} -> {_shown(new.get(k, '(unset)'))}"
-            for k in keys if old.get(k) != new.get(k)]
+    """``key old -> new`` for each setting both records have that differs. A key only one has is a key one vitscale
+    version has and the other lacks (nobody could set it then), or an eval key a config.yaml lacks: comparing it
+    would refuse every sweep begun before an upgrade that adds a config key."""
+    return [f"{k} {_shown(old[k])} -> {_shown(v)}" for k, v in new.items() if k in old and old[k] != v]
 
 
 def _shown(value: Any) -> str:
