@@ -261,3 +261,45 @@ def test_mae_release_into_an_mae_at_another_size_keeps_its_own_sincos_tables(tmp
     assert torch.equal(mae.decoder_pos_embed, sincos_2d(mae.decoder_pos_embed.shape[-1], (12, 12), 1)[None])
     assert torch.equal(mae.encoder.blocks[1].attn.qkv.weight, src.encoder.blocks[1].attn.qkv.weight)
     assert torch.equal(mae.encoder.cls_token, src.encoder.cls_token)
+
+
+@pytest.mark.parametrize("source, model, cause", [
+    (dict(), dict(class_token=False, global_pool="avg"),
+     r"the source has a class token and the model none \(model\.class_token=true\); unexpected cls_token"),
+    (dict(reg_tokens=4), dict(reg_tokens=2), r"the source has 4 register tokens, the model 2 \(model\.reg_tokens=4\); "
+                                             r"shape mismatch reg_token \(1, 4, 64\) vs \(1, 2, 64\)"),
+    (dict(embed_dim=128, num_heads=4), dict(), r"the source is 128 wide, the model 64 \(model\.embed_dim\); "
+                                               r"shape mismatch cls_token \(1, 1, 128\) vs \(1, 1, 64\)")])
+def test_prefix_tokens_or_width_that_differ_are_named_not_hidden_behind_the_position_table(source, model, cause):
+    """Each was "pos_embed: 65 patch positions do not form a square grid" (or "another width"): the table's rows
+    were resampled before the tokens that explain them were compared."""
+    import timm
+
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10,
+                               **{**DIMS, **source})
+    with pytest.raises(WeightsError, match="^model.init=x do not fit the model: " + cause):
+        fit_state_dict(_target(**model), theirs.state_dict(), what="model.init=x")
+
+
+@pytest.mark.parametrize("img_size", [32, 48])
+def test_timm_no_embed_class_tables_load_exactly(img_size):
+    """timm's no_embed_class layout (DeiT-III, the *_reg4_* models: position rows for the patches only, the prefix
+    tokens get none) loads with zero rows for [CLS] and the registers, output for output (and resampled at 48 px)."""
+    from timm.layers import resample_abs_pos_embed
+
+    theirs = _timm_vit(num_classes=10, no_embed_class=True, reg_tokens=4)
+    with torch.no_grad():
+        theirs.reg_token.normal_()
+    model = _target(reg_tokens=4, img_size=img_size)
+    fit = fit_state_dict(model, theirs.state_dict())
+    assert fit.notes[0] == "pos_embed: zero rows added for 5 prefix tokens (timm's no_embed_class layout)"
+    copy_state(model, fit.state_dict)
+    assert torch.equal(model.pos_embed[:, :5], torch.zeros(1, 5, 64))
+    if img_size == 32:
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert (model(x) - theirs(x)).abs().max() <= 1e-5
+    else:
+        expect = resample_abs_pos_embed(theirs.pos_embed.detach(), [12, 12], [8, 8], num_prefix_tokens=0)
+        assert fit.notes[1] == "pos_embed resampled 8x8 -> 12x12"
+        assert (model.pos_embed[:, 5:] - expect).abs().max() <= 1e-6

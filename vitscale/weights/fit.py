@@ -9,8 +9,9 @@ Tolerated differences (each reported): the decoder and mask token dropped (ViT t
 target without them in the source); the classifier head started fresh when the source has none or another class
 count (or dropped when the target has none); MAE-style pooling (``fc_norm`` fresh, the source's final ``norm``
 dropped, as MAE fine-tuning does) and the reverse; the head's BatchNorm statistics; ``pos_embed`` resampled to the
-target's patch grid -- or, for a fixed sin-cos table (an MAE's), the target's own exact table kept. Anything else
-missing, unexpected or of another shape is a :class:`WeightsError`.
+target's patch grid -- or, for a fixed sin-cos table (an MAE's), the target's own exact table kept; timm's
+``no_embed_class`` table padded with zero rows for the prefix tokens. Anything else missing, unexpected or of another
+shape is a :class:`WeightsError` (a width, class token or register count that differs named first).
 """
 from __future__ import annotations
 
@@ -122,21 +123,54 @@ def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], what: str 
                 fit.fresh.append(key)
                 kept.append(key)
                 continue
-            if key != "pos_embed":
-                bad_shape.append(f"{key} {tuple(value.shape)} vs {target[key]}")
+            value = _fit_pos_embed(value, target[key], src, enc, fit) if key == "pos_embed" else None
+            if value is None:
+                bad_shape.append(f"{key} {tuple(src[key].shape)} vs {target[key]}")
                 continue
-            value, note = resample_pos_embed(value, target[key], enc.num_prefix_tokens,
-                                             tuple(enc.patch_embed.grid_size))
-            fit.notes.append(note)
         fit.state_dict[key] = value
     if kept:
         grid = "x".join(map(str, enc.patch_embed.grid_size))
         fit.notes.append(f"{' and '.join(sorted(kept, key=len))}: the model's own sin-cos table"
                          f"{'s' if len(kept) > 1 else ''} for {grid} (fixed, not resampled)")
-    missing = sorted(k for k in target if k not in fit.state_dict and k not in fit.fresh)
+    missing = sorted(k for k in target if k not in fit.state_dict and k not in fit.fresh and k not in src)
     unexpected = sorted(k for k in src if k not in target)
-    refuse(what, missing, unexpected, bad_shape)
+    refuse(what, missing, unexpected, bad_shape, _causes(src, target))
     return fit
+
+
+def _causes(src: dict[str, torch.Tensor], target: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs at the root (width, [CLS], registers), named before the keys it makes differ."""
+    causes = []
+    w_src, w_tgt = src.get("patch_embed.proj.weight"), target.get("patch_embed.proj.weight")
+    if w_src is not None and w_tgt is not None and w_src.shape[0] != w_tgt[0]:
+        causes.append(f"the source is {w_src.shape[0]} wide, the model {w_tgt[0]} (model.embed_dim)")
+    if ("cls_token" in src) != ("cls_token" in target):
+        causes.append("the source has a class token and the model none (model.class_token=true)" if "cls_token" in src
+                      else "the model has a class token and the source none (model.class_token=false)")
+    regs = [src["reg_token"].shape[1] if "reg_token" in src else 0, target["reg_token"][1] if "reg_token" in target
+            else 0]
+    if regs[0] != regs[1]:
+        causes.append(f"the source has {regs[0]} register tokens, the model {regs[1]} (model.reg_tokens={regs[0]})")
+    return causes
+
+
+def _fit_pos_embed(table: torch.Tensor, shape: tuple[int, ...], src: dict[str, torch.Tensor], enc: nn.Module,
+                   fit: Fit) -> Optional[torch.Tensor]:
+    """The source's position table made the target's: timm's ``no_embed_class`` layout (patch rows only) gets zero
+    rows for the prefix tokens, which then have no position, exactly as there; another grid is resampled. None when
+    the width or the prefix tokens differ: resampling cannot fix those, and the tokens' own keys say why."""
+    prefix = (1 if "cls_token" in src else 0) + (src["reg_token"].shape[1] if "reg_token" in src else 0)
+    if table.ndim != 3 or table.shape[-1] != shape[-1] or prefix != enc.num_prefix_tokens:
+        return None
+    rows = table.shape[1]
+    if prefix and math.isqrt(rows - prefix) ** 2 != rows - prefix and math.isqrt(rows) ** 2 == rows:
+        table = torch.cat([table.new_zeros(1, prefix, table.shape[-1]), table], dim=1)
+        fit.notes.append(f"pos_embed: zero rows added for {prefix} prefix token{'s' if prefix > 1 else ''} (timm's "
+                         f"no_embed_class layout)")
+    if tuple(table.shape) != shape:
+        table, note = resample_pos_embed(table, shape, prefix, tuple(enc.patch_embed.grid_size))
+        fit.notes.append(note)
+    return table
 
 
 def _fixed_tables(enc: nn.Module) -> set[str]:
@@ -156,13 +190,14 @@ def _fit_norms(target: dict, src: dict, fit: Fit) -> None:
             fit.notes.append(f"{have} dropped, {want} initialised (pooling differs from the source's)")
 
 
-def refuse(what: str, missing: list, unexpected: list, bad_shape: list) -> None:
-    """One line ``WHAT do not fit the model: missing ...; unexpected ...; shape mismatch ...`` if any is non-empty."""
+def refuse(what: str, missing: list, unexpected: list, bad_shape: list, causes: Optional[list] = None) -> None:
+    """One line ``WHAT do not fit the model: CAUSES; missing ...; unexpected ...; shape mismatch ...`` if any key
+    list is non-empty (``causes`` say why, first)."""
     def named(keys: list) -> str:
         more = f" (+{len(keys) - MAX_NAMED} more)" if len(keys) > MAX_NAMED else ""
         return ", ".join(keys[:MAX_NAMED]) + more
 
-    problems = []
+    problems = list(causes or []) if missing or unexpected or bad_shape else []
     if missing:
         problems.append(f"missing {named(missing)}")
     if unexpected:
