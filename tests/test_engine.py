@@ -74,8 +74,10 @@ def test_zero0_in_bf16_takes_the_same_steps_as_zero1(parity):
 
 
 def test_zero3_init_builds_the_unsharded_weights(parity):
-    assert parity["a"]["losses"]["zero3_init_max_diff"] == 0.0
-    assert parity["b"]["losses"]["zero3_init_max_diff"] == 0.0
+    """In bf16 too: zero.Init builds the layers in bf16, and torch's uniform_ draws other values for a bf16 tensor
+    than for an fp32 one, so ZeRO-3's xavier weights were another draw (0.61 apart) than ZeRO 0-2's."""
+    for run in (parity["a"]["losses"], parity["b"]["losses"]):
+        assert run["zero3_init_max_diff"] == 0.0 and run["zero3_bf16_init_max_diff"] == 0.0
 
 
 def test_grad_checkpointing_is_exact_under_zero3(parity):

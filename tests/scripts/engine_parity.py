@@ -80,11 +80,12 @@ def train_steps(engine, cfg, rank: int, world: int, steps: int = STEPS, first: i
 
 
 def init_matches_unsharded(engine, cfg) -> float:
-    """Max |zero.Init weights - unsharded weights| for the same seed (0.0 means identical)."""
+    """Max |zero.Init weights - unsharded weights (rounded to the engine's dtype)| for the same seed (0.0 means
+    identical)."""
     full = engine.full_state(moments=False)
     torch.manual_seed(cfg.run.seed)
     reference = build_model(cfg, 10).state_dict()
-    return max(float((full[name]["param"] - reference[name].float()).abs().max()) for name in full)
+    return max(float((full[name]["param"] - reference[name].to(engine.dtype).float()).abs().max()) for name in full)
 
 
 def mode_losses(rank: int, world: int) -> dict:
@@ -96,6 +97,8 @@ def mode_losses(rank: int, world: int) -> dict:
             out["zero3_init_max_diff"] = init_matches_unsharded(engine, cfg)
         out[f"vit_stage{stage}_grad_norm"] = norms = []
         out[f"vit_stage{stage}"] = train_steps(engine, cfg, rank, world, norms=norms)
+    cfg = make_config(3, world, "train.precision=bf16")  # zero.Init builds the layers in bf16
+    out["zero3_bf16_init_max_diff"] = init_matches_unsharded(build_engine(cfg), cfg)
     for stage in (0, 1):  # bf16: ZeRO-0 trains with DeepSpeed's unfused optimizer, ZeRO-1 with its ZeRO optimizer
         cfg = make_config(stage, world, "train.precision=bf16")
         out[f"vit_bf16_stage{stage}_grad_norm"] = norms = []

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitscale.models.layers import xavier_uniform_fp32_
 from vitscale.models.pos_embed import to_2tuple
 
 
@@ -15,7 +16,7 @@ class PatchConv2d(nn.Conv2d):
 
     def reset_parameters(self) -> None:
         w = self.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        xavier_uniform_fp32_(w.view(w.shape[0], -1))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

@@ -20,11 +20,24 @@ def LayerNorm(dim: int) -> nn.LayerNorm:  # noqa: N802 (reads like a class at ca
     return nn.LayerNorm(dim, eps=LN_EPS)
 
 
+@torch.no_grad()
+def xavier_uniform_fp32_(weight: torch.Tensor) -> None:
+    """xavier-uniform, drawn in fp32 whatever the weight's dtype: torch's ``uniform_`` draws other values for a
+    bf16 tensor than for an fp32 one from the same RNG state, and ZeRO-3 in bf16 builds the layers in bf16
+    (``zero.Init``), so its initial weights were another draw than ZeRO 0-2's (which build in fp32, then cast)."""
+    if weight.dtype == torch.float32:
+        nn.init.xavier_uniform_(weight)
+        return
+    drawn = weight.new_empty(weight.shape, dtype=torch.float32)  # zero.Init recasts torch.empty's result to bf16
+    nn.init.xavier_uniform_(drawn)
+    weight.copy_(drawn)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` initialised xavier-uniform with zero bias (the MAE / JAX-ViT scheme)."""
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight)
+        xavier_uniform_fp32_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
