@@ -303,3 +303,25 @@ def test_timm_no_embed_class_tables_load_exactly(img_size):
         expect = resample_abs_pos_embed(theirs.pos_embed.detach(), [12, 12], [8, 8], num_prefix_tokens=0)
         assert fit.notes[1] == "pos_embed resampled 8x8 -> 12x12"
         assert (model.pos_embed[:, 5:] - expect).abs().max() <= 1e-6
+
+
+def test_a_folder_holding_model_safetensors_is_read(tmp_path):
+    """`export --timm`'s folder (and a Hugging Face download) was "no checkpoint in X": its model.safetensors now
+    starts a fine-tune and loads for eval (--model, its head count given), computing what the run's model did."""
+    from vitscale.cli import main
+
+    src = _target()
+    run = _fake_run(tmp_path / "run", src)
+    assert main(["export", str(run), str(tmp_path / "out"), "--timm"]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    model = _target()
+    plan = plan_init(str(tmp_path / "out"), lambda: _target())
+    assert plan.report.startswith(f"model.init: {len(src.state_dict())} tensors loaded from {tmp_path / 'out'} "
+                                  f"(state dict)")
+    plan.apply(model, log=lambda s: None)
+    loaded, info = load_model(tmp_path / "out", model_name="vit_micro_patch4", num_heads=2)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x)) and torch.equal(loaded(x), src(x))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no checkpoint in"):  # a folder with neither is still refused
+        read_weights(tmp_path / "empty")

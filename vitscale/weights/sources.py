@@ -7,7 +7,9 @@ Sources (``read_weights(path)``):
   * a timm state dict: ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``, bare or wrapped in ``{"model": ...}``,
     ``{"state_dict": ...}``, ``{"module": ...}`` and/or with ``module.`` / ``_orig_mod.`` key prefixes;
   * the MAE release format: a ``.pth`` holding ``{"model": ...}`` with encoder keys unprefixed plus ``decoder_*`` and
-    ``mask_token`` keys.
+    ``mask_token`` keys;
+  * a folder holding ``model.safetensors`` (``vitscale export --timm``, a Hugging Face download) or
+    ``pytorch_model.bin``, when it is no run or checkpoint folder.
 
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``); a file that needs
 more is refused with one line.
@@ -30,6 +32,7 @@ from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, VitscaleError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a weights folder's file, first found wins
 WRAPPERS = ("model", "state_dict", "module")  # container keys around a state dict (MAE, Lightning, DeepSpeed)
 PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed wrappers and torch.compile
 
@@ -141,7 +144,13 @@ def read_weights(path: Union[str, Path]) -> Weights:
     if not path.exists():
         raise WeightsError(f"weights not found: {path}")
     if path.is_dir():
-        return _read_checkpoint(path)
+        try:
+            return _read_checkpoint(path)
+        except WeightsError:  # a run or checkpoint folder wins; else the folder may hold one weights file
+            inside = next((path / f for f in FOLDER_FILES if (path / f).is_file()), None)
+            if inside is None:
+                raise
+            return read_weights(inside)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
