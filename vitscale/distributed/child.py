@@ -7,7 +7,7 @@ has run nothing, so its forks are safe.
 
 The child leads a process group of its own, and what it forks is in that group. Whenever the child ends, or the
 call is interrupted, the caller kills what is left of the group; if the caller dies, the child kills the group
-(:func:`_end_with_the_caller`). So no worker goes on writing into a directory that a relaunch is converting into
+(:func:`end_with_the_caller`). So no worker goes on writing into a directory that a relaunch is converting into
 again: the kernel's parent-death signal would reach the child only, never the workers it forked.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run_in_fresh_python(target: str, *args: str) -> None:
         try:
             proc.wait()
         finally:
-            _kill_group(proc.pid)  # what the child left, or the child itself when this wait was interrupted
+            kill_group(proc.pid)  # what the child left, or the child itself when this wait was interrupted
             proc.wait()
             proc.stdin.close()  # only now: the child takes its stdin closing for this process's death
         stdout, stderr = _read(out), _read(err)
@@ -67,7 +67,7 @@ def _read(file) -> str:
     return file.read()
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # nobody left in it: the usual case
         os.killpg(pgid, signal.SIGKILL)
 
@@ -84,7 +84,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _end_with_the_caller() -> None:
+def end_with_the_caller() -> None:
     """Kill this process group (this child and every worker it forked) when the caller dies. The caller holds the
     other end of this process's stdin and closes it only after this process has ended, so reaching the end of stdin
     means the caller is gone. A thread waits for it: the main thread may sit in one C call for minutes, and forked
@@ -101,7 +101,7 @@ def _end_with_the_caller() -> None:
 
 
 def _main(target: str, *args: str) -> int:
-    _end_with_the_caller()
+    end_with_the_caller()
     module, function = target.split(":")
     try:
         getattr(importlib.import_module(module), function)(*args)

@@ -20,9 +20,8 @@ import sys
 import threading
 from typing import IO, Optional, Sequence
 
-# Private names, reused on purpose: the stdin-EOF watch and the group kill are the converter's, which must behave
-# the same way (one implementation of "the child ends with its caller").
-from vitscale.distributed.child import _end_with_the_caller, _kill_group
+# The converter's stdin-EOF watch and group kill: one implementation of "the child ends with its caller".
+from vitscale.distributed.child import end_with_the_caller, kill_group
 
 _LIVE: set[int] = set()  # process groups of the children running now (one per --jobs thread)
 _LIVE_LOCK = threading.Lock()
@@ -40,7 +39,7 @@ def run(args: Sequence[str], out: IO, env: dict, timeout_s: Optional[float]) -> 
     finally:
         with _LIVE_LOCK:
             _LIVE.discard(proc.pid)
-        _kill_group(proc.pid)  # what the child left, or the child itself on a timeout
+        kill_group(proc.pid)  # what the child left, or the child itself on a timeout
         proc.wait()
         proc.stdin.close()  # only now: the child takes its stdin closing for the sweep's death
 
@@ -56,7 +55,7 @@ def interrupt_all() -> None:
 
 
 def _main() -> None:
-    _end_with_the_caller()
+    end_with_the_caller()
     runpy.run_module("vitscale", run_name="__main__", alter_sys=True)  # sys.argv[1:] are the vitscale ARGS
 
 
