@@ -160,7 +160,8 @@ def test_long_values_keep_cells_and_seeds_apart():
     assert names[0][:-4] == names[1][:-4] != names[2][:-4]  # one grid point's seeds differ only in their suffix
     assert expand_grid([("logging.wandb.project", [long + "A"])], [], seeds=[0])[0].name == names[0]  # stable
     assert expand_grid([("model.depth", ["1"])], [], seeds=[0])[0].name == "depth-1__s0"  # short names unchanged
-    with pytest.raises(SweepError, match=r"\(data.train_shards=a/b\) and \(data.train_shards=a:b\) would share the folder"):
+    with pytest.raises(SweepError,
+                       match=r"\(data.train_shards=a/b\) and \(data.train_shards=a:b\) would share the folder"):
         expand_grid([("data.train_shards", ["a/b", "a:b"])], [], seeds=[0])
 
 

@@ -188,7 +188,8 @@ def test_plan_device_cpu_counts_the_runtime_and_the_unfused_adamw_step():
     group = shape.largest_group
     assert 0.99 * T < group < T
     assert z2.step_extra == int(group / 2 * 4 * 2)  # two AdamW temporaries; the fp32 gradients are stepped in place
-    assert 4.0 * 2 ** 30 < z3.total < 5.0 * 2 ** 30 < z2.total < 6.2 * 2 ** 30  # measured 4.60, 5.86: docs/benchmarks.md
+    # measured 4.60, 5.86: docs/benchmarks.md
+    assert 4.0 * 2 ** 30 < z3.total < 5.0 * 2 ** 30 < z2.total < 6.2 * 2 ** 30
     assert plan_memory(cfg, gpus=2).row(3).buffers < z3.buffers  # a GPU plan has no process runtime
 
 

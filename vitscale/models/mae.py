@@ -31,7 +31,8 @@ def tokens_kept(num_patches: int, mask_ratio: float) -> int:
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """MAE: the encoder sees only the visible patches (+[CLS] and registers, never masked); a light decoder reconstructs all patches."""
+    """MAE: the encoder sees only the visible patches (+[CLS] and registers, never masked); a light decoder
+    reconstructs all patches."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, decoder_embed_dim: int = 512,
