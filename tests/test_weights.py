@@ -325,3 +325,21 @@ def test_a_folder_holding_model_safetensors_is_read(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="no checkpoint in"):  # a folder with neither is still refused
         read_weights(tmp_path / "empty")
+
+
+def test_timm_training_checkpoint_and_lightning_checkpoint(tmp_path):
+    """timm train.py's model_best.pth.tar was an "unknown weights format"; a Lightning .ckpt kept its `model.` key
+    prefix (so nothing fitted). Both now give the network's own state dict -- the trained one, not the EMA's."""
+    theirs = _timm_vit(num_classes=10)
+    sd = theirs.state_dict()
+    ema = {k: torch.zeros_like(v) for k, v in sd.items()}
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": sd, "state_dict_ema": ema,
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "model_best.pth.tar")
+    torch.save({"epoch": 1, "state_dict": {"model." + k: v for k, v in sd.items()}}, tmp_path / "last.ckpt")
+    for name in ("model_best.pth.tar", "last.ckpt"):
+        w = read_weights(tmp_path / name)
+        assert set(w.state_dict) == set(sd), name
+        assert all(torch.equal(w.state_dict[k], v) for k, v in sd.items()), name
+    with pytest.raises(WeightsError, match="unknown weights format"):  # another .tar is no torch file
+        (tmp_path / "shards.tar").write_bytes(b"x")
+        read_weights(tmp_path / "shards.tar")

@@ -9,7 +9,9 @@ Sources (``read_weights(path)``):
   * the MAE release format: a ``.pth`` holding ``{"model": ...}`` with encoder keys unprefixed plus ``decoder_*`` and
     ``mask_token`` keys;
   * a folder holding ``model.safetensors`` (``vitscale export --timm``, a Hugging Face download) or
-    ``pytorch_model.bin``, when it is no run or checkpoint folder.
+    ``pytorch_model.bin``, when it is no run or checkpoint folder;
+  * a timm training checkpoint ``model_best.pth.tar`` / ``checkpoint-N.pth.tar`` (its ``state_dict``, not the EMA's)
+    and a Lightning ``.ckpt`` (its ``model.`` key prefix dropped).
 
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``); a file that needs
 more is refused with one line.
@@ -31,10 +33,11 @@ from vitscale.distributed.engine import consolidated_state_dict
 from vitscale.distributed.safeload import safe_load
 from vitscale.errors import CheckpointReadError, VitscaleError
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")  # .pth.tar: timm's train.py (not a tar archive)
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")  # a weights folder's file, first found wins
 WRAPPERS = ("model", "state_dict", "module")  # container keys around a state dict (MAE, Lightning, DeepSpeed)
 PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed wrappers and torch.compile
+LIGHTNING_PREFIX = "model."
 
 
 class WeightsError(VitscaleError, ValueError):
@@ -67,6 +70,10 @@ def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 if key.startswith(p):
                     key, changed = key[len(p):], True
         out[key] = value
+    # A Lightning module holds the network as an attribute, conventionally ``model``: every key then starts with it
+    # (no timm or vitscale key does).
+    while out and all(k.startswith(LIGHTNING_PREFIX) for k in out):
+        out = {k[len(LIGHTNING_PREFIX):]: v for k, v in out.items()}
     return out
 
 
@@ -153,7 +160,7 @@ def read_weights(path: Union[str, Path]) -> Weights:
             return read_weights(inside)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    if path.suffix in TORCH_SUFFIXES:
+    if path.suffix in TORCH_SUFFIXES or "".join(path.suffixes[-2:]) in TORCH_SUFFIXES:
         return Weights(strip_prefixes(unwrap(torch_load_weights(path), path)), str(path), "state_dict")
     raise WeightsError(f"{path}: unknown weights format (expected a run or checkpoint directory, .safetensors, "
                        f"{', '.join(TORCH_SUFFIXES)})")
