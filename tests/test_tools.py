@@ -337,6 +337,19 @@ def test_bench_model_mode_mae_vs_timm_block_mae():
     assert res["flops_per_image"] > 0 and res["ratios"]["model/timm"] > 0
 
 
+def test_bench_freezes_what_the_config_freezes():
+    """bench built its models without model.freeze: a linear probe's step trained every parameter, and its MFU
+    counted a full backward (3x forward) where a frozen encoder needs none."""
+    from vitscale.bench.speed import run_bench
+
+    results = {}
+    for spec in ("", "encoder"):
+        cfg = load_config(DEMO, [*TINY, f"model.freeze={spec}"])
+        results[spec] = run_bench(cfg, ("model",), iters=1, warmup=0, rounds=1, timm=False)
+    full, probe = results[""]["flops_per_image"], results["encoder"]["flops_per_image"]
+    assert 0.3 < probe / full < 0.4, (probe, full)  # forward everywhere, backward in the head alone: ~1/3
+
+
 def test_bench_without_timm_skips_only_the_timm_row(monkeypatch, capsys):
     """timm is bench's reference, not a dependency: without it the timm row is skipped with one line."""
     import sys

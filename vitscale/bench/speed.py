@@ -40,6 +40,7 @@ from vitscale.data.mix import resolve_train_set, train_stream_from_config
 from vitscale.distributed import compile as regional
 from vitscale.distributed.env import detect_env
 from vitscale.logging.metrics import device_peak_flops
+from vitscale.models.freeze import freeze
 from vitscale.objectives import build_model, objective_for
 
 MODES = ("model", "engine", "loader", "step")
@@ -114,6 +115,7 @@ class Timed:
 def _model_step(cfg: Config, model: torch.nn.Module, device: torch.device, num_classes: int) -> Callable[[], Any]:
     """The trainer's own step (``Trainer.step``) on ``model`` in plain PyTorch (:class:`PlainEngine`), on one
     fixed synthetic batch: ours and timm's get the same batch and the same step."""
+    freeze(model, cfg.model.freeze)  # as training: a linear probe's step trains (and backpropagates into) the head
     runner = EngineStep(cfg, num_classes, model=model, device=device)
     images, labels = synthetic_batch(runner.cfg, num_classes)
     return lambda: runner.step(images, labels)
@@ -150,6 +152,7 @@ class _Bench:
         self.cfg, self.device, self.classes, self.compile = cfg, device, classes, compile_blocks
         with torch.device("meta"):  # configuration, FLOPs and parameter count without memory
             self.shape_net = build_model(cfg, classes)
+        freeze(self.shape_net, cfg.model.freeze)  # FLOPs (MFU) of what trains: objectives' flops_per_image
         self.world = detect_env().world_size
         self.engine: Any = None  # vitscale.bench.engine_step.EngineStep, built by setup_engine
         self.batches: Any = None  # the loader's iterator (step and loader modes)
