@@ -131,6 +131,7 @@ def knn_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, k: int = 2
 
 
 # ----- few-shot -------------------------------------------------------------------------------------------------
+RIDGE_REG = 1e-3  # the few-shot ridge's lambda: one default for the function, the options and --ridge-reg
 def ridge_fit(x: torch.Tensor, targets: torch.Tensor, reg: float) -> torch.Tensor:
     """Closed-form ridge regression ``argmin_W |[x 1] W - targets|^2 + reg |W|^2`` (float64).
 
@@ -162,7 +163,7 @@ def sample_shots(labels: torch.Tensor, shots: int, num_classes: int, seed: int) 
 
 
 def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots: Sequence[int] = (1, 5, 10, 25),
-                 seeds: int = 5, reg: float = 1.0) -> dict:
+                 seeds: int = 5, reg: float = RIDGE_REG) -> dict:
     """Few-shot linear evaluation: for each shot count and seed, fit ridge regression (targets +1 for the class,
     -1 otherwise, as big_vision's few-shot evaluator) on ``shots`` L2-normalised training features per class,
     then classify the whole validation split by the largest output. Reports mean and sample std over the ``seeds``

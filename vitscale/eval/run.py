@@ -19,7 +19,7 @@ from vitscale.eval import plots
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
     reinit_, resolve_data)
-from vitscale.eval.probes import check_k, fewshot_eval, knn_eval, linear_probe
+from vitscale.eval.probes import RIDGE_REG, check_k, fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig
 from vitscale.objectives import objective_class
@@ -59,7 +59,7 @@ class EvalOptions:
     temperature: float = 0.07
     shots: Sequence[int] = (1, 5, 10, 25)
     fewshot_seeds: int = 5
-    ridge_reg: float = 1e-3
+    ridge_reg: float = RIDGE_REG
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     baseline: str = "resnet18"
     baseline_ckpt: Optional[str] = None
