@@ -64,6 +64,14 @@ def test_warmup_then_cosine():
     assert lr_at(110, 1.0, 10, 110, min_lr=0.01) == pytest.approx(0.01)
 
 
+def test_warmup_then_linear_decay():
+    """optim.schedule=linear: the ViT paper's pretraining schedule (its Table 3: "linear" LR decay)."""
+    lrs = [lr_at(s, 1.0, warmup=10, total=110, schedule="linear") for s in range(111)]
+    assert lrs[9] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
+    assert lrs[35] == pytest.approx(0.75) and lrs[35] != lr_at(35, 1.0, 10, 110)  # not the cosine's 0.854
+    assert lr_at(60, 1.0, 10, 110, min_lr=0.2, schedule="linear") == pytest.approx(0.6)
+
+
 def test_blr_scaling_rule():
     assert peak_lr(None, 1.5e-4, 4096) == pytest.approx(2.4e-3)  # the MAE paper's ViT-L recipe
     assert peak_lr(1e-3, 1.5e-4, 4096) == 1e-3

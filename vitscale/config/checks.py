@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from vitscale.config.schema import Config
 from vitscale.errors import ConfigError
+from vitscale.optim import SCHEDULES
 
 
 def check_ranges(cfg: Config) -> None:
@@ -67,6 +68,8 @@ def _check_optim(cfg: Config) -> None:
     _in_range("optim.momentum", o.momentum, 0.0, 1.0, closed_low=True, closed_high=False)
     _in_range("optim.layer_decay", o.layer_decay, 0.0, 1.0, closed_low=False, closed_high=True)  # 1 = off
     _check_betas(o.betas)
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
 
 
 def _check_betas(betas: Any) -> None:

@@ -176,8 +176,10 @@ class OptimConfig:
     # Warmup in passes over the training data, the recipe's unit: optim.warmup_steps = ceil(epochs x samples / global
     # batch), the samples from the shard manifest. Set this or optim.warmup_steps, not both.
     warmup_epochs: Optional[float] = None
-    # Cosine decay ends at this LR.
+    # The decay after warmup ends at this LR.
     min_lr: float = 0.0
+    # LR decay after warmup: "cosine" (MAE, DeiT) or "linear" (the ViT paper's pretraining), down to optim.min_lr.
+    schedule: str = "cosine"
     # Layer-wise LR decay factor (1.0 = off); earlier blocks get lr * layer_decay^(depth - i).
     layer_decay: float = 1.0
     # Clip the global gradient norm to this value (0 = no clipping).

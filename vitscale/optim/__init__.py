@@ -52,12 +52,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine to `min_lr` at `total`. `step` is 0-based."""
+SCHEDULES = ("cosine", "linear")
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, schedule: str = "cosine") -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine (or linear) decay to `min_lr` at `total`. `step` is
+    0-based."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    progress = min((step - warmup) / max(1, total - warmup), 1.0)
+    if schedule == "linear":
+        return min_lr + (peak - min_lr) * (1.0 - progress)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def peak_lr(lr: Optional[float], blr: float, global_batch: int) -> float:

@@ -267,7 +267,7 @@ class Trainer:
     def _lr(self, state: TrainState, step: int) -> float:
         cfg = self.cfg
         return state.lr_scale * lr_at(step, self.settings.peak_lr, cfg.optim.warmup_steps, cfg.train.steps,
-                                      cfg.optim.min_lr)
+                                      cfg.optim.min_lr, cfg.optim.schedule)
 
     # ----- non-finite losses -------------------------------------------------------------------------------
     def _skip_batch(self, state: TrainState) -> None:
