@@ -34,6 +34,26 @@ def test_no_decay_on_norms_biases_pos_and_tokens():
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
+def test_a_wrapper_model_needs_not_repeat_its_encoders_no_decay_names():
+    """An objective's model wrapping a ViT as ``encoder`` without its own no_weight_decay(): the encoder's position
+    table and [CLS] token were put in the decay group."""
+    from vitscale.models import create_model
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = create_model("vit_micro_patch4", img_size=16, num_classes=0)
+            self.decoder = torch.nn.Linear(self.encoder.embed_dim, 48)
+
+    m = Wrapper()
+    groups = param_groups(m, weight_decay=0.05)
+    assert _decay_of(groups, m.encoder.pos_embed) == 0.0 and _decay_of(groups, m.encoder.cls_token) == 0.0
+    assert _decay_of(groups, m.decoder.weight) == 0.05
+    mae = create_model("mae_vit_micro_patch4", img_size=16)  # names its encoder's itself (its sin-cos table is fixed)
+    assert {id(p) for g in param_groups(mae, 0.05) if g["weight_decay"] == 0.0 for p in g["params"]} >= \
+        {id(mae.encoder.cls_token), id(mae.mask_token)}
+
+
 def test_decay_follows_the_real_shape_of_zero3_partitioned_params():
     """Under ZeRO-3 each tensor is a flat (often empty) partition; DeepSpeed keeps the real shape in ds_shape.
     Grouping by the tensor's own ndim would silently drop weight decay from every weight matrix."""

@@ -30,10 +30,21 @@ def _layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def _no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Every ``no_weight_decay()`` name of the model and of its submodules, under their prefixes: a wrapper (an
+    objective's model around a ViT ``encoder``) need not repeat its encoder's position table and tokens, which
+    otherwise were silently decayed."""
+    skip: set[str] = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return skip
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
                  num_layers: Optional[int] = None) -> list[dict]:
     """AdamW groups: no decay on norms/biases/pos/tokens; optional layer-wise LR decay via `lr_scale`."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = _no_weight_decay_names(model)
     if num_layers is None:
         blocks = getattr(model, "blocks", None) or getattr(getattr(model, "encoder", None), "blocks", [])
         num_layers = len(blocks)
