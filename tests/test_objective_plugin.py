@@ -108,3 +108,53 @@ def test_an_unknown_objective_is_one_line(tmp_path):
     assert r.returncode != 0 and "objective.name='no_such_module:Nope' cannot be imported" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing written
     assert sys.modules.get("no_such_module") is None
+
+
+class PixelMean(Objective):
+    """A model around a ViT (``encoder``) with a pixel decoder of its own: each patch's mean colour from the
+    encoder's tokens. What a SimMIM-like objective looks like to vitscale."""
+    name = "test_objective_plugin:PixelMean"
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        return PixelMeanModel(create_model(self.cfg.model.name, num_classes=0, **model_kwargs(self.cfg)))
+
+    @staticmethod
+    def encoder(model: nn.Module) -> nn.Module:
+        return model.encoder
+
+    def flops_per_image(self, model: nn.Module) -> float:
+        return 3 * forward_flops(model.encoder)
+
+    def __call__(self, model, images, labels):  # model: the engine around PixelMeanModel (its forward only)
+        pred = model(images)
+        side = int(pred.shape[1] ** 0.5)
+        target = F.adaptive_avg_pool2d(images.float(), side).flatten(2).transpose(1, 2)  # (B, patches, 3)
+        return F.mse_loss(pred.float(), target), {}
+
+    def eval_sums(self, model, images, labels):
+        with torch.no_grad():
+            loss, _ = self(model, images, labels)
+        return {"loss": float(loss) * len(images)}
+
+
+class PixelMeanModel(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = nn.Linear(encoder.embed_dim, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens:])
+
+
+def test_bench_skips_timm_for_a_model_that_is_not_a_plain_vit(capsys):
+    """bench's timm reference is a plain ViT; for a wrapper model it failed with AttributeError ('...Model' object
+    has no attribute 'patch_embed'). The timm row is skipped with one line, the rest runs."""
+    from vitscale.bench.speed import run_bench
+    from vitscale.config.load import load_config
+
+    cfg = load_config(DEMO, [*TINY, f"objective.name={PixelMean.name}"])
+    res = run_bench(cfg, ("model",), iters=1, warmup=0, rounds=1)
+    assert set(res["modes"]) == {"model"} and res["modes"]["model"]["img_per_s"] > 0
+    assert "bench: objective 'test_objective_plugin:PixelMean' builds a PixelMeanModel, not a plain ViT, and names " \
+           "no timm_reference of its own: the timm row is skipped" in capsys.readouterr().out

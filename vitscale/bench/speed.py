@@ -33,7 +33,7 @@ from vitscale.bench.common import (bench_device, device_label, fmt_gb, fmt_num, 
     resolve_num_classes, sync)
 from vitscale.bench.engine_step import EngineStep, synthetic_batch
 from vitscale.bench.memory import LiveTensorMemory
-from vitscale.bench.timm_ref import timm_reference
+from vitscale.bench.timm_ref import no_timm_reference, timm_reference
 from vitscale.config.resolve import global_batch
 from vitscale.config.schema import Config
 from vitscale.data.mix import resolve_train_set, train_stream_from_config
@@ -299,7 +299,10 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
                            "grad_checkpointing": cfg.model.grad_checkpointing, "compile": compiled, "iters": iters,
                            "warmup": warmup, "rounds": rounds, "peak_flops": peak, "modes": {}, "ratios": {},
                            "params": sum(p.numel() for p in bench.shape_net.parameters())}
-    timed = bench.timed(what, timm)
+    why = no_timm_reference(bench.shape_net, objective_for(cfg)) if timm and "model" in what else None
+    if why:
+        print(f"bench: {why}: the timm row is skipped", flush=True)
+    timed = bench.timed(what, timm and not why)
     timed_rounds = [t for t in timed if t.name != "engine" or "engine" in what]
     step_waits = _run_rounds(timed, timed_rounds, bench, warmup, rounds, iters)
     for t in timed_rounds:

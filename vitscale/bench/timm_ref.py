@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vitscale.models.mae import tokens_kept
+from vitscale.models.vit import VisionTransformer
 
 
 _ln = partial(nn.LayerNorm, eps=1e-6)  # timm passes device/dtype keywords to its norm layer
@@ -112,12 +113,22 @@ class TimmBlockMAE(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+def no_timm_reference(ours: nn.Module, objective: Any) -> Optional[str]:
+    """Why timm has no model to compare ``ours`` with (bench then skips the timm row, saying so), or None."""
+    if hasattr(getattr(objective.encoder(ours), "patch_embed", None), "backbone"):
+        return "timm has no reference for hybrid (ResNet-stem) models"
+    if objective.timm_reference.endswith(":timm_vit") and not isinstance(ours, VisionTransformer):
+        # a plugin objective's model around a ViT: timm's plain ViT would time another computation
+        return (f"objective {objective.name!r} builds a {type(ours).__name__}, not a plain ViT, and names no "
+                f"timm_reference of its own")
+    return None
+
+
 def timm_reference(ours: nn.Module, objective: Any, drop_path: float = 0.0) -> nn.Module:
     """A timm model with ``ours``' configuration: the builder ``objective.timm_reference`` names (an import path,
-    so an objective chooses its reference without importing the benchmarks)."""
+    so an objective chooses its reference without importing the benchmarks). Check :func:`no_timm_reference`
+    first."""
     module, _, attr = objective.timm_reference.partition(":")
-    if hasattr(objective.encoder(ours).patch_embed, "backbone"):
-        raise ValueError("bench: no timm reference for hybrid (ResNet-stem) models; use --no-timm")
     return getattr(importlib.import_module(module), attr)(ours, drop_path)
 
 
