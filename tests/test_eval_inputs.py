@@ -33,3 +33,17 @@ def test_a_head_with_fewer_classes_than_the_data_is_one_line(evaluation, tmp_pat
     assert cap.err.startswith(f"vitscale: error: {evaluation}: the checkpoint's head has 5 classes but the data has "
                               f"10 classes"), cap.err
     assert not (tmp_path / "out" / f"{evaluation}.json").exists()
+
+
+def test_labels_beyond_the_head_are_one_line_even_when_no_manifest_counts_them(data_cache):
+    """evaluate_classifier itself (also the trainer-free robustness path): a label the head has no logit for."""
+    from vitscale.data.shards import resolve_shards
+    from vitscale.eval.classify import evaluate_classifier
+    from vitscale.eval.features import make_accelerator
+    from vitscale.models import create_model
+
+    val = resolve_shards("demo:digits:val", str(data_cache))
+    model = create_model("vit_micro_patch4", img_size=32, embed_dim=64, depth=1, num_heads=2, num_classes=5)
+    with pytest.raises(ValueError, match=r"^evaluation: the checkpoint's head has 5 classes but the data has label "
+                                         r"[5-9]: evaluate it on data labelled 0\.\.4"):
+        evaluate_classifier(model, val, make_accelerator("cpu"), img_size=32)
