@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,6 +137,12 @@ class PixelMean(Objective):
             loss, _ = self(model, images, labels)
         return {"loss": float(loss) * len(images)}
 
+    @classmethod
+    def export_part(cls, state_dict, full):
+        if full:
+            return state_dict, "full"
+        return {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}, "encoder"
+
 
 class PixelMeanModel(nn.Module):
     def __init__(self, encoder: nn.Module):
@@ -158,3 +165,30 @@ def test_bench_skips_timm_for_a_model_that_is_not_a_plain_vit(capsys):
     assert set(res["modes"]) == {"model"} and res["modes"]["model"]["img_per_s"] > 0
     assert "bench: objective 'test_objective_plugin:PixelMean' builds a PixelMeanModel, not a plain ViT, and names " \
            "no timm_reference of its own: the timm row is skipped" in capsys.readouterr().out
+
+
+def test_model_init_from_a_wrapper_objectives_run_takes_the_part_it_exports(monkeypatch):
+    """model.init=RUN of a run whose model wraps the ViT with a decoder of its own failed ('unexpected
+    decoder.bias, decoder.weight'); the part the objective's export_part names is what a plain ViT starts from."""
+    from vitscale.config.load import load_config
+    from vitscale.weights import init as weights_init
+    from vitscale.weights.sources import Weights, WeightsError
+
+    cfg = load_config(DEMO, [*TINY, f"objective.name={PixelMean.name}"])
+    torch.manual_seed(0)
+    trained = PixelMean(cfg).build_model(0).state_dict()
+    run = Weights(trained, "runs/pm", "checkpoint", objective=PixelMean.name, part="full", step=4,
+                  checkpoint="runs/pm/checkpoints/step_00000004")
+    monkeypatch.setattr(weights_init, "read_weights", lambda path: run)
+    vit = load_config(DEMO, TINY)
+    build = lambda: create_model(vit.model.name, num_classes=10, **model_kwargs(vit))  # noqa: E731
+    plan = weights_init.plan_init("runs/pm", build)
+    assert "its encoder (test_objective_plugin:PixelMean's export_part; 2 tensors of its own left out)" in plan.report
+    model = build()
+    plan.apply(model, log=lambda line: None)
+    for name, value in model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, trained["encoder." + name]), name
+    monkeypatch.setattr(PixelMean, "export_part", classmethod(lambda cls, sd, full: (sd, "full")))
+    with pytest.raises(WeightsError, match="unexpected decoder.bias, decoder.weight"):  # no part named: as before
+        weights_init.plan_init("runs/pm", build)

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from vitscale.distributed import engine as eng
+from vitscale.errors import ConfigError
+from vitscale.objectives import objective_class
 from vitscale.weights.fit import DECODER_RE, Fit, fit_state_dict, to_model_keys
-from vitscale.weights.sources import Weights, read_weights
+from vitscale.weights.sources import Weights, WeightsError, read_weights
 
 
 def describe(weights: Weights) -> str:
@@ -55,10 +57,33 @@ def plan_init(path: str, build_meta_model: Callable[[], nn.Module]) -> InitPlan:
     weights = read_weights(path)
     with torch.device("meta"):
         model = build_meta_model()
-    fit = fit_state_dict(model, weights.state_dict, what=f"model.init={path}")
+    try:
+        fit = fit_state_dict(model, weights.state_dict, what=f"model.init={path}")
+    except WeightsError as e:
+        fit = _fit_exported_part(model, weights, path, e)
     notes = "".join(f"; {n}" for n in fit.notes)
     report = f"model.init: {len(fit.state_dict)} tensors loaded from {path} ({describe(weights)}){notes}"
     return InitPlan(str(path), fit, report, frozenset(fit.state_dict))
+
+
+def _fit_exported_part(model: nn.Module, weights: Weights, path: str, full_error: WeightsError) -> Fit:
+    """A run of an objective whose model wraps the ViT with parts of its own (a plugin's decoder) does not fit a
+    plain ViT whole: fit the part its ``export_part`` names instead (what ``vitscale export`` would write), or
+    raise the whole source's error when that changes nothing or does not fit either."""
+    try:
+        part, name = objective_class(weights.objective).export_part(weights.state_dict, full=False) \
+            if weights.part == "full" and weights.objective else (weights.state_dict, "full")
+    except ConfigError:  # the objective that trained it cannot be imported here
+        part, name = weights.state_dict, "full"
+    if name == "full":
+        raise full_error
+    try:
+        fit = fit_state_dict(model, part, what=f"model.init={path} (its {name})")
+    except WeightsError:
+        raise full_error from None
+    fit.notes.insert(0, f"its {name} ({weights.objective}'s export_part; {len(weights.state_dict) - len(part)} "
+                        f"tensors of its own left out)")
+    return fit
 
 
 @torch.no_grad()
