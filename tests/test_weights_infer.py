@@ -41,6 +41,22 @@ def test_head_count_is_never_guessed_from_the_width(tmp_path):
     assert info["num_heads"] == 2 and _max_diff(model, theirs) <= 1e-5
 
 
+def test_analyze_takes_the_head_count_too(tmp_path):
+    """vitscale analyze refused such a file telling the user to pass --num-heads, which it did not have."""
+    from vitscale.analysis.run import analyze
+    from vitscale.cli import build_parser
+
+    theirs = _timm(embed_dim=96, num_heads=2)
+    torch.save(theirs.state_dict(), tmp_path / "heads96x2.pth")
+    with pytest.raises(WeightsError, match="pass --num-heads N$"):
+        analyze(tmp_path / "heads96x2.pth", out=tmp_path / "a", model_name="vit_micro_patch4", only=["pos_embed"])
+    doc = analyze(tmp_path / "heads96x2.pth", out=tmp_path / "b", model_name="vit_micro_patch4", num_heads=2,
+                  only=["pos_embed"], log=lambda line: None)
+    assert doc["model"]["num_heads"] == 2
+    parser = build_parser()
+    assert parser.parse_args(["analyze", "m.pth", "--out", "o", "--num-heads", "2"]).num_heads == 2
+
+
 def test_a_registered_width_names_its_variant_and_qk_norm_gives_the_head_count(tmp_path):
     import timm.models.vision_transformer as timm_vit
 

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--only", default=None, help="comma-separated subset of: rollout, layers, distance, pos_embed, "
                                                 "filters, mae (default: all that apply)")
     a.add_argument("--model", default=None, help="model name, only for safetensors files without vitscale metadata")
+    a.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of such a file when its width is not --model's (no qk-norm to tell)")
     a.set_defaults(func=run_analyze)
     return a
 
@@ -38,6 +40,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     analyze(args.ckpt, args.images, args.out, head=args.head, discard_ratio=args.discard_ratio,
             mask_ratio=args.mask_ratio, device=args.device, seed=args.seed, model_name=args.model,
+            num_heads=args.num_heads,
             num_filters=args.num_filters, norm_pix_loss=args.norm_pix_loss,
             only=[s.strip() for s in args.only.split(",") if s.strip()] if args.only else None)
     return 0

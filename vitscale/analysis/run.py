@@ -144,10 +144,10 @@ def _sections(only: Optional[Sequence[str]]) -> set[str]:
 
 
 def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Path, device: str, head: int,
-             model_name: Optional[str], log: Callable[[str], None]) -> _Run:
+             model_name: Optional[str], num_heads: Optional[int], log: Callable[[str], None]) -> _Run:
     """Load the model and the images (resized to the model's input, normalised as in training)."""
     dev = resolve_device(device)
-    model, info = load_model(path, device=dev, model_name=model_name)
+    model, info = load_model(path, device=dev, model_name=model_name, num_heads=num_heads)
     enc = objective_class(info["objective"]).encoder(model)
     if not 0 <= head < enc.num_heads:
         raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")
@@ -244,7 +244,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
             head: int = 0, discard_ratio: float = 0.0, mask_ratio: Optional[float] = None, device: str = "auto",
             seed: int = 0, model_name: Optional[str] = None, num_filters: int = 28,
             norm_pix_loss: Optional[bool] = None, only: Optional[Sequence[str]] = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, num_heads: Optional[int] = None) -> dict[str, Any]:
     """Run every analysis that applies to the model at ``path``; write PNGs and ``analysis.json`` to ``out``.
 
     ``only``: a subset of ``SECTIONS`` (rollout, layers, distance, pos_embed, filters, and the objectives' own
@@ -255,7 +255,7 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     out = Path(out)
     check_folder_path(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    run = _prepare(path, images, out, device, head, model_name, log)
+    run = _prepare(path, images, out, device, head, model_name, num_heads, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},
                            "model_config": run.info["model_cfg"], "device": str(run.device), "images": run.names}
     if not run.enc.has_class_token:
