@@ -12,7 +12,8 @@ Kinds and where they act:
   stop    SIGSTOP this process (a hung rank: alive, holding its connections, doing nothing) at ``mid_step``
   enospc  raise ``OSError(ENOSPC)`` at ``ckpt_write``, or at ``ds_save`` (inside DeepSpeed's save_checkpoint, when
           it writes a file of step N), as a full disk would
-  term    SIGTERM this process (Slurm's preemption signal) at ``ckpt_write``: the signal lands during a write
+  term    SIGTERM this process (Slurm's preemption signal) at ``ckpt_write``: the signal lands during a write; at
+          ``worker``, DataLoader worker W SIGTERMs itself at its batch A, as a job-wide preemption signal reaches it
   nan     make the loss NaN at ``loss`` for the trainer's micro-batches number A..B (1-based, counted over the
           whole process, so a rollback that repeats step numbers does not repeat the fault)
 Without the variable nothing here does anything.
@@ -27,7 +28,7 @@ from typing import Optional
 
 ENV = "VITSCALE_FAULT"
 KINDS = {"kill": ("after_step", "mid_step", "ckpt_write", "worker", "final_eval"), "stop": ("mid_step",),
-         "enospc": ("ckpt_write", "ds_save"), "term": ("ckpt_write",), "nan": ("loss",)}
+         "enospc": ("ckpt_write", "ds_save"), "term": ("ckpt_write", "worker"), "nan": ("loss",)}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -15,6 +16,11 @@ log = logging.getLogger("vitscale.data")
 
 def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode/resize per sample; workers already run in parallel
+    # Preemption signals reach every process of a job (scancel, Slurm, the deepspeed launcher's process-tree
+    # terminate): the trainer answers them with a checkpoint at the next step boundary, but a worker killed by one
+    # first stopped the rank ("worker killed") without it. Workers end with the trainer, whatever ends it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _EvalStream(IterableDataset):
