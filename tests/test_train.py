@@ -261,3 +261,23 @@ def test_a_resume_with_other_optimizer_settings_applies_them(tmp_path, data_cach
     before, after = _losses(trained_run), _losses(run)
     assert after[3]["loss"] == before[3]["loss"]  # the step from the loaded weights: the change is not yet applied
     assert abs(after[4]["loss"] - before[4]["loss"]) > 1e-5, (after[4]["loss"], before[4]["loss"])
+
+
+def test_a_run_forked_from_another_runs_checkpoint_gets_its_own_wandb_run(tmp_path, data_cache):
+    """run.name=b with train.resume=PATH in run a's checkpoints: b logged into a's wandb run (its id came with the
+    checkpoint), so online their steps, names and configs merged. A resume within the run keeps its id
+    (tests/faults/test_preemption.py)."""
+    from conftest import wandb_history
+
+    offline = {"WANDB_MODE": "offline"}
+    a = run_cli(train_args(tmp_path, "a", data_cache, "train.steps=2", "train.ckpt_every=2"), cwd=tmp_path,
+                env_extra=offline)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(train_args(tmp_path, "b", data_cache, "train.steps=3",
+                           f"train.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000002'}"), cwd=tmp_path,
+                env_extra=offline)
+    assert b.returncode == 0, b.stderr[-3000:]
+    (id_a,), (id_b,) = ({run_id for run_id, _, _ in wandb_history(tmp_path / name)} for name in ("a", "b"))
+    assert id_a != id_b
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert saved["tracker_id"] == id_b

@@ -101,4 +101,9 @@ def load_state(ckpt: CheckpointManager, engine, point: Optional[ResumePoint], un
     if point is None:
         return TrainState(), None
     trainer_state, rank_state = ckpt.load(engine, point.path, universal=universal)
-    return TrainState.from_saved(trainer_state), rank_state
+    state = TrainState.from_saved(trainer_state)
+    if Path(point.path).resolve().parent != Path(ckpt.dir).resolve():
+        # another run's checkpoint (train.resume=PATH of another run.name): this run is a fork of it, so its
+        # wandb run is a new one, not the other run's continued (their steps and configs would merge)
+        state.tracker_id = None
+    return state, rank_state
