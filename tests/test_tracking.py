@@ -22,3 +22,17 @@ def test_non_zero_ranks_and_disabled_mode_write_nothing(tmp_path, monkeypatch):
         t.finish()
         assert t.run_id is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_online_run_without_a_reachable_server_goes_offline_and_trains(tmp_path, data_cache):
+    """logging.wandb.mode=online (or auto with an API key) where wandb's server cannot be reached: wandb.init waited
+    90 s, then its CommError ended the run with a traceback. Now one warning, and the run logs offline."""
+    from conftest import run_cli, train_args
+
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
+           "WANDB_INIT_TIMEOUT": "5"}
+    r = run_cli(train_args(tmp_path, "w", data_cache, "train.steps=2", "logging.wandb.mode=online"), cwd=tmp_path,
+                env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: wandb could not start an online run (" in r.stderr and "logging offline to" in r.stderr
+    assert len(list((tmp_path / "w" / "wandb").glob("offline-run-*"))) == 1

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
+
+
+INIT_TIMEOUT_S = 30.0  # how long an online run may take to reach wandb's server before it goes offline
 
 
 def resolve_mode(mode: str) -> str:
@@ -28,9 +32,23 @@ class Tracker:
             return
         import wandb  # startup: wandb adds 0.6 s and starts nothing until a run is on
 
-        self.run = wandb.init(project=project, entity=entity, name=name, dir=str(run_dir), config=config,
-                              mode=self.mode, id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(silent=True, console="off"))
+        def start(mode: str):
+            # wandb waits 90 s for its server by default: a run on a machine without network stalled that long
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+            return wandb.init(project=project, entity=entity, name=name, dir=str(run_dir), config=config,
+                              mode=mode, id=run_id, resume="allow" if run_id else None,
+                              settings=wandb.Settings(silent=True, console="off", init_timeout=timeout))
+
+        try:
+            self.run = start(self.mode)
+        except Exception as e:  # noqa: BLE001 (wandb's errors share no base class; tracking must not stop training)
+            if self.mode != "online":
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: wandb could not start an online run ({first}): logging offline to {run_dir}/wandb "
+                  f"instead (upload it later with `wandb sync`)", file=sys.stderr, flush=True)
+            self.mode = "offline"
+            self.run = start("offline")
         # Charts use our training step as their x-axis, while wandb's own step counter only ever increases: after
         # a resume or a rollback repeats step numbers, those points are still recorded instead of dropped.
         self.run.define_metric("step")
