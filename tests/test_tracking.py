@@ -29,7 +29,7 @@ def test_an_online_run_without_a_reachable_server_goes_offline_and_trains(tmp_pa
     90 s, then its CommError ended the run with a traceback. Now one warning, and the run logs offline."""
     from conftest import run_cli, train_args
 
-    env = {"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
            "WANDB_INIT_TIMEOUT": "5"}
     r = run_cli(train_args(tmp_path, "w", data_cache, "train.steps=2", "logging.wandb.mode=online"), cwd=tmp_path,
                 env_extra=env)
