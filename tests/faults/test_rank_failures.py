@@ -1,8 +1,8 @@
 """Fault 11: one rank's failure never hangs the others. Two CPU ranks, each started on its own (as on two nodes: no
-common launcher kills the survivor for us). A full disk inside DeepSpeed's save on rank 1, rank 1 stopped (SIGSTOP)
-mid-step, rank 1 killed (SIGKILL) while rank 0 waits in a collective: the survivor exits with one line naming rank 1
-and the cause within engine.timeout_s, the newest complete checkpoint stays usable, and the relaunch resumes it,
-recomputing the lost steps exactly."""
+common launcher kills the survivor for us). A full disk inside DeepSpeed's save on rank 1, rank 1 or rank 0 (the
+rendezvous store's host) stopped (SIGSTOP) mid-step, rank 1 killed (SIGKILL) while rank 0 waits in a collective: the
+survivor exits with one line naming the lost rank and the cause within engine.timeout_s, the newest complete
+checkpoint stays usable, and the relaunch resumes it, recomputing the lost steps exactly."""
 import json
 import os
 import signal
@@ -86,35 +86,45 @@ def test_disk_full_inside_deepspeed_save_on_one_rank(tmp_path, data_cache):
     _resume_and_check(tmp_path, data_cache, _port(1), resumed_at=2)
 
 
+_RANK0_STOPPED = (r"stopped answering for \d+ s \(it is stopped \(SIGSTOP\)\) \(the rendezvous store it hosts does "
+                  r"not answer\)")
+
+
 @pytest.mark.parametrize("fault,cause", [
     ("stop@mid_step,step=4,rank=1", r"stopped responding: no heartbeat for \d+ s \(it is stopped \(SIGSTOP\)\)"),
     ("kill@mid_step,step=4,rank=1", r"died without reporting an error \(killed, e\.g\. by SIGKILL or the "
                                     r"out-of-memory killer, or crashed\)"),
-])
+    # Rank 0 hosts the rendezvous store: while it is stopped a store call never returns on its own.
+    ("stop@mid_step,step=4,rank=0", _RANK0_STOPPED),
+], ids=["stop", "kill", "stop-rank0"])
 def test_lost_rank_never_hangs_the_survivor(tmp_path, data_cache, fault, cause):
-    """Rank 1 stops (or dies) between backward and optimizer step of step 4, while rank 0 goes on into the step's
-    collectives: rank 0 exits within engine.timeout_s of losing rank 1, with one line naming it."""
+    """One rank stops (or dies) between backward and optimizer step of step 4, while the other goes on into the
+    step's collectives: the survivor exits within engine.timeout_s of losing it, with one line naming it."""
     import re
 
+    lost = int(fault.rsplit("rank=", 1)[1])
+    survivor = 1 - lost
     args = train_args(tmp_path, "r", data_cache, *ARGS)
-    offset = 2 if fault.startswith("stop") else 4
-    procs = _launch(args, tmp_path, _port(offset), faults={1: fault})
+    offset = {"stop@mid_step,step=4,rank=1": 2, "kill@mid_step,step=4,rank=1": 4}.get(fault, 6)
+    procs = _launch(args, tmp_path, _port(offset), faults={lost: fault})
     try:
         metrics = tmp_path / "r" / "metrics.jsonl"
-        while procs[0].poll() is None and not (metrics.exists() and '"step": 3' in metrics.read_text()):
+        while procs[survivor].poll() is None and not (metrics.exists() and '"step": 3' in metrics.read_text()):
             time.sleep(0.2)
-        t_lost = time.monotonic()  # rank 1 is lost in step 4, about now
-        code, _, err = _finish(procs[0], 300)
+        t_lost = time.monotonic()  # the rank is lost in step 4, about now
+        code, _, err = _finish(procs[survivor], TIMEOUT_S + 60)  # the old code hung here for good
         waited = time.monotonic() - t_lost
     finally:
-        os.kill(procs[1].pid, signal.SIGKILL)  # a stopped rank stays stopped (on a cluster the scheduler ends it)
-        procs[1].communicate()
+        for proc in procs:  # a stopped rank stays stopped (on a cluster the scheduler ends it); a hung one too
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.communicate()
     assert code == 2, err[-3000:]
     line = _one_error(err)
-    assert re.fullmatch(r"vitscale: error: rank 1 \(\S+, pid \d+\) " + cause + rf"; stopping rank 0 too \(timeout "
-                        rf"{TIMEOUT_S} s, engine.timeout_s\): relaunch the same command to resume from the newest "
-                        r"complete checkpoint", line), line
-    print(f"{fault}: rank 0 exited {waited:.1f} s after rank 1 was lost (engine.timeout_s={TIMEOUT_S})")
+    assert re.fullmatch(rf"vitscale: error: rank {lost} \(\S+, pid \d+\) " + cause + rf"; stopping rank {survivor} "
+                        rf"too \(timeout {TIMEOUT_S} s, engine.timeout_s\): relaunch the same command to resume from "
+                        r"the newest complete checkpoint", line), line
+    print(f"{fault}: rank {survivor} exited {waited:.1f} s after rank {lost} was lost (engine.timeout_s={TIMEOUT_S})")
     assert waited < TIMEOUT_S + 10, waited
     ckpts = tmp_path / "r" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000002"

@@ -8,7 +8,8 @@ that says why. Three mechanisms, all bounded by ``engine.timeout_s``:
 * every rank heartbeats into the rendezvous store (a counter, so clocks need not agree) and watches the next rank
   in a ring: a rank whose counter has not moved for 3/4 of the timeout is declared lost; one on this host whose
   process is gone is declared dead at once. The store lives in rank 0's process: when it stops answering, rank 0
-  is the one lost;
+  is the one lost. Every store call has a deadline (``bounded_store``): a client call to a stopped store host
+  never returns on its own, and it must not block the watchdog or the failure path;
 * a rank that fails with an error of its own publishes it (``rank R: cause``) before it exits.
 
 A rank that learns of another's failure prints one line naming it and exits (code 2) with ``os._exit``: its main
@@ -28,6 +29,7 @@ import time
 from typing import Iterator, Optional
 
 from vitscale.distributed import runlock
+from vitscale.distributed.bounded_store import BoundedStore, StoreTimeout, call_with_deadline
 from vitscale.distributed.env import DistEnv
 from vitscale.errors import VitscaleError
 
@@ -53,6 +55,10 @@ def _proc_state(pid: int) -> Optional[str]:
             return "?"
 
 
+class StoreUnanswered(VitscaleError, RuntimeError):
+    """Rank 0's rendezvous store does not answer when the watchdog starts."""
+
+
 class Watchdog:
     """Heartbeats, failure reports and a watch on the next rank, in a daemon thread (world size > 1 only)."""
 
@@ -64,7 +70,8 @@ class Watchdog:
         self._claimed = threading.Event()  # the main thread handles the failure itself: the thread must not exit
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._store = None
+        self._store: Optional[BoundedStore] = None
+        self._who0: Optional[str] = None  # "host pid" of rank 0, to name it when its store stops answering
         self.host = socket.gethostname()
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store across restarts
         self.prefix = f"{_PREFIX}{restart}/"
@@ -75,11 +82,18 @@ class Watchdog:
             return
         import torch.distributed as dist
 
-        self._store = dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
-                                    timeout=datetime.timedelta(seconds=max(2 * self.interval, 5.0)),
-                                    wait_for_workers=False)
-        self._store.set(f"{self.prefix}who/{self.env.rank}", f"{self.host} {os.getpid()}")
-        self._store.add(f"{self.prefix}hb/{self.env.rank}", 1)
+        deadline = max(2 * self.interval, 5.0)
+        try:
+            client = call_with_deadline(
+                lambda: dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
+                                      timeout=datetime.timedelta(seconds=deadline), wait_for_workers=False),
+                2 * deadline, "connect")
+            self._store = BoundedStore(client, deadline)
+            self._store.set(f"{self.prefix}who/{self.env.rank}", f"{self.host} {os.getpid()}")
+            self._store.add(f"{self.prefix}hb/{self.env.rank}", 1)
+        except StoreTimeout as e:
+            raise StoreUnanswered(f"rank 0's rendezvous store at {self.env.master_addr}:{self.env.master_port} "
+                                  f"does not answer ({e}): is rank 0 stopped or hung?") from None
         self._thread = threading.Thread(target=self._run, name="vitscale-watchdog", daemon=True)
         self._thread.start()
 
@@ -139,7 +153,10 @@ class Watchdog:
         target = (self.env.rank + 1) % self.env.world_size
         seen, seen_at, store_down_since = -1, time.monotonic(), None
         while not self._stop.wait(self.interval):
+            called_at = time.monotonic()  # a call that hits its deadline counts from when it was made
             try:
+                if self._who0 is None and self._store.check([f"{self.prefix}who/0"]):
+                    self._who0 = self._store.get(f"{self.prefix}who/0").decode()
                 self._store.add(f"{self.prefix}hb/{self.env.rank}", 1)
                 if self._store.check([f"{self.prefix}failed"]):
                     culprit = self._store.get(f"{self.prefix}failed").decode()
@@ -149,12 +166,8 @@ class Watchdog:
                 beat = self._store.add(f"{self.prefix}hb/{target}", 0)
                 store_down_since = None
             except Exception as e:  # the store is rank 0's: it died (refused/reset) or stopped (timed out)
-                store_down_since = store_down_since or time.monotonic()
-                gone = not isinstance(e, TimeoutError) and not any(w in str(e).lower()
-                                                                   for w in ("timeout", "timed out"))
-                if gone or time.monotonic() - store_down_since > self.stale_s:
-                    what = "is gone" if gone else f"stopped answering for {self.stale_s:.0f} s"
-                    self._found(f"rank 0 {what} (the rendezvous store it hosts: {str(e).splitlines()[0][:120]})")
+                store_down_since = store_down_since or called_at
+                if self._store_lost(e, time.monotonic() - store_down_since):
                     return
                 continue
             now = time.monotonic()
@@ -165,6 +178,22 @@ class Watchdog:
                 self._publish(lost)
                 self._found(lost)
                 return
+
+    def _store_lost(self, error: Exception, down_s: float) -> bool:
+        """Declare rank 0 lost (and return True) once its store is gone, or silent for longer than stale_s."""
+        gone = not isinstance(error, TimeoutError) and not any(w in str(error).lower()
+                                                               for w in ("timeout", "timed out"))
+        if not gone and down_s <= self.stale_s:
+            return False
+        host, pid = (self._who0 or "? 0").split()
+        state = _proc_state(int(pid)) if host == self.host else "?"
+        what = "is gone" if gone else f"stopped answering for {down_s:.0f} s"
+        if not gone and state in ("T", "t"):
+            what += " (it is stopped (SIGSTOP))"
+        # A timed-out call's own text varies (which call, or "an earlier call has not returned"): not worth a line.
+        why = f": {str(error).splitlines()[0][:120]}" if gone else " does not answer"
+        self._found(f"rank 0 ({host}, pid {pid}) {what} (the rendezvous store it hosts{why})")
+        return True
 
     def _lost(self, rank: int, silent_s: float) -> Optional[str]:
         """Why `rank` counts as failed, or None while it is fine."""
