@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,28 @@ def test_a_run_forked_from_another_runs_checkpoint_gets_its_own_wandb_run(tmp_pa
     assert id_a != id_b
     saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert saved["tracker_id"] == id_b
+
+
+def test_evaluation_and_checkpoint_time_is_not_the_next_steps_time(tmp_path, data_cache):
+    """The metrics line after a periodic evaluation counted the evaluation as training: its step_time, samples_per_s
+    and mfu were off by the evaluation's length (minutes at real size: one absurd point on every curve). Here the
+    evaluation is made to take 2 s more; the next step's time stays a step's."""
+    script = tmp_path / "slow_eval.py"
+    script.write_text(
+        "import sys, time\n"
+        "from vitscale.train import validation\n"
+        "real = validation.PeriodicValidation.run\n"
+        "def slow(self, *a, **k):\n"
+        "    time.sleep(2.0)\n"
+        "    return real(self, *a, **k)\n"
+        "validation.PeriodicValidation.run = slow\n"
+        "from vitscale.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    args = train_args(tmp_path, "ev", data_cache, "train.steps=4", "train.eval_every=2", "train.ckpt_every=100")
+    r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = _losses(tmp_path / "ev")
+    records = read_metrics(tmp_path / "ev" / "metrics.jsonl")
+    assert any(m.get("step") == 2 and "val_top1" in m for m in records)  # the evaluation ran after step 2
+    assert lines[3]["step_time"] < 1.5, lines[3]  # was the step plus the 2 s evaluation

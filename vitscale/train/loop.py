@@ -104,9 +104,7 @@ class Trainer:
                 out = self.step(state, self.batches, window)
                 state.step_s = time.perf_counter() - started
             except Rollback as why:
-                self.rollback(state, str(why))
-                window = Window()
-                self.progress.update(state.step)
+                window = self.rollback(state, str(why))
                 continue
             state.step += 1
             state.samples += self.settings.global_batch
@@ -120,6 +118,7 @@ class Trainer:
             self.progress.update(state.step, record)
             preempted = self.preemption.agreed(out.preempted, state.step, last, cfg.train.skip_nonfinite,
                                                cfg.train.log_every)
+            paused = time.perf_counter()  # evaluation, checkpoint and picture: not the next metrics line's step time
             best = self.validation.due(state.step, last) and self.validation.run(self.engine, state.step, self.ema)
             if last or preempted or best or state.step % cfg.train.ckpt_every == 0:
                 self.save(state)
@@ -127,6 +126,7 @@ class Trainer:
                 preempted = preempted or self.preemption.during_save(last)
             if self.objective.images_due(state.step, last):  # after the checkpoint: a failing figure costs no state
                 self.save_picture(out.batch, state.step)
+            window.start += time.perf_counter() - paused
             if preempted:
                 self.log(f"preemption signal: checkpointed at step {state.step}, "
                          f"exiting{self.preemption.since_signal()}")
@@ -279,9 +279,9 @@ class Trainer:
         if self.bad_in_a_row >= limit:
             raise Rollback(f"{self.bad_in_a_row} non-finite losses in a row at step {state.step + 1}")
 
-    def rollback(self, state: TrainState, reason: str) -> None:
-        """Reload weights and optimizer from the newest complete checkpoint and lower the LR for the rest of
-        the run. The RNG and the data stream go on (the batches that diverged are not replayed)."""
+    def rollback(self, state: TrainState, reason: str) -> Window:
+        """Reload weights and optimizer from the newest complete checkpoint and lower the LR for the rest of the run
+        (the RNG and the data stream go on: the diverged batches are not replayed); returns a new metrics window."""
         cfg = self.cfg
         path = self.ckpt.find("auto")
         if path is None:
@@ -306,6 +306,8 @@ class Trainer:
                   f"from now on (rollback {state.rollbacks} of at most {cfg.train.max_rollbacks})")
         self.metrics.write({"step": state.step, "event": "rollback", "reason": reason, "lr_scale": state.lr_scale,
                             "rollbacks": state.rollbacks})
+        self.progress.update(state.step)
+        return Window()
 
     # ----- what happens after a step -----------------------------------------------------------------------
     def log_step(self, state: TrainState, out: StepOutput, window: Window) -> dict:
@@ -340,9 +342,7 @@ class Trainer:
 
     def _mfu(self, samples_per_s: float) -> Optional[float]:
         peak = device_peak_flops(self.cfg.logging.peak_tflops)
-        if peak is None:
-            return None
-        return self.flops_per_image * samples_per_s / (peak * self.env.world_size)
+        return None if peak is None else self.flops_per_image * samples_per_s / (peak * self.env.world_size)
 
     @torch.no_grad()
     def save_picture(self, batch: dict, step: int) -> None:
@@ -351,7 +351,8 @@ class Trainer:
         raw, _ = materialize(batch["image"][:self.cfg.logging.image_count], self.engine.device)
         images = normalize(raw).to(self.engine.dtype)
         self.engine.eval()
-        with torch.random.fork_rng(devices=[]):  # the picture must not change the training's random stream
+        # No random stream may move (CPU, and the GPU where MAE draws masks): a resume from this step must match.
+        with torch.random.fork_rng(devices=[self.engine.device] if self.engine.device.type == "cuda" else []):
             picture = self.objective.visualize(self.engine, self.engine.module, images, step)
         self.engine.train()
         if picture is not None and self.env.is_main:
@@ -376,8 +377,7 @@ class Trainer:
         summary: dict[str, Any] = {"step": state.step, "complete": state.step >= self.cfg.train.steps,
                                    "run_dir": str(self.run_dir)}
         if summary["complete"] and self.val_set is not None:
-            summary.update(self.validation.final(self.engine, state.step, self.objective,
-                                                      self.metrics.write))
+            summary.update(self.validation.final(self.engine, state.step, self.objective, self.metrics.write))
             self.tracker.summarize(summary)
         self.metrics.close()
         self.tracker.finish()
