@@ -82,8 +82,10 @@ def peak_memory_gb() -> float:
     return kb / 2**20 if os.uname().sysname != "Darwin" else kb / 2**30
 
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity); MFU is reported only where the peak is known.
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# Dense bf16 peak FLOP/s per GPU (no sparsity), the most specific name first (an "H100 PCIe" is not an SXM H100);
+# MFU is reported only where the peak is known, and against the bf16 peak whatever train.precision is (nanoGPT's
+# convention), so an fp32 run's MFU reads low.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 def device_peak_flops(override_tflops: Optional[float] = None) -> Optional[float]:
