@@ -98,3 +98,16 @@ def test_deepspeed_refusing_its_config_is_one_line_naming_the_field():
     line = one_line(e.value)
     assert "\n" not in line and line.startswith("DeepSpeedZeroConfig (engine.ds_config) refused: "), line
     assert "sub_group_size: " in line and "(got 'abc')" in line and "stage: " in line, line
+
+
+@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"])
+def test_the_loading_banner_is_printed_by_the_first_process_only(var, tmp_path, capsys, monkeypatch):
+    """Under srun (SLURM_PROCID) or mpirun every rank printed it: one line per GPU of the job."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    missing = str(tmp_path / "none.yaml")
+    main(["train", "--config", missing])
+    assert "vitscale train: checking" in capsys.readouterr().out
+    monkeypatch.setenv(var, "3")
+    main(["train", "--config", missing])
+    assert "vitscale train: checking" not in capsys.readouterr().out
