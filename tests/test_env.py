@@ -1,5 +1,7 @@
 """Rank/world/master from each launcher's environment variables."""
-from vitscale.distributed.env import detect_env, first_slurm_host
+import pytest
+
+from vitscale.distributed.env import LaunchError, detect_env, first_slurm_host
 
 
 def test_no_launcher_is_one_process():
@@ -32,3 +34,36 @@ def test_slurm_srun():
 def test_slurm_nodelist_forms():
     assert first_slurm_host("node7") == "node7"
     assert first_slurm_host("a[10,12-14],b1") == "a10"
+
+
+def test_mpirun_open_mpi_and_mpich():
+    """mpirun sets only its own variables (no RANK): each process gets its rank, not rank 0 of a world of one."""
+    e = detect_env({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "node001", "MASTER_PORT": "1234"})
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == (3, 1, 4, 2, 1)
+    assert (e.master_addr, e.master_port, e.launcher) == ("node001", 1234, "mpi")
+    e = detect_env({"PMI_RANK": "3", "PMI_SIZE": "4"})  # MPICH without hydra's local ids: one node, in order
+    assert (e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port) == (3, 3, 4, "127.0.0.1", 29500)
+    e = detect_env({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
+                    "MASTER_ADDR": "n1"})
+    assert (e.rank, e.local_rank, e.node_rank) == (2, 0, 1)
+    # mpirun inside an sbatch script: every process inherits the batch step's SLURM_PROCID=0
+    e = detect_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0",
+                    "SLURM_NTASKS": "1"})
+    assert (e.rank, e.world_size, e.launcher) == (1, 2, "mpi")
+
+
+def test_mpirun_on_several_nodes_needs_master_addr():
+    with pytest.raises(LaunchError, match=r"^mpirun started 4 processes on several nodes but MASTER_ADDR is not set: "
+                                          r"pass .* \(mpirun -x MASTER_ADDR=<first node>\)$"):
+        detect_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
+def test_a_world_without_ranks_is_refused():
+    """Two processes with LOCAL_RANK=0/1 and WORLD_SIZE=2 but no RANK used to run as two worlds of one."""
+    for local_rank in ("0", "1"):
+        with pytest.raises(LaunchError, match=r"^WORLD_SIZE=2 is set but no rank variable is \(RANK, "
+                                              r"OMPI_COMM_WORLD_RANK, PMI_RANK or SLURM_PROCID\): start the processes "
+                                              r"with deepspeed, torchrun, srun or mpirun, or set RANK"):
+            detect_env({"LOCAL_RANK": local_rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+    assert detect_env({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}).world_size == 1  # a world of one needs no rank

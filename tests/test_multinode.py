@@ -1,10 +1,11 @@
 """Two nodes simulated on one machine: two per-node deepspeed launches (--no_ssh) of a tiny config (CPU, gloo)."""
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import DEMO, ROOT, TINY, wandb_history
+from conftest import DEMO, ROOT, TINY, train_args, wandb_history
 from vitscale.logging.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -44,3 +45,22 @@ def test_two_nodes_train_checkpoint_and_resume(tmp_path, data_cache):
     assert steps == [1, 2, 3, 4]  # one continuous, strictly increasing curve across the two launches
     assert not list(tmp_path.glob("wandb")) and len(list(tmp_path.rglob("offline-run-*"))) == 2  # rank 1: none
     assert (tmp_path / "mn" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+def test_mpirun_variables_alone_start_a_two_rank_world(tmp_path, data_cache):
+    """Processes started as mpirun starts them (OMPI_COMM_WORLD_* only, no RANK) used to run as two worlds of one
+    (a port clash, a DeepSpeed assertion); now they train together: one ZeRO shard per rank in the checkpoint."""
+    port = 29500 + os.getpid() % 190
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update({"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK":
+                    str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": str(port), "WANDB_MODE": "disabled",
+                    "DS_ACCELERATOR": "cpu"})
+        args = train_args(tmp_path, "mpi", data_cache, "train.steps=2", "train.ckpt_every=2", "data.val_shards=")
+        procs.append(subprocess.Popen([sys.executable, "-m", "vitscale", *args], cwd=tmp_path, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    ckpt = tmp_path / "mpi" / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("*optim_states.pt"))) == 2

@@ -1,8 +1,10 @@
 """Rank, world size and rendezvous address from whatever launched us.
 
 Supported: the `deepspeed` launcher, torchrun, `accelerate launch` (all three set RANK/WORLD_SIZE/...),
-Slurm `srun` (SLURM_* variables), and nothing at all (one process). Pure function of the environment
-so it can be tested with each launcher's variables.
+`mpirun` (Open MPI's OMPI_COMM_WORLD_*, or MPICH / Intel MPI's PMI_RANK/PMI_SIZE), Slurm `srun` (SLURM_*
+variables), and nothing at all (one process). Pure function of the environment so it can be tested with each
+launcher's variables. A world of several processes with no rank variable is refused: each process would
+otherwise train alone as rank 0 of one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
+
+from vitscale.errors import VitscaleError
+
+
+class LaunchError(VitscaleError, RuntimeError):
+    """The launcher's variables do not say which process this is (or where rank 0 is)."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,7 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "deepspeed" | "torchrun" | "accelerate" | "slurm" | "none"
+    launcher: str  # "deepspeed" | "torchrun" | "accelerate" | "mpi" | "slurm" | "none"
 
     @property
     def is_main(self) -> bool:
@@ -63,9 +71,40 @@ def _launcher(env: Mapping[str, str]) -> str:
         if "TORCHELASTIC_RUN_ID" in env:
             return "torchrun"
         return "deepspeed"
+    # Before Slurm: mpirun inside an sbatch script inherits the batch step's SLURM_PROCID=0 in every process.
+    if ("OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env) or ("PMI_RANK" in env and "PMI_SIZE" in env):
+        return "mpi"
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return "slurm"
     return "none"
+
+
+def _mpi_env(env: Mapping[str, str]) -> DistEnv:
+    """mpirun's variables (Open MPI, else MPICH / Intel MPI). They say nothing of the rendezvous address: a single
+    node defaults to this host, several nodes need MASTER_ADDR (e.g. ``mpirun -x MASTER_ADDR=node001``)."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", world)))
+        local_rank = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("LOCAL_RANK", rank % local_world)))
+    else:  # MPICH's hydra sets MPI_LOCALRANKID/MPI_LOCALNRANKS; without them, one node (ranks fill it in order)
+        rank, world = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local_world = int(env.get("MPI_LOCALNRANKS", env.get("LOCAL_WORLD_SIZE", world)))
+        local_rank = int(env.get("MPI_LOCALRANKID", env.get("LOCAL_RANK", rank % local_world)))
+    if local_world < world and not env.get("MASTER_ADDR"):
+        raise LaunchError(f"mpirun started {world} processes on several nodes but MASTER_ADDR is not set: pass the "
+                          "first node's address to every process (mpirun -x MASTER_ADDR=<first node>)")
+    return DistEnv(rank, local_rank, world, local_world, env.get("MASTER_ADDR") or "127.0.0.1",
+                   int(env.get("MASTER_PORT", 29500)), "mpi")
+
+
+def _refuse_rankless(env: Mapping[str, str]) -> None:
+    """WORLD_SIZE > 1 with no rank: every process would run alone as rank 0 of one (and collide on the run
+    directory), so say what is missing instead."""
+    world = env.get("WORLD_SIZE", "1")  # not SLURM_NTASKS: an salloc shell has it, and one process there is fine
+    if world.isdigit() and int(world) > 1:
+        raise LaunchError(f"WORLD_SIZE={world} is set but no rank variable is (RANK, OMPI_COMM_WORLD_RANK, PMI_RANK or "
+                          "SLURM_PROCID): start the processes with deepspeed, torchrun, srun or mpirun, or set RANK "
+                          "(0 .. WORLD_SIZE-1) in each")
 
 
 def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional[int] = None) -> DistEnv:
@@ -78,6 +117,8 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
         local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
         return DistEnv(int(env["RANK"]), local_rank, world, local_world, env.get("MASTER_ADDR", "127.0.0.1"),
                        int(env.get("MASTER_PORT", 29500)), launcher)
+    if launcher == "mpi":
+        return _mpi_env(env)
     if launcher == "slurm":
         world = int(env["SLURM_NTASKS"])
         nodes = int(env.get("SLURM_NNODES", 1))
@@ -88,4 +129,5 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "9500")) % 20000))
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world,
                        master, port, "slurm")
+    _refuse_rankless(env)
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "none")
