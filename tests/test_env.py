@@ -1,7 +1,7 @@
 """Rank/world/master from each launcher's environment variables."""
 import pytest
 
-from vitscale.distributed.env import LaunchError, detect_env, first_slurm_host
+from vitscale.distributed.env import DistEnv, LaunchError, detect_env, first_slurm_host, rendezvous_error
 
 
 def test_no_launcher_is_one_process():
@@ -67,3 +67,30 @@ def test_a_world_without_ranks_is_refused():
                                               r"with deepspeed, torchrun, srun or mpirun, or set RANK"):
             detect_env({"LOCAL_RANK": local_rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
     assert detect_env({"WORLD_SIZE": "1", "LOCAL_RANK": "0"}).world_size == 1  # a world of one needs no rank
+
+
+def test_slurm_prefers_the_step_task_count():
+    """srun sets SLURM_STEP_NUM_TASKS; SLURM_NTASKS is the allocation's (srun -n 2 inside a 4-task job)."""
+    e = detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NNODES": "1",
+                    "SLURM_JOB_NODELIST": "gpu001"})
+    assert (e.rank, e.world_size) == (1, 2)
+
+
+def test_rendezvous_timeout_names_the_missing_ranks():
+    """What engine.setup raises when the process group's rendezvous times out (e.g. sbatch without srun)."""
+    slurm = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+                        "SLURM_JOB_ID": "12345"})
+    err = rendezvous_error(RuntimeError("Timed out after 31 seconds waiting for clients. 1/2 clients joined."),
+                           slurm, 30.0)
+    assert isinstance(err, LaunchError) and str(err) == (
+        "rank 1 never joined rank 0's rendezvous at n1:32345 within 30 s (engine.timeout_s) (world size 2): run it "
+        "under srun (srun python -m vitscale ...) so that Slurm starts all 2 tasks")
+    four = DistEnv(0, 0, 4, 4, "h", 29500, "torchrun")
+    assert str(rendezvous_error(RuntimeError("... 3/4 clients joined."), four, 20)).startswith(
+        "1 of the 3 other ranks never joined rank 0's rendezvous at h:29500 within 20 s (engine.timeout_s) (world "
+        "size 4): start all 4 processes, each with its own RANK")
+    two = DistEnv(1, 0, 2, 1, "h", 29500, "deepspeed")
+    assert str(rendezvous_error(RuntimeError("The client socket has timed out after 20000ms"), two, 20)) == (
+        "rank 1 could not reach rank 0's rendezvous at h:29500 within 20 s (engine.timeout_s) (The client socket has "
+        "timed out after 20000ms): is rank 0 running, and are MASTER_ADDR/MASTER_PORT its address and a free port "
+        "there?")

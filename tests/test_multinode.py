@@ -64,3 +64,21 @@ def test_mpirun_variables_alone_start_a_two_rank_world(tmp_path, data_cache):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     ckpt = tmp_path / "mpi" / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("*optim_states.pt"))) == 2
+
+
+def test_sbatch_without_srun_is_one_line_naming_the_missing_rank(tmp_path, data_cache):
+    """An sbatch script with --ntasks=2 that runs vitscale itself (no srun) starts one process as rank 0 of 2: it
+    used to wait engine.timeout_s and print a DistStoreError traceback; now the wait ends in one line."""
+    job = str(5000 + os.getpid() % 5000)  # the Slurm port is derived from the job id
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update({"SLURM_JOB_ID": job, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "WANDB_MODE": "disabled",
+                "DS_ACCELERATOR": "cpu"})
+    args = train_args(tmp_path, "sb", data_cache, "train.steps=2", "engine.timeout_s=5")
+    r = subprocess.run([sys.executable, "-m", "vitscale", *args], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=200)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"vitscale: error: rank 1 never joined rank 0's rendezvous at localhost:{20000 + int(job)} within 5 s "
+        "(engine.timeout_s) (world size 2): run it under srun (srun python -m vitscale ...) so that Slurm starts all "
+        "2 tasks")

@@ -21,7 +21,7 @@ import torch
 from vitscale.config.schema import Config
 from vitscale.distributed.child import run_in_fresh_python
 from vitscale.distributed.compile import compile_blocks, transformer_blocks
-from vitscale.distributed.env import DistEnv
+from vitscale.distributed.env import DistEnv, rendezvous_error
 from vitscale.distributed.fp32_masters import masters_by_name, unfused_masters
 from vitscale.distributed.host import return_freed_host_memory, unlink_cpu_allreduce_segment
 from vitscale.distributed.recorded_writes import writes_recorded
@@ -43,7 +43,8 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
     """Export the rendezvous variables, pick the accelerator and start the process group (idempotent).
 
     `timeout_s` (engine.timeout_s): a collective that does not complete in this time fails instead of waiting
-    for torch's default 30 minutes (gloo raises; NCCL's watchdog ends the process)."""
+    for torch's default 30 minutes (gloo raises; NCCL's watchdog ends the process). A rendezvous that times out
+    (a rank never started) is one line naming the missing ranks."""
     global _deepspeed
     for key, value in env.as_environ().items():
         os.environ[key] = value
@@ -64,7 +65,10 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         with _quiet_stdout():  # DeepSpeed prints a line per process about its CPU shared-memory op
             kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+            try:
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+            except torch.distributed.DistError as e:  # the store's "1/2 clients joined" or a connect timeout
+                raise rendezvous_error(e, env, timeout_s) from None
         if not torch.cuda.is_available():
             unlink_cpu_allreduce_segment()
 

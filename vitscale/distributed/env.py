@@ -120,7 +120,8 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
     if launcher == "mpi":
         return _mpi_env(env)
     if launcher == "slurm":
-        world = int(env["SLURM_NTASKS"])
+        # srun sets the step's own task count; SLURM_NTASKS is the allocation's, also seen by an sbatch script.
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         nodes = int(env.get("SLURM_NNODES", 1))
         local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(world // max(nodes, 1))).split("(")[0])
         master = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST",
@@ -131,3 +132,27 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
                        master, port, "slurm")
     _refuse_rankless(env)
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "none")
+
+
+def rendezvous_error(error: Exception, env: DistEnv, timeout_s: Optional[float]) -> LaunchError:
+    """The one line for a process group whose rendezvous timed out: which ranks never came, and the likely why."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    within = f"within {timeout_s:g} s (engine.timeout_s)" if timeout_s else "in time"
+    at = f"{env.master_addr}:{env.master_port}"
+    if env.rank == 0:
+        m = re.search(r"(\d+)/(\d+) clients joined", text)
+        joined = int(m.group(1)) if m else None
+        last = env.world_size - 1
+        missing = (f"ranks 1-{last}" if last > 1 else "rank 1") if joined in (None, 1) else \
+            f"{env.world_size - joined} of the {last} other ranks"
+        what = f"{missing} never joined rank 0's rendezvous at {at} {within} (world size {env.world_size})"
+    else:
+        what = f"rank {env.rank} could not reach rank 0's rendezvous at {at} {within} ({text})"
+    if env.launcher == "slurm":
+        # Run straight from an sbatch script, only the batch step's one process starts (SLURM_PROCID=0).
+        hint = f"run it under srun (srun python -m vitscale ...) so that Slurm starts all {env.world_size} tasks"
+    elif env.rank == 0:
+        hint = f"start all {env.world_size} processes, each with its own RANK and the same MASTER_ADDR/MASTER_PORT"
+    else:
+        hint = "is rank 0 running, and are MASTER_ADDR/MASTER_PORT its address and a free port there?"
+    return LaunchError(f"{what}: {hint}")
