@@ -86,7 +86,8 @@ def test_rendezvous_timeout_names_the_missing_ranks():
         "rank 1 never joined rank 0's rendezvous at n1:32345 within 30 s (engine.timeout_s) (world size 2): run it "
         "under srun (srun python -m vitscale ...) so that Slurm starts all 2 tasks")
     four = DistEnv(0, 0, 4, 4, "h", 29500, "torchrun")
-    assert str(rendezvous_error(RuntimeError("... 3/4 clients joined."), four, 20)).startswith(
+    late = RuntimeError("Timed out after 21 seconds waiting for clients. 3/4 clients joined.")
+    assert str(rendezvous_error(late, four, 20)).startswith(
         "1 of the 3 other ranks never joined rank 0's rendezvous at h:29500 within 20 s (engine.timeout_s) (world "
         "size 4): start all 4 processes, each with its own RANK")
     two = DistEnv(1, 0, 2, 1, "h", 29500, "deepspeed")
@@ -94,3 +95,12 @@ def test_rendezvous_timeout_names_the_missing_ranks():
         "rank 1 could not reach rank 0's rendezvous at h:29500 within 20 s (engine.timeout_s) (The client socket has "
         "timed out after 20000ms): is rank 0 running, and are MASTER_ADDR/MASTER_PORT its address and a free port "
         "there?")
+
+
+def test_rendezvous_port_in_use_and_other_errors():
+    env = DistEnv(0, 0, 2, 2, "127.0.0.1", 29611, "deepspeed")
+    busy = RuntimeError("The server socket has failed to listen on any local network address. port: 29611, "
+                        "useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use")
+    assert str(rendezvous_error(busy, env, 20)) == ("rank 0 cannot listen on MASTER_PORT 29611 at 127.0.0.1: the port "
+                                                   "is in use (another run?): set MASTER_PORT to a free port")
+    assert rendezvous_error(RuntimeError("something else"), env, 20) is None  # raised as it is

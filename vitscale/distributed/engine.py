@@ -67,8 +67,11 @@ def setup(env: DistEnv, timeout_s: Optional[float] = None) -> None:
             kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
             try:
                 deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
-            except torch.distributed.DistError as e:  # the store's "1/2 clients joined" or a connect timeout
-                raise rendezvous_error(e, env, timeout_s) from None
+            except torch.distributed.DistError as e:  # the store's "1/2 clients joined", a timeout, a port in use
+                explained = rendezvous_error(e, env, timeout_s)
+                if explained is None:
+                    raise
+                raise explained from None
         if not torch.cuda.is_available():
             unlink_cpu_allreduce_segment()
 

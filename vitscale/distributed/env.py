@@ -134,9 +134,15 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "none")
 
 
-def rendezvous_error(error: Exception, env: DistEnv, timeout_s: Optional[float]) -> LaunchError:
-    """The one line for a process group whose rendezvous timed out: which ranks never came, and the likely why."""
+def rendezvous_error(error: Exception, env: DistEnv, timeout_s: Optional[float]) -> Optional[LaunchError]:
+    """The one line for a process group whose rendezvous failed: which ranks never came and the likely why, or the
+    port in use; None for any other error (raised as it is)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+        return LaunchError(f"rank 0 cannot listen on MASTER_PORT {env.master_port} at {env.master_addr}: the port is "
+                           "in use (another run?): set MASTER_PORT to a free port")
+    if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+        return None
     within = f"within {timeout_s:g} s (engine.timeout_s)" if timeout_s else "in time"
     at = f"{env.master_addr}:{env.master_port}"
     if env.rank == 0:
