@@ -104,3 +104,11 @@ def test_rendezvous_port_in_use_and_other_errors():
     assert str(rendezvous_error(busy, env, 20)) == ("rank 0 cannot listen on MASTER_PORT 29611 at 127.0.0.1: the port "
                                                    "is in use (another run?): set MASTER_PORT to a free port")
     assert rendezvous_error(RuntimeError("something else"), env, 20) is None  # raised as it is
+
+
+def test_slurm_nodelist_suffixes_and_several_groups():
+    assert first_slurm_host("node[1-4]-ib") == "node1-ib"  # was "node1": the suffix was dropped
+    assert first_slurm_host("rack[1-2]-n[01-02]") == "rack1-n01"  # was "rack1"
+    assert first_slurm_host("gpu[001-004,010]") == "gpu001"
+    assert first_slurm_host("a-b[1-2],c") == "a-b1"
+    assert first_slurm_host("gpu-01,gpu-02") == "gpu-01"

@@ -53,15 +53,19 @@ def free_port() -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a Slurm nodelist like "gpu[003-005,9],cpu1" -> "gpu003"."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        return nodelist
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First hostname of a Slurm nodelist: "gpu[003-005,9],cpu1" -> "gpu003", "rack[1-2]-n[01-02]" -> "rack1-n01".
+
+    Every bracket group of the first host expression takes its first value, so text after a group (a "-ib"
+    suffix, another group) is kept."""
+    text = nodelist.strip()
+    depth, end = 0, len(text)
+    for i, ch in enumerate(text):  # the first top-level entry: commas inside brackets separate ranges, not hosts
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], text[:end])
+    return first or nodelist
 
 
 def _launcher(env: Mapping[str, str]) -> str:
