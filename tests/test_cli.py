@@ -100,10 +100,10 @@ def test_deepspeed_refusing_its_config_is_one_line_naming_the_field():
     assert "sub_group_size: " in line and "(got 'abc')" in line and "stage: " in line, line
 
 
-@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"])
+@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"])
 def test_the_loading_banner_is_printed_by_the_first_process_only(var, tmp_path, capsys, monkeypatch):
     """Under srun (SLURM_PROCID) or mpirun every rank printed it: one line per GPU of the job."""
-    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         monkeypatch.delenv(name, raising=False)
     missing = str(tmp_path / "none.yaml")
     main(["train", "--config", missing])

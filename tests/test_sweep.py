@@ -268,3 +268,18 @@ def _text(path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_cells_start_as_processes_of_their_own_under_any_launcher():
+    """A sweep started under srun or mpirun handed its cells the task's rank variables, which distributed/env.py
+    reads: each cell became a rank of a larger world that never assembles."""
+    from vitscale.distributed.env import detect_env
+    from vitscale.sweep.runner import launcher_free
+
+    for launched in ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77"},
+                     {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+                     {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"},
+                     {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1"}):
+        env = launcher_free({**launched, "PATH": "/bin"})
+        assert detect_env(env).world_size == 1 and detect_env(env).rank == 0, launched
+        assert env["PATH"] == "/bin" and env.get("SLURM_JOB_ID") == launched.get("SLURM_JOB_ID")

@@ -16,7 +16,8 @@ from vitscale.errors import VitscaleError
 
 
 def _train(args: argparse.Namespace) -> int:
-    if all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")):
+    if all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                                                   "PMI_RANK")):
         # What follows imports PyTorch, DeepSpeed and the model code: ~10 s, and 60-70 s on the first run after an
         # install (bytecode compiled, DeepSpeed's op builders probed); without this line the wait is silent.
         print(f"vitscale train: checking {args.config} and loading PyTorch and DeepSpeed (up to a minute on the "

@@ -27,8 +27,12 @@ from vitscale.sweep.grid import Cell
 
 RESULT = "sweep_cell.json"
 # The sweep may itself run under a launcher; its children are single runs of their own.
+# What distributed/env.py reads a rank from, dropped for the cells: a sweep started under a launcher, srun or mpirun
+# must not hand its cells a rank in a larger world (Slurm's job variables other than the task's stay).
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
+                 "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+                 "SLURM_STEP_NUM_TASKS")
+LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "MPI_LOCAL")
 
 
 @dataclass
@@ -163,7 +167,7 @@ def finetune_overrides(plan: SweepPlan, folder: Path, seed: int) -> list[str]:
 
 def _child(plan: SweepPlan, args: list[str], log_path: Path) -> Optional[str]:
     """Run ``python -m vitscale ARGS``, output to ``log_path``; None on success, else the error's one line."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = launcher_free(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", **child_threads(plan.jobs, env), **plan.extra_env})
     with open(log_path, "a") as out:
         out.write(f"$ vitscale {' '.join(args)}\n")
@@ -175,6 +179,11 @@ def _child(plan: SweepPlan, args: list[str], log_path: Path) -> Optional[str]:
     if rc == 0:
         return None
     return f"{last_error_line(log_path)} (exit {rc}; log: {log_path})"
+
+
+def launcher_free(env) -> dict:
+    """``env`` without what a launcher set to make a process one rank of a world (see LAUNCHER_VARS)."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
 
 
 def child_threads(jobs: int, env: dict) -> dict:
