@@ -44,3 +44,25 @@ def test_a_preemption_signal_reaching_a_worker_does_not_kill_it(tmp_path, data_c
                      env_extra={"VITSCALE_FAULT": "term@worker,worker=1,batches=3"})
     assert termed.returncode == 0, termed.stderr[-3000:]
     assert step_losses(tmp_path / "t") == step_losses(tmp_path / "straight")
+
+
+def test_a_run_ending_on_an_uncaught_error_does_not_wait_for_its_workers(tmp_path):
+    """Workers ignore SIGTERM (above); multiprocessing's exit hook SIGTERMs the workers a traceback still holds and
+    then joins them, so a run ending on an uncaught error (a CUDA OOM, a bug) hung at exit for good."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "bug.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "from vitscale.data.evaluation import worker_init\n"
+        "class Forever(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        while True:\n"
+        "            yield torch.zeros(1)\n"
+        "it = iter(DataLoader(Forever(), batch_size=None, num_workers=1, worker_init_fn=worker_init))\n"
+        "next(it)\n"
+        "raise RuntimeError('a bug in a training step')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "RuntimeError: a bug in a training step" in r.stderr, r.stderr[-2000:]

@@ -1,7 +1,9 @@
 """The evaluation stream: one pass over the shards, eval transform, every sample on exactly one rank."""
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 from typing import Iterator, Optional, Sequence
 
@@ -18,9 +20,21 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode/resize per sample; workers already run in parallel
     # Preemption signals reach every process of a job (scancel, Slurm, the deepspeed launcher's process-tree
     # terminate): the trainer answers them with a checkpoint at the next step boundary, but a worker killed by one
-    # first stopped the rank ("worker killed") without it. Workers end with the trainer, whatever ends it.
+    # first stopped the rank ("worker killed") without it. Workers end with the trainer, whatever ends it: see
+    # _end_leftover_workers.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _end_leftover_workers() -> None:
+    """At exit, SIGKILL the DataLoader workers still alive (a run ending on an uncaught error keeps its loader, and
+    so its workers, referenced by the traceback). multiprocessing's own exit hook SIGTERMs daemonic children and
+    then joins them, and the workers ignore SIGTERM (worker_init): the join never returned. Registered after
+    multiprocessing's hook, so it runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class _EvalStream(IterableDataset):
