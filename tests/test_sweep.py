@@ -283,3 +283,34 @@ def test_cells_start_as_processes_of_their_own_under_any_launcher():
         env = launcher_free({**launched, "PATH": "/bin"})
         assert detect_env(env).world_size == 1 and detect_env(env).rank == 0, launched
         assert env["PATH"] == "/bin" and env.get("SLURM_JOB_ID") == launched.get("SLURM_JOB_ID")
+
+
+def test_a_folder_from_before_records_is_not_compared_on_what_training_resolved(tmp_path):
+    """A cell folder of a vitscale before settings records is compared with its run's config.yaml, which train
+    wrote resolved (train.steps from train.epochs, the warmup, data.batch_size from a global batch): an unchanged
+    relaunch of a recipe with optim.warmup_steps=null was refused ('optim.warmup_steps 100 -> null')."""
+    from vitscale.config.load import load_config, save_config
+    from vitscale.config.resolve import resolve
+    from vitscale.sweep.runner import SweepPlan, cell_dir, train_overrides
+    from vitscale.sweep.run import validate_cells
+    from vitscale.sweep.settings import check_recorded
+
+    plan = SweepPlan(config=DEMO, out=tmp_path / "sw")
+    for shared in (["optim.warmup_steps=null", "data.num_workers=2"], ["data.global_batch_size=128"]):
+        cells = expand_grid([("objective.label_smoothing", ["0.1"])], shared, [0])
+        for cell in cells:  # what an older vitscale left: the resolved config.yaml, a result without settings
+            folder = cell_dir(plan, cell)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_config(resolve(load_config(DEMO, train_overrides(plan, cell)), 1, need_length=False).cfg,
+                        folder / "config.yaml")
+            (folder / "sweep_cell.json").write_text(json.dumps({"name": cell.name, "status": "ok", "metrics": {}}))
+        validate_cells(plan, cells)
+        check_recorded(plan, cells)  # the same command: kept
+        relaunch = expand_grid([("objective.label_smoothing", ["0.1"])], [*shared, "data.num_workers=1"], [0])
+        validate_cells(plan, relaunch)
+        check_recorded(plan, relaunch)  # fewer workers (after an OOM kill): how it runs, not what it computes
+    changed = expand_grid([("objective.label_smoothing", ["0.1"])], ["data.global_batch_size=128",
+                                                                      "optim.warmup_steps=7"], [0])
+    validate_cells(plan, changed)
+    with pytest.raises(SweepError, match=r"optim.warmup_steps 30 -> 7"):  # set by this command: compared
+        check_recorded(plan, changed)

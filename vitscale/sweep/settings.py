@@ -23,7 +23,15 @@ from vitscale.sweep.runner import FINETUNE, SweepPlan, cell_dir, load_result
 # Where the run lives and how it shows its progress, not what it computes (--out may be spelled another way on a
 # relaunch, and wandb may be switched off for it).
 NOT_SETTINGS = ("run.dir", "run.name", "train.progress", "logging.wandb.mode", "logging.wandb.project",
-                "logging.wandb.entity")
+                "logging.wandb.entity",
+                # how the cell runs, not what it computes (fewer workers after an OOM kill must not refuse it)
+                "data.num_workers", "train.ckpt_every", "train.keep_last", "train.log_every", "engine.timeout_s")
+# What a run's config.yaml holds resolved where the record holds it as written (train.epochs -> train.steps, a
+# global batch -> data.batch_size): a folder from before records is compared on a derived key only where this
+# command sets it itself (key -> the key that, when set, derives it; None: always derived or dropped).
+RESOLVED_IN_CONFIG_YAML = {"train.steps": "train.epochs", "optim.warmup_steps": "optim.warmup_epochs",
+                           "data.batch_size": "data.global_batch_size", "train.epochs": None,
+                           "optim.warmup_epochs": None, "data.global_batch_size": None}
 FINETUNE_NOT_SETTINGS = (*NOT_SETTINGS, "run.seed", "model.init")  # set per cell from the cell's own
 SHOWN_DIFFERENCES = 4
 
@@ -61,9 +69,10 @@ def cell_settings(plan: SweepPlan, cfg: Config, finetune: dict[str, Any]) -> dic
     return _plain(flat)
 
 
-def recorded_settings(plan: SweepPlan, cell: Cell) -> Optional[dict[str, Any]]:
+def recorded_settings(plan: SweepPlan, cell: Cell, new: dict[str, Any]) -> Optional[dict[str, Any]]:
     """What the cell's folder was run with: its record, else (a folder of a vitscale before records) the training
-    settings in the run's own config.yaml; None when the folder has neither (nothing of it ran)."""
+    settings in the run's own config.yaml, less what it holds resolved and ``new`` (this command's) does not set;
+    None when the folder has neither (nothing of it ran)."""
     done = load_result(plan, cell)
     if done is not None and isinstance(done.get("settings"), dict):
         return done["settings"]
@@ -74,7 +83,9 @@ def recorded_settings(plan: SweepPlan, cell: Cell) -> Optional[dict[str, Any]]:
         return None
     if not isinstance(tree, dict):
         return None
-    return _plain({k: v for k, v in flatten(tree).items() if k not in NOT_SETTINGS})
+    derived = {k for k, source in RESOLVED_IN_CONFIG_YAML.items()
+               if source is None or new.get(k) is None or new.get(source) is not None}
+    return _plain({k: v for k, v in flatten(tree).items() if k not in NOT_SETTINGS and k not in derived})
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -94,7 +105,7 @@ def check_recorded(plan: SweepPlan, cells: Sequence[Cell]) -> None:
     stale: list[tuple[Path, list[str]]] = []
     for cell in cells:
         new = plan.settings.get(cell.name)
-        old = recorded_settings(plan, cell) if new is not None else None
+        old = recorded_settings(plan, cell, new) if new is not None else None
         if old is not None and (diffs := differences(old, new)):
             stale.append((cell_dir(plan, cell), diffs))
     if not stale:
