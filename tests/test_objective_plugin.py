@@ -171,6 +171,7 @@ def test_model_init_from_a_wrapper_objectives_run_takes_the_part_it_exports(monk
     """model.init=RUN of a run whose model wraps the ViT with a decoder of its own failed ('unexpected
     decoder.bias, decoder.weight'); the part the objective's export_part names is what a plain ViT starts from."""
     from vitscale.config.load import load_config
+    from vitscale.objectives import objective_for
     from vitscale.weights import init as weights_init
     from vitscale.weights.sources import Weights, WeightsError
 
@@ -189,6 +190,9 @@ def test_model_init_from_a_wrapper_objectives_run_takes_the_part_it_exports(monk
     for name, value in model.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(value, trained["encoder." + name]), name
+    mae = objective_for(load_config(DEMO, [*TINY, "objective.name=mae"]))  # the same encoder, a decoder of its own
+    with pytest.raises(WeightsError, match="unexpected decoder.bias, decoder.weight"):  # the whole must fit it
+        weights_init.plan_init("runs/pm", lambda: mae.build_model(0))
     monkeypatch.setattr(PixelMean, "export_part", classmethod(lambda cls, sd, full: (sd, "full")))
     with pytest.raises(WeightsError, match="unexpected decoder.bias, decoder.weight"):  # no part named: as before
         weights_init.plan_init("runs/pm", build)

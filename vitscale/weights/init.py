@@ -14,7 +14,7 @@ from torch import nn
 from vitscale.distributed import engine as eng
 from vitscale.errors import ConfigError
 from vitscale.objectives import objective_class
-from vitscale.weights.fit import DECODER_RE, Fit, fit_state_dict, to_model_keys
+from vitscale.weights.fit import DECODER_RE, Fit, encoder_of, fit_state_dict, to_model_keys
 from vitscale.weights.sources import Weights, WeightsError, read_weights
 
 
@@ -69,7 +69,10 @@ def plan_init(path: str, build_meta_model: Callable[[], nn.Module]) -> InitPlan:
 def _fit_exported_part(model: nn.Module, weights: Weights, path: str, full_error: WeightsError) -> Fit:
     """A run of an objective whose model wraps the ViT with parts of its own (a plugin's decoder) does not fit a
     plain ViT whole: fit the part its ``export_part`` names instead (what ``vitscale export`` would write), or
-    raise the whole source's error when that changes nothing or does not fit either."""
+    raise the whole source's error when that changes nothing, does not fit either, or the target is no plain ViT
+    (an MAE with another decoder width must be refused, not loaded without its decoder)."""
+    if encoder_of(model) is not model:  # the target has parts of its own besides the ViT: the whole must fit
+        raise full_error
     try:
         part, name = objective_class(weights.objective).export_part(weights.state_dict, full=False) \
             if weights.part == "full" and weights.objective else (weights.state_dict, "full")
