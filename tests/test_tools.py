@@ -350,6 +350,20 @@ def test_bench_freezes_what_the_config_freezes():
     assert 0.3 < probe / full < 0.4, (probe, full)  # forward everywhere, backward in the head alone: ~1/3
 
 
+def test_bench_skips_timm_when_its_model_cannot_take_the_freeze(capsys):
+    """model.freeze names our parameters; an MAE's (encoder.blocks.0) names none of timm's MAE, and bench failed
+    with a ConfigError. The timm row is skipped with one line; where the names exist (a ViT) timm is frozen too."""
+    from vitscale.bench.speed import run_bench
+
+    mae = load_config(DEMO, [*TINY, "objective.name=mae", "model.freeze=encoder.blocks.0"])
+    res = run_bench(mae, ("model",), iters=1, warmup=0, rounds=1)
+    assert set(res["modes"]) == {"model"}
+    assert "bench: model.freeze='encoder.blocks.0' names no parameter of timm's model: the timm row is skipped" \
+        in capsys.readouterr().out
+    vit = load_config(DEMO, [*TINY, "model.freeze=blocks.0"])
+    assert set(run_bench(vit, ("model",), iters=1, warmup=0, rounds=1)["modes"]) == {"model", "timm"}
+
+
 def test_bench_without_timm_skips_only_the_timm_row(monkeypatch, capsys):
     """timm is bench's reference, not a dependency: without it the timm row is skipped with one line."""
     import sys

@@ -299,7 +299,8 @@ def run_bench(cfg: Config, what: tuple[str, ...] = MODES, iters: int = 10, warmu
                            "grad_checkpointing": cfg.model.grad_checkpointing, "compile": compiled, "iters": iters,
                            "warmup": warmup, "rounds": rounds, "peak_flops": peak, "modes": {}, "ratios": {},
                            "params": sum(p.numel() for p in bench.shape_net.parameters())}
-    why = no_timm_reference(bench.shape_net, objective_for(cfg)) if timm and "model" in what else None
+    why = no_timm_reference(bench.shape_net, objective_for(cfg), cfg.model.freeze) if timm and "model" in what \
+        else None
     if why:
         print(f"bench: {why}: the timm row is skipped", flush=True)
     timed = bench.timed(what, timm and not why)

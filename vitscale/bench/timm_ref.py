@@ -15,6 +15,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vitscale.errors import ConfigError
+from vitscale.models.freeze import freeze
 from vitscale.models.mae import tokens_kept
 from vitscale.models.vit import VisionTransformer
 
@@ -113,14 +115,22 @@ class TimmBlockMAE(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-def no_timm_reference(ours: nn.Module, objective: Any) -> Optional[str]:
-    """Why timm has no model to compare ``ours`` with (bench then skips the timm row, saying so), or None."""
+def no_timm_reference(ours: nn.Module, objective: Any, frozen: str = "") -> Optional[str]:
+    """Why timm has no model to compare ``ours`` with (bench then skips the timm row, saying so), or None.
+    ``frozen``: model.freeze, which timm's model must take under its own parameter names."""
     if hasattr(getattr(objective.encoder(ours), "patch_embed", None), "backbone"):
         return "timm has no reference for hybrid (ResNet-stem) models"
     if objective.timm_reference.endswith(":timm_vit") and not isinstance(ours, VisionTransformer):
         # a plugin objective's model around a ViT: timm's plain ViT would time another computation
         return (f"objective {objective.name!r} builds a {type(ours).__name__}, not a plain ViT, and names no "
                 f"timm_reference of its own")
+    if frozen:
+        with torch.device("meta"):
+            theirs = timm_reference(ours, objective)
+        try:
+            freeze(theirs, frozen)
+        except ConfigError:  # e.g. an MAE's "encoder.blocks.0": timm's MAE has no encoder. prefix
+            return f"model.freeze={frozen!r} names no parameter of timm's model"
     return None
 
 
