@@ -111,8 +111,9 @@ class Engine:
         self.ds = ds_engine
         # DeepSpeed keeps the global gradient norm only in its ZeRO and mixed-precision optimizers; at ZeRO-0 it
         # clips with a norm it drops, so the norm (before clipping, as DeepSpeed reports it) is measured here.
-        self._measure_norm = ds_engine.zero_optimization_stage() == 0 and not ds_engine.fp16_enabled()
-        self._norm: Optional[float] = None
+        self._measure_norm = ds_engine.zero_optimization_stage() == 0 and not ds_engine.fp16_enabled() \
+            and not ds_engine.bfloat16_enabled()  # (bf16's unfused optimizer keeps it)
+        self._norm: Optional[torch.Tensor] = None  # a device tensor: read (a host sync) on log steps only
         # The config's share of each param group, as built; a checkpoint's load puts the saved values back.
         self._config_groups = [{k: g[k] for k in CONFIG_GROUP_KEYS if k in g} for g in ds_engine.optimizer.param_groups]
 
@@ -147,8 +148,8 @@ class Engine:
     def step(self) -> None:
         if self._measure_norm and self.ds.is_gradient_accumulation_boundary():
             grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
-            self._norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                                     for g in grads]))) if grads else None
+            self._norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                               for g in grads])) if grads else None
         self.ds.step()
 
     def set_lr(self, lr: float) -> None:
@@ -157,9 +158,8 @@ class Engine:
 
     def grad_norm(self) -> Optional[float]:
         norm = self.ds.get_global_grad_norm()
-        if norm is None:
-            return self._norm
-        return float(norm.item() if torch.is_tensor(norm) else norm)
+        norm = self._norm if norm is None else norm
+        return None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
 
     def loss_scale(self) -> Optional[float]:
         if not self.ds.fp16_enabled():
