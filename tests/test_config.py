@@ -183,7 +183,7 @@ def test_ds_config_overrides_of_values_vitscale_sets_keep_their_kind():
     from vitscale.distributed.ds_config import build_ds_config
 
     for override, words in (("steps_per_print=abc", "steps_per_print must be a number"),
-                            ("wall_clock_breakdown=1", "wall_clock_breakdown must be true or false"),
+                            ("wall_clock_breakdown=2", "wall_clock_breakdown must be true or false"),
                             ("zero_optimization.contiguous_gradients=yes!", "must be true or false")):
         with pytest.raises(ConfigError, match=words):
             build_ds_config(load_config(None, [f"engine.ds_config.{override}"]), 1)
@@ -194,6 +194,9 @@ def test_ds_config_overrides_of_values_vitscale_sets_keep_their_kind():
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert type(ds["zero_optimization"]["reduce_bucket_size"]) is int
     assert (ds["steps_per_print"], ds["wall_clock_breakdown"]) == (100, True)
+    lax = build_ds_config(load_config(None, ["engine.ds_config.wall_clock_breakdown=1",  # DeepSpeed's reading
+                                             "engine.ds_config.zero_allow_untested_optimizer=null"]), 1)
+    assert lax["wall_clock_breakdown"] is True and lax["zero_allow_untested_optimizer"] is None
 
 
 def test_resolve_derives_the_batch_once_without_changing_the_config():

@@ -347,12 +347,14 @@ def _newest_complete(path: Path) -> Optional[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir, a checkpoints/ dir or a run dir -> a complete checkpoint: the one ``latest`` names, else
     (a run copied without ``latest``, or the checkpoint it names damaged since) the newest complete one, said."""
-    latest, newest = _latest_in(Path(path)), _newest_complete(Path(path))
-    if newest is not None and (latest is None or not is_complete(latest)[0]):
-        if latest is not None:
-            warnings.warn(f"{latest}, which {path}'s latest names, is not a complete checkpoint "
-                          f"({is_complete(latest)[1]}): using {newest}", stacklevel=2)
-        latest = newest
+    latest = _latest_in(Path(path))
+    why = is_complete(latest)[1] if latest is not None else ""
+    if latest is None or why:  # only then every checkpoint's files are looked at (slow on a network filesystem)
+        newest = _newest_complete(Path(path))
+        if newest is not None and latest is not None:
+            warnings.warn(f"{latest}, which {path}'s latest names, is not a complete checkpoint ({why}): using "
+                          f"{newest}", stacklevel=2)
+        latest = newest or latest
     path = latest or Path(path)
     if not is_complete(path)[0]:
         raise FileNotFoundError(_not_a_checkpoint(path))

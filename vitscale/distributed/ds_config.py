@@ -80,9 +80,11 @@ def _same_kind(path: str, ours: Any, theirs: Any) -> Any:
     """An engine.ds_config override of a value vitscale sets must be of its kind: DeepSpeed checks some keys'
     types at initialize, others not at all (steps_per_print="abc" failed with a TypeError at the first step).
     A number written as YAML reads "5e8" (a string: YAML wants "5.0e+8") is taken as the number."""
+    if theirs is None:  # null: DeepSpeed's own default for the key
+        return theirs
     if isinstance(ours, bool):
-        if isinstance(theirs, bool):
-            return theirs
+        if isinstance(theirs, bool) or theirs in (0, 1):  # DeepSpeed reads 0/1 as false/true
+            return bool(theirs)
         raise ConfigError(f"engine.ds_config.{path} must be true or false, got {theirs!r}")
     if isinstance(ours, (int, float)):
         number = theirs

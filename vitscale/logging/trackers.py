@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-INIT_TIMEOUT_S = 30.0  # how long an online run may take to reach wandb's server before it goes offline
+INIT_TIMEOUT_S = 90.0  # wandb's own wait for its server (a large run's resume can take long); then offline
 
 
 def resolve_mode(mode: str) -> str:
@@ -33,7 +33,6 @@ class Tracker:
         import wandb  # startup: wandb adds 0.6 s and starts nothing until a run is on
 
         def start(mode: str):
-            # wandb waits 90 s for its server by default: a run on a machine without network stalled that long
             timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
             return wandb.init(project=project, entity=entity, name=name, dir=str(run_dir), config=config,
                               mode=mode, id=run_id, resume="allow" if run_id else None,
