@@ -310,8 +310,8 @@ DEMO_MAE = "configs/demo_mae.yaml"
     ("configs/demo.yaml", "run.name=..", ["run.name", "'..'"]),
     ("configs/demo.yaml", "run.name=a/b", ["run.name", "'/'"]),
     ("configs/demo.yaml", "train.eval_every=-1", ["train.eval_every", ">= 0"]),
-    ("configs/demo.yaml", "data.num_classes=-1", ["data.num_classes", ">= 0"]),
-    ("configs/demo.yaml", "optim.schedule=step", ["optim.schedule", "cosine, linear", "'step'"]),  # was "not in the shard manifest"
+    ("configs/demo.yaml", "data.num_classes=-1", ["data.num_classes", ">= 0"]),  # was "not in the shard manifest"
+    ("configs/demo.yaml", "optim.schedule=step", ["optim.schedule", "cosine, linear", "'step'"]),
     (DEMO_MAE, "logging.image_count=0", ["logging.image_count", ">= 1"]),
 ])
 def test_out_of_range_values_are_one_line_naming_the_key(config, override, words):

@@ -40,6 +40,7 @@ def test_a_preemption_signal_reaching_a_worker_does_not_kill_it(tmp_path, data_c
     before the trainer could checkpoint (3 of 4 job-wide SIGTERMs in a review). Workers ignore it: the trainer
     answers it (tests/faults/test_preemption.py), and here, where only the worker got it, the run goes on."""
     straight = run_cli(train_args(tmp_path, "straight", data_cache, *ARGS), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
     termed = run_cli(train_args(tmp_path, "t", data_cache, *ARGS), cwd=tmp_path,
                      env_extra={"VITSCALE_FAULT": "term@worker,worker=1,batches=3"})
     assert termed.returncode == 0, termed.stderr[-3000:]
