@@ -152,7 +152,9 @@ class Watchdog:
     def _run(self) -> None:
         target = (self.env.rank + 1) % self.env.world_size
         seen, seen_at, store_down_since = -1, time.monotonic(), None
-        while not self._stop.wait(self.interval):
+        # Until rank 0's host and pid are known, look every 0.2 s: a run whose first steps are short can lose rank 0
+        # before a first full interval has passed, and its line then said "rank 0 (?, pid 0)".
+        while not self._stop.wait(self.interval if self._who0 is not None else min(self.interval, 0.2)):
             called_at = time.monotonic()  # a call that hits its deadline counts from when it was made
             try:
                 if self._who0 is None and self._store.check([f"{self.prefix}who/0"]):
