@@ -348,13 +348,17 @@ def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir, a checkpoints/ dir or a run dir -> a complete checkpoint: the one ``latest`` names, else
     (a run copied without ``latest``, or the checkpoint it names damaged since) the newest complete one, said."""
     latest = _latest_in(Path(path))
-    why = is_complete(latest)[1] if latest is not None else ""
-    if latest is None or why:  # only then every checkpoint's files are looked at (slow on a network filesystem)
-        newest = _newest_complete(Path(path))
-        if newest is not None and latest is not None:
+    if latest is not None:
+        complete, why = is_complete(latest)
+        if complete:  # the normal path: only the checkpoint latest names is looked at
+            return latest
+    # only now every checkpoint's files are looked at (slow on a network filesystem)
+    newest = _newest_complete(Path(path))
+    if newest is not None:
+        if latest is not None:
             warnings.warn(f"{latest}, which {path}'s latest names, is not a complete checkpoint ({why}): using "
                           f"{newest}", stacklevel=2)
-        latest = newest or latest
+        return newest
     path = latest or Path(path)
     if not is_complete(path)[0]:
         raise FileNotFoundError(_not_a_checkpoint(path))
