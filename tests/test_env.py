@@ -112,3 +112,21 @@ def test_slurm_nodelist_suffixes_and_several_groups():
     assert first_slurm_host("gpu[001-004,010]") == "gpu001"
     assert first_slurm_host("a-b[1-2],c") == "a-b1"
     assert first_slurm_host("gpu-01,gpu-02") == "gpu-01"
+
+
+def test_slurm_uneven_layouts_give_each_node_its_own_task_count():
+    """srun -n 8 over 3 nodes: Slurm lays out 3, 3, 2 tasks ("3(x2),2"); the last node's processes are 2 there, not
+    8 // 3, and not SLURM_NTASKS_PER_NODE's first number."""
+    from vitscale.distributed.env import slurm_tasks_per_node
+
+    assert slurm_tasks_per_node("3(x2),2") == [3, 3, 2] and slurm_tasks_per_node("4") == [4]
+    assert slurm_tasks_per_node("") == [] and slurm_tasks_per_node("2(x") == []
+    base = {"SLURM_NTASKS": "8", "SLURM_NNODES": "3", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_ID": "7",
+            "SLURM_STEP_TASKS_PER_NODE": "3(x2),2", "SLURM_TASKS_PER_NODE": "3(x2),2"}
+    got = [detect_env({**base, "SLURM_PROCID": str(r), "SLURM_NODEID": str(n), "SLURM_LOCALID": str(l)})
+           for r, n, l in ((0, 0, 0), (5, 1, 2), (7, 2, 1))]
+    assert [e.local_world_size for e in got] == [3, 3, 2]
+    assert [e.local_rank for e in got] == [0, 2, 1]
+    # without a layout: --ntasks-per-node, else the even split
+    assert detect_env({**base, "SLURM_STEP_TASKS_PER_NODE": "", "SLURM_TASKS_PER_NODE": "", "SLURM_PROCID": "0",
+                       "SLURM_NTASKS_PER_NODE": "4"}).local_world_size == 4

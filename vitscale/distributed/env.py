@@ -101,6 +101,29 @@ def _mpi_env(env: Mapping[str, str]) -> DistEnv:
                    int(env.get("MASTER_PORT", 29500)), "mpi")
 
 
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed task layout, one count per node: "2(x3),1" -> [2, 2, 2, 1]; [] for what is not one."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def _slurm_local_world(env: Mapping[str, str], world: int) -> int:
+    """Tasks on this node: the step's layout at this node's index (an uneven layout, 3 tasks on 2 nodes, has 2 on
+    the first and 1 on the second), else --ntasks-per-node, else an even split."""
+    layout = slurm_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")))
+    node = int(env.get("SLURM_NODEID", -1))
+    if 0 <= node < len(layout):
+        return layout[node]
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+    return max(world // max(int(env.get("SLURM_NNODES", 1)), 1), 1)
+
+
 def _refuse_rankless(env: Mapping[str, str]) -> None:
     """WORLD_SIZE > 1 with no rank: every process would run alone as rank 0 of one (and collide on the run
     directory), so say what is missing instead."""
@@ -126,8 +149,7 @@ def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional
     if launcher == "slurm":
         # srun sets the step's own task count; SLURM_NTASKS is the allocation's, also seen by an sbatch script.
         world = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
-        nodes = int(env.get("SLURM_NNODES", 1))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(world // max(nodes, 1))).split("(")[0])
+        local_world = _slurm_local_world(env, world)
         master = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST",
                                                                      env.get("SLURM_NODELIST", "127.0.0.1")))
         # A job-id derived port lets concurrent jobs on shared nodes avoid each other.
