@@ -29,7 +29,14 @@ def test_randaugment_is_timms_for_the_same_seed_and_leaves_global_rngs_alone():
     y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     crop = torch.stack([x * 8, y * 8, (x + y) * 4]).clamp(0, 255).to(torch.uint8)  # a gradient: most ops show
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
-    outs = [randaugment(crop, RANDAUG, seed) for seed in range(8)]
+    seeded_torch = []
+    real_seed = torch.manual_seed
+    torch.manual_seed = lambda s: seeded_torch.append(s) or real_seed(s)  # reaches every CUDA generator too
+    try:
+        outs = [randaugment(crop, RANDAUG, seed) for seed in range(8)]
+    finally:
+        torch.manual_seed = real_seed
+    assert seeded_torch == []  # in the trainer (decode_on=device) it would reseed dropout's CUDA generator
     assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
     assert torch.equal(torch.get_rng_state(), before[2])
     for seed, out in enumerate(outs):
@@ -66,7 +73,7 @@ def test_mixup_cutmix_and_erasing_are_timms_for_the_same_seed(switch):
     aug = BatchAugment(data, num_classes=10, label_smoothing=0.1, seed=0, rank=0)
     images = torch.randn(8, 3, 16, 16)
     labels = torch.arange(8) % 10
-    stream = {"worker": 0, "epoch": 1, "shard": 2, "offset": 40}
+    stream = {"worker": 0, "epoch": 1, "item": 2, "offset": 40, "seen": 140, "skipped": 0, "bad_shards": []}
     ours_x, ours_y = aug(images.clone(), labels, stream)
     with seeded(aug.batch_seed(stream)):
         x = RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu")(images.clone())
@@ -76,6 +83,47 @@ def test_mixup_cutmix_and_erasing_are_timms_for_the_same_seed(switch):
     assert ours_y.shape == (8, 10) and torch.allclose(ours_y.sum(-1), torch.ones(8))
     other_x, _ = aug(images.clone(), labels, {**stream, "offset": 48})
     assert not torch.equal(other_x, ours_x)  # another batch, other draws
+
+
+def _seeds(loader, batches=12):
+    aug = BatchAugment(_Data(), num_classes=10, label_smoothing=0.0, seed=0, rank=0)
+    it = iter(loader)
+    return [aug.batch_seed(next(it)["stream"]) for _ in range(batches)]
+
+
+def test_every_batch_of_a_real_stream_gets_its_own_mixing_draws(tmp_path):
+    """The seed comes from what the loaders put in a batch's stream: with one source, blocks whose sample count is
+    a multiple of the batch repeated their draws (the position within a block restarts); with a mix, every batch of
+    a worker had one seed for the whole run (one lambda, one CutMix box, one erased rectangle)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from vitscale.data.mix import build_mix_loader
+    from vitscale.data.pipeline import build_train_loader
+    from vitscale.config.sources import Source
+
+    images = (load_digits().images * 255 / 16).astype(np.uint8)
+    urls = []
+    for s in range(8):  # 8 shards of 16 real digits, plain tarfile; blocks of 2 shards = 32 samples = 4 batches
+        urls.append(str(tmp_path / f"d-{s}.tar"))
+        with tarfile.open(urls[-1], "w") as tar:
+            for i in range(16):
+                buf = io.BytesIO()
+                Image.fromarray(images[s * 16 + i]).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", b"1")):
+                    info = tarfile.TarInfo(f"k{s}_{i:02d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    kw = dict(batch_size=8, img_size=8, seed=1, rank=0, world_size=1, num_workers=0, shards_in_flight=2,
+              shuffle_buffer=8)
+    one = _seeds(build_train_loader(urls, **kw))
+    assert len(set(one)) == len(one), one
+    mix = build_mix_loader([(Source("a", "", 0.5), urls[:4]), (Source("b", "", 0.5), urls[4:])], **kw)
+    got = _seeds(mix)
+    assert len(set(got)) == len(got), got
 
 
 def test_bad_augmentation_keys_are_one_line():

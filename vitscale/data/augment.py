@@ -3,7 +3,7 @@ RandomErasing and Mixup/CutMix per batch, with the soft targets (label smoothing
 
 Every draw is seeded from the data stream, never from the global RNGs: RandAugment from the sample's own augmentation
 generator (the one its crop comes from), Mixup/CutMix and RandomErasing from the batch's stream position (rank,
-worker, epoch, shard, offset). The libraries draw from Python's ``random``, NumPy's and torch's global generators, so
+worker, and each source's epoch, block and offset). The libraries draw from Python's ``random``, NumPy's and torch's global generators, so
 each call runs with those seeded and afterwards restored: training randomness is untouched and a resumed run
 augments exactly as the uninterrupted one.
 
@@ -26,13 +26,17 @@ from vitscale.pixels import IMAGENET_MEAN
 
 
 @contextlib.contextmanager
-def seeded(seed: int, devices: tuple = ()):
-    """Python's ``random``, NumPy's and torch's global generators seeded with ``seed`` for the block, then restored."""
+def seeded(seed: int, devices: tuple = (), torch_too: bool = True):
+    """Python's ``random``, NumPy's and (``torch_too``) torch's global generators seeded with ``seed`` for the
+    block, then restored. torch's seeding reaches every CUDA generator, so ``devices`` must list each CUDA device
+    the block may touch (fork_rng restores only those): ``torch_too=False`` where the block draws from torch not
+    at all."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(devices)):
+    with torch.random.fork_rng(devices=list(devices), enabled=torch_too):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        if torch_too:
+            torch.manual_seed(seed)
         try:
             yield
         finally:
@@ -42,13 +46,13 @@ def seeded(seed: int, devices: tuple = ()):
 
 # ----- per sample: RandAugment ----------------------------------------------------------------------------------
 @lru_cache(maxsize=8)
-def randaug_transform(config: str, img_size: int):
+def randaug_transform(config: str, img_size: int, interpolation: str = "bilinear"):
     """timm's RandAugment with the hyper-parameters timm's ``create_transform`` gives it for this image size."""
     # startup: timm adds 4.4 s to torch's import (measured, 2 cores); only this use needs it
     from timm.data import rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
 
-    hparams = dict(translate_const=int(img_size * 0.45), interpolation=str_to_pil_interp("bilinear"),
+    hparams = dict(translate_const=int(img_size * 0.45), interpolation=str_to_pil_interp(interpolation),
                    img_mean=tuple(min(255, round(255 * x)) for x in IMAGENET_MEAN))
     return rand_augment_transform(config, hparams)
 
@@ -66,13 +70,15 @@ def check_randaug(config: str) -> None:
         raise ConfigError(f"data.randaug={config!r} is not a valid RandAugment string ({e})") from None
 
 
-def randaugment(img: torch.Tensor, config: str, seed: int) -> torch.Tensor:
+def randaugment(img: torch.Tensor, config: str, seed: int, interpolation: str = "bilinear") -> torch.Tensor:
     """RandAugment a uint8 (3,H,W) image (on any device; the library works on PIL images on the CPU)."""
     from torchvision.transforms.v2 import functional as TF
 
     pil = TF.to_pil_image(img.cpu())
-    with seeded(seed):
-        out = randaug_transform(config, max(img.shape[-2:]))(pil)
+    # timm's RandAugment draws from random and NumPy only. In the trainer (data.decode_on=device) torch's seeding
+    # would also reseed the CUDA generators that dropout, drop path and MAE's masks draw from, and leave them so.
+    with seeded(seed, torch_too=False):
+        out = randaug_transform(config, max(img.shape[-2:]), interpolation)(pil)
     return TF.pil_to_tensor(out).to(img.device)
 
 
@@ -104,9 +110,13 @@ class BatchAugment:
         return self.erase is not None or self.mixup is not None
 
     def batch_seed(self, stream: Optional[dict]) -> int:
-        """From the batch's stream position (synthetic batches, e.g. ``vitscale bench``, have none)."""
+        """From the batch's stream position: the worker and where it is in each source (epoch, block, offset: only
+        ever increasing, so no two batches of a worker share a seed). Synthetic batches (``vitscale bench``) have
+        none."""
         s = stream or {}
-        where = (s.get(k, 0) for k in ("worker", "epoch", "shard", "offset"))
+        where = [s.get("worker", 0)]
+        for source in s.get("sources", [s]):  # a mix: every source's position; else the one stream's
+            where += [source.get(k, 0) for k in ("epoch", "item", "offset")]
         return seed_of("batch-aug", self.seed, self.rank, *where)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, stream: Optional[dict]
