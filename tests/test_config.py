@@ -293,6 +293,7 @@ DEMO_MAE = "configs/demo_mae.yaml"
     ("configs/demo.yaml", "optim.betas=[0.9,1.5]", ["optim.betas", "two numbers in [0, 1)"]),
     ("configs/demo.yaml", "objective.label_smoothing=2", ["objective.label_smoothing", "[0, 1)"]),
     ("configs/demo.yaml", "data.eval_crop_pct=0", ["data.eval_crop_pct", "(0, 1]"]),
+    ("configs/demo.yaml", "data.interpolation=nearest", ["data.interpolation", "bicubic"]),
     (DEMO_MAE, "objective.mask_ratio=0", ["objective.mask_ratio", "(0, 1)", "mae"]),
     ("configs/demo.yaml", "optim.lr=-0.001", ["optim.lr", ">= 0"]),
     ("configs/demo.yaml", "optim.lr=.nan", ["optim.lr", "finite"]),

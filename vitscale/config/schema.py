@@ -155,6 +155,9 @@ class DataConfig:
     random_erasing: float = 0.0
     # Held-out images: resize the shorter side to img_size / eval_crop_pct, then centre-crop img_size.
     eval_crop_pct: float = 0.875
+    # How every resize interpolates (training crops, RandAugment, held-out images; antialiased): "bilinear" (the
+    # cheaper) or "bicubic" (MAE's and timm's pipelines; ~0.25 ms more per 224-px image on one core).
+    interpolation: str = "bilinear"
 
 
 @dataclass
@@ -299,6 +302,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
         "model.global_pool": ("token", "avg"),
         "model.pos_embed": ("learn", "sincos", "none"),
         "data.decode_on": ("worker", "device"),
+        "data.interpolation": ("bilinear", "bicubic"),
         "optim.name": ("adamw", "sgd", "lars"),
         "train.precision": ("bf16", "fp16", "fp32"),
         "train.best_metric": ("val_top1", "val_top1_ema"),

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitscale.data.tario import ShardError, image_and_label, iter_shard, label_ext
-from vitscale.data.transforms import DEFAULT_MAX_PIXELS, EVAL_CROP_FRACTION, decode, eval_transform
+from vitscale.data.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode
 
 log = logging.getLogger("vitscale.data")
 
@@ -42,8 +42,8 @@ class _EvalStream(IterableDataset):
     j % num_workers (j = index among the rank's samples). Shards are streamed, never held whole."""
 
     def __init__(self, urls, batch_size, img_size, rank, world_size, label_key="cls",
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, crop_pct: float = EVAL_CROP_FRACTION):
-        self.urls, self.batch_size, self.img_size, self.crop_pct = list(urls), batch_size, img_size, crop_pct
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, view: EvalTransform = EvalTransform()):
+        self.urls, self.batch_size, self.img_size, self.view = list(urls), batch_size, img_size, view
         self.rank, self.world_size, self.label_key, self.max_pixels = rank, world_size, label_key, max_pixels
 
     def _mine(self) -> Iterator[dict]:
@@ -68,7 +68,7 @@ class _EvalStream(IterableDataset):
         for sample in self._mine():
             try:
                 data, label = image_and_label(sample, self.label_key)
-                img = eval_transform(decode(data, self.max_pixels), self.img_size, self.crop_pct)
+                img = self.view(decode(data, self.max_pixels), self.img_size)
             except Exception as e:
                 log.warning("vitscale.data: skipping bad eval sample %s in %s: %s", sample["__key__"],
                             sample["__url__"], e)
@@ -88,7 +88,7 @@ class _EvalStream(IterableDataset):
 
 def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, rank: int, world_size: int,
                       num_workers: int = 0, label_key: str = "cls",
-                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, crop_pct: float = EVAL_CROP_FRACTION
+                      max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, view: EvalTransform = EvalTransform()
                       ) -> DataLoader:
     """Finite, one pass, eval transform; across ranks every sample is visited exactly once. Batches as in
     training without ``stream`` (the last one may be smaller; a rank may get none)."""
@@ -96,7 +96,7 @@ def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, ra
     if not urls:
         raise ValueError("no evaluation shards")
     label_ext(label_key)
-    stream = _EvalStream(urls, batch_size, img_size, rank, world_size, label_key, max_pixels, crop_pct)
+    stream = _EvalStream(urls, batch_size, img_size, rank, world_size, label_key, max_pixels, view)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
                       generator=torch.Generator().manual_seed(0))

@@ -227,7 +227,7 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
                        decode_on: str = "worker", shards_in_flight: int = 16, shuffle_buffer: int = 1000,
                        label_key: str = "cls", num_classes: int = 0,
                        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, randaug: str = "",
-                       reduced_decode: bool = True) -> TrainLoader:
+                       reduced_decode: bool = True, interpolation: str = "bilinear") -> TrainLoader:
     """Infinite training stream for one rank; ``state`` is a previous ``TrainLoader.state_dict()`` (or the list of
     every rank's, to resume on another layout)."""
     urls = list(urls)
@@ -252,7 +252,7 @@ def build_train_loader(urls: Sequence[str], *, batch_size: int, img_size: int, s
                       batch_size=batch_size, img_size=img_size, crop_min_scale=float(crop_min_scale),
                       max_bad_fraction=float(max_bad_fraction), decode_on=decode_on, label_key=label_key,
                       num_classes=int(num_classes), max_pixels=max_pixels, cut=cut, randaug=randaug,
-                      reduced_decode=reduced_decode)
+                      reduced_decode=reduced_decode, interpolation=interpolation)
     return TrainLoader(plan, num_workers, state)
 
 
@@ -263,7 +263,8 @@ def loader_kwargs(cfg, num_classes: int = 0) -> dict:
     return dict(batch_size=d.batch_size, img_size=cfg.model.img_size, seed=cfg.run.seed, num_workers=d.num_workers,
                 shuffle=d.shuffle, crop_min_scale=d.crop_min_scale, max_bad_fraction=d.max_bad_fraction,
                 decode_on=d.decode_on, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
-                label_key=d.label_key, num_classes=num_classes, max_pixels=d.max_pixels or None, randaug=d.randaug)
+                label_key=d.label_key, num_classes=num_classes, max_pixels=d.max_pixels or None, randaug=d.randaug,
+                interpolation=d.interpolation)
 
 
 def train_loader_from_config(cfg, urls: Sequence[str], rank: int, world_size: int,

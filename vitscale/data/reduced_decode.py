@@ -48,14 +48,13 @@ def reduced_grid_crop(crop: Crop, scale: int, height: int, width: int) -> Crop:
     top, left = round(crop.top / scale), round(crop.left / scale)
     bottom = min(round((crop.top + crop.height) / scale), height // scale)
     right = min(round((crop.left + crop.width) / scale), width // scale)
-    return Crop(top, left, bottom - top, right - left, crop.flip, crop.size, crop.randaug, crop.aug_seed)
+    return crop.moved(top, left, bottom - top, right - left)
 
 
 def snapped_crop(crop: Crop, scale: int, height: int, width: int) -> Crop:
     """The crop of the full-size image that the reduced decode cuts: ``reduced_grid_crop`` in source pixels."""
     r = reduced_grid_crop(crop, scale, height, width)
-    return Crop(r.top * scale, r.left * scale, r.height * scale, r.width * scale, crop.flip, crop.size, crop.randaug,
-                crop.aug_seed)
+    return crop.moved(r.top * scale, r.left * scale, r.height * scale, r.width * scale)
 
 
 def reduced_crop(data: bytes, head: Header, crop: Crop, scale: int) -> Optional[torch.Tensor]:
@@ -75,13 +74,15 @@ def reduced_crop(data: bytes, head: Header, crop: Crop, scale: int) -> Optional[
 
 
 def train_image(data: bytes, img_size: int, g: torch.Generator, crop_min_scale: float = 0.35, randaug: str = "",
-                max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, interpolation: str = "bilinear") -> torch.Tensor:
     """``train_transform(decode(data))`` with the same draws from ``g``, decoding at reduced size where the crop
     allows (see the module docstring). Raises what :func:`transforms.decode` raises."""
     head = read_header(data, max_pixels)
     if head.format != "JPEG" or head.orientation != 1 or head.mode not in ("RGB", "L"):
-        return train_transform(decode(data, max_pixels, head), img_size, g, crop_min_scale, randaug=randaug)
-    crop = train_crop(head.height, head.width, img_size, g, crop_min_scale, randaug=randaug)
+        return train_transform(decode(data, max_pixels, head), img_size, g, crop_min_scale, randaug=randaug,
+                               interpolation=interpolation)
+    crop = train_crop(head.height, head.width, img_size, g, crop_min_scale, randaug=randaug,
+                      interpolation=interpolation)
     scale = reduced_scale(crop)
     img = reduced_crop(data, head, crop, scale) if scale > 1 else None
     return img if img is not None else apply_crop(decode(data, max_pixels, head), crop)

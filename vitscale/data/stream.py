@@ -43,6 +43,7 @@ class StreamPlan:
     num_classes: int = 0  # > 0: supervised, a sample without a label in [0, num_classes) is skipped and counted
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     randaug: str = ""  # timm RandAugment config, applied after the crop (data.randaug; see data/augment.py)
+    interpolation: str = "bilinear"  # of every resize (data.interpolation)
     reduced_decode: bool = True  # JPEGs whose crop is >= 3x the output decode at 1/2-1/8 size (reduced_decode.py)
     cut: Cut = Cut(1)  # of epochs not in ``plans`` (order.block_layout, or a saved state's)
     plans: dict = field(default_factory=dict)  # {epoch: EpochPlan} of epochs split by an elastic resume
@@ -130,12 +131,14 @@ class WorkerStream:
         g = generator("aug", p.order.seed, self.epoch, k, block, j)
         size = jpeg_size(data, p.max_pixels) if p.decode_on == "device" else None
         if size is not None:  # the same draws from g as below: the same crop either way
-            crop = train_crop(*size, p.img_size, g, p.crop_min_scale, randaug=p.randaug)
+            crop = train_crop(*size, p.img_size, g, p.crop_min_scale, randaug=p.randaug, interpolation=p.interpolation)
             return DeferredJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), crop), label
         if p.reduced_decode:
-            image = train_image(data, p.img_size, g, p.crop_min_scale, randaug=p.randaug, max_pixels=p.max_pixels)
+            image = train_image(data, p.img_size, g, p.crop_min_scale, randaug=p.randaug, max_pixels=p.max_pixels,
+                                interpolation=p.interpolation)
         else:
-            image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug)
+            image = train_transform(decode(data, p.max_pixels), p.img_size, g, p.crop_min_scale, randaug=p.randaug,
+                                    interpolation=p.interpolation)
         return image, label
 
     def _label(self, sample: dict) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 
 from vitscale.data.evaluation import build_eval_loader
 from vitscale.data.shards import ShardSet
+from vitscale.data.transforms import EvalTransform
 from vitscale.objectives.supervised import CLASSIFIER_SUMS, classifier_sums
 from vitscale.pixels import normalize
 from vitscale.eval.features import check_labels
@@ -34,13 +35,13 @@ def _too_few(what: str, head: int, data: str) -> str:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, shards: ShardSet, accelerator, *, img_size: int,
-                        batch_size: int = 256) -> dict:
+                        batch_size: int = 256, view: EvalTransform = EvalTransform()) -> dict:
     """``{"val_top1", "val_top5", "val_loss", "val_images"}`` of ``model`` on ``shards`` (all ranks get the
     totals)."""
     was_training = model.training
     model.eval()
     loader = build_eval_loader(shards.urls, batch_size=batch_size, img_size=img_size,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+                               rank=accelerator.process_index, world_size=accelerator.num_processes, view=view)
     sums = torch.zeros(len(CLASSIFIER_SUMS) + 1, dtype=torch.float64)  # the sums, then the image count
     for batch in loader:
         check_labels(batch["label"], "evaluation shards")

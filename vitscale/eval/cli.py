@@ -53,6 +53,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -88,6 +99,11 @@ def _data_flags(g) -> None:
                    help="model name, only for safetensors files without vitscale metadata")
     g.add_argument("--num-heads", type=_positive_int, default=None,
                    help="attention heads of such a file when its width is not --model's (no qk-norm to tell)")
+    g.add_argument("--crop-pct", type=_fraction, default=None,
+                   help="held-out images: shorter side resized to size / crop-pct, then centre-cropped (default: "
+                        "the run's data.eval_crop_pct, else 0.875)")
+    g.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic"),
+                   help="of that resize (default: the run's data.interpolation, else bilinear)")
 
 
 def _feature_flags(f) -> None:

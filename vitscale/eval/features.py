@@ -20,8 +20,7 @@ from accelerate.utils import gather_object
 from vitscale.config.sources import describe, is_mix
 from vitscale.data.evaluation import build_eval_loader
 from vitscale.data.shards import ShardSet, resolve_shards
-from vitscale.distributed.checkpoint import read_trainer_state
-from vitscale.errors import CheckpointReadError
+from vitscale.data.transforms import EvalTransform
 from vitscale.models.vit import VisionTransformer
 from vitscale.pixels import normalize
 from vitscale.objectives import objective_class
@@ -81,20 +80,8 @@ def load_encoder(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     encoder = objective_class(info["objective"]).encoder(model)
     if random_init:
         reinit_(encoder, seed)
-    info = {**info, "init": "random" if random_init else "trained", "init_seed": seed if random_init else None,
-            "data_config": _run_data_config(info)}
+    info = {**info, "init": "random" if random_init else "trained", "init_seed": seed if random_init else None}
     return encoder.eval(), info
-
-
-def _run_data_config(info: dict) -> dict:
-    """A checkpoint directory records the run's data config (an exported file does not)."""
-    ckpt = info.get("checkpoint")
-    if not ckpt:
-        return {}
-    try:
-        return read_trainer_state(Path(ckpt)).get("config", {}).get("data", {})
-    except CheckpointReadError:  # no or damaged trainer_state.json: the run's data config is unknown
-        return {}
 
 
 # ----- data -----------------------------------------------------------------------------------------------------
@@ -193,12 +180,12 @@ def pre_logits(model: VisionTransformer, x: torch.Tensor, pool: str = "model") -
 
 @torch.no_grad()
 def extract_features(model: nn.Module, shards: ShardSet, accelerator, *, img_size: int, batch_size: int = 256,
-                     pool: str = "model", num_workers: int = 0) -> FeatureSet:
+                     pool: str = "model", num_workers: int = 0, view: EvalTransform = EvalTransform()) -> FeatureSet:
     """Pre-logit features and labels of every sample in ``shards`` (each rank reads its part; all gathered)."""
     model.eval()
     loader = build_eval_loader(shards.urls, batch_size=batch_size, img_size=img_size,
                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               num_workers=num_workers)
+                               num_workers=num_workers, view=view)
     feats, labels, keys = [], [], []
     for batch in loader:
         images = normalize(batch["image"], accelerator.device)
@@ -220,7 +207,8 @@ def extract_features(model: nn.Module, shards: ShardSet, accelerator, *, img_siz
 
 @torch.no_grad()
 def load_images(shards: ShardSet, img_size: int, accelerator=None, batch_size: int = 256,
-                limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                limit: Optional[int] = None, view: EvalTransform = EvalTransform()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (uint8 (N,3,S,S), eval transform) and labels of a small split, on CPU, the same on every rank.
 
     Without ``limit``: every sample, in key order (ranks read disjoint parts, then gather). With ``limit``: the
@@ -228,7 +216,8 @@ def load_images(shards: ShardSet, img_size: int, accelerator=None, batch_size: i
     perturbs the same images many times."""
     split = accelerator is not None and accelerator.num_processes > 1 and limit is None
     rank, world = (accelerator.process_index, accelerator.num_processes) if split else (0, 1)
-    loader = build_eval_loader(shards.urls, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world)
+    loader = build_eval_loader(shards.urls, batch_size=batch_size, img_size=img_size, rank=rank, world_size=world,
+                               view=view)
     images, labels, keys = [], [], []
     for batch in loader:
         images.append(batch["image"])

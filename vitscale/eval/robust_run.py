@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from vitscale.data.transforms import EvalTransform
 from vitscale.eval.baseline import (BASELINE_FILE, BaselineConfig, count_params, forward_flops, load_baseline,
     resnet18_params, save_baseline, train_baseline, width_for_params)
 from vitscale.eval.classify import evaluate_classifier, require_classifier
@@ -64,7 +65,7 @@ def _millions(n: int) -> str:
 
 
 def run_robustness(vit: nn.Module, info: dict, train_set, val_set, num_classes: int, img_size: int, accelerator,
-                   opts, base: dict, robustness_tables: list, say) -> dict:
+                   opts, base: dict, robustness_tables: list, say, view: EvalTransform = EvalTransform()) -> dict:
     """The robustness evaluation of ``vit`` (and the CNN baseline): the JSON document; writes the PNGs and appends
     the summary table to ``robustness_tables``."""
     require_classifier(vit, "robustness", num_classes)
@@ -73,12 +74,13 @@ def run_robustness(vit: nn.Module, info: dict, train_set, val_set, num_classes: 
     cfg = opts.robustness
     cfg.seed = opts.seed
     cfg.batch_size = opts.batch_size
-    data = _eval_images(train_set, val_set, img_size, accelerator, cfg, opts.batch_size)
+    data = _eval_images(train_set, val_set, img_size, accelerator, cfg, opts.batch_size, view)
     grid = cfg.occlusion_grid or info["grid_size"][0]
     models, extra = _models(vit, info, train_set, num_classes, img_size, accelerator, opts, say)
     results = {}
     for name, model in models.items():
-        plain = evaluate_classifier(model, val_set, accelerator, img_size=img_size, batch_size=opts.batch_size)
+        plain = evaluate_classifier(model, val_set, accelerator, img_size=img_size, batch_size=opts.batch_size,
+                                    view=view)
         res = robustness_curves(model, data["images"], data["labels"], cfg, accelerator, grid, data["train_images"],
                                 data["train_labels"], log=say, name=name)
         results[name] = {**res, "plain_eval": plain, **extra[name]}
@@ -90,14 +92,16 @@ def run_robustness(vit: nn.Module, info: dict, train_set, val_set, num_classes: 
     return doc
 
 
-def _eval_images(train_set, val_set, img_size: int, accelerator, cfg, batch_size: int) -> dict:
+def _eval_images(train_set, val_set, img_size: int, accelerator, cfg, batch_size: int, view: EvalTransform
+                 ) -> dict:
     """The held-out images and labels the curves use, and the training images the adversarial patch is fit on."""
-    images, labels = load_images(val_set, img_size, accelerator, batch_size=batch_size)
+    images, labels = load_images(val_set, img_size, accelerator, batch_size=batch_size, view=view)
     check_labels(labels, "held-out shards")
     data = {"images": images, "labels": labels, "train_images": None, "train_labels": None}
     if "adversarial_patch" in cfg.curves:
         data["train_images"], data["train_labels"] = load_images(train_set, img_size, accelerator,
-                                                                 batch_size=batch_size, limit=cfg.pgd_images)
+                                                                 batch_size=batch_size, limit=cfg.pgd_images,
+                                                                 view=view)
         check_labels(data["train_labels"], "training shards")
     return data
 

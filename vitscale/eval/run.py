@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from vitscale.data.shards import head_classes
+from vitscale.data.transforms import EvalTransform
 from vitscale.eval import plots
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
@@ -51,6 +52,8 @@ class EvalOptions:
     with_random_init: bool = False
     model_name: Optional[str] = None
     num_heads: Optional[int] = None  # a timm file's head count, where --model's variant has another width
+    crop_pct: Optional[float] = None  # None: the run's data.eval_crop_pct (else 0.875)
+    interpolation: Optional[str] = None  # None: the run's data.interpolation (else bilinear)
     probe_epochs: int = 100
     probe_batch_size: int = 256
     probe_blr: float = 0.1
@@ -140,6 +143,12 @@ class _Session:
         return self.info["img_size"][0]
 
     @property
+    def view(self) -> EvalTransform:
+        """The held-out images' transform: the training run's, unless the options say otherwise."""
+        run = EvalTransform.of_run(self.info.get("data_config") or {})
+        return EvalTransform(self.opts.crop_pct or run.crop_pct, self.opts.interpolation or run.interpolation)
+
+    @property
     def label(self) -> str:
         return "random init" if self.opts.random_init else "trained"
 
@@ -169,7 +178,7 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
         _probes(s, probes)
     if "robustness" in names:
         s.emit("robustness", run_robustness(s.model, s.info, s.train_set, s.val_set, s.num_classes, s.img_size,
-                                            s.accelerator, opts, s.base, s.tables, s.say))
+                                            s.accelerator, opts, s.base, s.tables, s.say, view=s.view))
     if s.accelerator.is_main_process:
         _print_summary(s)
     s.accelerator.wait_for_everyone()
@@ -208,7 +217,8 @@ def _open_session(ckpt: str, opts: EvalOptions, log) -> _Session:
 
 def _accuracy(s: _Session) -> None:
     require_classifier(s.model, "accuracy", s.num_classes)
-    res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size)
+    res = evaluate_classifier(s.model, s.val_set, s.accelerator, img_size=s.img_size, batch_size=s.opts.batch_size,
+                              view=s.view)
     s.emit("accuracy", {"evaluation": "accuracy", **s.base, "results": {s.label: res}})
     s.summary.append(["accuracy", "top-1 (%)", _pct(res["val_top1"])])
 
@@ -255,7 +265,8 @@ def _probes(s: _Session, probes: list[str]) -> None:
 
 def _features(s: _Session, model, pool: str) -> dict:
     feats = {split: extract_features(model, shards, s.accelerator, img_size=s.img_size,
-                                     batch_size=s.opts.batch_size, pool=pool, num_workers=s.opts.num_workers)
+                                     batch_size=s.opts.batch_size, pool=pool, num_workers=s.opts.num_workers,
+                                     view=s.view)
              for split, shards in (("train", s.train_set), ("val", s.val_set))}
     check_labels(feats["train"].labels, "training shards")
     check_labels(feats["val"].labels, "held-out shards")

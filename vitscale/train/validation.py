@@ -19,6 +19,7 @@ import torch
 
 from vitscale import faults
 from vitscale.data.evaluation import build_eval_loader
+from vitscale.data.transforms import EvalTransform
 from vitscale.logging.metrics import read_metrics
 from vitscale.pixels import normalize
 from vitscale.distributed import engine as eng
@@ -28,15 +29,20 @@ BEST = "best"  # checkpoints/best: the tag of the best checkpoint so far (as che
 BEST_INFO = "best.json"  # its step and numbers
 
 
+def eval_view(cfg: Any) -> EvalTransform:
+    """The run's eval transform (data.eval_crop_pct, data.interpolation)."""
+    return EvalTransform(cfg.data.eval_crop_pct, cfg.data.interpolation)
+
+
 @torch.no_grad()
 def held_out_sums(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
                   sums_of: Callable[[Any, torch.Tensor, torch.Tensor], dict], keys: Sequence[str],
-                  crop_pct: float = 0.875, label_key: str = "cls") -> tuple[dict[str, float], int]:
+                  view: EvalTransform = EvalTransform(), label_key: str = "cls") -> tuple[dict[str, float], int]:
     """``({key: sum over every held-out image}, images)``, the same on every rank: ``sums_of(engine, images,
     labels)`` gives each batch's sums. A rank out of batches runs ``sums_of`` on a dummy image (and discards it)
     while another rank still has some: under ZeRO-3 each forward gathers parameters collectively."""
     loader = iter(build_eval_loader(urls, batch_size=batch_size, img_size=img_size, rank=rank,
-                                    world_size=world_size, crop_pct=crop_pct, label_key=label_key))
+                                    world_size=world_size, view=view, label_key=label_key))
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the keys, then the image count
     dummy = (torch.zeros(1, 3, img_size, img_size, device=engine.device, dtype=engine.dtype),
              torch.zeros(1, dtype=torch.int64, device=engine.device))  # for a rank that gets no batch at all
@@ -61,10 +67,10 @@ def held_out_sums(engine: Any, urls: list[str], batch_size: int, img_size: int, 
 
 
 def validate(engine: Any, urls: list[str], batch_size: int, img_size: int, rank: int, world_size: int,
-             crop_pct: float = 0.875, label_key: str = "cls") -> dict:
+             view: EvalTransform = EvalTransform(), label_key: str = "cls") -> dict:
     """``{val_top1, val_top5, val_loss, val_images}`` over every held-out sample, the same on every rank."""
     sums, count = held_out_sums(engine, urls, batch_size, img_size, rank, world_size, classifier_sums,
-                                CLASSIFIER_SUMS, crop_pct, label_key)
+                                CLASSIFIER_SUMS, view, label_key)
     return {**{f"val_{k}": v / max(count, 1) for k, v in sums.items()}, "val_images": count}
 
 
@@ -91,7 +97,7 @@ class PeriodicValidation:
         """Validate (and the model EMA ``ema``, when enabled: val_*_ema), log, and say whether this step is a new best
         by ``train.best_metric`` (then it must be checkpointed)."""
         args = (self.urls, self.cfg.data.batch_size, self.cfg.model.img_size, self.rank, self.world_size,
-                self.cfg.data.eval_crop_pct, self.cfg.data.label_key)
+                eval_view(self.cfg), self.cfg.data.label_key)
         record = validate(engine, *args)
         line = f"val top-1 {100 * record['val_top1']:.2f}%, top-5 {100 * record['val_top5']:.2f}%, " \
                f"loss {record['val_loss']:.4f}"
@@ -118,7 +124,7 @@ class PeriodicValidation:
         faults.inject("final_eval", rank=self.rank, step=step)
         data = self.cfg.data
         sums, count = held_out_sums(engine, self.urls, data.batch_size, self.cfg.model.img_size, self.rank,
-                                    self.world_size, objective.eval_sums, objective.eval_keys, data.eval_crop_pct,
+                                    self.world_size, objective.eval_sums, objective.eval_keys, eval_view(self.cfg),
                                     data.label_key)
         record = {"val_images": count, **{f"val_{k}": v / max(count, 1) for k, v in sums.items()}}
         write({"step": step, **record})

@@ -8,6 +8,7 @@ from pathlib import Path
 from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import read_trainer_state, resolve_checkpoint
 from vitscale.distributed.ema import consolidated_ema
+from vitscale.data.transforms import EVAL_VIEW_KEYS
 from vitscale.objectives import objective_class
 from vitscale.weights.outfile import check_weights_path, save_weights
 
@@ -29,6 +30,9 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     objective = state["config"]["objective"]
     sd, part = objective_class(objective["name"]).export_part(sd, full)
     meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective["name"],
-            "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"])}
+            "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"]),
+            # how the run saw held-out images: eval and analyze see them the same way
+            "vitscale_data_config": json.dumps({k: v for k, v in state["config"].get("data", {}).items()
+                                                if k in EVAL_VIEW_KEYS})}
     save_weights(sd, Path(out), metadata=meta)
     return {"path": str(out), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()), **meta}

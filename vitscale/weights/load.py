@@ -110,6 +110,14 @@ def _num_heads(width: int, q_norm: Optional[torch.Tensor], model_name: str, num_
                        + "".join(f" or {s}" for s in same))
 
 
+def _known_name(name: Optional[str]) -> Optional[str]:
+    """NAME when the registry builds it (a timm architecture such as vit_so400m_patch14 may not be)."""
+    try:
+        return name if name is not None and parse_name(name) else None
+    except ValueError:
+        return None
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                model_name: Optional[str] = None, num_heads: Optional[int] = None
                ) -> tuple[nn.Module, dict[str, Any]]:
@@ -120,7 +128,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     ``info`` has: ``path``, ``source`` ("safetensors" | "checkpoint"), ``name`` (model name), ``objective``,
     ``objective_cfg`` (the run's objective section; {} when unknown), ``part``, ``step``, ``is_hybrid``,
     ``img_size``, ``patch_size`` (pixel stride between tokens), ``grid_size``, ``num_prefix_tokens``,
-    ``num_classes``, ``pos_embed_type`` ("learn" | "sincos" | "none"), ``params``, ``model_cfg``.
+    ``num_classes``, ``pos_embed_type`` ("learn" | "sincos" | "none"), ``params``, ``model_cfg``, ``data_config``
+    (the run's data section, an export's eval keys; {} when unknown).
     ``model_name`` is only needed for files without vitscale metadata; ``num_heads`` too when such a file's width is
     not the named variant's and it has no qk-norm (the only tensors that record the head count).
     """
@@ -136,6 +145,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     if m is not None and num_heads is not None:
         raise WeightsError(f"{path} records its model (vitscale metadata): --num-heads is only for files without it")
     if m is None:
+        model_name = model_name or _known_name(w.extra.get("model_name"))  # a timm folder's config.json
+        num_heads = num_heads or w.extra.get("num_heads")
         if model_name is None:
             raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
                                f"vit_base_patch16)")
@@ -163,7 +174,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         "grid_size": list(enc.patch_embed.grid_size), "num_prefix_tokens": enc.num_prefix_tokens,
         "num_classes": enc.num_classes, "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
         "pos_embed_type": enc.pos_embed_type if enc.pos_embed is not None else "none",
-        "params": sum(p.numel() for p in model.parameters()), "model_cfg": m,
+        "params": sum(p.numel() for p in model.parameters()), "model_cfg": m, "data_config": dict(w.data_cfg),
     }
     return model, info
 

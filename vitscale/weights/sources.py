@@ -19,6 +19,7 @@ more is refused with one line.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,6 +57,7 @@ class Weights:
     step: Optional[int] = None
     objective_cfg: dict[str, Any] = field(default_factory=dict)  # the writing run's objective section, if known
     checkpoint: Optional[str] = None  # the checkpoint directory a run/ckpt path resolved to
+    data_cfg: dict[str, Any] = field(default_factory=dict)  # the writing run's data section (an export: its eval keys)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,9 +128,43 @@ def _read_safetensors(path: Path) -> Weights:
         return Weights(strip_prefixes(sd), str(path), "state_dict")
     objective_cfg = json.loads(meta["vitscale_objective_config"]) if "vitscale_objective_config" in meta else {}
     step = int(meta["step"]) if str(meta.get("step", "")).isdigit() else None
+    data_cfg = _json_dict(meta.get("vitscale_data_config", "{}"))
     return Weights(strip_prefixes(sd), str(path), "export", model_cfg=json.loads(meta["vitscale_model"]),
                    objective=meta.get("vitscale_objective"), part=meta.get("vitscale_part"), step=step,
-                   objective_cfg=objective_cfg)
+                   objective_cfg=objective_cfg, data_cfg=data_cfg)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    """A metadata entry that should hold a JSON object; {} for anything else (it only refines defaults)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _with_folder_config(w: Weights, config: Path) -> Weights:
+    """A timm hub folder's config.json (what `vitscale export --timm` writes too) beside a file without vitscale
+    metadata: its architecture name and model_args stand in for --model / --num-heads, its pretrained_cfg for the
+    eval keys. A config.json that is not such a JSON object is not used (the file then needs --model)."""
+    if w.model_cfg is not None or not config.is_file():
+        return w
+    doc = _json_dict(config.read_text(errors="replace"))
+    args = doc.get("model_args") if isinstance(doc.get("model_args"), dict) else {}
+    arch = doc.get("architecture")
+    name = re.sub(r"_\d+$", "", arch) if isinstance(arch, str) else None  # vit_large_patch16_224 -> vit_large_patch16
+    if name is not None and isinstance(args.get("patch_size"), int):
+        name = re.sub(r"_patch\d+$", f"_patch{args['patch_size']}", name)
+    heads = args.get("num_heads")
+    w.extra.update({k: v for k, v in (("model_name", name), ("num_heads", heads if isinstance(heads, int) else None))
+                    if v is not None})
+    pretrained = doc.get("pretrained_cfg") if isinstance(doc.get("pretrained_cfg"), dict) else {}
+    crop, interp = pretrained.get("crop_pct"), pretrained.get("interpolation")
+    if isinstance(crop, (int, float)) and 0 < crop <= 1:
+        w.data_cfg["eval_crop_pct"] = float(crop)
+    if interp in ("bilinear", "bicubic"):
+        w.data_cfg["interpolation"] = interp
+    return w
 
 
 def _read_checkpoint(path: Path) -> Weights:
@@ -142,7 +178,7 @@ def _read_checkpoint(path: Path) -> Weights:
     return Weights(sd, str(path), "checkpoint", model_cfg=cfg.get("model"),
                    objective=cfg.get("objective", {}).get("name", ObjectiveConfig.name), part="full",
                    step=state.get("step"), objective_cfg=cfg.get("objective", {}), checkpoint=str(ckpt),
-                   extra={"config": cfg})
+                   data_cfg=cfg.get("data", {}), extra={"config": cfg})
 
 
 def read_weights(path: Union[str, Path]) -> Weights:
@@ -157,7 +193,7 @@ def read_weights(path: Union[str, Path]) -> Weights:
             inside = next((path / f for f in FOLDER_FILES if (path / f).is_file()), None)
             if inside is None:
                 raise
-            return read_weights(inside)
+            return _with_folder_config(read_weights(inside), path / "config.json")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES or "".join(path.suffixes[-2:]) in TORCH_SUFFIXES:

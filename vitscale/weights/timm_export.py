@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 
-from vitscale.data.transforms import EVAL_CROP_FRACTION
+from vitscale.data.transforms import EvalTransform
 from vitscale.distributed.checkpoint import resolve_checkpoint
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.pixels import IMAGENET_MEAN, IMAGENET_STD
@@ -60,7 +60,7 @@ def timm_model_args(enc: Any) -> dict[str, Any]:
                    hasattr(first.ls1, "init_values") else {}))
 
 
-def timm_config(enc: Any, crop_pct: float = EVAL_CROP_FRACTION) -> dict[str, Any]:
+def timm_config(enc: Any, view: EvalTransform = EvalTransform()) -> dict[str, Any]:
     args = timm_model_args(enc)
     size, patch = enc.embed_dim, args["patch_size"]
     arch = f"vit_{TIMM_SIZES.get(size, 'base')}_patch{patch}_224"
@@ -75,8 +75,8 @@ def timm_config(enc: Any, crop_pct: float = EVAL_CROP_FRACTION) -> dict[str, Any
     return {"architecture": arch, "num_classes": args["num_classes"], "num_features": enc.embed_dim,
             "global_pool": args["global_pool"], "model_args": args,
             "pretrained_cfg": {"input_size": [3, h, w], "fixed_input_size": True, "mean": list(IMAGENET_MEAN),
-                               "std": list(IMAGENET_STD), "crop_pct": crop_pct, "crop_mode": "center",
-                               "interpolation": "bilinear", "num_classes": args["num_classes"],
+                               "std": list(IMAGENET_STD), "crop_pct": view.crop_pct, "crop_mode": "center",
+                               "interpolation": view.interpolation, "num_classes": args["num_classes"],
                                "first_conv": "patch_embed.proj", "classifier": "head",
                                "license": "as the training data's"}}
 
@@ -94,7 +94,7 @@ def export_timm(ckpt: Union[str, Path], out_dir: Union[str, Path], ema: bool = F
             for name, value in consolidated_ema(resolve_checkpoint(ckpt)).items():
                 params[name].copy_(value.view(params[name].shape))
     enc = encoder_of(model)
-    config = timm_config(enc)
+    config = timm_config(enc, EvalTransform.of_run(info["data_config"]))
     eps = enc.head_norm.eps if isinstance(enc.head_norm, torch.nn.BatchNorm1d) else 0.0
     sd = fold_head_norm({k: v.detach().float().contiguous() for k, v in enc.state_dict().items()}, eps)
     save_weights(sd, out / "model.safetensors", metadata={"format": "pt"})
