@@ -49,6 +49,19 @@ class Rotation(Objective):
         return {"loss": float(loss) * len(images)}
 
 
+class RegroupedRotation(Rotation):
+    """Rotation whose model, under VITSCALE_TEST_OLD_GROUPS=1, decays its position table and [CLS] token (as an
+    objective's wrapper model did before no_weight_decay() was read from every submodule): a checkpoint written so
+    holds optimizer groups of other sizes than the model makes now."""
+    name = "test_objective_plugin:RegroupedRotation"
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        model = super().build_model(num_classes)
+        if os.environ.get("VITSCALE_TEST_OLD_GROUPS") == "1":
+            model.no_weight_decay = lambda: set()
+        return model
+
+
 def _env() -> dict:
     # This file's directory on the path of every process (CI runs pytest without PYTHONPATH).
     return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -196,3 +209,28 @@ def test_model_init_from_a_wrapper_objectives_run_takes_the_part_it_exports(monk
     monkeypatch.setattr(PixelMean, "export_part", classmethod(lambda cls, sd, full: (sd, "full")))
     with pytest.raises(WeightsError, match="unexpected decoder.bias, decoder.weight"):  # no part named: as before
         weights_init.plan_init("runs/pm", build)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_checkpoint_of_other_optimizer_groups_is_one_line_before_the_load(tmp_path, data_cache, recorded):
+    """A checkpoint whose optimizer groups the model no longer makes: refused in one line naming model.init,
+    from the layout the checkpoint records (before DeepSpeed's load), or, for a checkpoint older than that
+    record, from the error the load raises."""
+    args = ["train", "--config", DEMO, f"run.dir={tmp_path}", "run.name=rg", f"data.cache_dir={data_cache}", *TINY,
+            f"objective.name={RegroupedRotation.name}", "train.steps=2", "train.ckpt_every=2"]
+    r = run_cli(args, cwd=tmp_path, env_extra={**_env(), "VITSCALE_TEST_OLD_GROUPS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "rg" / "checkpoints" / "step_00000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert len(state["param_groups"]) == 2 and sum(state["param_groups"]) > 0
+    if not recorded:  # as vitscale wrote it before the layout was recorded
+        del state["param_groups"]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        marker = json.loads((ckpt / "COMPLETE").read_text())  # its size is recorded: keep the checkpoint complete
+        marker["files"]["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
+        (ckpt / "COMPLETE").write_text(json.dumps(marker))
+    r = run_cli([*args[:-2], "train.steps=4"], cwd=tmp_path, env_extra=_env())
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "parameter group" in lines[-1] and "model.init=" in lines[-1], lines[-3:]

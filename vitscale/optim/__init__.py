@@ -63,6 +63,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return [groups[k] for k in sorted(groups)]
 
 
+def group_layout(groups: list[dict]) -> list[int]:
+    """Each parameter group's size in elements (a ZeRO-3 parameter's whole size, not its shard): what a checkpoint's
+    optimizer state is laid out by. Two layouts that differ cannot load into each other (checked at resume)."""
+    return [sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]) for g in groups]
+
+
 SCHEDULES = ("cosine", "linear")
 
 

@@ -33,7 +33,7 @@ from vitscale.logging.metrics import MetricsWriter, device_peak_flops, peak_memo
 from vitscale.logging.progress import Progress
 from vitscale.logging.trackers import Tracker
 from vitscale.objectives import objective_for
-from vitscale.optim import lr_at, param_groups
+from vitscale.optim import group_layout, lr_at, param_groups
 from vitscale.pixels import normalize
 from vitscale.train import model_init, validation
 from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
@@ -72,6 +72,7 @@ class Trainer:
         self.train_set = self.val_set = None  # ShardSets
         self.engine: Optional[eng.Engine] = None
         self.flops_per_image = 0.0
+        self.group_layout: list[int] = []  # each optimizer group's size in elements (optim.group_layout)
         self.loader = None
         self.batches: Optional[Iterator[dict]] = None
         self.tracker: Optional[Tracker] = None
@@ -150,7 +151,7 @@ class Trainer:
         universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
         started = time.perf_counter()
-        state, rank_state = load_state(self.ckpt, self.engine, point, universal)
+        state, rank_state = load_state(self.ckpt, self.engine, point, universal, self.group_layout)
         if env.is_main:  # once the checkpoint has loaded: a resume that fails leaves the run's config as it was
             save_config(cfg, self.run_dir / "config.yaml", comment=self.settings.length_note)
         if point is not None:
@@ -219,6 +220,7 @@ class Trainer:
         model_init.prepare(model, cfg, self.init, log=self.log)  # model.init, a fresh head, model.freeze
         self.flops_per_image = self.objective.flops_per_image(model)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        self.group_layout = group_layout(groups)  # saved with each checkpoint, compared at resume
         self.engine = eng.initialize(model, groups, cfg, ds_config)
 
     # ----- one step ----------------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ class Trainer:
 
     def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
-                         "config": config_to_dict(self.cfg)}
+                         "config": config_to_dict(self.cfg), "param_groups": self.group_layout}
         rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures,
                       **self.ema.state_dict()}
         path = self.ckpt.save(self.engine, state.step, trainer_state, rank_state)

@@ -95,12 +95,46 @@ def seed_training_rng(rank_state: Optional[dict], seed: int, rank: int) -> None:
         torch.manual_seed(seed * 1000 + 1 + rank)
 
 
-def load_state(ckpt: CheckpointManager, engine, point: Optional[ResumePoint], universal: bool
-               ) -> tuple[TrainState, Optional[dict]]:
-    """(train state, this rank's saved state or None) after loading ``point`` into ``engine``."""
+def check_group_layout(saved: dict[str, Any], layout: list[int], path: Path) -> None:
+    """Refuse, before DeepSpeed's load (minutes at real size, then an error deep inside it, or under ZeRO 1-2
+    moments assigned to the wrong parameters), a checkpoint whose optimizer groups this run's model does not make:
+    written by a vitscale that grouped a model's parameters otherwise, or by an objective whose model changed."""
+    old = saved.get("param_groups")
+    if isinstance(old, list) and layout and old != layout:
+        raise ConfigError(f"checkpoint {path} holds optimizer state for {len(old)} parameter group(s) of {old} "
+                          f"elements, but this run's model makes {len(layout)} of {layout} (the model's "
+                          f"no_weight_decay() or trainable parameters changed since it was written): start a new "
+                          f"run from its weights with model.init={path}")
+
+
+def _group_mismatch(error: Exception, path: Path) -> Optional[ConfigError]:
+    """torch's and DeepSpeed's errors for optimizer state of other groups (a checkpoint older than its layout
+    record), as one line."""
+    text = str(error)
+    # torch: "...a parameter group that doesn't match the size of optimizer's group"; DeepSpeed ZeRO 1-2 (0.19):
+    # "The ZeRO checkpoint parameter-alignment layout does not match ..." (its flat partitions are sized by group)
+    if any(words in text for words in ("parameter group", "param_groups", "param group",
+                                       "parameter-alignment layout does not match")):
+        return ConfigError(f"checkpoint {path} holds optimizer state for other parameter groups than this run's "
+                           f"model makes ({text.splitlines()[0] if text else type(error).__name__}): start a new "
+                           f"run from its weights with model.init={path}")
+    return None
+
+
+def load_state(ckpt: CheckpointManager, engine, point: Optional[ResumePoint], universal: bool,
+               layout: Optional[list[int]] = None) -> tuple[TrainState, Optional[dict]]:
+    """(train state, this rank's saved state or None) after loading ``point`` into ``engine``; ``layout``: this
+    run's optimizer groups (:func:`vitscale.optim.group_layout`), checked against the checkpoint's first."""
     if point is None:
         return TrainState(), None
-    trainer_state, rank_state = ckpt.load(engine, point.path, universal=universal)
+    check_group_layout(point.saved, layout or [], point.path)
+    try:
+        trainer_state, rank_state = ckpt.load(engine, point.path, universal=universal)
+    except (ValueError, RuntimeError, KeyError, IndexError) as e:
+        mismatch = _group_mismatch(e, point.path)
+        if mismatch is None:
+            raise
+        raise mismatch from None
     state = TrainState.from_saved(trainer_state)
     if Path(point.path).resolve().parent != Path(ckpt.dir).resolve():
         # another run's checkpoint (train.resume=PATH of another run.name): this run is a fork of it, so its
