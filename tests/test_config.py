@@ -294,6 +294,17 @@ DEMO_MAE = "configs/demo_mae.yaml"
     ("configs/demo.yaml", "objective.label_smoothing=2", ["objective.label_smoothing", "[0, 1)"]),
     ("configs/demo.yaml", "data.eval_crop_pct=0", ["data.eval_crop_pct", "(0, 1]"]),
     ("configs/demo.yaml", "data.interpolation=nearest", ["data.interpolation", "bicubic"]),
+    ("configs/demo.yaml", "optim.min_lr=-1", ["optim.min_lr", ">= 0"]),  # was an LR that rose to -0.75
+    ("configs/demo.yaml", "engine.timeout_s=-5", ["engine.timeout_s", "> 0"]),  # was a C++ stack dump
+    ("configs/demo.yaml", "engine.timeout_s=0", ["engine.timeout_s", "> 0"]),
+    ("configs/demo.yaml", "engine.preempt_grace_s=-1", ["engine.preempt_grace_s", ">= 0"]),
+    ("configs/demo.yaml", "data.shards_in_flight=0", ["data.shards_in_flight", ">= 1"]),  # was config.yaml written
+    ("configs/demo.yaml", "data.shuffle_buffer=-1", ["data.shuffle_buffer", ">= 0"]),
+    ("configs/demo.yaml", "data.max_bad_fraction=2", ["data.max_bad_fraction", "[0, 1]"]),
+    ("configs/demo.yaml", "data.max_bad_fraction=.nan", ["data.max_bad_fraction", "[0, 1]"]),
+    ("configs/demo.yaml", "train.keep_last=-1", ["train.keep_last", ">= 0"]),
+    ("configs/demo.yaml", "logging.peak_tflops=0", ["logging.peak_tflops", "> 0"]),
+    ("configs/demo.yaml", "model.head_init_std=-1", ["model.head_init_std", ">= 0"]),
     (DEMO_MAE, "objective.mask_ratio=0", ["objective.mask_ratio", "(0, 1)", "mae"]),
     ("configs/demo.yaml", "optim.lr=-0.001", ["optim.lr", ">= 0"]),
     ("configs/demo.yaml", "optim.lr=.nan", ["optim.lr", "finite"]),
@@ -328,7 +339,9 @@ def test_range_edges_and_nulls_keep_their_meaning():
     cfg = load_config(ROOT / "configs/demo.yaml", [
         "train.steps=null", "data.global_batch_size=null", "model.patch_size=null", "model.depth=null",
         "optim.lr=0", "optim.grad_clip=0", "optim.momentum=0", "optim.layer_decay=1", "data.eval_crop_pct=1",
-        "data.mixup_prob=0", "train.eval_every=0", "run.name=a..b", "objective.mask_ratio=0"])
+        "data.mixup_prob=0", "train.eval_every=0", "run.name=a..b", "objective.mask_ratio=0", "train.keep_last=0",
+        "data.max_bad_fraction=0", "data.shuffle_buffer=0", "engine.preempt_grace_s=0", "model.head_init_std=0",
+        "logging.peak_tflops=null", "model.head_init_std=null"])
     assert resolve(cfg, 1).cfg.train.steps == 1000  # null is still the default length
     load_config(ROOT / DEMO_MAE, ["objective.mask_ratio=0.9", "optim.lr=null", "optim.blr=1e-4"])
 
@@ -358,3 +371,19 @@ def test_bad_value_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("vitscale: error: ") and "model.patch_size" in last, r.stderr
     assert not (tmp_path / "runs").exists() and list(tmp_path.iterdir()) == []  # no runs/bad/config.yaml
+
+
+def test_a_key_given_twice_is_refused_and_a_nested_ds_config_override_keeps_its_neighbours(tmp_path):
+    """A second train: section further down a file replaced the first one whole; an override of one DeepSpeed key
+    dropped the file's other keys of that section; "5e8" (YAML 1.1: a string) reached DeepSpeed as text."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  steps: 5\nmodel:\n  name: vit_micro_patch4\ntrain:\n  ckpt_every: 7\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'train' is given twice in one mapping \(lines 1 and 5\)"):
+        load_config(dup)
+    (tmp_path / "merge.yaml").write_text("run:\n  name: &n x\ntrain: &t {steps: 5, ckpt_every: 3}\n")
+    assert load_config(tmp_path / "merge.yaml").train.steps == 5  # anchors still work
+    ds = tmp_path / "ds.yaml"
+    ds.write_text("engine:\n  ds_config:\n    zero_optimization: {allgather_bucket_size: 2e8, reduce_scatter: false}\n")
+    cfg = load_config(ds, ["engine.ds_config.zero_optimization.reduce_bucket_size=5e8"])
+    assert cfg.engine.ds_config == {"zero_optimization": {"allgather_bucket_size": 200_000_000, "reduce_scatter": False,
+                                                          "reduce_bucket_size": 500_000_000}}

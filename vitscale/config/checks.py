@@ -21,9 +21,16 @@ def check_ranges(cfg: Config) -> None:
     _check_data(cfg)
     _check_run_name(cfg.run.name)
     _at_least("train.eval_every", cfg.train.eval_every, 0)  # 0 = only at the end of the run
+    _at_least("train.keep_last", cfg.train.keep_last, 0)  # 0 = keep all
+    _at_least("model.head_init_std", cfg.model.head_init_std, 0, null="the layer's default")  # 0 = zeros
+    # A rank waits this long for another: 0 or less fails the first collective (torch prints a C++ stack dump).
+    _above("engine.timeout_s", cfg.engine.timeout_s, 0)
+    _at_least("engine.preempt_grace_s", cfg.engine.preempt_grace_s, 0)
     _at_least("logging.image_every", cfg.logging.image_every, 0)  # 0 = only at the end of the run
     # The reconstruction grid shows the first image_count images of a batch: 0 would draw an empty batch.
     _at_least("logging.image_count", cfg.logging.image_count, 1)
+    if cfg.logging.peak_tflops is not None:  # MFU divides by it
+        _above("logging.peak_tflops", cfg.logging.peak_tflops, 0, null="from the built-in table")
     if not 0.0 <= cfg.objective.label_smoothing < 1.0:
         raise ConfigError(f"objective.label_smoothing must be in [0, 1), got {cfg.objective.label_smoothing}")
 
@@ -37,6 +44,15 @@ def _at_least(key: str, value: Optional[float], low: float, null: str = "") -> N
         also = f" (or null: {null})" if null else ""
         what = "" if finite else "a finite number "
         raise ConfigError(f"{key} must be {what}>= {low:g}{also}, got {value}")
+
+
+def _above(key: str, value: Optional[float], low: float, null: str = "") -> None:
+    """``value > low`` and finite (``null``: what null means, when null is allowed)."""
+    if value is None and null:
+        return
+    if value is None or not (math.isfinite(value) and value > low):
+        also = f" (or null: {null})" if null else ""
+        raise ConfigError(f"{key} must be a finite number > {low:g}{also}, got {value}")
 
 
 def _in_range(key: str, value: float, low: float, high: float, closed_low: bool, closed_high: bool) -> None:
@@ -65,6 +81,7 @@ def _check_optim(cfg: Config) -> None:
     _at_least("optim.blr", o.blr, 0)
     _at_least("optim.weight_decay", o.weight_decay, 0)
     _at_least("optim.grad_clip", o.grad_clip, 0)  # 0 = no clipping
+    _at_least("optim.min_lr", o.min_lr, 0)  # a negative floor turns the decay into ascent (measured: LR -0.75)
     _in_range("optim.momentum", o.momentum, 0.0, 1.0, closed_low=True, closed_high=False)
     _in_range("optim.layer_decay", o.layer_decay, 0.0, 1.0, closed_low=False, closed_high=True)  # 1 = off
     _check_betas(o.betas)
@@ -89,6 +106,10 @@ def _check_data(cfg: Config) -> None:
         _in_range(f"data.{key}", getattr(d, key), 0.0, 1.0, closed_low=True, closed_high=True)
     _at_least("data.mixup", d.mixup, 0)  # Beta(alpha, alpha): 0 = off
     _at_least("data.cutmix", d.cutmix, 0)
+    _in_range("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0, closed_low=True, closed_high=True)
+    # checked by the loader too, but only once the run folder exists: here nothing is written yet
+    _at_least("data.shards_in_flight", d.shards_in_flight, 1)
+    _at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
 
 
 def _check_run_name(name: str) -> None:

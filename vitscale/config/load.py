@@ -16,6 +16,7 @@ import yaml
 from vitscale.config.checks import check_ranges
 from vitscale.config.schema import Config, choices
 from vitscale.config.sources import parse_sources
+from vitscale.config.yaml_text import exponent_numbers, load_unique
 from vitscale.errors import ConfigError
 from vitscale.objectives import objective_class
 from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
@@ -210,10 +211,8 @@ def _check_size(tree: Any, what: str) -> None:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "ds_config":
-            out[k] = _merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
+        if isinstance(v, dict) and isinstance(out.get(k), dict):  # engine.ds_config too: a nested key keeps its
+            out[k] = _merge(out[k], v)                                # neighbours (as ds_config._deep_merge does)
         else:
             out[k] = v
     return out
@@ -243,7 +242,9 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         text = _read_text(path)
         _check_nesting(text, f"config file {path}")
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_unique(text) or {}
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
@@ -251,6 +252,8 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides))
+    if isinstance(data.get("engine"), dict) and "ds_config" in data["engine"]:
+        data["engine"]["ds_config"] = exponent_numbers(data["engine"]["ds_config"])
     cfg = _build(Config, data)
     check_consistency(cfg)
     return cfg
