@@ -75,11 +75,11 @@ def test_rollout_of_identity_attention_is_uniform_over_patches():
     eye = torch.eye(n).expand(2, 3, n, n).clone()
     r = attention_rollout([eye] * 4, prefix)
     assert torch.allclose(r, torch.eye(n).expand(2, n, n))  # nothing mixes
-    m = rollout_to_patches(r, prefix, grid)
+    m = rollout_to_patches(r, prefix, grid, has_cls=True)
     assert m.shape == (2, 3, 4)
     assert torch.allclose(m, torch.full_like(m, 1 / 12))
     # uniform attention also gives a uniform patch map (all patches are symmetric)
-    mu = rollout_to_patches(attention_rollout([uniform_attn(1, 2, n)] * 3, prefix), prefix, grid)
+    mu = rollout_to_patches(attention_rollout([uniform_attn(1, 2, n)] * 3, prefix), prefix, grid, has_cls=True)
     assert torch.allclose(mu, torch.full_like(mu, 1 / 12))
 
 
@@ -98,9 +98,9 @@ def test_rollout_matches_hand_computed_product():
     # [CLS] attending only to one patch: after one layer, all of [CLS]'s patch input is that patch
     a = torch.eye(n)[None, None].clone()
     a[0, 0, 0] = torch.tensor([0.0, 0, 0, 1, 0])
-    m = rollout_to_patches(attention_rollout([a], prefix), prefix, (2, 2))
+    m = rollout_to_patches(attention_rollout([a], prefix), prefix, (2, 2), has_cls=True)
     assert torch.equal(m[0], torch.tensor([[0.0, 0], [1, 0]]))
-    q = query_attention_to_patches(a, prefix, (2, 2), head=0)
+    q = query_attention_to_patches(a, prefix, (2, 2), head=0, has_cls=True)
     assert torch.equal(q[0], torch.tensor([[0.0, 0], [1, 0]]))
 
 
@@ -123,7 +123,7 @@ def test_register_tokens_are_skipped_by_rollout_distance_and_queries():
     # one layer of rollout, one head (the head mean would mix per-head normalisations): the [CLS] row over the
     # patches is A[0, patches] (the identity adds nothing there), renormalised either way
     got = rollout_to_patches(attention_rollout([a[:, :1]], 1 + regs), 1 + regs, grid, has_cls=True)
-    want = rollout_to_patches(attention_rollout([no_regs[:, :1]], 1), 1, grid)
+    want = rollout_to_patches(attention_rollout([no_regs[:, :1]], 1), 1, grid, has_cls=True)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)  # both are distributions over 9 patches: values ~0.1
     d = mean_attention_distance([a], grid, 16, 1 + regs)
     assert torch.allclose(d, mean_attention_distance([no_regs], grid, 16, 1), atol=1e-4, rtol=0)  # pixels ~20

@@ -70,20 +70,25 @@ def attention_rollout(attn_maps: Sequence[torch.Tensor], num_prefix_tokens: int 
     return rollout
 
 
-def _query_row(a: torch.Tensor, num_prefix_tokens: int, has_cls: Optional[bool]) -> torch.Tensor:
-    """(B, N, N) -> (B, patches): the [CLS] row over the patch columns or, without [CLS], the mean of the patch rows
-    (register rows and columns left out). ``has_cls`` None: [CLS] exists iff there is a prefix token."""
+def _query_row(a: torch.Tensor, num_prefix_tokens: int, has_cls: bool) -> torch.Tensor:
+    """(B, N, N) -> (B, patches): the [CLS] row over the patch columns or the mean of the patch rows (register rows
+    and columns left out). No guessing from ``num_prefix_tokens``: a model with registers and no [CLS] has prefix
+    tokens too, and row 0 is then a register's."""
     p = num_prefix_tokens
-    if p > 0 if has_cls is None else has_cls:
+    if has_cls:
+        if p < 1:
+            raise ValueError("has_cls=True needs a prefix token: [CLS] is token 0, and this map has no prefix tokens")
         return a[:, 0, p:]
     return a[:, p:, p:].mean(dim=1)
 
 
-def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize,
-                       has_cls: Optional[bool] = None) -> torch.Tensor:
-    """The [CLS] row of a rollout restricted to the patches, renormalised to sum 1, as (B, gh, gw).
+def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize, *,
+                       has_cls: bool) -> torch.Tensor:
+    """The query row of a rollout restricted to the patches, renormalised to sum 1, as (B, gh, gw).
 
-    Models without [CLS] (global average pooling) use the mean of the patch rows instead. Register tokens
+    ``has_cls`` (required: the caller knows the model): True = the [CLS] row, for a model whose classifier reads
+    [CLS] (a [CLS] token and ``global_pool='token'``); False = the mean of the patch rows, for a model that pools
+    the patches (``global_pool='avg'``, with or without a [CLS] token, whose output is then unused). Register tokens
     (prefix tokens after [CLS]) are left out like [CLS] itself. If no mass reaches the patches (e.g. identity
     attention: [CLS] only ever attends to itself), every patch is equally (un)important and the map is uniform.
     """
@@ -98,9 +103,9 @@ def rollout_to_patches(rollout: torch.Tensor, num_prefix_tokens: int, grid_size:
 
 
 def query_attention_to_patches(attn: torch.Tensor, num_prefix_tokens: int, grid_size: GridSize,
-                               head: Optional[int] = None, has_cls: Optional[bool] = None) -> torch.Tensor:
-    """Raw attention of [CLS] (or, without [CLS], the mean over patch queries) to every patch:
-    (B, gh, gw) for one ``head`` (None = mean over heads). Not renormalised: the values are the softmax
+                               head: Optional[int] = None, *, has_cls: bool) -> torch.Tensor:
+    """Raw attention of [CLS] (``has_cls=True``) or of the mean patch query (False; see ``rollout_to_patches``) to
+    every patch: (B, gh, gw) for one ``head`` (None = mean over heads). Not renormalised: the values are the softmax
     weights, so the map sums to less than 1 when the query also attends to prefix tokens (registers)."""
     gh, gw = to_2tuple(grid_size)
     a = attn.float().mean(dim=1) if head is None else attn[:, head].float()

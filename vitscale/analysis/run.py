@@ -38,6 +38,8 @@ HYBRID_DISTANCE_NOTE = ("hybrid model: distances are between token centres on th
 SECTIONS = ("rollout", "layers", "distance", "pos_embed", "filters") + tuple(
     cls.analysis_section for cls in OBJECTIVES.values() if cls.analysis_section)
 NO_CLS_NOTE = "the model has no [CLS] token: maps show the mean over all patch queries instead of the [CLS] row"
+AVG_POOL_NOTE = ("the model's classifier reads the mean of the patch tokens (global_pool=avg), not its [CLS] token: "
+                 "maps show the mean over all patch queries instead of the unused [CLS] row")
 
 
 def _safe(name: str) -> str:
@@ -54,6 +56,12 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def reads_cls(enc: VisionTransformer) -> bool:
+    """Whether the classifier's input is the [CLS] row. A [CLS] token alone does not say so: with global_pool=avg
+    (every MAE fine-tuning recipe) the head reads the patch mean and the [CLS] output is discarded."""
+    return bool(enc.has_class_token and enc.global_pool == "token")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +74,7 @@ def attention_pass(enc: VisionTransformer, x: torch.Tensor, head: Optional[int],
     """One image batch through the encoder, block by block. Returns CPU tensors: ``rollout`` (B, gh, gw),
     ``distance`` (depth, B, heads) in pixels, ``layer_maps`` (depth, B, gh, gw) raw [CLS] attention of ``head``.
     """
-    npt = enc.num_prefix_tokens
+    npt, cls = enc.num_prefix_tokens, reads_cls(enc)
     grid = enc.patch_embed.grid_size
     stride = enc.patch_embed.patch_size
     distances = patch_distance_matrix(grid, stride, device=x.device)
@@ -76,9 +84,9 @@ def attention_pass(enc: VisionTransformer, x: torch.Tensor, head: Optional[int],
         tokens, attn = blk(tokens, return_attn=True)
         rollout = rollout_step(rollout, attn, npt, discard_ratio)
         dist.append(mean_attention_distance_layer(attn, distances, npt).float().cpu())
-        layer_maps.append(query_attention_to_patches(attn, npt, grid, head, has_cls=enc.has_class_token).cpu())
+        layer_maps.append(query_attention_to_patches(attn, npt, grid, head, has_cls=cls).cpu())
         del attn
-    return {"rollout": rollout_to_patches(rollout, npt, grid, has_cls=enc.has_class_token).cpu(),
+    return {"rollout": rollout_to_patches(rollout, npt, grid, has_cls=cls).cpu(),
             "distance": torch.stack(dist), "layer_maps": torch.stack(layer_maps)}
 
 
@@ -179,7 +187,7 @@ def _rollout(run: _Run, passes: list[dict]) -> dict[str, Any]:
 
 
 def _layer_maps(run: _Run, passes: list[dict], head: int) -> dict[str, Any]:
-    who = "[CLS]" if run.enc.has_class_token else "mean query"
+    who = "[CLS]" if reads_cls(run.enc) else "mean query"
     for i, name in enumerate(run.names):
         maps = [m[0].numpy() for m in passes[i]["layer_maps"]]
         run.wrote(plots.plot_layer_attention(run.shown[i], maps, run.out / f"attention_layers_head{head}_{name}.png",
@@ -258,8 +266,8 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     run = _prepare(path, images, out, device, head, model_name, num_heads, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},
                            "model_config": run.info["model_cfg"], "device": str(run.device), "images": run.names}
-    if not run.enc.has_class_token:
-        run.note(NO_CLS_NOTE)
+    if not reads_cls(run.enc):
+        run.note(AVG_POOL_NOTE if run.enc.has_class_token else NO_CLS_NOTE)
     if todo & {"rollout", "layers", "distance"}:
         doc["attention"] = _attention(run, todo, head, discard_ratio)
     if "pos_embed" in todo:
