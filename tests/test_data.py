@@ -345,6 +345,24 @@ def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path, digit
     _same_batches(_take(build_train_loader(urls, **kw, state=part.state_dict()), 13), full[112:])
 
 
+def test_a_sample_key_over_the_bound_is_a_counted_bad_shard_in_training(tmp_path, digits_png, caplog):
+    urls = _bad_set(tmp_path, digits_png)
+    with tarfile.open(urls[2]) as t:  # shard 2 (d0100..d0149): d0110's key becomes 5000 characters
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(urls[2], "w", format=tarfile.GNU_FORMAT) as t:
+        for m, data in members:
+            m.name = m.name.replace("d0110", "d0110" + "k" * 5000)
+            t.addfile(m, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="vitscale.data"):
+        loader = build_train_loader(urls, batch_size=1, img_size=16, seed=0, rank=0, world_size=1, num_workers=0,
+                                    shuffle=False, max_bad_fraction=0.05)
+        keys = _epoch0_keys(loader, 1)
+    # the rest of shard 2 is skipped (one counted bad shard); d0109 is whole (the next member has another key)
+    assert keys == [f"d{i:04d}" for i in [*range(110), *range(150, 200)]]
+    assert loader.skipped() == (0, 1)
+    assert "longer than 4096 characters" in caplog.text and max(map(len, caplog.messages)) < 400
+
+
 def test_too_many_bad_samples_is_an_error(tmp_path, digits_png):
     urls = _bad_set(tmp_path, digits_png, corrupt=set(range(0, 200, 20)))  # 5%
     loader = build_train_loader(urls, batch_size=8, img_size=16, seed=0, rank=0, world_size=1, num_workers=0)

@@ -1,11 +1,13 @@
 """vitscale's streaming tar reader against Python's tarfile on archives other tools write, and on damage."""
 import gzip
 import io
+import pickle
 import tarfile
 
 import pytest
 
-from vitscale.data.tario import iter_shard
+from vitscale.data.check import check_shard, summarize
+from vitscale.data.tario import ShardError, iter_shard
 from vitscale.data.tarstream import TarError, tar_members
 
 
@@ -97,3 +99,43 @@ class Trickle(io.RawIOBase):
 def test_short_reads_of_a_pipe_are_completed():
     raw, want = _archive(tarfile.PAX_FORMAT)
     assert dict(_read(Trickle(raw))) == want
+
+
+def _shard(path, keys, gz=False) -> str:
+    """A shard of one tiny ``cls`` member per key (GNU long names for long keys)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for key in keys:
+            info = tarfile.TarInfo(key + ".cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"3"))
+    path.write_bytes(gzip.compress(buf.getvalue()) if gz else buf.getvalue())
+    return str(path)
+
+
+def test_a_sample_key_longer_than_the_bound_ends_the_shard_in_one_short_line(tmp_path):
+    # a 1 MB key (a GNU long name: ~1 KB once gzipped) is refused, not kept: check-shards held every key
+    url = _shard(tmp_path / "s.tar.gz", ["a", "k" * 1_000_000, "b"], gz=True)
+    items = list(iter_shard(url))
+    assert [s["__key__"] for s in items[:-1]] == ["a"]
+    err = items[-1]
+    assert isinstance(err, ShardError) and err.read == 1
+    assert "longer than 4096 characters" in err.message and len(err.message) < 200
+
+
+def test_check_shards_keeps_a_fixed_size_digest_per_key_and_still_names_duplicates(tmp_path):
+    # 100 keys of 4000 characters (under the bound): the report must not hold them (400 KB before)
+    keys = [f"{i:04d}" + "k" * 3996 for i in range(100)]
+    rep = check_shard(_shard(tmp_path / "long.tar", keys))
+    assert rep.samples == 100 and len(pickle.dumps(rep)) < 10_000
+    a = check_shard(_shard(tmp_path / "a.tar", ["x0", "x1", "x2"]))
+    b = check_shard(_shard(tmp_path / "b.tar", ["y0", "x1", "y0"]))  # x1 seen in a, y0 twice in b
+    report = summarize([a, b, rep])
+    assert report["duplicate_keys"] == 2 and report["samples"] == 106
+    assert f"e.g. x1 in {a.url} and {b.url}" in " ".join(report["problems"])
+    # a long duplicate key is cut in the message
+    rep2 = check_shard(_shard(tmp_path / "long2.tar", keys[:1]))
+    problems = summarize([rep, rep2])["problems"]
+    line = next(p for p in problems if "duplicate key" in p)
+    assert "e.g. 0000kkk" in line and len(line) < 300
+    assert all(len(p) < 1000 for p in problems)  # 3 bad samples named, each key cut

@@ -9,6 +9,7 @@ with few classes. The exit status is 1 when anything of that is found, 0 when th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -16,13 +17,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from vitscale.config.load import load_config
 from vitscale.config.sources import parse_sources
 from vitscale.data.shards import resolve_shards
 from vitscale.data.tario import ShardError, iter_shard, label_ext, sample_image, sample_label
+from vitscale.data.tarstream import short
 from vitscale.data.transforms import DEFAULT_MAX_PIXELS, TooLarge, decode, read_header
 
 MAX_LISTED = 10  # bad samples named per shard in the report
+# Keys are remembered as fixed-size digests, not as text: a report holds every key of every shard, and its memory
+# must not grow with how long a shard claims its keys are. 16 bytes: no false duplicate among billions of keys.
+_DIGEST = 16
 
 
 @dataclass
@@ -34,12 +41,17 @@ class ShardReport:
     bad: list = field(default_factory=list)  # [(key, why)], first MAX_LISTED
     bad_count: int = 0
     over_limit: int = 0
-    keys: list = field(default_factory=list)
+    key_digests: bytearray = field(default_factory=bytearray)  # _DIGEST bytes per sample, in shard order
+    label_key: str = "cls"
     error: Optional[str] = None
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=_DIGEST).digest()
+
+
 def _check_sample(sample: dict, rep: ShardReport, label_key: str, max_pixels, decode_all: bool) -> None:
-    key = sample["__key__"]
+    key = short(sample["__key__"])
     try:
         label = sample_label(sample, label_key)
         data = sample_image(sample)
@@ -67,13 +79,13 @@ def _check_sample(sample: dict, rep: ShardReport, label_key: str, max_pixels, de
 def check_shard(url: str, label_key: str = "cls", max_pixels: Optional[int] = None,
                 decode_all: bool = False) -> ShardReport:
     """One shard's report (streamed: one sample in memory at a time)."""
-    rep = ShardReport(url)
+    rep = ShardReport(url, label_key=label_key)
     for item in iter_shard(url, label_ext(label_key)):
         if isinstance(item, ShardError):
             rep.error = item.message
             continue
         rep.samples += 1
-        rep.keys.append(item["__key__"])
+        rep.key_digests += _digest(item["__key__"])
         _check_sample(item, rep, label_key, max_pixels, decode_all)
     return rep
 
@@ -101,24 +113,49 @@ def class_sorted(reports: list[ShardReport], hist: Counter) -> Optional[str]:
             f"or raise data.shards_in_flight)")
 
 
+def _key_at(rep: ShardReport, index: int, digest: bytes) -> str:
+    """The key of sample ``index`` of a shard, read again (only its digest was kept), cut for a message."""
+    at = 0
+    for item in iter_shard(rep.url, label_ext(rep.label_key)):
+        if isinstance(item, ShardError):
+            break
+        if at == index:
+            return short(item["__key__"]) if _digest(item["__key__"]) == digest else "a key"
+        at += 1
+    return "a key"  # the shard changed since (or a pipe: command gave other bytes)
+
+
+def duplicate_keys(reports: list[ShardReport]) -> tuple[int, Optional[str]]:
+    """(keys seen before, in any shard, and an example "KEY in URL and URL" of the first such key, or None)."""
+    digests = np.frombuffer(b"".join(bytes(r.key_digests) for r in reports), dtype=f"V{_DIGEST}")
+    if not len(digests):
+        return 0, None
+    unique, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    count = len(digests) - len(unique)
+    if not count:
+        return 0, None
+    later = np.ones(len(digests), dtype=bool)
+    later[first] = False
+    again = int(np.argmax(later))  # the first sample whose key was seen before
+    earlier = int(first[inverse[again]])
+    ends = np.cumsum([len(r.key_digests) // _DIGEST for r in reports])
+    shard_a, shard_b = (int(np.searchsorted(ends, i, side="right")) for i in (earlier, again))
+    index_b = again - (int(ends[shard_b - 1]) if shard_b else 0)
+    key = _key_at(reports[shard_b], index_b, digests[again].tobytes())
+    return count, f"{key} in {reports[shard_a].url} and {reports[shard_b].url}"
+
+
 def summarize(reports: list[ShardReport], num_classes: int = 0) -> dict:
     """The whole report: totals, label histogram and the list of ``problems`` (empty = fine)."""
     hist: Counter = Counter()
-    first_seen: dict = {}
-    duplicates: list = []
     for r in reports:
         hist.update(r.labels)
-        for k in r.keys:
-            if k in first_seen:
-                duplicates.append((k, first_seen[k], r.url))
-            else:
-                first_seen[k] = r.url
+    duplicates, example = duplicate_keys(reports)
     problems = [f"{r.url}: {r.error}" for r in reports if r.error]
     problems += [f"{r.url}: {r.bad_count} bad sample(s), e.g. " + "; ".join(f"{k}: {w}" for k, w in r.bad[:3])
                  for r in reports if r.bad_count]
     if duplicates:
-        k, a, b = duplicates[0]
-        problems.append(f"{len(duplicates)} duplicate key(s), e.g. {k} in {a} and {b}")
+        problems.append(f"{duplicates} duplicate key(s), e.g. {example}")
     if num_classes:
         out = sorted(c for c in hist if not 0 <= c < num_classes)
         missing = sum(r.no_label for r in reports)
@@ -133,7 +170,7 @@ def summarize(reports: list[ShardReport], num_classes: int = 0) -> dict:
     return {"shards": len(reports), "samples": sum(r.samples for r in reports),
             "labels": {str(c): hist[c] for c in sorted(hist)}, "no_label": sum(r.no_label for r in reports),
             "bad_samples": sum(r.bad_count for r in reports), "over_limit": sum(r.over_limit for r in reports),
-            "damaged_shards": sum(1 for r in reports if r.error), "duplicate_keys": len(duplicates),
+            "damaged_shards": sum(1 for r in reports if r.error), "duplicate_keys": duplicates,
             "problems": problems}
 
 

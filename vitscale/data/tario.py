@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Union
 
 from webdataset.gopen import gopen
 
-from vitscale.data.tarstream import tar_members
+from vitscale.data.tarstream import short, tar_members
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 LABEL_EXTS = ("cls", "txt", "json")
@@ -23,6 +23,9 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 # Zero padding after the end-of-archive blocks: a record of GNU tar's largest blocking factor is 2 MiB. More is
 # not a tar writer's padding (a gzip bomb of zeros would otherwise be decompressed to its end).
 _MAX_TRAILING = 4 << 20
+# A sample key longer than this is refused (the shard is damaged or hostile): readers keep keys (check-shards,
+# warnings), and a gzip shard of 1 MB-long names costs ~1 KB each on disk, ~1000x that once read.
+MAX_KEY_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,11 @@ def _members(stream: _Stream, url: str, wanted: frozenset) -> Iterator[dict]:
         if ext not in wanted:
             continue
         if cur is None:
+            if len(key) > MAX_KEY_CHARS:
+                raise ValueError(f"sample key {short(key)} is longer than {MAX_KEY_CHARS} characters")
             cur = {"__key__": key, "__url__": url}
         if ext in cur:
-            raise ValueError(f"duplicate member {member.name}")
+            raise ValueError(f"duplicate member {short(member.name)}")
         cur[ext] = member.read()
     trailing = 0
     while trailing <= _MAX_TRAILING:  # the rest: end-of-archive blocks and record padding

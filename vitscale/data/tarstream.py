@@ -18,6 +18,12 @@ _CHUNK = 1 << 16
 _MAX_READ = 1 << 20
 MAX_MEMBER_BYTES = 1 << 28  # a member read whole (an image, a label) larger than 256 MiB is refused, not allocated
 _MAX_META_BYTES = 1 << 20  # GNU long name / pax header: real ones are a few hundred bytes
+_SHOWN = 60  # characters of a member name or key quoted in a message (a GNU long name may be 1 MiB)
+
+
+def short(text: str, limit: int = _SHOWN) -> str:
+    """``text`` cut to about ``limit`` characters for a one-line message (the cut part's length is said)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class TarError(ValueError):
@@ -114,12 +120,12 @@ class Member:
 
     def read(self) -> bytes:
         if self.was_read:
-            raise RuntimeError(f"tar member {self.name} read twice")
+            raise RuntimeError(f"tar member {short(self.name)} read twice")
         if self.size > MAX_MEMBER_BYTES:
-            raise TarError(f"tar member {self.name} ({self._where}) claims {self.size} bytes, more than the "
+            raise TarError(f"tar member {short(self.name)} ({self._where}) claims {self.size} bytes, more than the "
                            f"{MAX_MEMBER_BYTES >> 20} MiB a sample's member may have")
         self.was_read = True
-        return _read_exact(self._stream, self.size, f"{self.name} ({self._where})")
+        return _read_exact(self._stream, self.size, f"{short(self.name)} ({self._where})")
 
 
 def tar_members(stream) -> Iterator[Member]:
@@ -161,7 +167,7 @@ def tar_members(stream) -> Iterator[Member]:
         if kind in _REGULAR:
             member = Member(name, size, stream, f"member at byte {offset}")
             yield member
-            _skip(stream, padded - size if member.was_read else padded, name)
+            _skip(stream, padded - size if member.was_read else padded, short(name))
         else:
-            _skip(stream, padded, name)
+            _skip(stream, padded, short(name))
         offset += padded
