@@ -231,6 +231,27 @@ def test_resuming_an_older_checkpoint_branches_without_losing_either_history(tmp
     assert "step_00000005 at step 5" in again.stdout + again.stderr
 
 
+def test_resume_never_in_a_folder_with_checkpoints_starts_over_without_losing_either_run(tmp_path, data_cache,
+                                                                                          trained_run):
+    """train.resume=never (what the other-model refusal suggests) in a folder with steps 2 and 4: keep_last counted
+    them as newer and deleted the new run's step 3 as soon as it was written, `latest` named it anyway, and the next
+    launch resumed the old run's step 4. Now the old checkpoints and best record are set aside (renamed)."""
+    run = copy_run(trained_run, tmp_path)
+    ckpts = run / "checkpoints"
+    (ckpts / "best.json").write_text(json.dumps({"tag": "step_00000004", "val_top1": 0.99}))
+    r = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=3", "train.ckpt_every=3", "train.keep_last=2",
+                           "train.resume=never"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starts this run over: its 2 earlier checkpoint(s) were moved aside" in r.stderr
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert "step_00000003" in names and (ckpts / "latest").read_text().strip() == "step_00000003", names
+    assert sum(n.startswith(("step_00000002.replaced-", "step_00000004.replaced-")) for n in names) == 2, names
+    assert not (ckpts / "best.json").exists() and any(n.startswith("best.json.replaced-") for n in names)
+    again = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=4"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step_00000003 at step 3" in again.stdout + again.stderr  # the new run continues, not the old one
+
+
 def test_a_launch_killed_during_its_final_evaluation_is_finished_by_the_next(tmp_path, data_cache):
     """Killed (as by a time limit or the OOM killer) after its last checkpoint, during the held-out evaluation:
     the relaunch used to say 'already complete' and metrics.jsonl never got the final val_top1."""

@@ -36,7 +36,7 @@ from vitscale.objectives import objective_for
 from vitscale.optim import group_layout, lr_at, param_groups
 from vitscale.pixels import normalize
 from vitscale.train import model_init, validation
-from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng
+from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng, start_over
 from vitscale.train.preemption import Preemption, grace_warning
 from vitscale.train.state import StepOutput, TrainState, Window, rng_state
 
@@ -163,6 +163,9 @@ class Trainer:
             late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
             for note in filter(None, [*point.notes, late]):
                 self.warn(note)
+        elif cfg.train.resume == "never" and env.is_main and (moved := start_over(self.ckpt)):
+            self.warn(f"train.resume=never starts this run over: its {len(moved)} earlier checkpoint(s) were moved "
+                      f"aside, e.g. to {moved[-1]}")
         ema_note = self.ema.start(self.engine, point.path if point else None)
         if ema_note:
             self.log(ema_note)

@@ -2,6 +2,8 @@
 it, and the per-rank state (RNG, data position) to restore. The files themselves are distributed/checkpoint.py's."""
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +15,7 @@ from vitscale.config.schema import Config
 from vitscale.distributed.checkpoint import CheckpointManager, read_trainer_state
 from vitscale.errors import ConfigError
 from vitscale.train.state import TrainState, set_rng_state
+from vitscale.train.validation import BEST, BEST_INFO
 
 # Keys that change the model's architecture or what it learns: a checkpoint written under other values cannot
 # be continued by this config. (Drop-path, checkpointing, LR, steps, data paths ... may change on resume.)
@@ -84,6 +87,19 @@ def _differences(saved_config: dict[str, Any], cfg: Config, keys: tuple[str, ...
         if old != new:
             diffs.append(f"{key}={old!r} there, {new!r} here")
     return diffs
+
+
+def start_over(ckpt: CheckpointManager) -> list[Path]:
+    """Rank 0, for train.resume=never in a run folder that has checkpoints: they are another history of this run,
+    so they are set aside (renamed, never deleted) with the best-checkpoint record. Otherwise keep_last counted them
+    as newer and deleted the new run's first checkpoint as soon as it was written, ``latest`` named it anyway, and
+    the next train.resume=auto went back to the old run. Returns where the checkpoints went."""
+    moved = ckpt.branch(0)
+    stamp = int(time.time())
+    for name in (BEST, BEST_INFO):  # the old history's best: the new run has none yet
+        if (ckpt.dir / name).is_file():
+            os.replace(ckpt.dir / name, ckpt.dir / f"{name}.replaced-{stamp}")
+    return moved
 
 
 def seed_training_rng(rank_state: Optional[dict], seed: int, rank: int) -> None:
