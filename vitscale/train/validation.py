@@ -11,6 +11,7 @@ evaluation (the objective's ``eval_sums``) uses it too.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -85,9 +86,8 @@ class PeriodicValidation:
         self.dir, self.write, self.log = Path(ckpt_dir), write, log
         self.pending: Optional[dict] = None
         self.last: Optional[dict] = None  # the latest record: the end of the run reuses it when it is of that step
-        info = self.dir / BEST_INFO
         self.metric = cfg.train.best_metric
-        self.best = json.loads(info.read_text()).get(self.metric, -1.0) if info.is_file() else -1.0
+        self.best = read_best(self.dir / BEST_INFO, self.metric, self.log)
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.train.eval_every
@@ -146,9 +146,36 @@ def best_tag(ckpt_dir: Path) -> Optional[str]:
     return path.read_text().strip() if path.is_file() else None
 
 
+def read_best(path: Path, metric: str, warn: Callable[[str], None]) -> float:
+    """The best ``metric`` that ``best.json`` records, or -1.0 (none yet). A damaged file (cut short by a full disk,
+    edited by hand, copied from elsewhere) must not stop a resume: it is warned about, naming it, and counts as no
+    best, so the next validation records a new one."""
+    if not path.is_file():
+        return -1.0
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSON errors are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"unreadable ({type(e).__name__}: {e})"
+    else:
+        if not isinstance(record, dict):
+            why = f"not a JSON object but {type(record).__name__}"
+        elif metric not in record:
+            return -1.0  # e.g. train.best_metric changed to val_top1_ema: nothing of it recorded yet
+        else:
+            value = record[metric]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+            why = f"{metric} is {str(value)[:40]!r}, not a finite number"
+    warn(f"warning: {path}: {why[:200]}; ignoring it (the next validation records a new best)")
+    return -1.0
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # else a crash soon after the rename may leave an empty file under the new name
     os.replace(tmp, path)
 
 
