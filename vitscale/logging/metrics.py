@@ -47,14 +47,15 @@ def current_name(key: str) -> str:
 def read_metrics(path: Path, strict: bool = True) -> list[dict]:
     """A run's ``metrics.jsonl`` records in order, keys under today's names (:data:`RENAMED`): the one reader (plot,
     sweep tables, tests). ``strict``: a line that is not a JSON object is a ValueError naming ``path:line``; else it
-    is skipped (the last line of a run killed while writing it)."""
+    is skipped (the last line of a run killed while writing it). Lines are decoded one by one, so a damaged byte
+    costs its line, not the file (and an error names ``path:line``, not just the codec)."""
     records = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
+    for i, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested deeper than Python's stack
             record = None
         if not isinstance(record, dict):
             if strict:

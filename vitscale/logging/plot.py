@@ -41,7 +41,9 @@ def load_steps(path: Path) -> tuple[list[dict], dict]:
         if "step" not in rec:
             raise ValueError(f"{path}: a line has no 'step'")
         if "loss" in rec:
-            steps[int(rec["step"])] = rec
+            step = _whole(rec["step"])
+            if step is not None:  # a step of [1], null or 1e999 is a damaged line: skipped as unreadable ones are
+                steps[step] = {**rec, "step": step}
         else:
             evals.update({k: v for k, v in rec.items() if k.startswith("val_")})
     if not steps:
@@ -49,8 +51,21 @@ def load_steps(path: Path) -> tuple[list[dict], dict]:
     return [steps[k] for k in sorted(steps)], evals
 
 
+def _whole(v: Any) -> Optional[int]:
+    """A step as an int, or None when it is not a whole number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v if isinstance(v, int) else int(v) if v.is_integer() else None
+
+
 def _finite(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return f if math.isfinite(f) else None
 
 
 def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> dict[str, Any]:
@@ -82,7 +97,8 @@ def plot_run(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> d
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     name = path.parent.name
-    extra = "".join(f", {k} {v:.4g}" for k, v in evals.items() if isinstance(v, (int, float)) and k != "val_images")
+    extra = "".join(f", {k} {_finite(v):.4g}" for k, v in evals.items()
+                    if _finite(v) is not None and k != "val_images")
     fig.suptitle(f"{name}: {len(records)} log steps (last step {records[-1]['step']}){extra}")
     save_figure(fig, out)
     return {"path": str(out), "titles": [ax.get_title() for ax in axes], "steps": len(records),
