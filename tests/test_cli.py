@@ -2,6 +2,7 @@
 ``nargs="*"`` positional from one run of arguments and reports the rest as unrecognised)."""
 import pytest
 
+from conftest import ROOT
 from vitscale.cli import _interleaved, build_parser, main
 
 
@@ -111,3 +112,21 @@ def test_the_loading_banner_is_printed_by_the_first_process_only(var, tmp_path, 
     monkeypatch.setenv(var, "3")
     main(["train", "--config", missing])
     assert "vitscale train: checking" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--config", "configs/demo.yaml", "--device", "cpu", "--gpus", "0"], "--gpus and --nodes must be >= 1"),
+    (["bench", "--what", "data", "data.batch_size=8", "--images", "16"], "need --config"),
+    (["eval", "accuracy", "x", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["eval", "fewshot", "x", "--fewshot-seeds", "0"], "--fewshot-seeds: must be at least 1"),
+])
+def test_flags_that_could_not_work_are_one_line(argv, words, capsys, monkeypatch):
+    """plan --gpus 0 divided by zero (a traceback); bench's overrides without --config were dropped without a word;
+    eval --batch-size 0 put a whole split in one batch."""
+    monkeypatch.chdir(ROOT)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err

@@ -130,3 +130,12 @@ def test_slurm_uneven_layouts_give_each_node_its_own_task_count():
     # without a layout: --ntasks-per-node, else the even split
     assert detect_env({**base, "SLURM_STEP_TASKS_PER_NODE": "", "SLURM_TASKS_PER_NODE": "", "SLURM_PROCID": "0",
                        "SLURM_NTASKS_PER_NODE": "4"}).local_world_size == 4
+
+
+@pytest.mark.parametrize("bad", [{"MASTER_PORT": "abc", "RANK": "0", "WORLD_SIZE": "1"},
+                                 {"RANK": "0", "WORLD_SIZE": "two"},
+                                 {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "x1"}])
+def test_a_launcher_variable_that_is_not_an_integer_is_named(bad):
+    name, value = next((k, v) for k, v in bad.items() if not v.isdigit())
+    with pytest.raises(LaunchError, match=f"^{name}={value!r} is not an integer"):
+        detect_env(bad)

@@ -127,6 +127,9 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         from vitscale.bench.data import print_data_bench, run_data_bench
         from vitscale.config.resolve import resolve
 
+        if args.overrides and not args.config:  # they would be dropped without a word
+            raise ValueError(f"bench: overrides ({' '.join(args.overrides)}) need --config (without it --what data "
+                             f"takes its flags: --batch-size, --workers, --img-size)")
         cfg = load_config(args.config, args.overrides) if args.config else None
         if cfg is not None:  # one process: its batch as training derives it (data.global_batch_size)
             cfg = resolve(cfg, 1, need_length=False).cfg
@@ -181,6 +184,8 @@ def run_plan_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cpu = args.device == "cpu"
+    if args.gpus < 1 or args.nodes < 1:  # before anything divides by them
+        raise ValueError(f"plan: --gpus and --nodes must be >= 1, got {args.gpus} and {args.nodes}")
     if args.gpu_mem is None:
         args.gpu_mem = host_memory_gb() / args.gpus if cpu else 80.0
     if args.reserve_gb is None:

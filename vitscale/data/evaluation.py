@@ -95,6 +95,8 @@ def build_eval_loader(urls: Sequence[str], *, batch_size: int, img_size: int, ra
     urls = list(urls)
     if not urls:
         raise ValueError("no evaluation shards")
+    if batch_size < 1:  # 0 never filled a batch: the whole split came as one, at the end
+        raise ValueError(f"evaluation batch size must be >= 1, got {batch_size}")
     label_ext(label_key)
     stream = _EvalStream(urls, batch_size, img_size, rank, world_size, label_key, max_pixels, view)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,

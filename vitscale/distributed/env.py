@@ -134,9 +134,27 @@ def _refuse_rankless(env: Mapping[str, str]) -> None:
                           "(0 .. WORLD_SIZE-1) in each")
 
 
+# The integer variables a launcher sets (or a user exports): a value that is not one is named in one line.
+INT_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT",
+                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_NODEID",
+                 "SLURM_NNODES", "SLURM_JOB_ID")
+
+
 def detect_env(env: Optional[Mapping[str, str]] = None, local_rank_arg: Optional[int] = None) -> DistEnv:
     """Read the launcher's variables; `local_rank_arg` is the `--local_rank=N` the deepspeed launcher may pass."""
     env = os.environ if env is None else env
+    try:
+        return _detect(env, local_rank_arg)
+    except ValueError:  # int() of a variable: say which one (int's own message names only the text)
+        bad = next((k for k in INT_VARIABLES if k in env and not env[k].strip().lstrip("-").isdigit()), None)
+        if bad is None:
+            raise
+        raise LaunchError(f"{bad}={env[bad]!r} is not an integer: check how the job sets or exports it") from None
+
+
+def _detect(env: Mapping[str, str], local_rank_arg: Optional[int]) -> DistEnv:
     launcher = _launcher(env)
     if launcher in ("deepspeed", "torchrun", "accelerate"):
         world = int(env["WORLD_SIZE"])

@@ -92,7 +92,8 @@ def _data_flags(g) -> None:
     g.add_argument("--out", "-o", default="eval", help="output directory (default ./eval)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
     g.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"), help="autocast (default fp32)")
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass for evaluation")
+    g.add_argument("--batch-size", type=_positive_int, default=256,  # 0 put the whole split in one batch
+                   help="images per forward pass for evaluation")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     g.add_argument("--seed", type=int, default=0, help="seed of probes, random init, fine-tuning, perturbations")
     g.add_argument("--model", dest="model_name", default=None,
@@ -122,7 +123,7 @@ def _feature_flags(f) -> None:
     f.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
     f.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(sim / T) (default 0.07)")
     f.add_argument("--shots", type=_ints, default=[1, 5, 10, 25], help="few-shot sizes per class (default 1,5,10,25)")
-    f.add_argument("--fewshot-seeds", type=int, default=5, help="random draws of the few-shot sets (default 5)")
+    f.add_argument("--fewshot-seeds", type=_positive_int, default=5, help="random draws of the few-shot sets (default 5)")
     f.add_argument("--ridge-reg", type=float, default=1e-3, help="few-shot ridge L2 regularisation (default 1e-3)")
 
 

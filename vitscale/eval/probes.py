@@ -169,7 +169,7 @@ def fewshot_eval(train: FeatureSet, val: FeatureSet, num_classes: int, *, shots:
     then classify the whole validation split by the largest output. Reports mean and sample std over the ``seeds``
     draws (n = ``seeds``)."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise ValueError(f"few-shot seeds (--fewshot-seeds) must be >= 1, got {seeds}")
     if any(s < 1 for s in shots):
         raise ValueError(f"shots must be >= 1, got {list(shots)}")
     x_train = F.normalize(train.features.double(), dim=1)
