@@ -74,3 +74,62 @@ def test_public_query_maps_make_the_caller_say_whether_there_is_a_cls_row():
     assert torch.allclose(got.flatten(1), patch_mean / patch_mean.sum(-1, keepdim=True), atol=1e-6)
     with pytest.raises(ValueError, match="has_cls=True needs a prefix token"):
         rollout_to_patches(rollout[:, 2:, 2:], 0, (4, 4), has_cls=True)
+
+
+# ----- images -----------------------------------------------------------------------------------------------------
+def test_a_photo_stored_sideways_is_analysed_upright(tmp_path):
+    """EXIF Orientation=6 (as phones write portrait photos): training decodes it upright, so analyze must too. The
+    raw sideways pixels were analysed."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from vitscale.analysis.images import load_images, resize_center_crop
+
+    upright = Image.fromarray(skimage.data.astronaut()[:, 64:448])  # portrait, 512 x 384: the crop differs
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the sensor wrote
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored.save(tmp_path / "sideways.png", exif=exif)
+    got, names = load_images([tmp_path / "sideways.png"], 32)
+    want = torch.from_numpy(np.asarray(resize_center_crop(upright, 32)).copy()).permute(2, 0, 1)
+    assert names == ["sideways"] and torch.equal(got[0], want)
+
+
+def test_bad_inputs_are_one_line_before_the_model_is_read(tmp_path, capsys, monkeypatch):
+    """Each was a traceback (or, for --num-filters 0, an empty figure; for --mask-ratio 1.5, another fraction
+    masked): now one `vitscale: error:` line naming the problem, exit 2, and nothing written. The checkpoint does
+    not exist, so every check here runs before the model is read."""
+    from vitscale.cli import main
+
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    (tmp_path / "bad.png").write_text("not an image")
+    no_model = str(tmp_path / "no_model.safetensors")
+    cases = [(["--num-filters", "0"], "--num-filters must be >= 1 (principal components drawn), got 0"),
+             (["--num-filters", "-3"], "--num-filters must be >= 1 (principal components drawn), got -3"),
+             (["--mask-ratio", "1.5"], "--mask-ratio must be in [0, 1) (the fraction of patches hidden), got 1.5"),
+             (["--mask-ratio", "-0.2"], "--mask-ratio must be in [0, 1) (the fraction of patches hidden), got -0.2"),
+             (["--device", "bogus"], "--device 'bogus' is not a device: use auto, cpu, cuda or cuda:N"),
+             (["--device", "meta"], "--device meta: analyze runs on auto, cpu, cuda or cuda:N"),
+             ([str(tmp_path / "bad.png")], f"{tmp_path / 'bad.png'} is not an image file PIL can read")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU is available here (use --device cpu or auto)"))
+    for i, (args, line) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main(["analyze", no_model, *args, "--out", str(out)]) == 2, args
+        assert capsys.readouterr().err == f"vitscale: error: {line}\n", args
+        assert not out.exists() or not any(out.iterdir()), args
+
+
+def test_mae_reconstruction_refuses_a_mask_ratio_outside_0_1():
+    """The objective's own check (the Python API, or a ratio from the file): tokens_kept(64, 1.5) is -32, which
+    masked another fraction of the patches without a word."""
+    from types import SimpleNamespace
+
+    from vitscale.errors import ConfigError
+    from vitscale.objectives import objective_class
+
+    run = SimpleNamespace(info={"part": "full", "objective_cfg": {"mask_ratio": 1.0}})
+    for given in (1.5, -0.2, None):  # None: the file's own 1.0
+        with pytest.raises(ConfigError, match=r"^--mask-ratio must be in \[0, 1\)"):
+            objective_class("mae").analyze(run, given, 0, False)

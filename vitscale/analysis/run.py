@@ -19,7 +19,7 @@ from vitscale.analysis import plots
 from vitscale.analysis.attention import (mean_attention_distance_layer, patch_distance_matrix,
                                          query_attention_to_patches, rollout_step, rollout_to_patches)
 from vitscale.analysis.filters import patch_filter_pca
-from vitscale.analysis.images import load_images
+from vitscale.analysis.images import open_images, sample_images, to_batch
 from vitscale.weights.load import load_model
 from vitscale.analysis.pos_embed import pos_embed_similarity, similarity_stats
 from vitscale.pixels import denormalize, normalize
@@ -63,9 +63,23 @@ def reads_cls(enc: VisionTransformer) -> bool:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``--device`` as a torch device, or a one-line error (a bad name, or CUDA where there is none: torch's own
+    errors are tracebacks from deep inside the first tensor move)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: there are {count} CUDA GPUs (cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: analyze runs on auto, cpu, cuda or cuda:N")
+    return dev
 
 
 @torch.no_grad()
@@ -151,15 +165,24 @@ def _sections(only: Optional[Sequence[str]]) -> set[str]:
     return todo
 
 
-def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Path, device: str, head: int,
+def _check_options(mask_ratio: Optional[float], num_filters: int) -> None:
+    """Options whose range does not depend on the model: refused before anything is read or written."""
+    if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1) (the fraction of patches hidden), got {mask_ratio}")
+    if num_filters < 1:
+        raise ValueError(f"--num-filters must be >= 1 (principal components drawn), got {num_filters}")
+
+
+def _prepare(path: Union[str, Path], images: Sequence[Union[str, Path]], out: Path, dev: torch.device, head: int,
              model_name: Optional[str], num_heads: Optional[int], log: Callable[[str], None]) -> _Run:
-    """Load the model and the images (resized to the model's input, normalised as in training)."""
-    dev = resolve_device(device)
+    """Load the model and the images (resized to the model's input, normalised as in training). The image files
+    are decoded first: a bad one is named before a large model is read."""
+    pics, names = open_images(list(images)) if images else sample_images()
     model, info = load_model(path, device=dev, model_name=model_name, num_heads=num_heads)
     enc = objective_class(info["objective"]).encoder(model)
     if not 0 <= head < enc.num_heads:
         raise ValueError(f"--head {head} is out of range: the model has {enc.num_heads} heads (0..{enc.num_heads - 1})")
-    imgs_u8, names = load_images(list(images), tuple(enc.patch_embed.img_size))
+    imgs_u8 = to_batch(pics, tuple(enc.patch_embed.img_size))
     x = normalize(imgs_u8).to(dev)
     shown = [denormalize(v).permute(1, 2, 0).cpu().numpy() for v in x]
     return _Run(model, info, enc, dev, out, _unique([_safe(n) for n in names]), x, shown, log)
@@ -260,10 +283,12 @@ def analyze(path: Union[str, Path], images: Sequence[Union[str, Path]] = (), out
     Returns the JSON document (also written). ``log`` gets one line per file written and per note.
     """
     todo = _sections(only)
+    _check_options(mask_ratio, num_filters)
+    dev = resolve_device(device)
     out = Path(out)
     check_folder_path(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    run = _prepare(path, images, out, device, head, model_name, num_heads, log)
+    run = _prepare(path, images, out, dev, head, model_name, num_heads, log)
     doc: dict[str, Any] = {"model": {k: v for k, v in run.info.items() if k != "model_cfg"},
                            "model_config": run.info["model_cfg"], "device": str(run.device), "images": run.names}
     if not reads_cls(run.enc):

@@ -88,6 +88,8 @@ class MAE(Objective):
         saved, defaults = run.info["objective_cfg"], ObjectiveConfig()
         if mask_ratio is None:
             mask_ratio = saved.get("mask_ratio", defaults.mask_ratio)
+        if not 0.0 <= mask_ratio < 1.0:  # outside, tokens_kept goes negative or past L and masks another fraction
+            raise ConfigError(f"--mask-ratio must be in [0, 1) (the fraction of patches hidden), got {mask_ratio}")
         npl = norm_pix_loss if norm_pix_loss is not None else saved.get("norm_pix_loss")
         if npl is None:
             npl = defaults.norm_pix_loss
