@@ -47,3 +47,43 @@ def test_labels_beyond_the_head_are_one_line_even_when_no_manifest_counts_them(d
     with pytest.raises(ValueError, match=r"^evaluation: the checkpoint's head has 5 classes but the data has label "
                                          r"[5-9]: evaluate it on data labelled 0\.\.4"):
         evaluate_classifier(model, val, make_accelerator("cpu"), img_size=32)
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--shuffle-grids", "1,2,5"], "--shuffle-grids: grid 5 does not divide the image size 32: use divisors of 32 "
+                                   "(1, 2, 4, 8, 16, 32)"),
+    (["--shuffle-grids", "3,4,6"], "--shuffle-grids: grids 3, 6 do not divide the image size 32: use divisors of 32 "
+                                   "(1, 2, 4, 8, 16, 32)"),
+    (["--occlusion-grid", "5"], "--occlusion-grid 5 does not divide the image size 32: use a divisor of 32 "
+                                "(1, 2, 4, 8, 16, 32)"),
+    (["--occlusion-grid", "0"], "--occlusion-grid must be >= 1 (cells per side), got 0"),
+    (["--occlusion-grid", "-2"], "--occlusion-grid must be >= 1 (cells per side), got -2")])
+def test_robustness_options_this_model_cannot_take_are_one_line_before_any_work(flags, line, tmp_path, data_cache,
+                                                                                capsys, monkeypatch):
+    """A shuffle grid that does not divide the image size failed only at the patch-shuffle curve, after the CNN
+    baseline had trained and the ViT's occlusion curve had run; --occlusion-grid 0 became the ViT's grid without a
+    word and -2 was a traceback. Now each is refused before the images load or the baseline trains."""
+    import vitscale.eval.robust_run as robust_run
+
+    def started(*a, **k):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    monkeypatch.setattr(robust_run, "_eval_images", started)
+    monkeypatch.setattr(robust_run, "_models", started)
+    torch.save(_timm().state_dict(), tmp_path / "vit.pth")
+    rc, cap = _main(["eval", "robustness", str(tmp_path / "vit.pth"), *DATA, "--cache-dir", str(data_cache),
+                     "--out", str(tmp_path / "out"), *flags], capsys)
+    assert (rc, cap.err) == (2, f"vitscale: error: {line}\n")
+
+
+def test_model_dependent_robustness_checks_only_the_curves_requested():
+    """A 36 px model cannot be shuffled on the default 8 x 8 grid, but its corruption curve alone needs no grid."""
+    from vitscale.eval.robustness import RobustnessConfig, check_image_size
+
+    check_image_size(RobustnessConfig(curves=["corruptions"]), 36, 5)
+    check_image_size(RobustnessConfig(shuffle_grids=(1, 2, 3, 6)), 36, 9)
+    with pytest.raises(ValueError, match="grid 8 does not divide the image size 36"):
+        check_image_size(RobustnessConfig(curves=["patch_shuffle"]), 36, 5)
+    with pytest.raises(ValueError, match="--occlusion-grid 5 does not divide the image size 36"):
+        check_image_size(RobustnessConfig(curves=["occlusion_patches"]), 36, 5)

@@ -12,7 +12,7 @@ from vitscale.eval.baseline import (BASELINE_FILE, BaselineConfig, count_params,
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import check_labels, load_images
 from vitscale.eval.plots import plot_corruptions, plot_robustness_curve
-from vitscale.eval.robustness import CURVES, config_dict, robustness_curves
+from vitscale.eval.robustness import CURVES, check_image_size, config_dict, robustness_curves
 
 
 def baseline_config(info: dict, opts, width: int) -> BaselineConfig:
@@ -74,8 +74,10 @@ def run_robustness(vit: nn.Module, info: dict, train_set, val_set, num_classes: 
     cfg = opts.robustness
     cfg.seed = opts.seed
     cfg.batch_size = opts.batch_size
+    cfg.validate()
+    grid = cfg.occlusion_grid if cfg.occlusion_grid is not None else info["grid_size"][0]
+    check_image_size(cfg, img_size, grid)  # before the images load, the baseline trains and any curve runs
     data = _eval_images(train_set, val_set, img_size, accelerator, cfg, opts.batch_size, view)
-    grid = cfg.occlusion_grid or info["grid_size"][0]
     models, extra = _models(vit, info, train_set, num_classes, img_size, accelerator, opts, say)
     results = {}
     for name, model in models.items():

@@ -68,6 +68,8 @@ class RobustnessConfig:
                 raise ValueError(f"each {name} must be in [{lo}, {hi}], got {list(values)}")
         if not self.shuffle_grids or any(g < 1 for g in self.shuffle_grids):
             raise ValueError(f"shuffle grids must be >= 1, got {list(self.shuffle_grids)}")
+        if self.occlusion_grid is not None and self.occlusion_grid < 1:  # 0 silently became the ViT's grid
+            raise ValueError(f"--occlusion-grid must be >= 1 (cells per side), got {self.occlusion_grid}")
         check_corruptions(self.corruptions)
         if self.repeats < 1 or self.pgd_steps < 0 or self.batch_size < 1:
             raise ValueError("repeats and batch_size must be >= 1, pgd_steps >= 0")
@@ -76,6 +78,23 @@ class RobustnessConfig:
         unknown = [c for c in self.curves if c not in CURVES]
         if unknown:
             raise ValueError(f"unknown robustness curve(s) {unknown}: choose from {', '.join(CURVES)}")
+
+
+def check_image_size(cfg: RobustnessConfig, img_size: int, grid: int) -> None:
+    """The options whose validity depends on the model's image size, for the curves requested: the patch-shuffle
+    grids and the occlusion grid must divide it (a cell of a non-dividing occlusion grid is 6 or 7 pixels, so a
+    "fraction of patches" hides another fraction of the image). Checked before the CNN baseline trains and any
+    curve runs: a shuffle grid that did not divide failed only at the patch-shuffle curve, minutes or hours in."""
+    divisors = [d for d in range(1, img_size + 1) if img_size % d == 0]
+    if "patch_shuffle" in cfg.curves:
+        bad = [str(g) for g in cfg.shuffle_grids if img_size % g]
+        if bad:
+            what = f"grid {bad[0]} does" if len(bad) == 1 else f"grids {', '.join(bad)} do"
+            raise ValueError(f"--shuffle-grids: {what} not divide the image size {img_size}: use divisors of "
+                             f"{img_size} ({', '.join(map(str, divisors))})")
+    if "occlusion_patches" in cfg.curves and (grid < 1 or img_size % grid):
+        raise ValueError(f"--occlusion-grid {grid} does not divide the image size {img_size}: use a divisor of "
+                         f"{img_size} ({', '.join(map(str, divisors))})")
 
 
 CURVES = ("occlusion_patches", "occlusion_boxes", "patch_shuffle", "adversarial_patch", "corruptions")
@@ -213,8 +232,9 @@ def robustness_curves(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       train_labels: Optional[torch.Tensor] = None, log=print, name: str = "model") -> dict:
     """All requested curves for one model: ``{"clean_acc", "curves": {curve: {"x", "acc", ...}}}``."""
     cfg.validate()
-    model.eval()
     img_size = images.shape[-1]
+    check_image_size(cfg, img_size, grid)
+    model.eval()
     clean = accuracy_under(model, images, labels, None, "clean", cfg, accelerator)
     out: dict = {"clean_acc": clean, "curves": {}}
     curves = out["curves"]
