@@ -1,8 +1,11 @@
 """Frozen-feature building blocks on constructed cases: the random-init baseline re-initialises every tensor, kNN's k
-is a number of training samples there are, few-shot's default lambda is the documented one."""
+is a number of training samples there are, few-shot's default lambda is the documented one; the corruptions whose
+CIFAR-10-C parameters need CIFAR-10-C's formulas (brightness, contrast) against those formulas."""
+import numpy as np
 import pytest
 import torch
 
+from vitscale.eval.corruptions import PARAMS, corrupt, hsv_to_rgb, rgb_to_hsv
 from vitscale.eval.features import FeatureSet, reinit_
 from vitscale.eval.probes import fewshot_eval, knn_eval, knn_predict
 from vitscale.models import create_model
@@ -61,3 +64,49 @@ def test_fewshot_default_ridge_reg_is_the_documented_one():
     assert default["reg"] == 1e-3 == EvalOptions().ridge_reg
     assert default == fewshot_eval(train, val, 4, shots=(5,), seeds=3, reg=1e-3)
     assert default["per_seed"] != fewshot_eval(train, val, 4, shots=(5,), seeds=3, reg=1.0)["per_seed"]
+
+
+def _pixels():
+    """(1, 3, 8, 8) RGB in [0, 1] (float64): random pixels and the cases a hue formula gets wrong - greys, black,
+    white, pure and secondary colours, ties for the largest channel, a hue just below 1 (red side of magenta)."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    special = [(0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1),
+               (1, 0, 1), (0.6, 0.6, 0.2), (0.2, 0.6, 0.6), (0.6, 0.2, 0.6), (0.9, 0.1, 0.10001), (0.3, 0.1, 0.2)]
+    for i, rgb in enumerate(special):
+        x[0, :, i // 8, i % 8] = torch.tensor(rgb, dtype=torch.float64)
+    return x
+
+
+def test_brightness_and_contrast_use_cifar10c_formulas_in_torch():
+    """Brightness adds c to the HSV value (saturation kept), contrast pulls each channel towards its own mean: a pure
+    dark red brightens to a brighter pure red (adding c to R, G and B gave pink), a flat colour keeps its colour
+    under contrast (the mean over all channels turned it grey)."""
+    x = _pixels()
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    red = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert torch.allclose(corrupt(red, "brightness", 5, g), red * 1.6)  # V 0.5 -> 0.8
+    flat = torch.tensor([0.8, 0.4, 0.1], dtype=torch.float64).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert torch.equal(corrupt(flat, "contrast", 5, g), flat)
+    for s, c in enumerate(PARAMS["contrast"], start=1):
+        m = x.mean(dim=(2, 3), keepdim=True)
+        assert torch.allclose(corrupt(x, "contrast", s, g), ((x - m) * c + m).clamp(0, 1), atol=1e-12)
+
+
+def test_brightness_and_the_hsv_conversions_match_skimage():
+    """skimage.color is what CIFAR-10-C's make_cifar_c.py uses: rgb2hsv, V + c clipped, hsv2rgb, clipped."""
+    skc = pytest.importorskip("skimage.color")
+    x = _pixels()
+    img = x[0].permute(1, 2, 0).numpy()
+    assert np.allclose(rgb_to_hsv(x)[0].permute(1, 2, 0).numpy(), skc.rgb2hsv(img), atol=1e-12)
+    hsv = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert np.allclose(hsv_to_rgb(hsv)[0].permute(1, 2, 0).numpy(), skc.hsv2rgb(hsv[0].permute(1, 2, 0).numpy()),
+                       atol=1e-12)
+    for s, c in enumerate(PARAMS["brightness"], start=1):
+        ref = skc.rgb2hsv(img)
+        ref[..., 2] = np.clip(ref[..., 2] + c, 0, 1)
+        got = corrupt(x, "brightness", s, torch.Generator())[0].permute(1, 2, 0).numpy()
+        assert np.allclose(got, np.clip(skc.hsv2rgb(ref), 0, 1), atol=1e-12), s
+    x32 = x.float()  # the curves' dtype
+    assert torch.allclose(corrupt(x32, "brightness", 3, torch.Generator()), corrupt(x, "brightness", 3,
+                                                                                   torch.Generator()).float(), atol=1e-6)
