@@ -91,6 +91,9 @@ def test_a_third_objective_in_one_file_trains_resumes_exports_probes_and_plans(t
     # export: the whole model (the default part), with the objective's name in the metadata
     out = tmp_path / "rot.safetensors"
     r = run_cli(["export", str(tmp_path / "rot"), str(out)], cwd=tmp_path, env_extra=_env())
+    assert r.returncode == 2 and f"VITSCALE_OBJECTIVES={NAME}" in r.stderr  # a file's name alone imports nothing
+    trusted = {**_env(), "VITSCALE_OBJECTIVES": NAME}
+    r = run_cli(["export", str(tmp_path / "rot"), str(out)], cwd=tmp_path, env_extra=trusted)
     assert r.returncode == 0, r.stderr[-3000:]
     from safetensors import safe_open
 
@@ -101,7 +104,7 @@ def test_a_third_objective_in_one_file_trains_resumes_exports_probes_and_plans(t
 
     # eval probes on frozen features of the exported model (its own pooling: the default "model")
     r = run_cli(["eval", "knn", str(out), "--data", "demo:digits", "--cache-dir", str(data_cache), "--out",
-                 str(tmp_path / "eval")], cwd=tmp_path, env_extra=_env())
+                 str(tmp_path / "eval")], cwd=tmp_path, env_extra=trusted)
     assert r.returncode == 0, r.stderr[-3000:]
     knn = json.loads((tmp_path / "eval" / "knn.json").read_text())
     assert knn["pool"] == "model" and knn["model"]["objective"] == NAME
@@ -234,3 +237,29 @@ def test_a_checkpoint_of_other_optimizer_groups_is_one_line_before_the_load(tmp_
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "parameter group" in lines[-1] and "model.init=" in lines[-1], lines[-3:]
+
+
+def test_a_file_naming_a_plugin_objective_imports_nothing_until_the_user_names_it(tmp_path, monkeypatch):
+    """Weights whose metadata names some.module:Class ran that module's top-level code on loading (eval, analyze,
+    export, model.init). Now: one line saying how to trust it, and nothing imported; named, it loads."""
+    from safetensors.torch import save_file
+
+    from vitscale.errors import ConfigError
+    from vitscale.weights import load_model
+
+    (tmp_path / "side_effect_objective.py").write_text(
+        f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n"
+        "from test_objective_plugin import Rotation as R\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("VITSCALE_OBJECTIVES", raising=False)
+    model = create_model("vit_micro_patch4", img_size=32, num_classes=4)
+    meta = {"vitscale_model": json.dumps({"name": "vit_micro_patch4", "img_size": 32}),
+            "vitscale_objective": "side_effect_objective:R", "vitscale_part": "full", "step": "1"}
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"), metadata=meta)
+    with pytest.raises(ConfigError, match="VITSCALE_OBJECTIVES=side_effect_objective:R"):
+        load_model(tmp_path / "m.safetensors")
+    assert not (tmp_path / "IMPORTED").exists() and "side_effect_objective" not in sys.modules
+    monkeypatch.setenv("VITSCALE_OBJECTIVES", "other:X, side_effect_objective:R")
+    loaded, info = load_model(tmp_path / "m.safetensors")
+    assert (tmp_path / "IMPORTED").exists() and info["objective"] == "side_effect_objective:R"
+    sys.modules.pop("side_effect_objective", None)

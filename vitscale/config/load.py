@@ -18,7 +18,7 @@ from vitscale.config.schema import Config, choices
 from vitscale.config.sources import parse_sources
 from vitscale.config.yaml_text import exponent_numbers, load_unique
 from vitscale.errors import ConfigError
-from vitscale.objectives import objective_class
+from vitscale.objectives import objective_class, trust
 from vitscale.optim.optimizers import check_optim  # optim.name's rules live with the optimizers
 
 
@@ -297,6 +297,7 @@ def check_consistency(cfg: Config) -> None:
     _check_ds_config(cfg.engine.ds_config)
     check_optim(cfg)
     objective_class(cfg.objective.name).check_config(cfg)  # the objective's own rules (and whether it exists)
+    trust(cfg.objective.name)  # the user's own config names it: files (checkpoints, exports) may name it too
 
 
 def _check_length(cfg: Config) -> None:

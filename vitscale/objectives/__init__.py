@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from typing import Any, Optional
 
 from torch import nn
@@ -50,8 +52,42 @@ def objective_class(name: str) -> type[Objective]:
                       f"(or an import path package.module:Class)")
 
 
+# Plugin objectives a file may name and vitscale may then import (comma-separated ``module:Class``). A weights file
+# or checkpoint that names ``some.module:Class`` would otherwise run that module's top-level code on loading (eval,
+# analyze, export, model.init): a file's bytes do not get to choose code. The user's own objective.name is added
+# (and, through the environment, reaches the processes a sweep or launcher starts).
+TRUSTED_OBJECTIVES_ENV = "VITSCALE_OBJECTIVES"
+
+
+def trusted_objectives() -> set[str]:
+    return {n.strip() for n in os.environ.get(TRUSTED_OBJECTIVES_ENV, "").split(",") if n.strip()}
+
+
+def trust(name: str) -> None:
+    """Let files name the plugin objective ``name`` in this process and the ones it starts."""
+    if ":" in name and name not in trusted_objectives():
+        os.environ[TRUSTED_OBJECTIVES_ENV] = ",".join(sorted(trusted_objectives() | {name}))
+
+
+def saved_objective_class(name: Any, where: str) -> type[Objective]:
+    """:func:`objective_class` for a name read from a file (``where`` names it): a built-in or registered
+    objective, or a plugin the user named (objective.name, or :data:`TRUSTED_OBJECTIVES_ENV`) or already imported.
+    Anything else is a one-line ConfigError, and nothing is imported."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: its objective name {name!r} is not a name")
+    if name in OBJECTIVES or ":" not in name:
+        return objective_class(name)
+    if name in trusted_objectives() or name.partition(":")[0] in sys.modules:
+        return objective_class(name)
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    raise ConfigError(f"{where} was written by the plugin objective {shown!r}, which vitscale imports only when "
+                      f"you name it: set {TRUSTED_OBJECTIVES_ENV}={shown} (or use it as objective.name)")
+
+
 def objective_for(cfg: Config) -> Objective:
-    """The objective named by ``objective.name``, configured by ``cfg``."""
+    """The objective named by ``objective.name``, configured by ``cfg`` (a plugin named so is trusted: files may
+    name it from then on)."""
+    trust(cfg.objective.name)
     return objective_class(cfg.objective.name)(cfg)
 
 
@@ -88,4 +124,5 @@ def build_saved_model(model_cfg: dict[str, Any], objective: str = DEFAULT_OBJECT
 
 
 __all__ = ["DEFAULT_OBJECTIVE", "MODEL_KWARGS", "OBJECTIVES", "Objective", "Picture", "build_model", "build_saved_model",
-           "model_kwargs", "objective_class", "objective_for", "objective_of_weights", "register"]
+           "model_kwargs", "objective_class", "objective_for", "objective_of_weights", "register", "saved_objective_class",
+           "trust", "TRUSTED_OBJECTIVES_ENV"]

@@ -9,7 +9,7 @@ from vitscale.distributed import engine as eng
 from vitscale.distributed.checkpoint import read_trainer_state, resolve_checkpoint
 from vitscale.distributed.ema import consolidated_ema
 from vitscale.data.transforms import EVAL_VIEW_KEYS
-from vitscale.objectives import objective_class
+from vitscale.objectives import saved_objective_class
 from vitscale.weights.outfile import check_weights_path, save_weights
 
 
@@ -28,7 +28,7 @@ def export_weights(ckpt: Path, out: Path, full: bool = False, ema: bool = False)
     if ema:
         sd.update({k: v.view(sd[k].shape) for k, v in consolidated_ema(path).items()})
     objective = state["config"]["objective"]
-    sd, part = objective_class(objective["name"]).export_part(sd, full)
+    sd, part = saved_objective_class(objective.get("name"), str(path)).export_part(sd, full)
     meta = {"vitscale_model": json.dumps(state["config"]["model"]), "vitscale_objective": objective["name"],
             "vitscale_objective_config": json.dumps(objective), "vitscale_part": part, "step": str(state["step"]),
             # how the run saw held-out images: eval and analyze see them the same way

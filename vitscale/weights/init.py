@@ -13,7 +13,7 @@ from torch import nn
 
 from vitscale.distributed import engine as eng
 from vitscale.errors import ConfigError
-from vitscale.objectives import objective_class
+from vitscale.objectives import TRUSTED_OBJECTIVES_ENV, saved_objective_class
 from vitscale.weights.fit import DECODER_RE, Fit, encoder_of, fit_state_dict, to_model_keys
 from vitscale.weights.sources import Weights, WeightsError, read_weights
 
@@ -74,9 +74,11 @@ def _fit_exported_part(model: nn.Module, weights: Weights, path: str, full_error
     if encoder_of(model) is not model:  # the target has parts of its own besides the ViT: the whole must fit
         raise full_error
     try:
-        part, name = objective_class(weights.objective).export_part(weights.state_dict, full=False) \
+        part, name = saved_objective_class(weights.objective, path).export_part(weights.state_dict, full=False) \
             if weights.part == "full" and weights.objective else (weights.state_dict, "full")
-    except ConfigError:  # the objective that trained it cannot be imported here
+    except ConfigError as e:  # the objective that trained it cannot be imported here
+        if TRUSTED_OBJECTIVES_ENV in str(e):  # it could, but only once the user names it: say so
+            raise
         part, name = weights.state_dict, "full"
     if name == "full":
         raise full_error

@@ -19,7 +19,7 @@ from torch import nn
 from vitscale.models.embed import HybridEmbed
 from vitscale.models.registry import VARIANTS, parse_name
 from vitscale.models.vit import mlp_hidden
-from vitscale.objectives import build_saved_model, objective_class, objective_of_weights
+from vitscale.objectives import build_saved_model, objective_of_weights, saved_objective_class
 from vitscale.weights.fit import canonical, refuse
 from vitscale.weights.sources import WeightsError, read_weights
 
@@ -137,7 +137,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     w = read_weights(path)
     sd = w.state_dict
     if w.objective is not None:
-        objective = objective_class(w.objective)
+        objective = saved_objective_class(w.objective, str(path))
     else:  # a state dict that does not say what trained it: the objective that recognises it, else a classifier
         objective, sd = objective_of_weights(sd)
     part = w.part or "full"
