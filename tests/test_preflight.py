@@ -56,14 +56,16 @@ def test_the_whole_rehearsal_resumes_the_recipes_own_checkpoint_after_the_stage_
     removed once its row is done, so the kill -9 and SIGTERM rows resume the recipe's own 2-process checkpoint, as a
     relaunch of the real run would; they used to convert the resume row's checkpoint again (minutes and up to 3x its
     size on disk at ViT-H). At this size a checkpoint is written in milliseconds, so the kill -9 row may or may not
-    catch its write: its verdict is not asserted here (tests/test_preflight_rows.py has it)."""
+    catch its write: its verdict is not asserted here (tests/test_preflight_rows.py has it). The config and the data
+    cache are given relative to the caller's directory."""
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not on PATH")
     port = 29600 + os.getpid() % 200
     tiny = [x for x in TINY if not x.startswith("data.batch_size")]
-    r = run_cli(["preflight", "--config", DEMO, "--out", str(tmp_path), "--port", str(port),
-                 f"data.cache_dir={data_cache}", *tiny], cwd=tmp_path, env_extra={"DS_ACCELERATOR": "cpu"},
-                timeout=900)
+    # relative paths, as its help shows them: the launches used to start in --out, where configs/demo.yaml is not
+    r = run_cli(["preflight", "--config", os.path.relpath(DEMO, ROOT), "--out", str(tmp_path), "--port", str(port),
+                 f"data.cache_dir={os.path.relpath(data_cache, ROOT)}", *tiny], cwd=ROOT,
+                env_extra={"DS_ACCELERATOR": "cpu"}, timeout=900)
     out = r.stdout
     assert "yes" in _row(out, "resume 1 proc ZeRO-3") and "yes" in _row(out, "SIGTERM -> checkpoint"), \
         (out[-4000:], r.stderr[-3000:])

@@ -41,12 +41,14 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
+def run(cmd: list[str], env: dict, out_dir: Path, on_output=None) -> Launch:
     """Run CMD, polling the peak resident memory (VmHWM) of every process it starts; ``on_output(text, proc)``
-    sees the output so far at each poll (for the SIGTERM step)."""
+    sees the output so far at each poll (for the SIGTERM step). Its log goes to ``out_dir/logs``; it runs in this
+    process's directory, so the relative paths of a config and its overrides (data.train_shards, data.cache_dir,
+    model.init, --config itself) mean to the launch what they mean to a ``vitscale train`` started here."""
     import psutil
 
-    logs = cwd / "logs"
+    logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
     log = logs / f"{time.strftime('%H%M%S')}_{Path(cmd[0]).name}_{len(list(logs.iterdir()))}.log"  # kept: the why
     start = time.perf_counter()
@@ -54,7 +56,7 @@ def run(cmd: list[str], env: dict, cwd: Path, on_output=None) -> Launch:
     members: dict[int, psutil.Process] = {}
     with open(log, "w") as f, _signals_raise():
         # its own process group: a preemption signals every process of it, as Slurm signals every task
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
             while _running(proc, members):
