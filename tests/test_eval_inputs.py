@@ -77,6 +77,22 @@ def test_robustness_options_this_model_cannot_take_are_one_line_before_any_work(
     assert (rc, cap.err) == (2, f"vitscale: error: {line}\n")
 
 
+def test_eval_all_checks_the_robustness_grids_before_the_probes(tmp_path, data_cache, capsys, monkeypatch):
+    """`eval all` runs accuracy and the probes first: a grid the model cannot take was found after them."""
+    import vitscale.eval.run as eval_run
+
+    def started(*a, **k):
+        raise AssertionError("an evaluation started")
+
+    monkeypatch.setenv("VITSCALE_DEBUG", "")
+    monkeypatch.setattr(eval_run, "_accuracy", started)
+    monkeypatch.setattr(eval_run, "_probes", started)
+    torch.save(_timm().state_dict(), tmp_path / "vit.pth")
+    rc, cap = _main(["eval", "all", str(tmp_path / "vit.pth"), *DATA, "--cache-dir", str(data_cache), "--out",
+                     str(tmp_path / "out"), "--shuffle-grids", "5"], capsys)
+    assert rc == 2 and "--shuffle-grids: grid 5 does not divide the image size 32" in cap.err, cap.err
+
+
 def test_model_dependent_robustness_checks_only_the_curves_requested():
     """A 36 px model cannot be shuffled on the default 8 x 8 grid, but its corruption curve alone needs no grid."""
     from vitscale.eval.robustness import RobustnessConfig, check_image_size

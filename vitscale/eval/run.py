@@ -22,7 +22,7 @@ from vitscale.eval.features import (check_labels, data_specs, extract_features, 
     reinit_, resolve_data)
 from vitscale.eval.probes import RIDGE_REG, check_k, fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
-from vitscale.eval.robustness import RobustnessConfig
+from vitscale.eval.robustness import RobustnessConfig, check_image_size
 from vitscale.objectives import objective_class
 from vitscale.weights.outfile import check_folder_path
 
@@ -171,6 +171,10 @@ def run_eval(evaluations: Sequence[str], ckpt: str, opts: EvalOptions, log=None)
     for name in ("accuracy", "robustness"):  # before the probes' minutes, not after them
         if name in names:
             require_classifier(s.model, name, s.num_classes)
+    if "robustness" in names:  # its grids against the image size, before `eval all` runs the probes
+        rob = opts.robustness
+        check_image_size(rob, s.img_size, rob.occlusion_grid if rob.occlusion_grid is not None else
+                         s.info["grid_size"][0])
     if "accuracy" in names:
         _accuracy(s)
     probes = [n for n in names if n in PROBES]
