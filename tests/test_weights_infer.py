@@ -86,10 +86,25 @@ def test_what_a_timm_file_says_is_read_from_its_keys(options, tmp_path):
 
 
 def test_a_file_that_does_not_fit_is_one_line_naming_the_keys(tmp_path):
-    """timm's no_embed_class table (patch rows only, beside a [CLS]) gives no image size to infer (so the variant's 224
-    px stays); torch's RuntimeError traceback is now one line naming the tensor and both shapes."""
-    theirs = _timm(embed_dim=128, num_heads=4, no_embed_class=True)
-    torch.save(theirs.state_dict(), tmp_path / "nec.pth")
-    with pytest.raises(WeightsError, match=r"nec.pth: the weights \(as vit_micro_patch4\) do not fit the model: "
-                                           r"shape mismatch pos_embed \(1, 64, 128\) vs \(1, 3137, 128\)$"):
-        load_model(tmp_path / "nec.pth", model_name="vit_micro_patch4")
+    """A position table of no square grid (62 patch rows beside a [CLS]) gives no image size to infer (so the
+    variant's 224 px stays); torch's RuntimeError traceback is now one line naming the tensor and both shapes."""
+    sd = _timm(embed_dim=128, num_heads=4).state_dict()
+    sd["pos_embed"] = sd["pos_embed"][:, :63]
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(WeightsError, match=r"odd.pth: the weights \(as vit_micro_patch4\) do not fit the model: "
+                                           r"shape mismatch pos_embed \(1, 63, 128\) vs \(1, 3137, 128\)$"):
+        load_model(tmp_path / "odd.pth", model_name="vit_micro_patch4")
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_timms_no_embed_class_register_layout_loads_without_metadata(tmp_path, class_token):
+    """timm's *_reg4_* models and DeiT-III keep position rows for the patches only: the image size was read as the
+    default 224 px ('shape mismatch pos_embed (1, 64, 64) vs ...'). Now the prefix tokens get zero rows, as
+    model.init's fitting gives them, and the logits are timm's."""
+    kw = dict(reg_tokens=4, no_embed_class=True, class_token=class_token)
+    theirs = _timm(**kw, **({} if class_token else {"global_pool": "avg"}))
+    path = tmp_path / "reg4.pth"
+    torch.save(theirs.state_dict(), path)
+    model, info = load_model(path, model_name="vit_micro_patch4", num_heads=2)
+    assert info["img_size"] == [32, 32] and info["num_prefix_tokens"] == 4 + class_token
+    assert _max_diff(model, theirs) <= 1e-5

@@ -16,7 +16,7 @@ from vitscale.optim import SCHEDULES
 
 def check_ranges(cfg: Config) -> None:
     """Every single-key range rule: model sizes, optimizer, data augmentation, logging and the run's name."""
-    _check_model_sizes(cfg)
+    check_model_sizes(cfg)
     _check_optim(cfg)
     _check_data(cfg)
     _check_run_name(cfg.run.name)
@@ -64,7 +64,7 @@ def _in_range(key: str, value: float, low: float, high: float, closed_low: bool,
         raise ConfigError(f"{key} must be in {interval}, got {value}")
 
 
-def _check_model_sizes(cfg: Config) -> None:
+def check_model_sizes(cfg: Config) -> None:
     """Sizes that override the variant's: null keeps the variant's, 0 or less builds no model (or a ViT without
     blocks, for depth)."""
     m = cfg.model

@@ -139,6 +139,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def build_section(cls: type, data: dict, prefix: str) -> Any:
+    """One config section (``cls``, e.g. ModelConfig) from a mapping, each value checked against its type as a
+    config file's is (one-line ConfigError naming ``prefix + key``)."""
+    return _build(cls, data, prefix)
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

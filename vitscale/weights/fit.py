@@ -154,6 +154,15 @@ def _causes(src: dict[str, torch.Tensor], target: dict[str, tuple[int, ...]]) ->
     return causes
 
 
+def with_prefix_rows(table: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A (1, rows, D) table in timm's ``no_embed_class`` layout (a square grid of patch rows, none for the ``prefix``
+    tokens) with zero rows put first for them, as vitscale's table has; any other table as it is."""
+    rows = table.shape[1] if table.ndim == 3 else 0
+    if prefix and rows > prefix and math.isqrt(rows - prefix) ** 2 != rows - prefix and math.isqrt(rows) ** 2 == rows:
+        return torch.cat([table.new_zeros(1, prefix, table.shape[-1]), table], dim=1)
+    return table
+
+
 def _fit_pos_embed(table: torch.Tensor, shape: tuple[int, ...], src: dict[str, torch.Tensor], enc: nn.Module,
                    fit: Fit) -> Optional[torch.Tensor]:
     """The source's position table made the target's: timm's ``no_embed_class`` layout (patch rows only) gets zero
@@ -162,9 +171,9 @@ def _fit_pos_embed(table: torch.Tensor, shape: tuple[int, ...], src: dict[str, t
     prefix = (1 if "cls_token" in src else 0) + (src["reg_token"].shape[1] if "reg_token" in src else 0)
     if table.ndim != 3 or table.shape[-1] != shape[-1] or prefix != enc.num_prefix_tokens:
         return None
-    rows = table.shape[1]
-    if prefix and math.isqrt(rows - prefix) ** 2 != rows - prefix and math.isqrt(rows) ** 2 == rows:
-        table = torch.cat([table.new_zeros(1, prefix, table.shape[-1]), table], dim=1)
+    padded = with_prefix_rows(table, prefix)
+    if padded is not table:
+        table = padded
         fit.notes.append(f"pos_embed: zero rows added for {prefix} prefix token{'s' if prefix > 1 else ''} (timm's "
                          f"no_embed_class layout)")
     if tuple(table.shape) != shape:

@@ -20,7 +20,8 @@ from vitscale.models.embed import HybridEmbed
 from vitscale.models.registry import VARIANTS, parse_name
 from vitscale.models.vit import mlp_hidden
 from vitscale.objectives import build_saved_model, objective_of_weights, saved_objective_class
-from vitscale.weights.fit import canonical, refuse
+from vitscale.weights.saved_model import checked_model_record, checked_objective_record
+from vitscale.weights.fit import canonical, refuse, with_prefix_rows
 from vitscale.weights.sources import WeightsError, read_weights
 
 # LayerScale's starting gamma for a file that does not record it: timm's and CaiT's usual 1e-5. The trained gammas
@@ -110,6 +111,19 @@ def _num_heads(width: int, q_norm: Optional[torch.Tensor], model_name: str, num_
                        + "".join(f" or {s}" for s in same))
 
 
+def _no_embed_class_padded(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's no_embed_class layout (DeiT-III, the *_reg4_* models: position rows for the patches only) with zero
+    rows for the prefix tokens, as vitscale's table has them and model.init's fitting adds them: the image size is
+    then read from a square grid, and the table loads as it is."""
+    key = "encoder.pos_embed" if "encoder.pos_embed" in sd else "pos_embed"
+    if key not in sd:
+        return sd
+    t = canonical(sd)
+    prefix = (1 if "cls_token" in t else 0) + (t["reg_token"].shape[1] if "reg_token" in t else 0)
+    padded = with_prefix_rows(sd[key], prefix)
+    return sd if padded is sd[key] else {**sd, key: padded}
+
+
 def _known_name(name: Optional[str]) -> Optional[str]:
     """NAME when the registry builds it (a timm architecture such as vit_so400m_patch14 may not be)."""
     try:
@@ -150,12 +164,16 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         if model_name is None:
             raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
                                f"vit_base_patch16)")
+        sd = _no_embed_class_padded(sd)
         m = _infer_model_cfg(sd, model_name, num_heads)
-    elif model_name is not None:
-        m = {**m, "name": model_name}
+    else:
+        m = checked_model_record(m if model_name is None or not isinstance(m, dict) else {**m, "name": model_name},
+                                 sd, str(path))
+
+    objective_cfg = checked_objective_record(w.objective_cfg, str(path))
 
     def build(num_classes: int) -> nn.Module:  # the one model factory (vitscale.objectives), as in training
-        return build_saved_model(m, w.objective or objective.name, num_classes, w.objective_cfg)
+        return build_saved_model(m, w.objective or objective.name, num_classes, objective_cfg)
 
     with torch.device("meta"):
         model = objective.rebuild(build, sd, part)
@@ -168,7 +186,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     info = {
         "path": str(path), "source": "safetensors" if w.source == "export" else w.source,
         "checkpoint": w.checkpoint, "name": m["name"], "objective": w.objective or objective.name,
-        "objective_cfg": dict(w.objective_cfg), "part": part, "step": w.step,
+        "objective_cfg": dict(objective_cfg), "part": part, "step": w.step,
         "is_hybrid": isinstance(enc.patch_embed, HybridEmbed),
         "img_size": list(enc.patch_embed.img_size), "patch_size": list(enc.patch_embed.patch_size),
         "grid_size": list(enc.patch_embed.grid_size), "num_prefix_tokens": enc.num_prefix_tokens,

@@ -126,10 +126,14 @@ def _read_safetensors(path: Path) -> Weights:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if "vitscale_model" not in meta:
         return Weights(strip_prefixes(sd), str(path), "state_dict")
-    objective_cfg = json.loads(meta["vitscale_objective_config"]) if "vitscale_objective_config" in meta else {}
+    objective_cfg = _json_dict(meta.get("vitscale_objective_config", "{}"))  # only refines the objective's defaults
     step = int(meta["step"]) if str(meta.get("step", "")).isdigit() else None
     data_cfg = _json_dict(meta.get("vitscale_data_config", "{}"))
-    return Weights(strip_prefixes(sd), str(path), "export", model_cfg=json.loads(meta["vitscale_model"]),
+    try:
+        model_cfg = json.loads(meta["vitscale_model"])  # what is built from it: checked by weights/saved_model.py
+    except (ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: its vitscale_model metadata is not JSON ({str(e)[:80]})") from None
+    return Weights(strip_prefixes(sd), str(path), "export", model_cfg=model_cfg,
                    objective=meta.get("vitscale_objective"), part=meta.get("vitscale_part"), step=step,
                    objective_cfg=objective_cfg, data_cfg=data_cfg)
 
@@ -138,7 +142,7 @@ def _json_dict(text: str) -> dict[str, Any]:
     """A metadata entry that should hold a JSON object; {} for anything else (it only refines defaults)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." thousands deep
         return {}
     return value if isinstance(value, dict) else {}
 
