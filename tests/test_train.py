@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO, ROOT, copy_run, deepspeed_cli, run_cli, train_args
+from conftest import DEMO, ROOT, assert_curves_close, copy_run, deepspeed_cli, run_cli, step_losses, train_args
 from vitscale.logging.metrics import read_metrics
 
 
@@ -208,6 +208,29 @@ def test_a_recipe_in_epochs_trains_the_derived_steps_and_saves_them(tmp_path, da
     assert (saved.train.steps, saved.train.epochs, saved.optim.warmup_steps) == (steps, None, warmup)
     assert "# train.steps=" in (tmp_path / "ep" / "config.yaml").read_text()
     assert [m["step"] for m in read_metrics(tmp_path / "ep" / "metrics.jsonl") if "loss" in m][-1] == steps
+
+
+def test_a_zero3_resume_under_another_sub_group_size_converts_and_continues_the_curve(tmp_path, data_cache):
+    """ZeRO-3 keeps one flat optimizer state per sub-group: a resume under another sub_group_size (same world, same
+    stage) died in DeepSpeed's load ('loaded state dict contains a parameter group that doesn't match'). The size
+    a checkpoint was written under is recorded; another one goes through the universal layout, and the losses are
+    the uninterrupted run's."""
+    z3 = ("engine.zero_stage=3", "train.steps=4", "train.ckpt_every=2")
+    straight = run_cli(train_args(tmp_path, "straight", data_cache, *z3,
+                                  "engine.ds_config.zero_optimization.sub_group_size=20000"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli(train_args(tmp_path, "split", data_cache, *z3, "train.steps=2",
+                               "engine.ds_config.zero_optimization.sub_group_size=20000"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["zero3_sub_group_size"] == 20000
+    second = run_cli(train_args(tmp_path, "split", data_cache, *z3,
+                                "engine.ds_config.zero_optimization.sub_group_size=50000"), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "universal layout" in second.stdout and "at step 2" in second.stdout
+    want, got = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
+    assert sorted(got) == [1, 2, 3, 4]
+    assert_curves_close([got[k] for k in (1, 2, 3, 4)], [want[k] for k in (1, 2, 3, 4)], what="sub-group resume")
 
 
 def test_resuming_an_older_checkpoint_branches_without_losing_either_history(tmp_path, data_cache, trained_run):

@@ -243,15 +243,18 @@ class CheckpointManager:
                 warnings.warn(f"skipping checkpoint {path}: {why}; trying the previous one", stacklevel=2)
         return None
 
-    def prepare(self, path: Path, world_size: int, zero_stage: int) -> bool:
+    def prepare(self, path: Path, world_size: int, zero_stage: int, sub_group_size: Optional[int] = None) -> bool:
         """Whether `path` must be resumed through DeepSpeed's universal layout, i.e. it was written at another
-        world size or ZeRO stage. If so, rank 0 converts it once into ``path/universal/`` (kept for later resumes,
-        pruned with the checkpoint). Collective: every rank calls it before the engine is built, because DeepSpeed
-        reads the universal layout only when its config says so."""
+        world size or ZeRO stage, or (ZeRO-3) another optimizer ``sub_group_size``. If so, rank 0 converts it once
+        into ``path/universal/`` (kept for later resumes, pruned with the checkpoint). Collective: every rank calls
+        it before the engine is built, because DeepSpeed reads the universal layout only when its config says so."""
         state = read_trainer_state(path)
         old_world = int(state.get("world_size", world_size))
         old_stage = int(state.get("config", {}).get("engine", {}).get("zero_stage", zero_stage))
-        if (old_world, old_stage) == (world_size, zero_stage) or old_stage == zero_stage == 0:
+        # ZeRO-3 keeps one flat optimizer state per sub-group: DeepSpeed cannot load it under another sub-group size
+        old_group = state.get("zero3_sub_group_size") if old_stage == zero_stage == 3 else None
+        regrouped = isinstance(old_group, int) and sub_group_size is not None and old_group != sub_group_size
+        if ((old_world, old_stage) == (world_size, zero_stage) and not regrouped) or old_stage == zero_stage == 0:
             return False  # same layout; or ZeRO-0, whose files hold whole copies for any world size
         if 0 in (old_stage, zero_stage):
             raise ValueError(f"{path} was written with engine.zero_stage={old_stage}; it cannot be resumed with "

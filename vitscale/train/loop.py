@@ -26,6 +26,7 @@ from vitscale.data.shards import check_labels, head_classes, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
 from vitscale.distributed.checkpoint import CheckpointManager, tag_for, write_seconds
+from vitscale.distributed.ds_config import zero3_sub_group_size
 from vitscale.distributed.ema import ModelEma
 from vitscale.distributed.env import DistEnv, detect_env
 from vitscale.errors import TrainingDiverged
@@ -73,6 +74,7 @@ class Trainer:
         self.engine: Optional[eng.Engine] = None
         self.flops_per_image = 0.0
         self.group_layout: list[int] = []  # each optimizer group's size in elements (optim.group_layout)
+        self.sub_group_size: Optional[int] = None  # ZeRO-3's (its shards' layout; saved, compared at resume)
         self.loader = None
         self.batches: Optional[Iterator[dict]] = None
         self.tracker: Optional[Tracker] = None
@@ -148,7 +150,8 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
-        universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage) if point else False
+        universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage,
+                                      self._sub_group_size()) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
         started = time.perf_counter()
         state, rank_state = load_state(self.ckpt, self.engine, point, universal, self.group_layout)
@@ -211,12 +214,20 @@ class Trainer:
             lambda r: (metrics.write(r), tracker.log(r, r["step"])), self.log, self.objective.classifies)
         self.progress = Progress(env.is_main and cfg.train.progress, cfg.train.steps, state.step, cfg.run.name)
 
+    def _ds_config(self, load_universal: bool = False) -> dict:
+        with torch.device("meta"):  # the size alone, without memory or init cost
+            sizes = eng.ModelSizes.of(self.objective.build_model(self.num_classes))
+        return eng.build_ds_config(self.cfg, self.env.world_size, load_universal=load_universal, sizes=sizes)
+
+    def _sub_group_size(self) -> Optional[int]:
+        """ZeRO-3's optimizer sub-group size (its shards are laid out by it; None at other stages)."""
+        return zero3_sub_group_size(self._ds_config()) if self.cfg.engine.zero_stage == 3 else None
+
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
         """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
         cfg = self.cfg
-        with torch.device("meta"):  # the size alone, without memory or init cost
-            sizes = eng.ModelSizes.of(self.objective.build_model(num_classes))
-        ds_config = eng.build_ds_config(cfg, self.env.world_size, load_universal=load_universal, sizes=sizes)
+        ds_config = self._ds_config(load_universal)
+        self.sub_group_size = zero3_sub_group_size(ds_config) if cfg.engine.zero_stage == 3 else None
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = self.objective.build_model(num_classes)
@@ -295,7 +306,7 @@ class Trainer:
         if state.rollbacks >= cfg.train.max_rollbacks:
             raise TrainingDiverged(f"{reason}, after {state.rollbacks} rollback(s) already (train.max_rollbacks): "
                                    "giving up; lower optim.lr (or optim.blr) or check the data")
-        universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage)
+        universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage, self._sub_group_size())
         self.engine.close()
         self.engine = None
         gc.collect()
@@ -366,7 +377,8 @@ class Trainer:
 
     def save(self, state: TrainState) -> None:
         trainer_state = {**dataclasses.asdict(state), "world_size": self.env.world_size,
-                         "config": config_to_dict(self.cfg), "param_groups": self.group_layout}
+                         "config": config_to_dict(self.cfg), "param_groups": self.group_layout,
+                         "zero3_sub_group_size": self.sub_group_size}
         rank_state = {"rng": rng_state(), "data": self.loader.state_dict(), "decode_failures": self.decode_failures,
                       **self.ema.state_dict()}
         path = self.ckpt.save(self.engine, state.step, trainer_state, rank_state)

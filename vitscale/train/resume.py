@@ -132,8 +132,10 @@ def _group_mismatch(error: Exception, path: Path) -> Optional[ConfigError]:
     if any(words in text for words in ("parameter group", "param_groups", "param group",
                                        "parameter-alignment layout does not match")):
         return ConfigError(f"checkpoint {path} holds optimizer state for other parameter groups than this run's "
-                           f"model makes ({text.splitlines()[0] if text else type(error).__name__}): start a new "
-                           f"run from its weights with model.init={path}")
+                           f"model makes ({text.splitlines()[0] if text else type(error).__name__}; under ZeRO-3 "
+                           f"also another engine.ds_config.zero_optimization.sub_group_size than it was written "
+                           f"with): resume with its settings, or start a new run from its weights with "
+                           f"model.init={path}")
     return None
 
 
