@@ -102,7 +102,9 @@ def _same_kind(path: str, ours: Any, theirs: Any) -> Any:
 DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size
 
 
-def zero3_sub_group_size(ds_config: dict) -> int:
-    """The ZeRO-3 optimizer's sub-group size in this DeepSpeed config: its checkpoint shards hold one flat state per
-    sub-group, so a checkpoint written under another size loads only through the universal layout."""
-    return int(ds_config.get("zero_optimization", {}).get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
+def zero3_sub_group_size(ds_config: dict) -> Optional[int]:
+    """The ZeRO-3 optimizer's sub-group size in this DeepSpeed config (None at other stages): its checkpoint shards
+    hold one flat state per sub-group, so a checkpoint written under another size loads only through the universal
+    layout."""
+    zero = ds_config.get("zero_optimization", {})
+    return int(zero.get("sub_group_size", DEEPSPEED_SUB_GROUP_SIZE)) if zero.get("stage") == 3 else None

@@ -25,7 +25,7 @@ from vitscale.data.resume import resume_stream_state
 from vitscale.data.shards import check_labels, head_classes, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
-from vitscale.distributed.checkpoint import CheckpointManager, tag_for, write_seconds
+from vitscale.distributed.checkpoint import CheckpointManager, tag_for
 from vitscale.distributed.ds_config import zero3_sub_group_size
 from vitscale.distributed.ema import ModelEma
 from vitscale.distributed.env import DistEnv, detect_env
@@ -37,8 +37,8 @@ from vitscale.objectives import objective_for
 from vitscale.optim import group_layout, lr_at, param_groups
 from vitscale.pixels import normalize
 from vitscale.train import model_init, validation
-from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng, start_over
-from vitscale.train.preemption import Preemption, grace_warning
+from vitscale.train.resume import ResumePoint, find_resume, load_state, seed_training_rng, settle_history
+from vitscale.train.preemption import Preemption
 from vitscale.train.state import StepOutput, TrainState, Window, rng_state
 
 class Rollback(Exception):
@@ -151,24 +151,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         # Another world size or ZeRO stage than the checkpoint's: convert it (once) before the engine exists.
         universal = self.ckpt.prepare(point.path, env.world_size, cfg.engine.zero_stage,
-                                      self._sub_group_size()) if point else False
+                                      zero3_sub_group_size(self._ds_config())) if point else False
         self.build_engine(self.num_classes, load_universal=universal)
         started = time.perf_counter()
         state, rank_state = load_state(self.ckpt, self.engine, point, universal, self.group_layout)
         if env.is_main:  # once the checkpoint has loaded: a resume that fails leaves the run's config as it was
             save_config(cfg, self.run_dir / "config.yaml", comment=self.settings.length_note)
-        if point is not None:
-            self.log(f"resumed from {point.path} at step {state.step} (loaded in "
-                     f"{time.perf_counter() - started:.1f} s)")
-            if env.is_main and (moved := self.ckpt.branch(state.step)):
-                self.warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
-                          f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
-            late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
-            for note in filter(None, [*point.notes, late]):
-                self.warn(note)
-        elif cfg.train.resume == "never" and env.is_main and (moved := start_over(self.ckpt)):
-            self.warn(f"train.resume=never starts this run over: its {len(moved)} earlier checkpoint(s) were moved "
-                      f"aside, e.g. to {moved[-1]}")
+        settle_history(self.ckpt, point, state, cfg, env.is_main, self.log, self.warn,
+                       time.perf_counter() - started)
         ema_note = self.ema.start(self.engine, point.path if point else None)
         if ema_note:
             self.log(ema_note)
@@ -219,15 +209,11 @@ class Trainer:
             sizes = eng.ModelSizes.of(self.objective.build_model(self.num_classes))
         return eng.build_ds_config(self.cfg, self.env.world_size, load_universal=load_universal, sizes=sizes)
 
-    def _sub_group_size(self) -> Optional[int]:
-        """ZeRO-3's optimizer sub-group size (its shards are laid out by it; None at other stages)."""
-        return zero3_sub_group_size(self._ds_config()) if self.cfg.engine.zero_stage == 3 else None
-
     def build_engine(self, num_classes: int, load_universal: bool = False) -> None:
         """The model, built sharded under ZeRO-3, wrapped in the DeepSpeed engine (``self.engine``)."""
         cfg = self.cfg
         ds_config = self._ds_config(load_universal)
-        self.sub_group_size = zero3_sub_group_size(ds_config) if cfg.engine.zero_stage == 3 else None
+        self.sub_group_size = zero3_sub_group_size(ds_config)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and every launch
         with eng.model_init_context(cfg, ds_config):
             model = self.objective.build_model(num_classes)
@@ -306,7 +292,8 @@ class Trainer:
         if state.rollbacks >= cfg.train.max_rollbacks:
             raise TrainingDiverged(f"{reason}, after {state.rollbacks} rollback(s) already (train.max_rollbacks): "
                                    "giving up; lower optim.lr (or optim.blr) or check the data")
-        universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage, self._sub_group_size())
+        universal = self.ckpt.prepare(path, self.env.world_size, cfg.engine.zero_stage,
+                                      zero3_sub_group_size(self._ds_config()))
         self.engine.close()
         self.engine = None
         gc.collect()

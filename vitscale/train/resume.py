@@ -6,14 +6,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from vitscale.config.load import config_to_dict
 from vitscale.config.schema import Config
-from vitscale.distributed.checkpoint import CheckpointManager, read_trainer_state
+from vitscale.distributed.checkpoint import CheckpointManager, read_trainer_state, write_seconds
 from vitscale.errors import ConfigError
+from vitscale.train.preemption import grace_warning
 from vitscale.train.state import TrainState, set_rng_state
 from vitscale.train.validation import BEST, BEST_INFO
 
@@ -100,6 +101,24 @@ def start_over(ckpt: CheckpointManager) -> list[Path]:
         if (ckpt.dir / name).is_file():
             os.replace(ckpt.dir / name, ckpt.dir / f"{name}.replaced-{stamp}")
     return moved
+
+
+def settle_history(ckpt: CheckpointManager, point: Optional[ResumePoint], state: TrainState, cfg: Config,
+                   is_main: bool, log: Callable[[str], None], warn: Callable[[str], None], seconds: float) -> None:
+    """Once the checkpoint has loaded (or a run starts over): what this launch continues, said, and the
+    checkpoints of another history of the run set aside (rank 0), so pruning and the next auto-resume see this one."""
+    if point is None:
+        if cfg.train.resume == "never" and is_main and (moved := start_over(ckpt)):
+            warn(f"train.resume=never starts this run over: its {len(moved)} earlier checkpoint(s) were moved "
+                 f"aside, e.g. to {moved[-1]}")
+        return
+    log(f"resumed from {point.path} at step {state.step} (loaded in {seconds:.1f} s)")
+    if is_main and (moved := ckpt.branch(state.step)):
+        warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
+             f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
+    late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
+    for note in filter(None, [*point.notes, late]):
+        warn(note)
 
 
 def seed_training_rng(rank_state: Optional[dict], seed: int, rank: int) -> None:
