@@ -63,34 +63,32 @@ def test_robustness_options_this_model_cannot_take_are_one_line_before_any_work(
     """A shuffle grid that does not divide the image size failed only at the patch-shuffle curve, after the CNN
     baseline had trained and the ViT's occlusion curve had run; --occlusion-grid 0 became the ViT's grid without a
     word and -2 was a traceback. Now each is refused before the images load or the baseline trains."""
-    import vitscale.eval.robust_run as robust_run
-
-    def started(*a, **k):
-        raise AssertionError("the evaluation started")
-
-    monkeypatch.setenv("VITSCALE_DEBUG", "")
-    monkeypatch.setattr(robust_run, "_eval_images", started)
-    monkeypatch.setattr(robust_run, "_models", started)
-    torch.save(_timm().state_dict(), tmp_path / "vit.pth")
-    rc, cap = _main(["eval", "robustness", str(tmp_path / "vit.pth"), *DATA, "--cache-dir", str(data_cache),
-                     "--out", str(tmp_path / "out"), *flags], capsys)
-    assert (rc, cap.err) == (2, f"vitscale: error: {line}\n")
+    rc, err = _refused_before_any_work("robustness", flags, tmp_path, data_cache, capsys, monkeypatch)
+    assert (rc, err) == (2, f"vitscale: error: {line}\n")
 
 
 def test_eval_all_checks_the_robustness_grids_before_the_probes(tmp_path, data_cache, capsys, monkeypatch):
     """`eval all` runs accuracy and the probes first: a grid the model cannot take was found after them."""
+    rc, err = _refused_before_any_work("all", ["--shuffle-grids", "5"], tmp_path, data_cache, capsys, monkeypatch)
+    assert rc == 2 and "--shuffle-grids: grid 5 does not divide the image size 32" in err, err
+
+
+def _refused_before_any_work(evaluations, flags, tmp_path, data_cache, capsys, monkeypatch):
+    """(exit code, stderr) of `vitscale eval EVALUATIONS` on a timm file, where any evaluation that starts fails."""
+    import vitscale.eval.robust_run as robust_run
     import vitscale.eval.run as eval_run
 
     def started(*a, **k):
         raise AssertionError("an evaluation started")
 
     monkeypatch.setenv("VITSCALE_DEBUG", "")
-    monkeypatch.setattr(eval_run, "_accuracy", started)
-    monkeypatch.setattr(eval_run, "_probes", started)
+    for module, name in ((robust_run, "_eval_images"), (robust_run, "_models"), (eval_run, "_accuracy"),
+                         (eval_run, "_probes")):
+        monkeypatch.setattr(module, name, started)
     torch.save(_timm().state_dict(), tmp_path / "vit.pth")
-    rc, cap = _main(["eval", "all", str(tmp_path / "vit.pth"), *DATA, "--cache-dir", str(data_cache), "--out",
-                     str(tmp_path / "out"), "--shuffle-grids", "5"], capsys)
-    assert rc == 2 and "--shuffle-grids: grid 5 does not divide the image size 32" in cap.err, cap.err
+    rc, cap = _main(["eval", evaluations, str(tmp_path / "vit.pth"), *DATA, "--cache-dir", str(data_cache),
+                     "--out", str(tmp_path / "out"), *flags], capsys)
+    return rc, cap.err
 
 
 def test_model_dependent_robustness_checks_only_the_curves_requested():
