@@ -75,7 +75,8 @@ def _train(root: Path, cache: Path, steps: int):
     return [json.loads(line) for line in (root / "rot" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_third_objective_in_one_file_trains_resumes_exports_probes_and_plans(tmp_path, data_cache):
+def test_a_third_objective_in_one_file_trains_resumes_exports_probes_and_plans(tmp_path, data_cache, monkeypatch):
+    monkeypatch.delenv("VITSCALE_OBJECTIVES", raising=False)  # an earlier test's config may have trusted one here
     # train: 4 steps, checkpoints at 2 and 4; the objective's own metric is logged
     first = _train(tmp_path, data_cache, 4)
     steps = [r for r in first if "train/rot_acc" in r]
