@@ -193,11 +193,19 @@ def _left_in_epoch(epoch: int, plan: EpochPlan, slots: int, positions: list[dict
     return sorted(left)
 
 
+# Epochs between the slowest and the fastest reader slot of one saved state: slots read at one batch rate, so they
+# differ by a few epochs (more only for tiny shard sets read for thousands of epochs). An elastic resume builds a
+# plan for every epoch between them: a damaged state claiming epochs 0 and 10^12 would never finish.
+MAX_EPOCH_SPAN = 10_000
+
+
 def elastic_plans(order: Order, old_cut: Cut, old_plans: dict, old_positions: list[dict]) -> tuple[int, dict]:
     """From every old slot's position (slot order), the epoch new slots start in and the plans of the epochs in
     progress, holding exactly what no old slot read (cut as the old layout cut them)."""
     first = min(p["epoch"] for p in old_positions)
     last = max(p["epoch"] for p in old_positions)
+    if last - first > MAX_EPOCH_SPAN:  # the readers check states first (data.resume); this guards other callers
+        raise ValueError(f"saved reader positions span epochs {first}..{last}, more than {MAX_EPOCH_SPAN} apart")
     plans = {}
     for e in range(first, last + 1):
         plan = old_plans.get(e) or default_plan(order, old_cut)

@@ -26,9 +26,9 @@ from typing import Any, Optional
 import torch
 
 from vitscale import faults
+from vitscale.data.resume import read_rank_state
 from vitscale.distributed import engine as eng
 from vitscale.distributed.conversion import check_room_to_convert, conversion_workers
-from vitscale.distributed.safeload import safe_load
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
@@ -300,9 +300,9 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state: Optional[dict[str, Any]] = None
         if rank_file.is_file():
-            rank_state = _load_plain(rank_file)
+            rank_state = read_rank_state(rank_file)  # safe_load, then checked: a damaged state is one line
         elif (path / "rank_00000.pt").is_file():
-            data = _load_plain(path / "rank_00000.pt").get("data")
+            data = read_rank_state(path / "rank_00000.pt").get("data")
             rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
 
@@ -321,12 +321,6 @@ def checkpoint_bytes(path: Path) -> int:
 def _current_universal(target: Path) -> bool:
     """TARGET is a complete universal conversion in today's layout (every ZeRO stage 1-3 reads it)."""
     return read_marker(target).get("layout") == LAYOUT_VERSION
-
-
-def _load_plain(path: Path) -> dict:
-    """Our own per-rank files hold only tensors and plain containers: load them without running any pickled
-    code, and refuse, with one line, a file that would need more."""
-    return safe_load(path)
 
 
 def _latest_in(path: Path) -> Optional[Path]:
