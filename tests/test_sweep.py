@@ -314,3 +314,49 @@ def test_a_folder_from_before_records_is_not_compared_on_what_training_resolved(
     validate_cells(plan, changed)
     with pytest.raises(SweepError, match=r"optim.warmup_steps 30 -> 7"):  # set by this command: compared
         check_recorded(plan, changed)
+
+
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdefg", "bcdefgh")) + "i: {x: *h}\n"
+
+
+@pytest.mark.parametrize("record, config_yaml", ids=range(9), argvalues=[
+    ("[1, 2]", None), ('"ok"', None), ("[" * 100_000, None), (b'{"status": "ok"\xff}', None), ("", None),
+    ('{"status": "ok", "settings": [1]}', ALIAS_BOMB), ("null", "a: " + "[" * 5000),
+    ("[1]", "a:\n" + "".join(" " * (i + 1) + f"k{i}:\n" for i in range(5000))), ("[1]", b"a: \xff\n")])
+def test_damaged_cell_records_are_no_record_said_once(tmp_path, capsys, monkeypatch, record, config_yaml):
+    from vitscale.sweep import runner
+    from vitscale.sweep.runner import RESULT, SweepPlan, cell_dir, load_result
+    from vitscale.sweep.settings import check_recorded, recorded_settings
+
+    monkeypatch.setattr(runner, "_NOTED", set())  # once per process: this test's files are new to it
+
+    plan = SweepPlan(config=DEMO, out=tmp_path / "sw")
+    cell = expand_grid([("optim.lr", ["1e-3"])], [], [0])[0]
+    folder = cell_dir(plan, cell)
+    folder.mkdir(parents=True)
+    for name, text in ((RESULT, record), ("config.yaml", config_yaml)):
+        if text is not None:
+            (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    plan.settings[cell.name] = {"optim.lr": 0.001}
+    start = time.time()
+    # before: AttributeError, RecursionError, UnicodeDecodeError, or a YAML alias bomb flattened for minutes
+    assert recorded_settings(plan, cell, plan.settings[cell.name]) is None
+    check_recorded(plan, [cell])
+    assert load_result(plan, cell) in (None, {"status": "ok", "settings": [1]}) and time.time() - start < 10
+    lines = capsys.readouterr().err.splitlines()  # said once per file, though each file was read three times
+    assert lines and len(lines) == len(set(lines)) and len(lines) <= 2
+    assert all(str(folder) in ln and "taken as no record" in ln and len(ln) < 600 for ln in lines)
+
+
+@pytest.mark.parametrize("doc", ids=range(5), argvalues=["[1]", "[" * 100_000, "{", '{"results": [1]}',
+                                                         '{"results": {"trained": [1, 2]}}'])
+def test_a_damaged_eval_result_is_no_metrics_naming_the_file(tmp_path, capsys, doc):
+    from vitscale.sweep.runner import SweepPlan, cell_metrics
+
+    folder = tmp_path / "cell"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "linear.json").write_text(doc)
+    assert cell_metrics(SweepPlan(config=DEMO, out=tmp_path, evals=["linear"]), folder) == {}
+    err = capsys.readouterr().err
+    assert err == "" or ("linear.json" in err and err.count("\n") == 1)

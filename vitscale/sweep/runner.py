@@ -15,6 +15,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,12 +72,32 @@ def train_overrides(plan: SweepPlan, cell: Cell) -> list[str]:
     return [*_quiet(overrides), *overrides, f"run.dir={plan.cells_dir}", f"run.name={cell.name}"]
 
 
-def load_result(plan: SweepPlan, cell: Cell) -> Optional[dict]:
-    path = cell_dir(plan, cell) / RESULT
+def read_record(path: Path) -> Optional[dict]:
+    """A JSON object a cell's folder holds (``sweep_cell.json``, an eval result), or None when there is none. One
+    that is damaged (not UTF-8, not JSON, nested past Python's stack, not an object: a kill mid-write, an edit) is
+    no record too, said once per file: it must not stop a sweep of many cells at its start."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSON errors are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        return note_no_record(path, why)
+    return record if isinstance(record, dict) else note_no_record(path, f"a JSON {type(record).__name__}")
+
+
+_NOTED: set = set()
+
+
+def note_no_record(path: Path, why: str) -> None:
+    """Say once (per file, per process) that a damaged file is taken as no record; returns None, as for none."""
+    if str(path) not in _NOTED:
+        _NOTED.add(str(path))
+        print(f"sweep: warning: {path} is unreadable ({why[:160]}): taken as no record", file=sys.stderr)
+
+
+def load_result(plan: SweepPlan, cell: Cell) -> Optional[dict]:
+    return read_record(cell_dir(plan, cell) / RESULT)
 
 
 def run_cells(plan: SweepPlan, cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[dict]:
@@ -134,9 +155,9 @@ def cell_metrics(plan: SweepPlan, folder: Path) -> dict:
     """A cell's numbers from its files: the training's final ones, each requested evaluation's, the fine-tuning's."""
     metrics = training_metrics(folder / "metrics.jsonl")
     for name in plan.evals:
-        path = folder / "eval" / f"{name}.json"
-        if name != FINETUNE and path.is_file():
-            metrics.update(eval_metrics(json.loads(path.read_text())))
+        doc = read_record(folder / "eval" / f"{name}.json") if name != FINETUNE else None
+        if doc is not None:
+            metrics.update(eval_metrics(doc))
     if FINETUNE in plan.evals:
         done = training_metrics(folder / FINETUNE / "metrics.jsonl")
         metrics.update({f"{FINETUNE}/{k}": v for k, v in done.items() if k in FINETUNE_METRICS})

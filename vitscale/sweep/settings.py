@@ -15,10 +15,12 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from vitscale.config.load import _check_nesting as check_nesting  # the limits every config file is read within
+from vitscale.config.load import _check_size as check_size
 from vitscale.config.load import config_to_dict, load_config
 from vitscale.config.schema import Config
 from vitscale.sweep.grid import Cell, SweepError
-from vitscale.sweep.runner import FINETUNE, SweepPlan, cell_dir, load_result
+from vitscale.sweep.runner import FINETUNE, SweepPlan, cell_dir, load_result, note_no_record
 
 # Where the run lives and how it shows its progress, not what it computes (--out may be spelled another way on a
 # relaunch, and wandb may be switched off for it).
@@ -78,14 +80,26 @@ def recorded_settings(plan: SweepPlan, cell: Cell, new: dict[str, Any]) -> Optio
         return done["settings"]
     path = cell_dir(plan, cell) / "config.yaml"
     try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        flat = _config_yaml(path)
+    except FileNotFoundError:
         return None
-    if not isinstance(tree, dict):
-        return None
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:  # ConfigError is a ValueError
+        return note_no_record(path, "nested too deeply" if isinstance(e, RecursionError) else str(e))
+    if flat is None:
+        return note_no_record(path, "not a mapping of sections")
     derived = {k for k, source in RESOLVED_IN_CONFIG_YAML.items()
                if source is None or new.get(k) is None or new.get(source) is not None}
-    return _plain({k: v for k, v in flatten(tree).items() if k not in NOT_SETTINGS and k not in derived})
+    return _plain({k: v for k, v in flat.items() if k not in NOT_SETTINGS and k not in derived})
+
+
+def _config_yaml(path: Path) -> Optional[dict[str, Any]]:
+    """A run's config.yaml flattened, or None when it is not a mapping; read within the limits a config file has
+    (a cell's folder is anyone's: an alias bomb flattened for minutes, "[[[..." deep cost PyYAML seconds)."""
+    text = path.read_bytes().decode("utf-8")
+    check_nesting(text, "it")  # the message names the file already
+    tree = yaml.safe_load(text)
+    check_size(tree, "it")
+    return flatten(tree) if isinstance(tree, dict) else None
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
