@@ -481,6 +481,23 @@ def test_make_shards_that_would_write_no_image_is_a_one_line_error(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, raw, why", [
+    ("list.jsonl", b'{"path": 5, "label": 1}\n', r"list.jsonl:1: expected a JSON object with 'path'"),
+    ("list.jsonl", b'["a.png"]\n', r"list.jsonl:1: expected a JSON object with 'path'"),
+    ("list.jsonl", b"[" * 100_000 + b"\n", r"list.jsonl:1: expected a JSON object with 'path'"),
+    ("list.jsonl", b'{"path": "\xff.png"}\n', r"list.jsonl is not UTF-8 text \(byte 0xff at position 10\)"),
+    ("list.csv", b"path,label\n\xff.png,1\n", r"list.csv is not UTF-8 text \(byte 0xff at position 11\)")],
+    ids=["path-int", "row-list", "deep", "jsonl-not-utf8", "csv-not-utf8"])
+def test_make_shards_refuses_a_damaged_list_file_in_one_line_naming_it(tmp_path, name, raw, why):
+    """Before: TypeError ({"path": 5}), RecursionError, or 'utf-8' codec can't decode naming no file."""
+    from vitscale.data.make_shards import make_shards
+
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(ValueError, match=why) as err:
+        make_shards(tmp_path / name, tmp_path / "out", maxcount=5, workers=1)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_make_shards_resumes_an_interrupted_conversion(tmp_path, digits_png, monkeypatch):
     import vitscale.data.make_shards as ms
 

@@ -64,18 +64,24 @@ def _labels(raw: list) -> tuple[list[Optional[int]], Optional[list[str]]]:
 
 def _list_file(src: Path) -> tuple[list[tuple[str, Optional[int]]], Optional[list[str]]]:
     paths, raw = [], []
+    raw_bytes = src.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:  # the codec's own message names no file
+        raise ValueError(f"{src} is not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at position {e.start})") from None
     if src.suffix.lower() == ".jsonl":
-        for n, line in enumerate(src.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
+                    if not isinstance(row["path"], str):  # {"path": 5} failed later as a TypeError
+                        raise TypeError
                     paths.append(row["path"])
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, IndexError, RecursionError):
                     raise ValueError(f"{src}:{n}: expected a JSON object with 'path' (and 'label')") from None
                 raw.append(row.get("label"))
     else:
-        with open(src, newline="") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
         if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
             rows = rows[1:]
         for r in rows:
