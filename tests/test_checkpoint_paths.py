@@ -44,3 +44,17 @@ def test_the_same_checkpoint_set_aside_twice_in_a_second_keeps_both(tmp_path, mo
     second = manager._set_aside(_complete(tmp_path / "step_00000004", size=5), warn=False)
     assert (first.name, second.name) == ("step_00000004.replaced-1765000000", "step_00000004.replaced-1765000000-2")
     assert [os.path.getsize(p / "mp_rank_00_model_states.pt") for p in (first, second)] == [3, 5]
+
+
+@pytest.mark.parametrize("latest", [b"s" * 300 + b"\n", b"step_0000\xff\n"], ids=["too-long", "not-utf8"])
+def test_a_damaged_latest_file_is_warned_about_naming_it_and_the_newest_checkpoint_used(tmp_path, latest):
+    """A 300-character latest was an OSError (File name too long) traceback from is_complete, a non-UTF-8 byte a
+    UnicodeDecodeError naming no file."""
+    run = tmp_path / "run"
+    ten = _complete(run / "checkpoints" / "step_00000010")
+    (run / "checkpoints" / "latest").write_bytes(latest)
+    with pytest.warns(UserWarning, match=r"checkpoints/latest is unreadable \(.*\): looking for the newest"):
+        assert resolve_checkpoint(run) == ten
+    (ten / "COMPLETE").unlink()  # nothing complete left: one line, still no traceback
+    with pytest.warns(UserWarning, match="latest is unreadable"), pytest.raises(FileNotFoundError):
+        resolve_checkpoint(run)

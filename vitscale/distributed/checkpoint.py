@@ -324,10 +324,21 @@ def _current_universal(target: Path) -> bool:
 
 
 def _latest_in(path: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names in a checkpoints/ folder PATH or a run folder PATH, if it has one."""
+    """The checkpoint ``latest`` names in a checkpoints/ folder PATH or a run folder PATH, if it has one. A damaged
+    ``latest`` (not UTF-8, or a name the filesystem refuses: too long) is warned about, naming it, and taken as
+    absent: the newest complete checkpoint is used, as for a run copied without it."""
     for base in (path, path / "checkpoints"):
-        if (base / "latest").is_file():
-            return base / (base / "latest").read_text().strip()
+        marker = base / "latest"
+        if marker.is_file():
+            try:
+                named = base / marker.read_bytes().decode("utf-8").strip()
+                named.is_dir()  # ENAMETOOLONG and kin show here, not later inside is_complete
+            except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+                why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+                warnings.warn(f"{marker} is unreadable ({why}): looking for the newest complete checkpoint instead",
+                              stacklevel=3)
+                return None
+            return named
     return None
 
 
