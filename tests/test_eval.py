@@ -24,7 +24,7 @@ from vitscale.eval.corruptions import CORRUPTIONS, corrupt
 from vitscale.eval.features import FeatureSet, reinit_
 from vitscale.eval.probes import fewshot_eval, knn_predict, linear_probe, ridge_fit, ridge_predict
 from vitscale.eval.robustness import occlude_box, occlude_patches, shuffle_patches
-from vitscale.eval.run import parse_evaluations
+from vitscale.eval.names import parse_evaluations
 from vitscale.models import create_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

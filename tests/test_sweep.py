@@ -102,6 +102,26 @@ def test_finetune_eval_needs_a_loadable_config_and_owns_init(tmp_path):
     assert len(cells) == 2 and p.finetune_config == DEMO and p.finetune_overrides == ["train.steps=3"]
 
 
+def test_eval_names_timeout_and_quoted_commas_are_settled_before_any_cell_trains(tmp_path):
+    """A misspelt --eval failed in every cell after its training; an alias (probes) ran but its results were looked
+    for as probes.json and never found; --timeout -1 was taken; a quoted comma split one value into two cells."""
+    from vitscale.sweep.run import SweepOptions, plan_sweep
+
+    def plan(grid=("model.depth=1,2",), **kw):
+        return plan_sweep(SweepOptions(config=DEMO, grid=list(grid), out=str(tmp_path), **kw))
+
+    with pytest.raises(SweepError, match="--eval: unknown evaluation 'lienar'; did you mean linear"):
+        plan(evals=["lienar"])
+    assert plan(evals=["probes", "finetune"], finetune_config=DEMO)[1].evals == ["linear", "knn", "fewshot",
+                                                                                "finetune"]
+    with pytest.raises(SweepError, match="--timeout must be > 0 seconds, got -1"):
+        plan(timeout_s=-1.0)
+    cells, _ = plan(grid=['model.freeze="patch_embed,blocks.0"', "model.depth=1,2"])
+    assert len(cells) == 2 and cells[0].overrides()[0] == 'model.freeze="patch_embed,blocks.0"'
+    axes, _ = parse_axes(["model.freeze='patch_embed,blocks.0',head"])
+    assert axes == [("model.freeze", ["'patch_embed,blocks.0'", "head"])]
+
+
 @pytest.mark.slow
 def test_sweep_finetunes_each_cell_from_its_own_run(tmp_path, data_cache):
     out = tmp_path / "sw"

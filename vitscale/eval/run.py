@@ -8,7 +8,6 @@ process writes files and prints; every process computes (features are gathered, 
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,18 +19,14 @@ from vitscale.eval import plots
 from vitscale.eval.classify import evaluate_classifier, require_classifier
 from vitscale.eval.features import (check_labels, data_specs, extract_features, load_encoder, make_accelerator,
     reinit_, resolve_data)
+from vitscale.eval.names import PROBES, parse_evaluations
 from vitscale.eval.probes import RIDGE_REG, check_k, fewshot_eval, knn_eval, linear_probe
 from vitscale.eval.robust_run import run_robustness
 from vitscale.eval.robustness import RobustnessConfig, check_image_size
 from vitscale.objectives import objective_class
 from vitscale.weights.outfile import check_folder_path
 
-EVALUATIONS = ("accuracy", "linear", "knn", "fewshot", "robustness")
-# Fine-tuning is a mode of `vitscale train` (one training loop: ZeRO, resume, validation, augmentation).
-FINETUNE_HINT = ("fine-tuning runs through `vitscale train`: vitscale train --config configs/demo_finetune.yaml "
-                 "model.init=CKPT (recipes and options: docs/finetune.md)")
-ALIASES = {"probes": ("linear", "knn", "fewshot"), "all": EVALUATIONS}
-PROBES = ("linear", "knn", "fewshot")
+__all__ = ["EvalOptions", "parse_evaluations", "run_eval"]  # parse_evaluations lives in eval/names.py
 
 
 @dataclass
@@ -70,30 +65,6 @@ class EvalOptions:
     baseline_batch_size: Optional[int] = None
     baseline_width: Optional[int] = None  # None: sized to the ViT's parameter count
     baseline_lr: float = 2e-3
-
-
-def parse_evaluations(spec: str) -> list[str]:
-    """"linear,knn" -> ["linear", "knn"]; aliases expand; unknown names are a one-line ValueError."""
-    names: list[str] = []
-    for raw in str(spec).split(","):
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name == "finetune":
-            raise ValueError(FINETUNE_HINT)
-        if name in ALIASES:
-            names.extend(n for n in ALIASES[name] if n not in names)
-        elif name in EVALUATIONS:
-            if name not in names:
-                names.append(name)
-        else:
-            close = difflib.get_close_matches(name, list(EVALUATIONS) + list(ALIASES), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ValueError(f"unknown evaluation {name!r}{hint} (choose from {', '.join(EVALUATIONS)}, "
-                             f"or probes / all)")
-    if not names:
-        raise ValueError("no evaluation named (e.g. linear,knn,fewshot)")
-    return [n for n in EVALUATIONS if n in names]  # a fixed order
 
 
 def _model_summary(info: dict) -> dict:

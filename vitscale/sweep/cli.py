@@ -15,6 +15,7 @@ examples:
       --seeds 2 --eval linear,knn,finetune --eval-data demo:digits \\
       --finetune-config configs/demo_finetune.yaml --finetune-set train.steps=200 --out sweeps/mask --jobs 2
 A KEY with one value is applied to every cell; a KEY with several (comma-separated) is an axis of the grid.
+Quote a value that holds a comma: 'model.freeze="patch_embed,blocks.0"' is one value.
 Run the same command again to resume: finished cells are kept, failed or unfinished ones run (again). A relaunch
 into the same OUT with other settings for its cells (shared overrides, base config, evals) is refused: use a new OUT.
 --shard K/N runs every N-th cell (for N machines or processes sharing OUT); any of them can print the table."""

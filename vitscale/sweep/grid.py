@@ -83,11 +83,16 @@ def parse_axes(items: Sequence[str]) -> tuple[list[tuple[str, list[str]]], list[
 
 
 def _split_values(text: str) -> list[str]:
-    values, depth, current = [], 0, ""
+    """Axis values: split at commas outside brackets and quotes ('model.freeze="patch_embed,blocks.0"' is one
+    value, which YAML then reads without its quotes)."""
+    values, depth, current, quote = [], 0, "", ""
     for ch in text:
-        depth += ch in "{[("
-        depth -= ch in "}])"
-        if ch == "," and depth == 0:
+        if ch in "\"'" and (not quote or ch == quote):
+            quote = "" if quote else ch
+        if not quote:
+            depth += ch in "{[("
+            depth -= ch in "}])"
+        if ch == "," and depth == 0 and not quote:
             values.append(current)
             current = ""
         else:

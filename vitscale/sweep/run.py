@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from vitscale.config.load import load_config
 from vitscale.errors import VitscaleError
+from vitscale.eval.names import parse_evaluations
 from vitscale.sweep.grid import Cell, SweepError, expand_grid, parse_axes
 from vitscale.sweep.report import summarize, write_report
 from vitscale.sweep.runner import FINETUNE, SweepPlan, finetune_overrides, load_result, run_cells, train_overrides
@@ -72,6 +73,9 @@ def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
         raise SweepError(f"--seeds must be >= 1, got {opts.seeds}")
     if opts.jobs < 1:
         raise SweepError(f"--jobs must be >= 1, got {opts.jobs}")
+    if opts.timeout_s is not None and not opts.timeout_s > 0:
+        raise SweepError(f"--timeout must be > 0 seconds, got {opts.timeout_s}")
+    evals = eval_names(opts.evals)
     axes, fixed = parse_axes(opts.grid)
     for item in fixed + [k for k, _ in axes]:
         key = item.partition("=")[0]
@@ -81,11 +85,22 @@ def plan_sweep(opts: SweepOptions) -> tuple[list[Cell], SweepPlan]:
     seeds = [base.run.seed + i for i in range(opts.seeds)]
     out = Path(opts.out) if opts.out else Path(base.run.dir) / f"sweep-{Path(opts.config).stem}"
     check_finetune(opts)
-    plan = SweepPlan(config=opts.config, out=out, evals=opts.evals, eval_data=opts.eval_data,
+    plan = SweepPlan(config=opts.config, out=out, evals=evals, eval_data=opts.eval_data,
                      eval_val_data=opts.eval_val_data,
                      finetune_config=opts.finetune_config, finetune_overrides=list(opts.finetune_overrides),
                      jobs=opts.jobs, timeout_s=opts.timeout_s, extra_env=dict(opts.extra_env))
     return expand_grid(axes, fixed, seeds), plan
+
+
+def eval_names(evals: Sequence[str]) -> list[str]:
+    """--eval's names, aliases expanded (each cell's results are read by name: eval/linear.json, ...), checked
+    before any cell trains: a misspelt one failed in every cell, after its training."""
+    plain = [e for e in evals if e.strip().lower() != FINETUNE]
+    try:
+        names = parse_evaluations(",".join(plain)) if plain else []
+    except ValueError as e:
+        raise SweepError(f"--eval: {e}") from None
+    return names + ([FINETUNE] if len(plain) < len(evals) else [])
 
 
 def check_finetune(opts: SweepOptions) -> None:
