@@ -119,10 +119,14 @@ def test_the_loading_banner_is_printed_by_the_first_process_only(var, tmp_path, 
     (["bench", "--what", "data", "data.batch_size=8", "--images", "16"], "need --config"),
     (["eval", "accuracy", "x", "--batch-size", "0"], "--batch-size: must be at least 1"),
     (["eval", "fewshot", "x", "--fewshot-seeds", "0"], "--fewshot-seeds: must be at least 1"),
+    (["check-shards", "x.tar", "--config", "configs/demo.yaml"], "SPEC and --config exclude each other"),
+    (["check-shards", "--config", "configs/demo.yaml", "--label-key", "txt"], "--label-key and --config exclude"),
+    (["check-shards", "x.tar", "--set", "data.label_key=txt"], "--set overrides a --config"),
 ])
 def test_flags_that_could_not_work_are_one_line(argv, words, capsys, monkeypatch):
     """plan --gpus 0 divided by zero (a traceback); bench's overrides without --config were dropped without a word;
-    eval --batch-size 0 put a whole split in one batch."""
+    eval --batch-size 0 put a whole split in one batch; check-shards --config dropped a SPEC, --label-key or
+    --cache-dir given beside it (and --set without it) without a word."""
     monkeypatch.chdir(ROOT)
     try:
         code = main(argv)

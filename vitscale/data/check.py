@@ -206,13 +206,21 @@ def print_report(report: dict, spec: str) -> None:
 
 
 def _what(args) -> tuple:
-    """(train_shards, label_key, cache_dir): the SPEC argument, or a config's data section (--config)."""
+    """(train_shards, label_key, cache_dir): the SPEC argument, or a config's data section (--config); a flag that
+    the other way says would be dropped without a word is refused."""
     if args.config:
+        given = [f for f, v in (("SPEC", args.spec), ("--label-key", args.label_key), ("--cache-dir", args.cache_dir))
+                 if v is not None]
+        if given:
+            raise ValueError(f"check-shards: {', '.join(given)} and --config exclude each other (the config's data "
+                             f"section says them: override it with --set data.KEY=VALUE)")
         d = load_config(args.config, args.set or []).data
         return d.train_shards, d.label_key, d.cache_dir
+    if args.set:
+        raise ValueError("check-shards: --set overrides a --config; without one, give the shard spec and flags")
     if not args.spec:
         raise ValueError("check-shards: give a shard spec or --config FILE")
-    return args.spec, args.label_key, args.cache_dir
+    return args.spec, args.label_key or "cls", args.cache_dir or "data_cache"
 
 
 def main(args) -> int:

@@ -19,11 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", default=None, help="check a config's data.train_shards (every source of a mix), "
                                                   "with its data.label_key and data.cache_dir")
     c.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="overrides of --config")
-    c.add_argument("--label-key", default="cls", help="cls, txt or json:FIELD (as data.label_key)")
+    c.add_argument("--label-key", default=None, help="cls, txt or json:FIELD (as data.label_key; default cls)")
     c.add_argument("--num-classes", type=int, default=0, help="flag labels outside 0..N-1 and missing labels")
     c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: data.max_pixels' default)")
     c.add_argument("--decode", action="store_true", help="decode every image (default: read headers only)")
     c.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    c.add_argument("--cache-dir", default="data_cache", help="where demo: shards are built")
+    c.add_argument("--cache-dir", default=None, help="where demo: shards are built (default data_cache)")
     c.add_argument("--json", default=None, help="also write the report as JSON to this file")
     c.set_defaults(func=_check_shards)
