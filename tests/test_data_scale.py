@@ -377,5 +377,8 @@ def test_check_shards_reports_what_would_hurt_training(tmp_path, digits, class_s
     assert "labels outside 0..9" in text and "1 sample(s) without a label" in text and "truncated" in text
     r = run_cli(["check-shards", str(tmp_path / "list.txt"), "--num-classes", "10", "--workers", "1"], cwd=tmp_path)
     assert r.returncode == 1 and "problem: " in r.stdout
+    (tmp_path / "binary.txt").write_bytes(b"a.tar\n\xff\xfe\n")  # a binary file given as a list: named, one line
+    with pytest.raises(ValueError, match=r"shard list .*binary.txt is not UTF-8 text \(byte at position 6\)"):
+        check_shards(str(tmp_path / "binary.txt"), workers=1)
     sorted_report = check_shards(class_sorted[0].replace("c0-", "c{0..9}-"), workers=2)
     assert any("class-sorted" in p for p in sorted_report["problems"])

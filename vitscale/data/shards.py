@@ -212,7 +212,12 @@ def resolve_shards(spec: str, cache_dir: str = "data_cache") -> ShardSet:
     if path.name.endswith(TAR_SUFFIXES):  # one shard (also gzip-compressed), not a list of urls
         return _with_manifest_info([str(path)])
     urls = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:  # a binary file given as a list: name it, not only the codec
+        raise ValueError(f"shard list {path} is not UTF-8 text (byte at position {e.start}): a list file holds one "
+                         f"shard url or pattern per line") from None
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -140,12 +140,6 @@ class PeriodicValidation:
         self.pending = None
 
 
-def best_tag(ckpt_dir: Path) -> Optional[str]:
-    """The tag ``checkpoints/best`` points at (kept by pruning), or None."""
-    path = Path(ckpt_dir) / BEST
-    return path.read_text().strip() if path.is_file() else None
-
-
 def read_best(path: Path, metric: str, warn: Callable[[str], None]) -> float:
     """The best ``metric`` that ``best.json`` records, or -1.0 (none yet). A damaged file (cut short by a full disk,
     edited by hand, copied from elsewhere) must not stop a resume: it is warned about, naming it, and counts as no
