@@ -82,13 +82,17 @@ def test_training_crops_use_the_runs_interpolation(tmp_path, reduced_decode):
     assert diff.max() >= 10 and diff.mean() < 6, (float(diff.max()), float(diff.mean()))
 
 
-def _fake_run(root, data_cfg):
+def _fake_run(root, data_cfg, **model_options):
     """A ZeRO-0 run directory as the trainer writes it, whose data section is DATA_CFG."""
-    model = create_model("vit_micro_patch4", img_size=32, num_classes=10)
+    torch.manual_seed(0)
+    model = create_model("vit_micro_patch4", img_size=32, num_classes=10, **model_options)
+    with torch.no_grad():  # away from the init: a misread option shows in the outputs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
     ck = root / "checkpoints" / "step_00000003"
     ck.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, ck / "mp_rank_00_model_states.pt")
-    cfg = {"model": {"name": "vit_micro_patch4", "img_size": 32, "num_classes": 10},
+    cfg = {"model": {"name": "vit_micro_patch4", "img_size": 32, "num_classes": 10, **model_options},
            "objective": {"name": "supervised"}, "data": data_cfg}
     (ck / "trainer_state.json").write_text(json.dumps({"step": 3, "config": cfg}))
     (ck / "COMPLETE").write_text(json.dumps({"step": 3, "files": {p.name: p.stat().st_size for p in ck.iterdir()}}))
@@ -150,3 +154,40 @@ def test_a_timm_hub_folder_loads_without_model_and_evaluates_as_its_config_says(
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (model(x) - theirs(x)).abs().max() <= 1e-5
+
+
+def test_a_timm_folder_keeps_the_pooling_its_config_json_states(tmp_path):
+    """[CLS] + average pooling without fc_norm has the keys of [CLS] pooling: the folder loaded as token pooling
+    (logits 2.5 off) although config.json's model_args said avg."""
+    from vitscale.cli import main
+
+    run = _fake_run(tmp_path / "run", {}, global_pool="avg", fc_norm=False)
+    assert main(["export", str(run), str(tmp_path / "timm"), "--timm"]) == 0
+    trained, _ = load_model(run)
+    folder, info = load_model(tmp_path / "timm")
+    assert (folder.global_pool, info["num_classes"]) == ("avg", 10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (folder(x) - trained(x)).abs().max() <= 1e-5
+
+
+def test_a_resume_that_changes_how_images_are_made_says_so(tmp_path):
+    """A run written before data.interpolation existed (bilinear) relaunched with a recipe that now says bicubic
+    switched mid-run without a word."""
+    from conftest import DEMO
+    from vitscale.config.load import config_to_dict, load_config
+    from vitscale.distributed.checkpoint import CheckpointManager
+    from vitscale.train.resume import find_resume
+
+    old = config_to_dict(load_config(DEMO))
+    del old["data"]["interpolation"]  # as written before the key existed
+    ck = tmp_path / "checkpoints" / "step_00000004"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 4, "config": old}))
+    (ck / "COMPLETE").write_text(json.dumps({"step": 4, "files": {"trainer_state.json":
+                                                                  (ck / "trainer_state.json").stat().st_size}}))
+    point = find_resume(CheckpointManager(tmp_path / "checkpoints", 0, 2),
+                        load_config(DEMO, ["data.interpolation=bicubic"]))
+    assert point.notes == ["resuming with other image settings than the checkpoint's (data.interpolation='bilinear' "
+                           "there, 'bicubic' here): this config's apply from step 5"]
+    assert find_resume(CheckpointManager(tmp_path / "checkpoints", 0, 2), load_config(DEMO)).notes == []

@@ -2,6 +2,7 @@
 built from them: the record says how large a network to build, only the tensors beside it are real. Depth 10**7
 built blocks for hours; widths of the wrong type, heads of 0 or a record that is a list were tracebacks."""
 import json
+import re
 import time
 
 import pytest
@@ -13,11 +14,11 @@ from vitscale.weights import WeightsError, load_model
 RECORD = {"name": "vit_micro_patch4", "img_size": 32, "num_classes": 10}
 
 
-def _export(path, model_record, objective_record='{"name": "supervised"}', objective="supervised"):
+def _export(path, model_record, objective_record='{"name": "supervised"}', objective="supervised", data_record="{}"):
     model = create_model("vit_micro_patch4", img_size=32, num_classes=10)
     meta = {"vitscale_model": model_record if isinstance(model_record, str) else json.dumps(model_record),
             "vitscale_objective": objective, "vitscale_objective_config": objective_record,
-            "vitscale_part": "full", "step": "3"}
+            "vitscale_part": "full", "step": "3", "vitscale_data_config": data_record}
     save_file(model.state_dict(), str(path), metadata=meta)
     return path
 
@@ -61,3 +62,14 @@ def test_a_good_record_with_keys_of_a_newer_version_still_loads(tmp_path):
     reference = create_model("vit_micro_patch4", img_size=32, num_classes=10)
     assert info["name"] == "vit_micro_patch4" and (info["depth"], info["embed_dim"]) == (reference.depth,
                                                                                           reference.embed_dim)
+
+
+@pytest.mark.parametrize("data, words", [('{"eval_crop_pct": 0}', "eval_crop_pct=0, not a number in (0, 1]"),
+                                         ('{"eval_crop_pct": null}', "eval_crop_pct=None"),
+                                         ('{"interpolation": "nearest"}', "interpolation='nearest', not one of")])
+def test_held_out_image_settings_a_file_carries_are_checked(tmp_path, data, words):
+    """eval_crop_pct 0 or interpolation 'nearest' in an export failed every held-out image ('no samples read');
+    null was a TypeError."""
+    path = _export(tmp_path / "m.safetensors", RECORD, data_record=data)
+    with pytest.raises(WeightsError, match=f"m.safetensors: its data record has {re.escape(words)}"):
+        load_model(path)

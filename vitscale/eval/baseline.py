@@ -72,6 +72,7 @@ class BaselineConfig:
     warmup_steps: int = 30
     label_smoothing: float = 0.1
     crop_min_scale: float = 0.6
+    interpolation: str = "bilinear"  # of its crops: the ViT run's data.interpolation
     width: int = 64
     seed: int = 0
     num_workers: int = 0
@@ -144,7 +145,7 @@ def train_baseline(train_shards: ShardSet, num_classes: int, img_size: int, cfg:
     batches = _labelled(build_train_loader(train_shards.urls, batch_size=cfg.batch_size, img_size=img_size,
                                            seed=cfg.seed, rank=accelerator.process_index,
                                            world_size=accelerator.num_processes, num_workers=cfg.num_workers,
-                                           crop_min_scale=cfg.crop_min_scale))
+                                           crop_min_scale=cfg.crop_min_scale, interpolation=cfg.interpolation))
     torch.manual_seed(cfg.seed * 1000 + 1 + accelerator.process_index)
     history, start, window = [], time.perf_counter(), Window()
     log_every = max(1, cfg.steps // 10)

@@ -24,6 +24,7 @@ def baseline_config(info: dict, opts, width: int) -> BaselineConfig:
                                                             or BaselineConfig.batch_size),
                           lr=opts.baseline_lr, width=width, seed=opts.seed,
                           crop_min_scale=float(data.get("crop_min_scale", BaselineConfig.crop_min_scale)),
+                          interpolation=EvalTransform.of_run(data).interpolation,
                           num_workers=opts.num_workers)
 
 

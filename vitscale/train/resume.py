@@ -32,6 +32,10 @@ ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.
 OPTIMIZER_LAYOUT_KEYS = ("optim.name", "model.freeze", "train.precision")
 # Settings a resume may change: the optimizer's groups take this config's values from the first step on.
 OPTIMIZER_SETTING_KEYS = ("optim.weight_decay", "optim.layer_decay", "optim.betas", "optim.momentum")
+# How the images are made: a resume may change them, and is told so (a recipe that now says data.interpolation=bicubic
+# relaunched on a run written before the key existed, i.e. bilinear, switches mid-run).
+IMAGE_SETTING_KEYS = ("data.interpolation", "data.crop_min_scale", "data.randaug", "data.mixup", "data.cutmix",
+                      "data.random_erasing", "data.eval_crop_pct")
 
 
 @dataclass
@@ -54,9 +58,12 @@ def find_resume(ckpt: CheckpointManager, cfg: Config) -> Optional[ResumePoint]:
         return None
     saved = read_trainer_state(path)
     check_resumable(saved.get("config", {}), cfg, path)
-    changed = _differences(saved.get("config", {}), cfg, OPTIMIZER_SETTING_KEYS)
-    notes = [f"resuming with other optimizer settings than the checkpoint's ({'; '.join(changed)}): this config's "
-             f"apply from step {int(saved['step']) + 1}"] if changed else []
+    notes = []
+    for what, keys in (("optimizer", OPTIMIZER_SETTING_KEYS), ("image", IMAGE_SETTING_KEYS)):
+        changed = _differences(saved.get("config", {}), cfg, keys)
+        if changed:
+            notes.append(f"resuming with other {what} settings than the checkpoint's ({'; '.join(changed)}): this "
+                         f"config's apply from step {int(saved['step']) + 1}")
     return ResumePoint(path, saved, notes)
 
 
@@ -92,14 +99,15 @@ def _differences(saved_config: dict[str, Any], cfg: Config, keys: tuple[str, ...
 
 def start_over(ckpt: CheckpointManager) -> list[Path]:
     """Rank 0, for train.resume=never in a run folder that has checkpoints: they are another history of this run,
-    so they are set aside (renamed, never deleted) with the best-checkpoint record. Otherwise keep_last counted them
+    so they are set aside (renamed, never deleted) with the best-checkpoint record, metrics.jsonl and images/. Otherwise keep_last counted them
     as newer and deleted the new run's first checkpoint as soon as it was written, ``latest`` named it anyway, and
     the next train.resume=auto went back to the old run. Returns where the checkpoints went."""
     moved = ckpt.branch(0)
     stamp = int(time.time())
-    for name in (BEST, BEST_INFO):  # the old history's best: the new run has none yet
-        if (ckpt.dir / name).is_file():
-            os.replace(ckpt.dir / name, ckpt.dir / f"{name}.replaced-{stamp}")
+    # the old history's best, its metrics and pictures: the new run has none yet (a plot mixed both runs' steps)
+    for path in (ckpt.dir / BEST, ckpt.dir / BEST_INFO, ckpt.dir.parent / "metrics.jsonl", ckpt.dir.parent / "images"):
+        if path.exists():
+            os.replace(path, path.with_name(f"{path.name}.replaced-{stamp}"))
     return moved
 
 

@@ -20,9 +20,9 @@ from vitscale.models.embed import HybridEmbed
 from vitscale.models.registry import VARIANTS, parse_name
 from vitscale.models.vit import mlp_hidden
 from vitscale.objectives import build_saved_model, objective_of_weights, saved_objective_class
-from vitscale.weights.saved_model import checked_model_record, checked_objective_record
+from vitscale.weights.saved_model import checked_data_record, checked_model_record, checked_objective_record
 from vitscale.weights.fit import canonical, refuse, with_prefix_rows
-from vitscale.weights.sources import WeightsError, read_weights
+from vitscale.weights.sources import Weights, WeightsError, read_weights
 
 # LayerScale's starting gamma for a file that does not record it: timm's and CaiT's usual 1e-5. The trained gammas
 # load over it; only the random-init baseline (eval --random-init) starts from it.
@@ -132,6 +132,33 @@ def _known_name(name: Optional[str]) -> Optional[str]:
         return None
 
 
+# What a timm hub folder's config.json (model_args) says that the tensors cannot: pooling and its norm above all
+# ([CLS] + avg pooling without fc_norm has the keys of [CLS] pooling).
+FOLDER_ARGS = ("global_pool", "fc_norm", "class_token", "qkv_bias", "reg_tokens", "init_values", "mlp_ratio",
+               "qk_norm")
+
+
+def _model_record(w: Weights, sd: dict[str, torch.Tensor], path: Path, model_name: Optional[str],
+                  num_heads: Optional[int]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the model config to build, the state dict in its layout): the file's record, checked; else inferred from
+    the tensors, a timm folder's config.json and ``model_name`` / ``num_heads``."""
+    m = w.model_cfg
+    if m is not None:
+        if num_heads is not None:
+            raise WeightsError(f"{path} records its model (vitscale metadata): --num-heads is only for files "
+                               f"without it")
+        named = m if model_name is None or not isinstance(m, dict) else {**m, "name": model_name}
+        return checked_model_record(named, sd, str(path)), sd
+    model_name = model_name or _known_name(w.extra.get("model_name"))  # a timm folder's config.json
+    num_heads = num_heads or w.extra.get("num_heads")
+    if model_name is None:
+        raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model vit_base_patch16)")
+    sd = _no_embed_class_padded(sd)
+    m = _infer_model_cfg(sd, model_name, num_heads)
+    given = {k: v for k, v in (w.extra.get("model_args") or {}).items() if k in FOLDER_ARGS}
+    return (checked_model_record({**m, **given}, sd, str(path)) if given else m), sd
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                model_name: Optional[str] = None, num_heads: Optional[int] = None
                ) -> tuple[nn.Module, dict[str, Any]]:
@@ -155,21 +182,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     else:  # a state dict that does not say what trained it: the objective that recognises it, else a classifier
         objective, sd = objective_of_weights(sd)
     part = w.part or "full"
-    m = w.model_cfg
-    if m is not None and num_heads is not None:
-        raise WeightsError(f"{path} records its model (vitscale metadata): --num-heads is only for files without it")
-    if m is None:
-        model_name = model_name or _known_name(w.extra.get("model_name"))  # a timm folder's config.json
-        num_heads = num_heads or w.extra.get("num_heads")
-        if model_name is None:
-            raise WeightsError(f"{path} has no vitscale metadata: pass the model name (e.g. --model "
-                               f"vit_base_patch16)")
-        sd = _no_embed_class_padded(sd)
-        m = _infer_model_cfg(sd, model_name, num_heads)
-    else:
-        m = checked_model_record(m if model_name is None or not isinstance(m, dict) else {**m, "name": model_name},
-                                 sd, str(path))
-
+    m, sd = _model_record(w, sd, path, model_name, num_heads)
     objective_cfg = checked_objective_record(w.objective_cfg, str(path))
 
     def build(num_classes: int) -> nn.Module:  # the one model factory (vitscale.objectives), as in training
@@ -192,7 +205,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         "grid_size": list(enc.patch_embed.grid_size), "num_prefix_tokens": enc.num_prefix_tokens,
         "num_classes": enc.num_classes, "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
         "pos_embed_type": enc.pos_embed_type if enc.pos_embed is not None else "none",
-        "params": sum(p.numel() for p in model.parameters()), "model_cfg": m, "data_config": dict(w.data_cfg),
+        "params": sum(p.numel() for p in model.parameters()), "model_cfg": m,
+        "data_config": checked_data_record(w.data_cfg, str(path)),
     }
     return model, info
 

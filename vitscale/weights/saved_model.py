@@ -11,6 +11,7 @@ import torch
 from vitscale.config.checks import check_model_sizes
 from vitscale.config.load import build_section
 from vitscale.config.schema import Config, ModelConfig, ObjectiveConfig
+from vitscale.data.transforms import EVAL_CROP_FRACTION, INTERPOLATIONS
 from vitscale.errors import ConfigError
 from vitscale.models.registry import parse_name
 from vitscale.weights.fit import canonical
@@ -72,3 +73,18 @@ def checked_objective_record(record: Any, where: str) -> dict[str, Any]:
     except ConfigError as e:
         raise WeightsError(f"{where}: its objective record cannot be used ({e})") from None
     return kept
+
+
+def checked_data_record(record: Any, where: str) -> dict[str, Any]:
+    """A saved ``data`` section whose held-out-image keys (``EVAL_VIEW_KEYS``) are usable: ``eval_crop_pct`` in
+    (0, 1], ``interpolation`` one of :data:`INTERPOLATIONS` ({} for a record that is no mapping). A bad one failed
+    every held-out image ('no samples read') or was written into an export's timm config."""
+    if not isinstance(record, dict):
+        return {}
+    crop, interp = record.get("eval_crop_pct", EVAL_CROP_FRACTION), record.get("interpolation", "bilinear")
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        raise WeightsError(f"{where}: its data record has eval_crop_pct={crop!r}, not a number in (0, 1]")
+    if interp not in INTERPOLATIONS:
+        raise WeightsError(f"{where}: its data record has interpolation={interp!r}, not one of "
+                           f"{', '.join(INTERPOLATIONS)}")
+    return dict(record)

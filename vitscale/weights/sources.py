@@ -162,6 +162,7 @@ def _with_folder_config(w: Weights, config: Path) -> Weights:
     heads = args.get("num_heads")
     w.extra.update({k: v for k, v in (("model_name", name), ("num_heads", heads if isinstance(heads, int) else None))
                     if v is not None})
+    w.extra["model_args"] = args  # what the tensors cannot say (pooling, fc_norm): weights/load.py reads it
     pretrained = doc.get("pretrained_cfg") if isinstance(doc.get("pretrained_cfg"), dict) else {}
     crop, interp = pretrained.get("crop_pct"), pretrained.get("interpolation")
     if isinstance(crop, (int, float)) and 0 < crop <= 1:
