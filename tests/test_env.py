@@ -126,6 +126,7 @@ def test_slurm_uneven_layouts_give_each_node_its_own_task_count():
     got = [detect_env({**base, "SLURM_PROCID": str(r), "SLURM_NODEID": str(n), "SLURM_LOCALID": str(l)})
            for r, n, l in ((0, 0, 0), (5, 1, 2), (7, 2, 1))]
     assert [e.local_world_size for e in got] == [3, 3, 2]
+    assert [e.node_rank for e in got] == [0, 1, 2]  # rank // local_world_size gave 7 // 2 = 3 on the last node
     assert [e.local_rank for e in got] == [0, 2, 1]
     # without a layout: --ntasks-per-node, else the even split
     assert detect_env({**base, "SLURM_STEP_TASKS_PER_NODE": "", "SLURM_TASKS_PER_NODE": "", "SLURM_PROCID": "0",

@@ -227,7 +227,8 @@ def test_a_zero3_resume_under_another_sub_group_size_converts_and_continues_the_
     second = run_cli(train_args(tmp_path, "split", data_cache, *z3,
                                 "engine.ds_config.zero_optimization.sub_group_size=50000"), cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "universal layout" in second.stdout and "at step 2" in second.stdout
+    assert "universal layout to resume at optimizer sub_group_size 20000 -> 50000" in second.stdout
+    assert "at step 2" in second.stdout
     want, got = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
     assert sorted(got) == [1, 2, 3, 4]
     assert_curves_close([got[k] for k in (1, 2, 3, 4)], [want[k] for k in (1, 2, 3, 4)], what="sub-group resume")
@@ -270,6 +271,9 @@ def test_resume_never_in_a_folder_with_checkpoints_starts_over_without_losing_ei
     assert "step_00000003" in names and (ckpts / "latest").read_text().strip() == "step_00000003", names
     assert sum(n.startswith(("step_00000002.replaced-", "step_00000004.replaced-")) for n in names) == 2, names
     assert not (ckpts / "best.json").exists() and any(n.startswith("best.json.replaced-") for n in names)
+    # the old run's metrics are set aside too: a plot of this run shows this run's steps only
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+    assert any(p.name.startswith("metrics.jsonl.replaced-") for p in run.iterdir())
     again = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=4"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step_00000003 at step 3" in again.stdout + again.stderr  # the new run continues, not the old one

@@ -262,8 +262,10 @@ class CheckpointManager:
         target = path / UNIVERSAL
         error = ""
         if self.rank == 0 and not _current_universal(target):
+            why = (f"optimizer sub_group_size {old_group} -> {sub_group_size}" if regrouped and
+                   (old_world, old_stage) == (world_size, zero_stage) else f"world size {world_size}, ZeRO-{zero_stage}")
             print(f"converting {path} (world size {old_world}, ZeRO-{old_stage}) to DeepSpeed's universal layout "
-                  f"to resume at world size {world_size}, ZeRO-{zero_stage}", flush=True)
+                  f"to resume at {why}", flush=True)
             start = time.perf_counter()
             tmp = path / f".{UNIVERSAL}.tmp"
             try:

@@ -30,6 +30,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # "deepspeed" | "torchrun" | "accelerate" | "mpi" | "slurm" | "none"
+    node: Optional[int] = None  # the launcher's node index where it says (Slurm: uneven layouts break rank // size)
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +38,7 @@ class DistEnv:
 
     @property
     def node_rank(self) -> int:
-        return self.rank // max(self.local_world_size, 1)
+        return self.node if self.node is not None else self.rank // max(self.local_world_size, 1)
 
     def as_environ(self) -> dict[str, str]:
         """The variables torch.distributed's env:// rendezvous reads."""
@@ -172,8 +173,9 @@ def _detect(env: Mapping[str, str], local_rank_arg: Optional[int]) -> DistEnv:
                                                                      env.get("SLURM_NODELIST", "127.0.0.1")))
         # A job-id derived port lets concurrent jobs on shared nodes avoid each other.
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "9500")) % 20000))
+        node = int(env["SLURM_NODEID"]) if "SLURM_NODEID" in env else None
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world,
-                       master, port, "slurm")
+                       master, port, "slurm", node)
     _refuse_rankless(env)
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "none")
 
