@@ -167,13 +167,13 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         key = key.strip()
         if key not in types and not key.startswith("engine.ds_config."):
             raise _unknown(key)
-        _check_nesting(raw, f"override '{key}'")
+        check_nesting(raw, f"override '{key}'")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"override '{key}': its value is not valid YAML: {first}") from None
-        _check_size(value, f"override '{key}'")
+        check_size(value, f"override '{key}'")
         if _wants_text(types.get(key)) and isinstance(value, (bool, int, float)):
             value = raw  # run.name=off or run.name=2024 are names, not YAML's false and 2024
         _set_dotted(tree, key, value)
@@ -188,7 +188,8 @@ MAX_CONFIG_VALUES = 100_000
 MAX_FLOW_DEPTH = 64  # PyYAML takes minutes on "[[[[...]]]]" a few hundred deep; a config nests a few levels
 
 
-def _check_nesting(text: str, what: str) -> None:
+def check_nesting(text: str, what: str) -> None:
+    """YAML text nested deeper than MAX_FLOW_DEPTH brackets is refused before PyYAML parses it."""
     depth = deepest = 0
     for ch in text:
         if ch in "[{":
@@ -200,7 +201,7 @@ def _check_nesting(text: str, what: str) -> None:
         raise ConfigError(f"{what} nests [ or {{ {deepest} deep, more than {MAX_FLOW_DEPTH}")
 
 
-def _check_size(tree: Any, what: str) -> None:
+def check_size(tree: Any, what: str) -> None:
     """Count the values of ``tree`` as later code would visit them (aliases expanded), stopping at the limit."""
     stack, seen = [tree], 0
     while stack:
@@ -246,7 +247,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
     data: dict = {}
     if path is not None:
         text = _read_text(path)
-        _check_nesting(text, f"config file {path}")
+        check_nesting(text, f"config file {path}")
         try:
             data = load_unique(text) or {}
         except ConfigError as e:
@@ -254,7 +255,7 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
-        _check_size(data, f"config file {path}")
+        check_size(data, f"config file {path}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides))

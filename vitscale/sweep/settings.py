@@ -15,8 +15,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from vitscale.config.load import _check_nesting as check_nesting  # the limits every config file is read within
-from vitscale.config.load import _check_size as check_size
+from vitscale.config.load import check_nesting, check_size  # the limits every config file is read within
 from vitscale.config.load import config_to_dict, load_config
 from vitscale.config.schema import Config
 from vitscale.sweep.grid import Cell, SweepError
