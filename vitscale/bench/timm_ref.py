@@ -120,6 +120,8 @@ def no_timm_reference(ours: nn.Module, objective: Any, frozen: str = "") -> Opti
     ``frozen``: model.freeze, which timm's model must take under its own parameter names."""
     if hasattr(getattr(objective.encoder(ours), "patch_embed", None), "backbone"):
         return "timm has no reference for hybrid (ResNet-stem) models"
+    if hasattr(getattr(objective.encoder(ours), "pre_logits", None), "fc"):
+        return "timm's ViT has no pre-logits layer (model.representation_size) any more"
     if objective.timm_reference.endswith(":timm_vit") and not isinstance(ours, VisionTransformer):
         # a plugin objective's model around a ViT: timm's plain ViT would time another computation
         return (f"objective {objective.name!r} builds a {type(ours).__name__}, not a plain ViT, and names no "

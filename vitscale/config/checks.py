@@ -71,6 +71,7 @@ def check_model_sizes(cfg: Config) -> None:
     for key in ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                 "decoder_num_heads"):
         _at_least(f"model.{key}", getattr(m, key), 1, null="the variant's")
+    _at_least("model.representation_size", m.representation_size, 1, null="no pre-logits layer")
 
 
 def _check_optim(cfg: Config) -> None:

@@ -83,6 +83,9 @@ class ModelConfig:
     freeze: str = ""
     # A BatchNorm without affine parameters before the head (MAE's linear probe).
     head_norm: bool = False
+    # Width of the ViT paper's pre-training head's hidden layer (dense + tanh before the classifier, "pre-logits";
+    # supervised only). null = none: the paper fine-tunes without it, and model.init drops it from a source.
+    representation_size: Optional[int] = None
 
 
 @dataclass

@@ -194,7 +194,7 @@ def extract_features(model: nn.Module, shards: ShardSet, accelerator, *, img_siz
         feats.append(f.float().cpu())
         labels.append(batch["label"])
         keys.extend(batch["key"])
-    dim = model.num_features
+    dim = model.head_hidden_size if pool == "model" else model.num_features  # a rank with no samples: 0 rows
     local_f = torch.cat(feats) if feats else torch.zeros(0, dim)
     local_y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     all_f = gather_rows(accelerator, local_f).cpu()

@@ -51,14 +51,17 @@ def vit_flop_parts(vit: nn.Module, img_size: tuple[int, int], visible: Optional[
     the final norms with the head; ``prefix`` is the ViT's name inside a larger model (e.g. "encoder.")."""
     n = num_patches(vit, img_size) if visible is None else visible
     block = blocks_flops(n + vit.num_prefix_tokens, vit.embed_dim, vit.num_heads, vit.mlp_hidden_dim, 1)
-    head = linear_flops(1, vit.embed_dim, vit.num_classes) if with_head and vit.num_classes > 0 else 0
+    pre = getattr(getattr(vit, "pre_logits", None), "fc", None)  # the ViT paper's pre-training hidden layer
+    width = pre.out_features if pre is not None else vit.embed_dim
+    head = ((linear_flops(1, width, vit.num_classes) if vit.num_classes > 0 else 0)
+            + (linear_flops(1, vit.embed_dim, width) if pre is not None else 0)) if with_head else 0
 
     def names(*parts: str) -> tuple[str, ...]:
         return tuple(prefix + x for x in parts)
 
     return [(names("patch_embed", "cls_token", "reg_token", "pos_embed"), _embed(vit, img_size)),
             *[(names(f"blocks.{i}"), block) for i in range(vit.depth)],
-            (names("norm", "fc_norm", "head_norm", "head"), head)]
+            (names("norm", "fc_norm", "pre_logits", "head_norm", "head"), head)]
 
 
 def vit_flops(vit: nn.Module, img_size: tuple[int, int], visible: Optional[int] = None,

@@ -4,6 +4,7 @@ Model code only: no ranks, engines or files. Construction is a pure function of 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -48,7 +49,9 @@ class VisionTransformer(nn.Module):
     register tokens (Darcet et al., "Vision Transformers Need Registers") after [CLS]; as in timm's default
     (``no_embed_class=False``) the position table has a row for every prefix token, [CLS] and registers included.
     Prefix tokens are ``[CLS], reg_1..reg_R`` then the patches; ``num_prefix_tokens`` counts them all, so pooling,
-    masking and analysis that skip the prefix skip the registers too.
+    masking and analysis that skip the prefix skip the registers too. ``representation_size`` adds the ViT paper's
+    pre-training head's hidden layer (``pre_logits``: a dense layer to that width and tanh, before the classifier;
+    the paper fine-tunes without it; timm's older ``representation_size``).
     """
 
     def __init__(self, img_size: Union[int, tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -58,13 +61,13 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, fc_norm: Optional[bool] = None, dynamic_img_size: bool = False,
                  hybrid_layers: Optional[Sequence[int]] = None, head_norm: bool = False, qk_norm: bool = False,
-                 reg_tokens: int = 0):
+                 reg_tokens: int = 0, representation_size: Optional[int] = None):
         super().__init__()
         _check_options(global_pool, pos_embed, class_token, reg_tokens)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_features = self.embed_dim = embed_dim
         self.depth = depth
         self.num_heads = num_heads
         self.mlp_hidden_dim = mlp_hidden(embed_dim, mlp_ratio)
@@ -101,9 +104,12 @@ class VisionTransformer(nn.Module):
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
         self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_hidden_size = representation_size or embed_dim  # what the classifier reads (timm's name)
+        self.pre_logits = nn.Sequential(OrderedDict(fc=Linear(embed_dim, representation_size), act=nn.Tanh())) \
+            if representation_size else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head_norm = nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6) if head_norm else nn.Identity()
-        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_norm = nn.BatchNorm1d(self.head_hidden_size, affine=False, eps=1e-6) if head_norm else nn.Identity()
+        self.head = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self._init_tokens()
 
     # ----- init / resizing -----------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ class VisionTransformer(nn.Module):
             if global_pool not in POOLS or (global_pool == "token" and not self.has_class_token):
                 raise ValueError(f"bad global_pool {global_pool!r}")
             self.global_pool = global_pool
-        self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -194,7 +200,7 @@ class VisionTransformer(nn.Module):
         return x[:, 0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.fc_norm(self.pool(x)))
+        x = self.head_drop(self.pre_logits(self.fc_norm(self.pool(x))))
         return x if pre_logits else self.head(self.head_norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

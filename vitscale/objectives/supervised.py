@@ -38,7 +38,7 @@ class Supervised(Objective):
     def build_model(self, num_classes: int) -> nn.Module:
         m = self.cfg.model
         model = create_model(m.name, num_classes=num_classes, global_pool=m.global_pool, head_norm=m.head_norm,
-                             **model_kwargs(self.cfg))
+                             representation_size=m.representation_size, **model_kwargs(self.cfg))
         model.set_grad_checkpointing(m.grad_checkpointing)
         return model
 

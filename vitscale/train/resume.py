@@ -24,7 +24,7 @@ ARCHITECTURE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.
                      "model.num_heads", "model.global_pool", "model.decoder_embed_dim", "model.decoder_depth",
                      "model.decoder_num_heads", "model.decoder_mlp_ratio", "model.pos_embed", "model.class_token",
                      "model.mlp_ratio", "model.qkv_bias", "model.init_values", "model.fc_norm", "model.head_norm",
-                     "model.qk_norm", "model.reg_tokens",
+                     "model.qk_norm", "model.reg_tokens", "model.representation_size",
                      "objective.name",
                      "data.num_classes")
 # Keys that change the optimizer's parameter groups or the files its state is in: a checkpoint's optimizer state

@@ -94,6 +94,21 @@ def _head_note(target: dict, source: dict) -> Optional[str]:
     return None
 
 
+def _fit_pre_logits(target: dict, src: dict, fit: Fit) -> tuple[dict, Optional[str]]:
+    """The ViT paper's pre-training head (a pre-logits layer, then the classifier) into a model without one: both
+    are dropped, as the paper fine-tunes with "the whole head (two layers)" replaced by one fresh layer; a
+    pre-logits layer the source lacks starts fresh. Returns the source left and the head's note, if any."""
+    pre = [k for k in src if k.startswith("pre_logits.")]
+    wanted = [k for k in target if k.startswith("pre_logits.")]
+    if pre and not wanted:
+        src = {k: v for k, v in src.items() if k not in pre and not HEAD_RE.match(k)}
+        return src, "pre-logits layer and head dropped (the ViT paper fine-tunes with one new layer in their place)"
+    if wanted and not pre:
+        fit.notes.append("pre-logits layer initialised (none in the source)")
+        fit.fresh += wanted
+    return src, None
+
+
 def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], what: str = "weights") -> Fit:
     """Decide how ``source`` (any supported layout) initialises ``model``; raise one line if it cannot."""
     src = canonical(source)
@@ -107,7 +122,8 @@ def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], what: str 
     if not decoder and any(DECODER_RE.match(k) for k in target):
         fit.notes.append("decoder initialised (not in the source)")
         fit.fresh += [k for k in target if DECODER_RE.match(k)]
-    head_note = _head_note(target, src)
+    src, head_note = _fit_pre_logits(target, src, fit)
+    head_note = head_note or _head_note(target, src)
     if head_note:
         fit.notes.append(head_note)
         fit.fresh += [k for k in target if HEAD_RE.match(k)]

@@ -70,8 +70,8 @@ def _sizes(t: dict[str, torch.Tensor], named: dict[str, Any]) -> dict[str, Any]:
 
 
 def _options(t: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Options a key's presence or absence tells: [CLS], pooling and its norm, LayerScale, qkv bias, qk-norm and
-    the position table. Only what differs from the model defaults is set."""
+    """Options a key's presence or absence tells: [CLS], pooling and its norm, LayerScale, qkv bias, qk-norm, the
+    position table and a pre-logits layer. Only what differs from the model defaults is set."""
     cfg: dict[str, Any] = {}
     if "cls_token" not in t:
         cfg["class_token"] = False
@@ -87,6 +87,8 @@ def _options(t: dict[str, torch.Tensor]) -> dict[str, Any]:
         cfg["qk_norm"] = True
     if "patch_embed.proj.weight" in t and "pos_embed" not in t:
         cfg["pos_embed"] = "none"
+    if "pre_logits.fc.weight" in t:  # timm's older in21k files: the ViT paper's pre-training hidden layer
+        cfg["representation_size"] = t["pre_logits.fc.weight"].shape[0]
     return cfg
 
 

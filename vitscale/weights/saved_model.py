@@ -20,7 +20,7 @@ from vitscale.weights.sources import WeightsError
 # Far above any ViT built (ViT-22B: depth 48, width 6144, 48 heads), far below a size that takes hours to build.
 SIZE_LIMITS = {"depth": 1024, "decoder_depth": 1024, "embed_dim": 65536, "decoder_embed_dim": 65536,
                "num_heads": 4096, "decoder_num_heads": 4096, "img_size": 16384, "patch_size": 4096,
-               "reg_tokens": 4096}
+               "reg_tokens": 4096, "representation_size": 65536}
 
 
 def checked_model_record(record: Any, sd: dict[str, torch.Tensor], where: str) -> dict[str, Any]:

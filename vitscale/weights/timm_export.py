@@ -49,6 +49,9 @@ def timm_model_args(enc: Any) -> dict[str, Any]:
         raise WeightsError("--timm exports plain ViTs; a hybrid ResNet stem has no timm ViT equivalent")
     if enc.pos_embed is None:
         raise WeightsError("--timm: a ViT without a position table has no timm ViT equivalent")
+    if hasattr(enc.pre_logits, "fc"):
+        raise WeightsError("--timm: timm's ViT has no pre-logits layer (model.representation_size) any more: fine-tune "
+                           "without it first (model.init drops it, as the ViT paper does), then export")
     first = enc.blocks[0]
     return dict(img_size=list(enc.patch_embed.img_size), patch_size=enc.patch_embed.patch_size[0],
                 embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
