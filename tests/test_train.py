@@ -255,6 +255,28 @@ def test_resuming_an_older_checkpoint_branches_without_losing_either_history(tmp
     assert "step_00000005 at step 5" in again.stdout + again.stderr
 
 
+def test_resuming_a_set_aside_checkpoint_is_what_a_relaunch_after_a_crash_continues(tmp_path, data_cache,
+                                                                                      trained_run):
+    """train.resume=PATH of a checkpoint the run had set aside (step_4.replaced-T, the other branch): killed before
+    its first save, the relaunch (train.resume=auto) went back to step 3 of the branch just left. Now `latest`
+    names the resumed checkpoint, and auto continues it."""
+    run = copy_run(trained_run, tmp_path)
+    ckpts = run / "checkpoints"
+    first = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=3", "train.ckpt_every=3",
+                               f"train.resume={ckpts / 'step_00000002'}"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    aside = next(p for p in ckpts.iterdir() if p.name.startswith("step_00000004.replaced-"))
+    crashed = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=6", "train.ckpt_every=10",
+                                 f"train.resume={aside}"), cwd=tmp_path,
+                      env_extra={"VITSCALE_FAULT": "kill@mid_step,step=5"})
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    assert (ckpts / "latest").read_text().strip() == aside.name
+    again = run_cli(train_args(tmp_path, "tiny", data_cache, "train.steps=6", "train.ckpt_every=10"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {aside} at step 4" in again.stdout, again.stdout[-2000:]
+    assert (ckpts / "step_00000003").is_dir()  # the branch left stays whole
+
+
 def test_resume_never_in_a_folder_with_checkpoints_starts_over_without_losing_either_run(tmp_path, data_cache,
                                                                                           trained_run):
     """train.resume=never (what the other-model refusal suggests) in a folder with steps 2 and 4: keep_last counted

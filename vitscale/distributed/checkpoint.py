@@ -28,7 +28,7 @@ import torch
 from vitscale import faults
 from vitscale.data.resume import read_rank_state
 from vitscale.distributed import engine as eng
-from vitscale.distributed.conversion import check_room_to_convert, conversion_workers
+from vitscale.distributed.conversion import convert_to_universal
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
@@ -163,14 +163,22 @@ class CheckpointManager:
         for later in (s for s in self.steps() if s > step):
             shutil.rmtree(self.dir / tag_for(later), ignore_errors=True)
 
-    def branch(self, step: int) -> list[Path]:
+    def branch(self, step: int, resumed: Optional[Path] = None) -> list[Path]:
         """Rank 0, after a resume at STEP: this run's complete checkpoints of later steps are another
         branch of its history (train.resume=PATH named an older one), so they are set aside (renamed, never
         deleted) and ``latest`` names the newest one left. Otherwise keep_last would prune the new branch's first
-        checkpoints as the oldest, and the next train.resume=auto would go back to the old branch. Returns where
-        they went."""
+        checkpoints as the oldest, and the next train.resume=auto would go back to the old branch. ``resumed``, a
+        checkpoint of this run set aside before (``step_N.replaced-T``), keeps its name (other ranks read it still),
+        the checkpoint named ``step_N`` is set aside too (pruning could have deleted it), and ``latest`` names the
+        resumed one, which train.resume=auto then continues. Returns where they went."""
+        aside = resumed is not None and Path(resumed).parent.resolve() == self.dir.resolve() \
+            and Path(resumed).name != tag_for(step)
         complete = [s for s in self.steps() if is_complete(self.dir / tag_for(s))[0]]
-        moved = [self._set_aside(self.dir / tag_for(s), warn=False) for s in complete if s > step]
+        moved = [self._set_aside(self.dir / tag_for(s), warn=False) for s in complete
+                 if s > step or (aside and s == step)]
+        if aside:
+            _write_atomic(self.dir / "latest", Path(resumed).name + "\n")
+            return moved
         left = [s for s in complete if s <= step]
         if moved and left:
             _write_atomic(self.dir / "latest", tag_for(left[-1]) + "\n")
@@ -234,6 +242,9 @@ class CheckpointManager:
             if not is_complete(path)[0]:
                 raise FileNotFoundError(f"train.resume={resume}: {_not_a_checkpoint(path)}")
             return path
+        resumed = self._resumed_aside()
+        if resumed is not None:
+            return resumed
         for step in reversed(self.steps()):
             path = self.dir / tag_for(step)
             ok, why = is_complete(path)
@@ -242,6 +253,16 @@ class CheckpointManager:
             if self.rank == 0:
                 warnings.warn(f"skipping checkpoint {path}: {why}; trying the previous one", stacklevel=2)
         return None
+
+    def _resumed_aside(self) -> Optional[Path]:
+        """A set-aside checkpoint of this run that ``latest`` names (a branch resumed from it, see :meth:`branch`),
+        when complete and not older than every ``step_N`` checkpoint: the branch in progress, until its first save."""
+        named = _latest_in(self.dir) if self.dir.is_dir() else None
+        if named is None or TAG_RE.match(named.name) or named.parent != self.dir or not is_complete(named)[0]:
+            return None
+        steps = [s for s in self.steps() if is_complete(self.dir / tag_for(s))[0]]
+        step = read_trainer_state(named).get("step", -1)
+        return named if not steps or step >= steps[-1] else None
 
     def prepare(self, path: Path, world_size: int, zero_stage: int, sub_group_size: Optional[int] = None) -> bool:
         """Whether `path` must be resumed through DeepSpeed's universal layout, i.e. it was written at another
@@ -266,21 +287,9 @@ class CheckpointManager:
                    (old_world, old_stage) == (world_size, zero_stage) else f"world size {world_size}, ZeRO-{zero_stage}")
             print(f"converting {path} (world size {old_world}, ZeRO-{old_stage}) to DeepSpeed's universal layout "
                   f"to resume at {why}", flush=True)
-            start = time.perf_counter()
-            tmp = path / f".{UNIVERSAL}.tmp"
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                size = checkpoint_bytes(path)
-                check_room_to_convert(path, size, old_world, old_stage)
-                eng.to_universal(path, tmp, conversion_workers(size))
-                _write_atomic(tmp / COMPLETE, json.dumps({"from_world_size": old_world, "from_stage": old_stage,
-                                                          "layout": LAYOUT_VERSION}))
-                shutil.rmtree(target, ignore_errors=True)  # one converted before the stage-independent layout
-                os.replace(tmp, target)
-                print(f"converted in {time.perf_counter() - start:.1f} s", flush=True)
-            except Exception as e:  # reported on every rank below, so no rank waits forever
-                shutil.rmtree(tmp, ignore_errors=True)  # a part-written conversion is only taking up the disk
-                error = str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"
+            marker = json.dumps({"from_world_size": old_world, "from_stage": old_stage, "layout": LAYOUT_VERSION})
+            error = convert_to_universal(path, target, checkpoint_bytes(path), old_world, old_stage,
+                                         lambda folder: _write_atomic(folder / COMPLETE, marker))
         if eng.any_rank(bool(error)):
             raise CheckpointReadError(f"could not convert {path} to the universal layout: "
                                       f"{error or 'failed on rank 0'}")

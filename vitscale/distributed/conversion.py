@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
+from vitscale.distributed import engine as eng
 from vitscale.errors import CheckpointReadError
 
 # Peak bytes DeepSpeed's converter writes, per byte of the checkpoint: per-rank fragments of every state under its
@@ -35,3 +38,24 @@ def check_room_to_convert(path: Path, size: int, old_world: int, old_stage: int)
             f"converting it needs about {need / 2**30:.1f} GB free on its filesystem ({size / 2**30:.1f} GB "
             f"checkpoint, ZeRO-{old_stage}), {free / 2**30:.1f} GB is free: free space there, or resume at world "
             f"size {old_world}, engine.zero_stage={old_stage} as it was written")
+
+
+def convert_to_universal(path: Path, target: Path, size: int, old_world: int, old_stage: int,
+                         mark: Callable[[Path], None]) -> str:
+    """Rank 0: convert checkpoint PATH (``size`` bytes) into DeepSpeed's universal layout at TARGET, through a
+    temporary folder that ``mark`` marks complete before it replaces TARGET. Returns the error, "" on success: the
+    caller reports it on every rank, so no rank waits forever."""
+    start = time.perf_counter()
+    tmp = path / f".{target.name}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_room_to_convert(path, size, old_world, old_stage)
+        eng.to_universal(path, tmp, conversion_workers(size))
+        mark(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # one converted before the stage-independent layout
+        os.replace(tmp, target)
+        print(f"converted in {time.perf_counter() - start:.1f} s", flush=True)
+        return ""
+    except Exception as e:  # reported on every rank by the caller
+        shutil.rmtree(tmp, ignore_errors=True)  # a part-written conversion is only taking up the disk
+        return str(e) if isinstance(e, CheckpointReadError) else f"{type(e).__name__}: {e}"

@@ -121,7 +121,7 @@ def settle_history(ckpt: CheckpointManager, point: Optional[ResumePoint], state:
                  f"aside, e.g. to {moved[-1]}")
         return
     log(f"resumed from {point.path} at step {state.step} (loaded in {seconds:.1f} s)")
-    if is_main and (moved := ckpt.branch(state.step)):
+    if is_main and (moved := ckpt.branch(state.step, point.path)):
         warn(f"resuming at step {state.step} starts a new branch of this run: its {len(moved)} later "
              f"checkpoint(s) were moved aside, e.g. to {moved[-1]}")
     late = grace_warning(state.step_s, write_seconds(point.path), cfg.engine.preempt_grace_s)
