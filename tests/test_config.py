@@ -387,3 +387,12 @@ def test_a_key_given_twice_is_refused_and_a_nested_ds_config_override_keeps_its_
     cfg = load_config(ds, ["engine.ds_config.zero_optimization.reduce_bucket_size=5e8"])
     assert cfg.engine.ds_config == {"zero_optimization": {"allgather_bucket_size": 200_000_000, "reduce_scatter": False,
                                                           "reduce_bucket_size": 500_000_000}}
+
+
+def test_a_floor_above_the_peak_lr_is_refused_once_the_peak_is_known():
+    """optim.min_lr above the peak (optim.lr, or blr x global batch / 256) made the decay raise the LR."""
+    from vitscale.config.resolve import resolve
+
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is above the peak LR 0.002"):
+        resolve(load_config(ROOT / "configs/demo.yaml", ["optim.min_lr=0.01", "optim.lr=0.002"]), 1)
+    assert resolve(load_config(ROOT / "configs/demo.yaml", ["optim.min_lr=0", "optim.lr=0"]), 1).peak_lr == 0

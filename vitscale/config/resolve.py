@@ -111,8 +111,11 @@ def resolve(cfg: Config, world_size: int, train_samples: Optional[int] = None, n
     if length.warmup_steps is not None:
         cfg.optim.warmup_steps, cfg.optim.warmup_epochs = length.warmup_steps, None
     cfg.resolved_world_size = world_size  # not a schema field: never saved, so a reloaded config is raw again
-    return Resolved(cfg=cfg, world_size=world_size, global_batch=batch,
-                    peak_lr=peak_lr(cfg.optim.lr, cfg.optim.blr, batch), length_note=length.note)
+    peak = peak_lr(cfg.optim.lr, cfg.optim.blr, batch)
+    if cfg.optim.min_lr > peak:  # the decay would raise the LR to it
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr:g} is above the peak LR {peak:g} (optim.lr, or optim.blr x "
+                          f"the global batch {batch} / 256): lower it, or raise the LR")
+    return Resolved(cfg=cfg, world_size=world_size, global_batch=batch, peak_lr=peak, length_note=length.note)
 
 
 def resolved_world_size(cfg: Config) -> Optional[int]:
