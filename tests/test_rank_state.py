@@ -106,6 +106,6 @@ def test_the_checkpoint_managers_load_checks_the_rank_state(tmp_path, case):
     torch.save(state, ckpt / "rank_00000.pt")
     # before: loaded as found, to fail later as MemoryError, IndexError, AttributeError or TypeError
     with pytest.raises(CheckpointReadError, match="rank_00000.pt"):
-        CheckpointManager(tmp_path, rank=0).load(_NoEngine(), ckpt)
+        CheckpointManager(tmp_path, rank=0, read_rank=read_rank_state).load(_NoEngine(), ckpt)
     with pytest.raises(CheckpointReadError, match="rank_00000.pt"):  # a rank that did not exist then reads rank 0's
-        CheckpointManager(tmp_path, rank=1).load(_NoEngine(), ckpt)
+        CheckpointManager(tmp_path, rank=1, read_rank=read_rank_state).load(_NoEngine(), ckpt)

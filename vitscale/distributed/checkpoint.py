@@ -21,14 +21,14 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from vitscale import faults
-from vitscale.data.resume import read_rank_state
 from vitscale.distributed import engine as eng
 from vitscale.distributed.conversion import convert_to_universal
+from vitscale.distributed.safeload import safe_load
 from vitscale.distributed.universal import LAYOUT_VERSION
 from vitscale.errors import CheckpointReadError, CheckpointWriteError
 
@@ -106,10 +106,14 @@ def read_trainer_state(path: Path) -> dict:
 class CheckpointManager:
     """Save/find/load/prune checkpoints; every rank calls save and load (DeepSpeed shards per rank)."""
 
-    def __init__(self, ckpt_dir: Path, rank: int, keep_last: int = 2):
+    def __init__(self, ckpt_dir: Path, rank: int, keep_last: int = 2,
+                 read_rank: Callable[[Path], dict] = safe_load):
         self.dir = Path(ckpt_dir)
         self.rank = rank
         self.keep_last = keep_last
+        # how a rank_NNNNN.pt is read: the trainer passes data/resume.py:read_rank_state, which checks the
+        # data-stream state it holds (that layer's knowledge, above this one)
+        self.read_rank = read_rank
         self.last_save: dict[str, float] = {}  # rank 0: seconds and bytes of the newest save (all ranks' shards)
 
     def steps(self) -> list[int]:
@@ -311,9 +315,9 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.pt"
         rank_state: Optional[dict[str, Any]] = None
         if rank_file.is_file():
-            rank_state = read_rank_state(rank_file)  # safe_load, then checked: a damaged state is one line
+            rank_state = self.read_rank(rank_file)  # checked: a damaged state is one line
         elif (path / "rank_00000.pt").is_file():
-            data = read_rank_state(path / "rank_00000.pt").get("data")
+            data = self.read_rank(path / "rank_00000.pt").get("data")
             rank_state = {"data": data} if data is not None else None
         return trainer_state, rank_state
 

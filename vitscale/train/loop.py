@@ -21,7 +21,7 @@ from vitscale.config.resolve import resolve
 from vitscale.config.schema import Config
 from vitscale.data.augment import batch_augment_from_config
 from vitscale.data.mix import resolve_train_set, shard_sets, train_stream_from_config
-from vitscale.data.resume import resume_stream_state
+from vitscale.data.resume import read_rank_state, resume_stream_state
 from vitscale.data.shards import check_labels, head_classes, resolve_shards
 from vitscale.data.transforms import materialize
 from vitscale.distributed import engine as eng, runlock, watchdog
@@ -65,7 +65,8 @@ class Trainer:
         self.given_cfg = cfg
         self.cfg, self.env = self.settings.cfg, env
         self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, self.cfg.train.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, self.cfg.train.keep_last,
+                                      read_rank=read_rank_state)
         self.objective = objective_for(self.cfg)
         self.log = print if env.is_main else (lambda *a, **k: None)
         self.warn = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if env.is_main else (lambda m: None)
